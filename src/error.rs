@@ -1,0 +1,159 @@
+//! The library's error type. Every message says what failed, on what, and,
+//! where there is one, what to do about it.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::id::{ChunkId, SnapshotId};
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Broad classes of failure; the binary maps them to exit codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// A bad argument or id: the caller should correct the command.
+    Usage,
+    /// A named object (volume, snapshot, chunk) does not exist.
+    NotFound,
+    /// Stored data failed verification: corrupt, truncated or missing.
+    Integrity,
+    /// The operation conflicts with existing state (target exists, store locked).
+    Conflict,
+    /// Anything else, usually an I/O error from the system.
+    Other,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot {op} {}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("volume {} does not exist: check the path", .0.display())]
+    VolumeNotFound(PathBuf),
+
+    #[error("volume {} is not a regular file or block device", .0.display())]
+    NotAVolume(PathBuf),
+
+    #[error(
+        "volume {} shrank while it was being read (ended before byte {offset}): \
+         snapshot it when nothing is resizing it",
+        path.display()
+    )]
+    VolumeShrank { path: PathBuf, offset: u64 },
+
+    #[error("invalid {kind} {input:?}: expected {expected}")]
+    InvalidId {
+        kind: &'static str,
+        input: String,
+        expected: &'static str,
+    },
+
+    #[error("{0}")]
+    InvalidArgument(String),
+
+    #[error("snapshot {id} not found in region {region}: run `blocksnap snapshot list` to see the snapshots there")]
+    SnapshotNotFound { id: SnapshotId, region: String },
+
+    #[error(
+        "parent {parent} uses {parent_block_size}-byte blocks but this snapshot asks for \
+         {block_size}: a lineage keeps one block size, so drop --block-size or start a new \
+         lineage without a parent"
+    )]
+    BlockSizeMismatch {
+        parent: SnapshotId,
+        parent_block_size: u32,
+        block_size: u32,
+    },
+
+    #[error("chunk {} is corrupt: {reason}", chunk.short())]
+    CorruptChunk { chunk: ChunkId, reason: String },
+
+    #[error("chunk {} is missing from the store", chunk.short())]
+    MissingChunk { chunk: ChunkId },
+
+    #[error(
+        "chunk {} of {snapshot} (volume offset {offset}) {problem}: nothing more was written; \
+         run `blocksnap store verify`",
+        chunk.short()
+    )]
+    BadChunkInSnapshot {
+        chunk: ChunkId,
+        snapshot: SnapshotId,
+        offset: u64,
+        problem: String,
+    },
+
+    #[error("{what} {} is damaged: {reason}", path.display())]
+    CorruptFile {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+
+    #[error("{what} {} uses format version {found}, this blocksnap reads up to {supported}: upgrade blocksnap", path.display())]
+    UnsupportedVersion {
+        what: &'static str,
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
+
+    #[error("target {} already exists: pass --force to replace it, or --delta to update it in place", .0.display())]
+    TargetExists(PathBuf),
+
+    #[error(
+        "target {} holds {size} bytes but {snapshot} needs {needed}: use a larger device",
+        path.display()
+    )]
+    TargetTooSmall {
+        path: PathBuf,
+        size: u64,
+        needed: u64,
+        snapshot: SnapshotId,
+    },
+
+    #[error("store {} is locked by another blocksnap ({holder}): wait for it to finish", path.display())]
+    Locked { path: PathBuf, holder: String },
+}
+
+impl Error {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::InvalidId { .. } | Error::InvalidArgument(_) | Error::BlockSizeMismatch { .. } => {
+                ErrorKind::Usage
+            }
+            Error::VolumeNotFound(_) | Error::SnapshotNotFound { .. } => ErrorKind::NotFound,
+            Error::CorruptChunk { .. }
+            | Error::MissingChunk { .. }
+            | Error::BadChunkInSnapshot { .. }
+            | Error::CorruptFile { .. } => ErrorKind::Integrity,
+            Error::TargetExists(_) | Error::TargetTooSmall { .. } | Error::Locked { .. } => {
+                ErrorKind::Conflict
+            }
+            Error::Io { .. }
+            | Error::NotAVolume(_)
+            | Error::VolumeShrank { .. }
+            | Error::UnsupportedVersion { .. } => ErrorKind::Other,
+        }
+    }
+}
+
+/// Attaches the operation and path to an `io::Error`.
+pub(crate) trait IoContext<T> {
+    fn ctx(self, op: &'static str, path: &Path) -> Result<T>;
+}
+
+impl<T> IoContext<T> for std::result::Result<T, io::Error> {
+    fn ctx(self, op: &'static str, path: &Path) -> Result<T> {
+        self.map_err(|source| Error::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+}

@@ -1,0 +1,165 @@
+//! `store gc` (mark and sweep) and `store verify`.
+//!
+//! gc holds the region lock exclusively: no snapshot, restore or verify
+//! runs while it marks and sweeps, so a chunk that a snapshot being created
+//! right now needs cannot be deleted under it. Every manifest must read
+//! cleanly before anything is deleted; one damaged manifest stops gc,
+//! because the chunks it names are unknown.
+
+use std::collections::HashSet;
+
+use rayon::prelude::*;
+
+use crate::chunk;
+use crate::chunker;
+use crate::error::{Error, Result};
+use crate::id::{ChunkId, SnapshotId};
+use crate::progress::Progress;
+use crate::region::Region;
+use crate::sys::LockMode;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GcReport {
+    pub snapshots: u64,
+    pub chunks_kept: u64,
+    pub chunks_removed: u64,
+    pub bytes_removed: u64,
+    pub temp_files_removed: u64,
+}
+
+/// Deletes every chunk no snapshot names, and leftover temporary files.
+pub fn gc(region: &Region) -> Result<GcReport> {
+    let _lock = region.lock(LockMode::Exclusive, "store gc")?;
+    let mut report = GcReport::default();
+    let mut live = HashSet::new();
+    for id in region.snapshot_ids()? {
+        let m = region.read_snapshot(&id)?;
+        live.extend(m.blocks.iter().filter_map(|b| b.chunk().copied()));
+        report.snapshots += 1;
+    }
+    let store = region.chunks();
+    for id in store.list()? {
+        if live.contains(&id) {
+            report.chunks_kept += 1;
+        } else {
+            report.bytes_removed += store.size(&id).unwrap_or(0);
+            store.remove(&id)?;
+            report.chunks_removed += 1;
+        }
+    }
+    report.temp_files_removed = region.local_chunks().remove_temp_files()?;
+    Ok(report)
+}
+
+/// Where a chunk is used: one snapshot and the volume offset of its first
+/// block with that chunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkUse {
+    pub snapshot: SnapshotId,
+    pub offset: u64,
+}
+
+/// A chunk that is missing or does not verify.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadChunk {
+    pub chunk: ChunkId,
+    /// `None` for a chunk no snapshot needs.
+    pub used_by: Option<ChunkUse>,
+    pub problem: String,
+}
+
+#[derive(Debug, Default)]
+pub struct VerifyReport {
+    pub snapshots_checked: u64,
+    pub chunks_checked: u64,
+    pub bytes_checked: u64,
+    /// Manifests that did not read back (message per manifest).
+    pub damaged_manifests: Vec<String>,
+    pub missing_chunks: Vec<BadChunk>,
+    pub corrupt_chunks: Vec<BadChunk>,
+    /// Stored chunks no snapshot names (reclaimed by gc; not an error).
+    pub orphan_chunks: u64,
+}
+
+impl VerifyReport {
+    pub fn is_clean(&self) -> bool {
+        self.damaged_manifests.is_empty() && self.missing_chunks.is_empty() && self.corrupt_chunks.is_empty()
+    }
+}
+
+/// Checks every manifest and every stored chunk (decompress and re-hash in
+/// parallel). With `only`, checks that snapshot and the chunks it names.
+pub fn verify(region: &Region, only: Option<&SnapshotId>, threads: usize, progress: &dyn Progress) -> Result<VerifyReport> {
+    let _lock = region.lock(LockMode::Shared, "store verify")?;
+    let mut report = VerifyReport::default();
+    // Chunk -> first (snapshot, offset) that needs it.
+    let mut needed: std::collections::HashMap<ChunkId, ChunkUse> = Default::default();
+    let ids = match only {
+        Some(id) => vec![id.clone()],
+        None => region.snapshot_ids()?,
+    };
+    for id in ids {
+        match region.read_snapshot(&id) {
+            Ok(m) => {
+                let bs = m.meta.block_size as u64;
+                for (i, b) in m.blocks.iter().enumerate() {
+                    if let Some(c) = b.chunk() {
+                        needed.entry(*c).or_insert_with(|| ChunkUse {
+                            snapshot: id.clone(),
+                            offset: i as u64 * bs,
+                        });
+                    }
+                }
+                report.snapshots_checked += 1;
+            }
+            Err(e @ Error::SnapshotNotFound { .. }) if only.is_some() => return Err(e),
+            Err(e) => report.damaged_manifests.push(e.to_string()),
+        }
+    }
+    let store = region.chunks();
+    let present: HashSet<ChunkId> = store.list()?.into_iter().collect();
+    let to_check: Vec<ChunkId> = match only {
+        Some(_) => needed.keys().filter(|c| present.contains(c)).copied().collect(),
+        None => present.iter().copied().collect(),
+    };
+    for (c, used) in &needed {
+        if !present.contains(c) {
+            report.missing_chunks.push(BadChunk {
+                chunk: *c,
+                used_by: Some(used.clone()),
+                problem: "missing from the store".into(),
+            });
+        }
+    }
+    if only.is_none() {
+        report.orphan_chunks = present.iter().filter(|c| !needed.contains_key(c)).count() as u64;
+    }
+
+    let pool = chunker::thread_pool(threads)?;
+    progress.start("verify", to_check.len() as u64);
+    let results: Vec<(ChunkId, Result<u64>)> = pool.install(|| {
+        to_check
+            .par_iter()
+            .map_init(Vec::new, |buf, c| {
+                let r = store.get(c).and_then(|stored| chunk::decode_into(c, &stored, buf).map(|()| buf.len() as u64));
+                progress.advance(1);
+                (*c, r)
+            })
+            .collect()
+    });
+    progress.finish();
+    for (c, r) in results {
+        report.chunks_checked += 1;
+        match r {
+            Ok(n) => report.bytes_checked += n,
+            Err(e) => report.corrupt_chunks.push(BadChunk {
+                chunk: c,
+                used_by: needed.get(&c).cloned(),
+                problem: e.to_string(),
+            }),
+        }
+    }
+    report.missing_chunks.sort_by_key(|b| b.chunk);
+    report.corrupt_chunks.sort_by_key(|b| b.chunk);
+    Ok(report)
+}

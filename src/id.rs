@@ -1,0 +1,249 @@
+//! Identifier newtypes, parsed and validated once at the edge.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Name of a chunk: the BLAKE3-256 digest of the raw block bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ChunkId(pub [u8; 32]);
+
+impl ChunkId {
+    /// Content address of `data`.
+    pub fn of(data: &[u8]) -> Self {
+        ChunkId(*blake3::hash(data).as_bytes())
+    }
+
+    pub fn to_hex(&self) -> String {
+        hex(&self.0)
+    }
+
+    /// The first 12 hex digits, enough to name a chunk in a message.
+    pub fn short(&self) -> String {
+        hex(&self.0[..6])
+    }
+}
+
+impl fmt::Display for ChunkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for ChunkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ChunkId({})", self.short())
+    }
+}
+
+impl FromStr for ChunkId {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let bytes = unhex(s).filter(|b| b.len() == 32).ok_or_else(|| Error::InvalidId {
+            kind: "chunk id",
+            input: s.to_string(),
+            expected: "64 lowercase hex digits",
+        })?;
+        let mut id = [0u8; 32];
+        id.copy_from_slice(&bytes);
+        Ok(ChunkId(id))
+    }
+}
+
+/// Random suffix length of snapshot, image and instance ids, as in EC2.
+const ID_HEX_LEN: usize = 17;
+
+/// Writes a `prefix-` + 17 lowercase hex id from fresh random bytes.
+pub(crate) fn random_id(prefix: &str) -> String {
+    let mut bytes = [0u8; 9];
+    // The OS random source failing means the system is unusable; there is
+    // no sane fallback for id uniqueness.
+    getrandom::fill(&mut bytes).expect("the OS random number generator failed");
+    let mut s = hex(&bytes);
+    s.truncate(ID_HEX_LEN);
+    format!("{prefix}-{s}")
+}
+
+fn is_prefixed_id(s: &str, prefix: &str) -> bool {
+    s.strip_prefix(prefix)
+        .and_then(|rest| rest.strip_prefix('-'))
+        .is_some_and(|hex| {
+            hex.len() == ID_HEX_LEN && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        })
+}
+
+/// `snap-` + 17 lowercase hex digits.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct SnapshotId(String);
+
+impl SnapshotId {
+    pub fn random() -> Self {
+        SnapshotId(random_id("snap"))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for SnapshotId {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        if is_prefixed_id(s, "snap") {
+            Ok(SnapshotId(s.to_string()))
+        } else {
+            Err(Error::InvalidId {
+                kind: "snapshot id",
+                input: s.to_string(),
+                expected: "snap- followed by 17 lowercase hex digits, e.g. snap-0123456789abcdef0",
+            })
+        }
+    }
+}
+
+impl TryFrom<String> for SnapshotId {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Self> {
+        s.parse()
+    }
+}
+
+impl From<SnapshotId> for String {
+    fn from(id: SnapshotId) -> String {
+        id.0
+    }
+}
+
+impl fmt::Display for SnapshotId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for SnapshotId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A 12-digit account id, the owner of snapshots and images.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct AccountId(String);
+
+impl AccountId {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// A fresh random account id, given to a new store as its default owner.
+    pub fn random() -> Self {
+        let mut bytes = [0u8; 8];
+        getrandom::fill(&mut bytes).expect("the OS random number generator failed");
+        let n = u64::from_le_bytes(bytes) % 1_000_000_000_000;
+        AccountId(format!("{n:012}"))
+    }
+}
+
+impl FromStr for AccountId {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        if s.len() == 12 && s.bytes().all(|b| b.is_ascii_digit()) {
+            Ok(AccountId(s.to_string()))
+        } else {
+            Err(Error::InvalidId {
+                kind: "account id",
+                input: s.to_string(),
+                expected: "12 decimal digits, e.g. 123456789012",
+            })
+        }
+    }
+}
+
+impl TryFrom<String> for AccountId {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Self> {
+        s.parse()
+    }
+}
+
+impl From<AccountId> for String {
+    fn from(id: AccountId) -> String {
+        id.0
+    }
+}
+
+impl fmt::Display for AccountId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for AccountId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for &b in bytes {
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 0xf) as usize] as char);
+    }
+    s
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    s.as_bytes()
+        .chunks_exact(2)
+        .map(|p| Some(digit(p[0])? << 4 | digit(p[1])?))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_ids_are_validated() {
+        let id = SnapshotId::random();
+        assert_eq!(id.as_str().len(), "snap-".len() + 17);
+        assert_eq!(id.as_str().parse::<SnapshotId>().unwrap(), id);
+        for bad in ["snap-123", "snap-0123456789ABCDEF0", "ami-0123456789abcdef0", "snap0123456789abcdef0", ""] {
+            assert!(bad.parse::<SnapshotId>().is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn chunk_id_hex_round_trip() {
+        let id = ChunkId::of(b"hello");
+        assert_eq!(id.to_hex().parse::<ChunkId>().unwrap(), id);
+        assert_eq!(id.to_hex(), blake3::hash(b"hello").to_hex().as_str());
+        assert!("zz".parse::<ChunkId>().is_err());
+    }
+
+    #[test]
+    fn account_ids_are_twelve_digits() {
+        assert!("123456789012".parse::<AccountId>().is_ok());
+        assert!("12345678901".parse::<AccountId>().is_err());
+        assert!("12345678901a".parse::<AccountId>().is_err());
+        assert_eq!(AccountId::random().as_str().len(), 12);
+    }
+}

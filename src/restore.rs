@@ -1,0 +1,336 @@
+//! `volume restore`: snapshot -> verified blocks -> target file or device.
+//!
+//! Planning looks at the target (new file, existing file, block device,
+//! delta) and decides which blocks to write; execution fetches, decodes,
+//! verifies and `pwrite`s them on the worker pool.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+
+use crate::chunk;
+use crate::chunker::{self, BlockPos, Content};
+use crate::error::{Error, IoContext, Result};
+use crate::id::{ChunkId, SnapshotId};
+use crate::manifest::{Block, Manifest};
+use crate::progress::Progress;
+use crate::region::Region;
+use crate::store::{ChunkStore, sync_dir, temp_path_for};
+use crate::sys::{self, LockMode};
+use crate::volume::{self, Volume, VolumeKind, is_zero};
+
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    /// Replace an existing file target.
+    pub force: bool,
+    /// Update an existing target in place, writing only differing blocks.
+    pub delta: bool,
+    /// Size of the restored volume; at least the snapshot's size.
+    pub size: Option<u64>,
+    /// A block-device target already reads as zeros: skip zero blocks.
+    pub assume_zeroed: bool,
+    /// Worker threads; 0 means one per core.
+    pub threads: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreReport {
+    pub snapshot: SnapshotId,
+    pub target: PathBuf,
+    pub target_size: u64,
+    pub delta: bool,
+    /// Blocks written to the target (data, or zeros over stale data).
+    pub blocks_written: u64,
+    /// Blocks left as they were: equal already (delta), or zero on a
+    /// sparse file or a zeroed device.
+    pub blocks_skipped: u64,
+    pub bytes_written: u64,
+}
+
+/// Granularity at which zero runs inside a data block are left as holes in
+/// a new file target.
+const SPARSE_PAGE: usize = 4096;
+
+/// Restores snapshot `id` of `region` to `target`.
+pub fn restore(
+    region: &Region,
+    id: &SnapshotId,
+    target: &Path,
+    opts: &RestoreOptions,
+    progress: &dyn Progress,
+) -> Result<RestoreReport> {
+    let _lock = region.lock(LockMode::Shared, "volume restore")?;
+    let m = region.read_snapshot(id)?;
+    let snap_size = m.meta.volume_size;
+    let size = opts.size.unwrap_or(snap_size);
+    if size < snap_size {
+        return Err(Error::InvalidArgument(format!(
+            "--size {size} is smaller than {id}'s volume of {snap_size} bytes: give at least {snap_size}"
+        )));
+    }
+    let pool = chunker::thread_pool(opts.threads)?;
+    let job = Job {
+        store: region.chunks(),
+        manifest: &m,
+        pool: &pool,
+        progress,
+    };
+
+    let existing = match fs::metadata(target) {
+        Ok(md) => Some(md.file_type()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).ctx("stat restore target", target),
+    };
+    let mut report = RestoreReport {
+        snapshot: id.clone(),
+        target: target.to_path_buf(),
+        target_size: size,
+        delta: opts.delta,
+        blocks_written: 0,
+        blocks_skipped: 0,
+        bytes_written: 0,
+    };
+    progress.start("restore", snap_size);
+    match existing {
+        None if opts.delta => {
+            return Err(Error::InvalidArgument(format!(
+                "--delta target {} does not exist: drop --delta to restore into a new file",
+                target.display()
+            )));
+        }
+        Some(ft) if ft.is_block_device() => {
+            let file = volume::open_rw(target)?;
+            let (_, dev_size) = volume::probe(&file, target)?;
+            if dev_size < size {
+                return Err(Error::TargetTooSmall {
+                    path: target.to_path_buf(),
+                    size: dev_size,
+                    needed: size,
+                    snapshot: id.clone(),
+                });
+            }
+            report.target_size = dev_size;
+            if opts.delta {
+                job.delta(target, &file, VolumeKind::BlockDevice, &mut report)?;
+            } else {
+                job.full(&file, target, !opts.assume_zeroed, &mut report)?;
+            }
+            file.sync_all().ctx("flush", target)?;
+        }
+        Some(ft) if ft.is_file() && opts.delta => {
+            let file = volume::open_rw(target)?;
+            // Shrinking drops stale bytes past the end; growing adds a hole.
+            file.set_len(snap_size).ctx("resize", target)?;
+            file.set_len(size).ctx("resize", target)?;
+            job.delta(target, &file, VolumeKind::File, &mut report)?;
+            file.sync_all().ctx("flush", target)?;
+        }
+        Some(ft) if ft.is_file() && !opts.force => return Err(Error::TargetExists(target.to_path_buf())),
+        Some(ft) if !ft.is_file() => return Err(Error::NotAVolume(target.to_path_buf())),
+        _ => {
+            // A new file: written under a temporary name and renamed into
+            // place only when complete.
+            let tmp = TempFile::create(target)?;
+            tmp.file.set_len(size).ctx("size", &tmp.path)?;
+            job.full(&tmp.file, &tmp.path, false, &mut report)?;
+            tmp.commit(target)?;
+        }
+    }
+    progress.finish();
+    Ok(report)
+}
+
+struct Job<'a> {
+    store: &'a dyn ChunkStore,
+    manifest: &'a Manifest,
+    pool: &'a rayon::ThreadPool,
+    progress: &'a dyn Progress,
+}
+
+impl Job<'_> {
+    fn block_pos(&self, index: usize) -> BlockPos {
+        let bs = self.manifest.meta.block_size as u64;
+        let offset = index as u64 * bs;
+        BlockPos {
+            index: index as u64,
+            offset,
+            len: (self.manifest.meta.volume_size - offset).min(bs) as usize,
+        }
+    }
+
+    /// Fetches, decodes and verifies the chunk of the block at `pos` into `buf`.
+    fn fetch(&self, id: &ChunkId, pos: BlockPos, buf: &mut Vec<u8>) -> Result<()> {
+        let problem = |e: Error| match e {
+            Error::MissingChunk { .. } => "is missing from the store".to_string(),
+            Error::CorruptChunk { reason, .. } => format!("is corrupt ({reason})"),
+            other => other.to_string(),
+        };
+        let bad = |problem: String| Error::BadChunkInSnapshot {
+            chunk: *id,
+            snapshot: self.manifest.meta.id.clone(),
+            offset: pos.offset,
+            problem,
+        };
+        let stored = match self.store.get(id) {
+            Ok(s) => s,
+            Err(e @ Error::MissingChunk { .. }) => return Err(bad(problem(e))),
+            Err(e) => return Err(e),
+        };
+        match chunk::decode_into(id, &stored, buf) {
+            Ok(()) if buf.len() == pos.len => Ok(()),
+            Ok(()) => Err(bad(format!("holds {} bytes for a {}-byte block", buf.len(), pos.len))),
+            Err(e) => Err(bad(problem(e))),
+        }
+    }
+
+    /// Writes every block into a target whose current content is ignored:
+    /// data blocks always, zero and hole blocks only with `write_zeros`.
+    fn full(&self, file: &File, path: &Path, write_zeros: bool, report: &mut RestoreReport) -> Result<()> {
+        let sparse = !write_zeros;
+        let work: Vec<usize> = (0..self.manifest.blocks.len())
+            .filter(|&i| write_zeros || matches!(self.manifest.blocks[i], Block::Data(_)))
+            .collect();
+        let zeros = vec![0u8; if write_zeros { self.manifest.meta.block_size as usize } else { 0 }];
+        let bytes: u64 = self.pool.install(|| {
+            work.par_iter()
+                .map_init(Vec::new, |buf, &i| {
+                    let pos = self.block_pos(i);
+                    let written = match &self.manifest.blocks[i] {
+                        Block::Data(id) => {
+                            self.fetch(id, pos, buf)?;
+                            if sparse {
+                                write_sparse(file, path, buf, pos.offset)?;
+                            } else {
+                                file.write_all_at(buf, pos.offset).ctx("write", path)?;
+                            }
+                            pos.len as u64
+                        }
+                        Block::Zero | Block::Hole => {
+                            file.write_all_at(&zeros[..pos.len], pos.offset).ctx("write", path)?;
+                            pos.len as u64
+                        }
+                    };
+                    self.progress.advance(pos.len as u64);
+                    Ok(written)
+                })
+                .try_reduce(|| 0, |a, b| Ok(a + b))
+        })?;
+        report.blocks_written = work.len() as u64;
+        report.blocks_skipped = (self.manifest.blocks.len() - work.len()) as u64;
+        report.bytes_written = bytes;
+        Ok(())
+    }
+
+    /// Hashes each target block and rewrites only those that differ.
+    fn delta(&self, path: &Path, file: &File, kind: VolumeKind, report: &mut RestoreReport) -> Result<()> {
+        let reader = Volume::open(path)?;
+        let snap_size = self.manifest.meta.volume_size;
+        let zeros = vec![0u8; self.manifest.meta.block_size as usize];
+        let mut written = 0u64;
+        let mut bytes = 0u64;
+        chunker::scan(
+            &reader,
+            snap_size,
+            self.manifest.meta.block_size,
+            self.pool,
+            self.progress,
+            |pos, content| -> Result<u64> {
+                let want = &self.manifest.blocks[pos.index as usize];
+                match (want, content) {
+                    (Block::Data(id), Content::Data { id: have, .. }) if *id == have => Ok(0),
+                    (Block::Data(id), _) => {
+                        let mut buf = Vec::new();
+                        self.fetch(id, pos, &mut buf)?;
+                        file.write_all_at(&buf, pos.offset).ctx("write", path)?;
+                        Ok(pos.len as u64)
+                    }
+                    (_, Content::Hole | Content::Zero) => Ok(0),
+                    (_, Content::Data { .. }) => {
+                        let punched = kind == VolumeKind::File && sys::punch_hole(file, pos.offset, pos.len as u64).is_ok();
+                        if !punched {
+                            file.write_all_at(&zeros[..pos.len], pos.offset).ctx("write", path)?;
+                        }
+                        Ok(pos.len as u64)
+                    }
+                }
+            },
+            |_, n| {
+                if n > 0 {
+                    written += 1;
+                    bytes += n;
+                }
+                Ok(())
+            },
+        )?;
+        report.blocks_written = written;
+        report.blocks_skipped = self.manifest.blocks.len() as u64 - written;
+        report.bytes_written = bytes;
+        Ok(())
+    }
+}
+
+/// Writes `data` at `offset`, skipping 4 KiB pages that are all zeros, so a
+/// freshly sized file stays sparse where the source was.
+fn write_sparse(file: &File, path: &Path, data: &[u8], offset: u64) -> Result<()> {
+    let mut start = 0;
+    while start < data.len() {
+        // Skip zero pages.
+        while start < data.len() && is_zero(&data[start..(start + SPARSE_PAGE).min(data.len())]) {
+            start += SPARSE_PAGE;
+        }
+        if start >= data.len() {
+            break;
+        }
+        let mut end = start;
+        while end < data.len() && !is_zero(&data[end..(end + SPARSE_PAGE).min(data.len())]) {
+            end += SPARSE_PAGE;
+        }
+        let end = end.min(data.len());
+        file.write_all_at(&data[start..end], offset + start as u64).ctx("write", path)?;
+        start = end;
+    }
+    Ok(())
+}
+
+/// A file being restored under a temporary name; removed unless committed.
+struct TempFile {
+    path: PathBuf,
+    file: File,
+    committed: bool,
+}
+
+impl TempFile {
+    fn create(target: &Path) -> Result<TempFile> {
+        let path = temp_path_for(target);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .ctx("create", &path)?;
+        Ok(TempFile {
+            path,
+            file,
+            committed: false,
+        })
+    }
+
+    fn commit(mut self, target: &Path) -> Result<()> {
+        self.file.sync_all().ctx("flush", &self.path)?;
+        fs::rename(&self.path, target).ctx("rename into place", target)?;
+        self.committed = true;
+        let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        sync_dir(parent)
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! Chunk storage: the [`ChunkStore`] trait the pipeline talks to, and the
+//! local-directory backend.
+//!
+//! The trait is content-agnostic (it moves opaque bytes named by a
+//! [`ChunkId`]) and small, so an object-store backend can implement it
+//! without the snapshot or restore code changing.
+
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use crate::error::{Error, IoContext, Result};
+use crate::id::{ChunkId, random_id};
+
+/// Where chunks live. Implementations are shared by the worker threads.
+pub trait ChunkStore: Send + Sync {
+    /// Whether a chunk with this name is stored.
+    fn has(&self, id: &ChunkId) -> Result<bool>;
+    /// Stores `data` under `id` atomically. Returns `false`, having done
+    /// nothing, when the chunk is already there.
+    fn put(&self, id: &ChunkId, data: &[u8]) -> Result<bool>;
+    /// The stored bytes of a chunk; [`Error::MissingChunk`] if absent.
+    fn get(&self, id: &ChunkId) -> Result<Vec<u8>>;
+    /// Every stored chunk, in no particular order.
+    fn list(&self) -> Result<Vec<ChunkId>>;
+    /// Deletes a chunk; deleting an absent chunk is not an error.
+    fn remove(&self, id: &ChunkId) -> Result<()>;
+    /// Makes every `put` so far durable. Called before a manifest that names
+    /// the chunks is written.
+    fn sync(&self) -> Result<()>;
+    /// Stored size of a chunk in bytes.
+    fn size(&self, id: &ChunkId) -> Result<u64>;
+}
+
+/// Chunks as files: `chunks/<first 4 hex>/<64 hex>`.
+pub struct LocalChunkStore {
+    root: PathBuf,
+    /// Directories that gained an entry since the last `sync`.
+    dirty_dirs: Mutex<HashSet<PathBuf>>,
+}
+
+impl LocalChunkStore {
+    pub fn new(root: PathBuf) -> Self {
+        LocalChunkStore {
+            root,
+            dirty_dirs: Mutex::new(HashSet::new()),
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn path_of(&self, id: &ChunkId) -> PathBuf {
+        let hex = id.to_hex();
+        self.root.join(&hex[..4]).join(hex)
+    }
+
+    fn mark_dirty(&self, dir: PathBuf) {
+        self.dirty_dirs.lock().unwrap_or_else(|p| p.into_inner()).insert(dir);
+    }
+
+    /// Removes leftover temporary files (from interrupted writers) and
+    /// returns how many there were. Only safe while no writer runs.
+    pub fn remove_temp_files(&self) -> Result<u64> {
+        let mut removed = 0;
+        for_each_entry(&self.root, |sub| {
+            for_each_entry(&sub, |file| {
+                if file.file_name().and_then(|n| n.to_str()).is_some_and(is_temp_name) {
+                    fs::remove_file(&file).ctx("remove temporary file", &file)?;
+                    removed += 1;
+                }
+                Ok(())
+            })
+        })?;
+        Ok(removed)
+    }
+}
+
+impl ChunkStore for LocalChunkStore {
+    fn has(&self, id: &ChunkId) -> Result<bool> {
+        let path = self.path_of(id);
+        match fs::symlink_metadata(&path) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e).ctx("look up chunk", &path),
+        }
+    }
+
+    fn put(&self, id: &ChunkId, data: &[u8]) -> Result<bool> {
+        if self.has(id)? {
+            return Ok(false);
+        }
+        let path = self.path_of(id);
+        let dir = path.parent().expect("chunk paths have a parent");
+        if !dir.exists() {
+            fs::create_dir_all(dir).ctx("create chunk directory", dir)?;
+            self.mark_dirty(self.root.clone());
+        }
+        write_atomic(&path, data, false)?;
+        self.mark_dirty(dir.to_path_buf());
+        Ok(true)
+    }
+
+    fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        let path = self.path_of(id);
+        match fs::read(&path) {
+            Ok(bytes) => Ok(bytes),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(Error::MissingChunk { chunk: *id }),
+            Err(e) => Err(e).ctx("read chunk", &path),
+        }
+    }
+
+    fn list(&self) -> Result<Vec<ChunkId>> {
+        let mut ids = Vec::new();
+        for_each_entry(&self.root, |sub| {
+            for_each_entry(&sub, |file| {
+                if let Some(id) = file.file_name().and_then(|n| n.to_str()).and_then(|n| n.parse().ok()) {
+                    ids.push(id);
+                }
+                Ok(())
+            })
+        })?;
+        Ok(ids)
+    }
+
+    fn remove(&self, id: &ChunkId) -> Result<()> {
+        let path = self.path_of(id);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).ctx("remove chunk", &path),
+        }
+    }
+
+    fn sync(&self) -> Result<()> {
+        let dirs: Vec<PathBuf> = self.dirty_dirs.lock().unwrap_or_else(|p| p.into_inner()).drain().collect();
+        for dir in dirs {
+            sync_dir(&dir)?;
+        }
+        Ok(())
+    }
+
+    fn size(&self, id: &ChunkId) -> Result<u64> {
+        let path = self.path_of(id);
+        match fs::metadata(&path) {
+            Ok(m) => Ok(m.len()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(Error::MissingChunk { chunk: *id }),
+            Err(e) => Err(e).ctx("stat chunk", &path),
+        }
+    }
+}
+
+/// Calls `f` with the path of every entry of `dir`; a missing `dir` has none.
+pub(crate) fn for_each_entry(dir: &Path, mut f: impl FnMut(PathBuf) -> Result<()>) -> Result<()> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).ctx("list directory", dir),
+    };
+    for entry in entries {
+        f(entry.ctx("list directory", dir)?.path())?;
+    }
+    Ok(())
+}
+
+const TEMP_MARK: &str = ".tmp-";
+
+pub(crate) fn is_temp_name(name: &str) -> bool {
+    name.contains(TEMP_MARK)
+}
+
+/// A unique temporary path beside `path`.
+pub(crate) fn temp_path_for(path: &Path) -> PathBuf {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let suffix = random_id("x");
+    path.with_file_name(format!(".{name}{TEMP_MARK}{}", &suffix[2..]))
+}
+
+/// Writes `data` to `path` atomically: a unique temporary name in the same
+/// directory, write, fsync, rename. With `sync_parent` the directory is
+/// fsynced too, making the new name durable at once; otherwise the caller
+/// does so later (see [`ChunkStore::sync`]).
+pub(crate) fn write_atomic(path: &Path, data: &[u8], sync_parent: bool) -> Result<()> {
+    let tmp = temp_path_for(path);
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .ctx("create temporary file", &tmp)?;
+        f.write_all(data).ctx("write", &tmp)?;
+        f.sync_all().ctx("fsync", &tmp)?;
+        fs::rename(&tmp, path).ctx("rename into place", path)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result?;
+    if sync_parent {
+        sync_dir(path.parent().expect("store paths have a parent"))?;
+    }
+    Ok(())
+}
+
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).ctx("fsync directory", dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn put_get_list_remove() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalChunkStore::new(dir.path().join("chunks"));
+        let id = ChunkId::of(b"abc");
+        assert!(!store.has(&id).unwrap());
+        assert!(matches!(store.get(&id), Err(Error::MissingChunk { .. })));
+        assert!(store.put(&id, b"stored bytes").unwrap());
+        assert!(!store.put(&id, b"stored bytes").unwrap(), "second put must be a no-op");
+        store.sync().unwrap();
+        assert!(store.has(&id).unwrap());
+        assert_eq!(store.get(&id).unwrap(), b"stored bytes");
+        assert_eq!(store.size(&id).unwrap(), 12);
+        assert_eq!(store.list().unwrap(), vec![id]);
+        let hex = id.to_hex();
+        assert!(store.path_of(&id).ends_with(format!("{}/{}", &hex[..4], hex)));
+        store.remove(&id).unwrap();
+        store.remove(&id).unwrap();
+        assert!(store.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn temp_files_are_not_listed_and_are_cleaned() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalChunkStore::new(dir.path().join("chunks"));
+        let id = ChunkId::of(b"x");
+        store.put(&id, b"x").unwrap();
+        let tmp = temp_path_for(&store.path_of(&id));
+        fs::write(&tmp, b"half").unwrap();
+        assert_eq!(store.list().unwrap(), vec![id]);
+        assert_eq!(store.remove_temp_files().unwrap(), 1);
+        assert!(!tmp.exists());
+        assert!(store.has(&id).unwrap());
+    }
+}

@@ -1,0 +1,103 @@
+//! The only module with `unsafe`: thin wrappers over the Linux calls that
+//! `std` does not expose (`SEEK_DATA`/`SEEK_HOLE`, `BLKGETSIZE64`, `flock`,
+//! hole punching). Each wrapper passes a live file descriptor borrowed from a
+//! `&File` and plain integers, and turns the C return convention into an
+//! `io::Result`, so callers never touch raw pointers.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+
+/// `_IOR(0x12, 114, u64)`: the size of a block device in bytes.
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+
+/// Size in bytes of the block device behind `file`.
+pub fn block_device_size(file: &File) -> io::Result<u64> {
+    let mut size: u64 = 0;
+    // SAFETY: the fd is valid for the lifetime of `file`, and BLKGETSIZE64
+    // writes exactly one u64 through the pointer, which points at `size`.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64 as _, &mut size as *mut u64) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(size)
+}
+
+/// Where the next data (or hole) at or after `offset` starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seek {
+    Data,
+    Hole,
+}
+
+/// `lseek(fd, offset, SEEK_DATA|SEEK_HOLE)`. Returns `Ok(None)` when there is
+/// no more data after `offset` (ENXIO), and `Err` with `Unsupported` kind
+/// when the file system or device does not implement it.
+pub fn seek(file: &File, offset: u64, whence: Seek) -> io::Result<Option<u64>> {
+    let whence = match whence {
+        Seek::Data => libc::SEEK_DATA,
+        Seek::Hole => libc::SEEK_HOLE,
+    };
+    let offset = libc::off_t::try_from(offset).map_err(|_| io::Error::other("offset too large"))?;
+    // SAFETY: lseek only reads its integer arguments; the fd is valid.
+    let rc = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };
+    if rc < 0 {
+        let err = io::Error::last_os_error();
+        return match err.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => {
+                Err(io::Error::new(io::ErrorKind::Unsupported, err))
+            }
+            _ => Err(err),
+        };
+    }
+    Ok(Some(rc as u64))
+}
+
+/// Deallocates `[offset, offset + len)` of a regular file, keeping its
+/// length: the range reads back as zeros and uses no disk space.
+pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let (offset, len) = match (libc::off_t::try_from(offset), libc::off_t::try_from(len)) {
+        (Ok(o), Ok(l)) => (o, l),
+        _ => return Err(io::Error::other("range too large")),
+    };
+    // SAFETY: fallocate only reads its integer arguments; the fd is valid.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Advisory lock modes, as `flock(2)` takes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockMode {
+    Shared,
+    Exclusive,
+}
+
+/// Takes an advisory lock on `file` without blocking. `Ok(false)` means
+/// another process holds a conflicting lock.
+pub fn try_lock(file: &File, mode: LockMode) -> io::Result<bool> {
+    let op = match mode {
+        LockMode::Shared => libc::LOCK_SH,
+        LockMode::Exclusive => libc::LOCK_EX,
+    } | libc::LOCK_NB;
+    // SAFETY: flock only reads its integer arguments; the fd is valid.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), op) };
+    if rc < 0 {
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Ok(false);
+        }
+        return Err(err);
+    }
+    Ok(true)
+}

@@ -1,0 +1,214 @@
+//! Volumes: raw image files and block devices. Finds their size, where their
+//! holes are, and reads their blocks.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, IoContext, Result};
+use crate::sys;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VolumeKind {
+    File,
+    BlockDevice,
+}
+
+/// An open volume, read-only.
+#[derive(Debug)]
+pub struct Volume {
+    path: PathBuf,
+    file: File,
+    size: u64,
+    kind: VolumeKind,
+}
+
+impl Volume {
+    /// Opens `path` for reading and finds its size: `BLKGETSIZE64` for a
+    /// block device, the file length for a regular file.
+    pub fn open(path: &Path) -> Result<Volume> {
+        let file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(Error::VolumeNotFound(path.to_path_buf()));
+            }
+            Err(e) => return Err(e).ctx("open volume", path),
+        };
+        let (kind, size) = probe(&file, path)?;
+        Ok(Volume {
+            path: path.to_path_buf(),
+            file,
+            size,
+            kind,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn kind(&self) -> VolumeKind {
+        self.kind
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Fills `buf` from `offset`. A volume that ends early (it shrank after
+    /// it was opened) is an error, never a short block.
+    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        read_full(&self.file, &self.path, buf, offset)
+    }
+
+    /// A cursor over the data segments of this volume, for hole detection.
+    pub fn data_map(&self) -> DataMap<'_> {
+        DataMap::new(&self.file, self.kind == VolumeKind::File)
+    }
+}
+
+/// Size and kind of an open file or device.
+pub(crate) fn probe(file: &File, path: &Path) -> Result<(VolumeKind, u64)> {
+    let meta = file.metadata().ctx("stat volume", path)?;
+    let ft = meta.file_type();
+    if ft.is_block_device() {
+        let size = sys::block_device_size(file).ctx("read the size of block device", path)?;
+        Ok((VolumeKind::BlockDevice, size))
+    } else if ft.is_file() {
+        Ok((VolumeKind::File, meta.len()))
+    } else {
+        Err(Error::NotAVolume(path.to_path_buf()))
+    }
+}
+
+/// `pread` until `buf` is full; running out of bytes means the volume shrank.
+pub(crate) fn read_full(file: &File, path: &Path, buf: &mut [u8], offset: u64) -> Result<()> {
+    match file.read_exact_at(buf, offset) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(Error::VolumeShrank {
+            path: path.to_path_buf(),
+            offset: offset + buf.len() as u64,
+        }),
+        Err(e) => Err(e).ctx("read volume", path),
+    }
+}
+
+/// Opens an existing file or device for reading and writing.
+pub(crate) fn open_rw(path: &Path) -> Result<File> {
+    OpenOptions::new().read(true).write(true).open(path).ctx("open for writing", path)
+}
+
+/// Answers "does `[start, end)` hold any data?" with `SEEK_DATA` /
+/// `SEEK_HOLE`, for ranges asked in increasing order. Files on file systems
+/// without hole support, and block devices, report data everywhere.
+pub struct DataMap<'a> {
+    file: &'a File,
+    supported: bool,
+    /// The first data segment at or after the last queried start.
+    seg_start: u64,
+    seg_end: u64,
+}
+
+impl<'a> DataMap<'a> {
+    fn new(file: &'a File, supported: bool) -> Self {
+        DataMap {
+            file,
+            supported,
+            seg_start: 0,
+            seg_end: 0,
+        }
+    }
+
+    pub fn has_data(&mut self, start: u64, end: u64) -> io::Result<bool> {
+        if !self.supported {
+            return Ok(true);
+        }
+        if self.seg_end <= start {
+            match sys::seek(self.file, start, sys::Seek::Data) {
+                Ok(Some(data)) => {
+                    let hole = sys::seek(self.file, data, sys::Seek::Hole)?.unwrap_or(u64::MAX);
+                    self.seg_start = data;
+                    self.seg_end = hole;
+                }
+                Ok(None) => {
+                    self.seg_start = u64::MAX;
+                    self.seg_end = u64::MAX;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Unsupported => {
+                    self.supported = false;
+                    return Ok(true);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(self.seg_start < end)
+    }
+}
+
+/// True when every byte of `buf` is zero. Checks 64 bytes at a time so the
+/// compiler vectorises the inner loop, and stops at the first non-zero run.
+pub fn is_zero(buf: &[u8]) -> bool {
+    let (chunks, rest) = buf.as_chunks::<64>();
+    chunks.iter().all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0) && rest.iter().all(|&b| b == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn zero_detection() {
+        let mut buf = vec![0u8; 4096 + 7];
+        assert!(is_zero(&buf));
+        buf[4096 + 6] = 1;
+        assert!(!is_zero(&buf));
+        buf[4096 + 6] = 0;
+        buf[100] = 0x80;
+        assert!(!is_zero(&buf));
+        assert!(is_zero(&[]));
+    }
+
+    #[test]
+    fn data_map_finds_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sparse.img");
+        let mut f = File::create(&path).unwrap();
+        f.set_len(16 << 20).unwrap();
+        f.write_all_at(&[1u8; 4096], 8 << 20).unwrap();
+        f.flush().unwrap();
+        f.sync_all().unwrap();
+        let vol = Volume::open(&path).unwrap();
+        assert_eq!(vol.size(), 16 << 20);
+        let mut map = vol.data_map();
+        let mb = 1u64 << 20;
+        let answers: Vec<bool> = (0..16).map(|i| map.has_data(i * mb, (i + 1) * mb).unwrap()).collect();
+        let mut expected = vec![false; 16];
+        expected[8] = true;
+        assert_eq!(answers, expected);
+    }
+
+    #[test]
+    fn missing_volume_is_named() {
+        let err = Volume::open(Path::new("/nonexistent/disk.img")).unwrap_err();
+        assert!(matches!(err, Error::VolumeNotFound(_)));
+        assert!(err.to_string().contains("/nonexistent/disk.img"));
+    }
+
+    #[test]
+    fn shrinking_volume_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.img");
+        std::fs::write(&path, vec![7u8; 8192]).unwrap();
+        let vol = Volume::open(&path).unwrap();
+        OpenOptions::new().write(true).open(&path).unwrap().set_len(4096).unwrap();
+        let mut buf = vec![0u8; 8192];
+        let err = vol.read_exact_at(&mut buf, 0).unwrap_err();
+        assert!(matches!(err, Error::VolumeShrank { .. }), "{err}");
+    }
+}
