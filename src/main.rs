@@ -1,1 +1,21 @@
-fn main() {}
+//! The `blocksnap` binary: parses the command line, runs it, prints the
+//! result, and maps failures to exit codes.
+
+mod cli;
+mod output;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    match cli::run(args) {
+        Ok(code) => ExitCode::from(code),
+        Err(err) => {
+            let (code, message) = cli::describe_error(&err);
+            eprintln!("blocksnap: error: {message}");
+            ExitCode::from(code)
+        }
+    }
+}

@@ -1,0 +1,373 @@
+//! Command-line definitions and the glue from each command to the library.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use blocksnap::gc;
+use blocksnap::manifest::{self, Tag};
+use blocksnap::restore::{self, RestoreOptions};
+use blocksnap::snapshot::{self, CreateOptions, ParentChoice};
+use blocksnap::{AccountId, Error, ErrorKind, Region, SnapshotId};
+
+use crate::output::{self, Out};
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  failure (I/O error, unreadable volume, anything not below)
+  2  usage error: bad argument, malformed id, wrong block size
+  3  not found: volume or snapshot does not exist
+  4  integrity: a chunk or manifest is corrupt, truncated or missing
+  5  conflict: target exists or is too small, store locked";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "blocksnap",
+    version,
+    about = "Block-level incremental snapshots of disk images and block devices",
+    after_help = EXIT_CODES
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug)]
+pub struct Global {
+    /// Store directory [default: $XDG_DATA_HOME/blocksnap or ~/.local/share/blocksnap]
+    #[arg(long, global = true, env = "BLOCKSNAP_STORE", value_name = "DIR")]
+    pub store: Option<PathBuf>,
+    /// Region: one sub-directory of the store
+    #[arg(long, global = true, env = "BLOCKSNAP_REGION", default_value = "local", value_name = "NAME")]
+    pub region: String,
+    /// Account acting (12 digits) [default: the region's owner]
+    #[arg(long, global = true, env = "BLOCKSNAP_ACCOUNT", value_name = "ID")]
+    pub account: Option<String>,
+    /// Print one JSON document in AWS CLI shapes
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// No progress bar
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create, list, inspect and delete snapshots [CreateSnapshot, DescribeSnapshots, ...]
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
+    /// Restore snapshots to files and block devices [CreateVolume]
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+    /// Maintain the store: verify, gc, stats
+    #[command(subcommand)]
+    Store(StoreCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SnapshotCmd {
+    /// Snapshot a raw image file or block device [CreateSnapshot]
+    ///
+    /// The first snapshot of a volume stores every non-zero block; later
+    /// ones are incremental against the newest snapshot of the same path
+    /// (or --parent) and store only blocks the store lacks.
+    Create {
+        /// Image file or block device (e.g. disk.img, /dev/loop3)
+        volume: PathBuf,
+        /// Snapshot to be incremental against [default: newest of this volume]
+        #[arg(long, value_name = "SNAP", conflicts_with = "no_parent")]
+        parent: Option<String>,
+        /// Take a full snapshot, with no parent
+        #[arg(long)]
+        no_parent: bool,
+        /// Block size, a power of two from 64K to 8M [default: the parent's, or 512K]
+        #[arg(long, value_name = "SIZE")]
+        block_size: Option<String>,
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Tag as KEY=VALUE (repeatable)
+        #[arg(long = "tag", value_name = "KEY=VALUE")]
+        tags: Vec<String>,
+        /// Worker threads [default: one per core]
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
+    /// List snapshots, oldest first [DescribeSnapshots]
+    List {
+        /// Only snapshots of this volume path
+        #[arg(long, value_name = "PATH")]
+        volume: Option<PathBuf>,
+    },
+    /// Show one snapshot [DescribeSnapshots --snapshot-ids]
+    Describe { snapshot: String },
+    /// List every block with its state and digest [ListSnapshotBlocks]
+    Blocks { snapshot: String },
+    /// Blocks whose content differs between two snapshots, from the manifests alone [ListChangedBlocks]
+    ChangedBlocks { first: String, second: String },
+    /// Delete a snapshot; its chunks are reclaimed by `store gc` [DeleteSnapshot]
+    Delete { snapshot: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VolumeCmd {
+    /// Restore a snapshot into a new file, over a file, or onto a block device [CreateVolume]
+    ///
+    /// A new file target is written under a temporary name and renamed
+    /// into place when complete; it is sparse where the snapshot has zero
+    /// or hole blocks. --delta and block-device targets are written in
+    /// place: an interrupted restore leaves them partly written, and a
+    /// rerun with --delta finishes the job.
+    Restore {
+        snapshot: String,
+        /// File or block device to restore into
+        target: PathBuf,
+        /// Replace an existing file
+        #[arg(long, conflicts_with = "delta")]
+        force: bool,
+        /// Update an existing file or device in place, writing only blocks that differ
+        #[arg(long)]
+        delta: bool,
+        /// Size of the restored volume (e.g. 20G); at least the snapshot's size
+        #[arg(long, value_name = "BYTES")]
+        size: Option<String>,
+        /// The block device already reads as zeros: skip writing zero blocks
+        #[arg(long)]
+        assume_zeroed: bool,
+        /// Worker threads [default: one per core]
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum StoreCmd {
+    /// Check every manifest and chunk (decompress and re-hash)
+    Verify {
+        /// Check only this snapshot and the chunks it names
+        #[arg(long, value_name = "SNAP")]
+        snapshot: Option<String>,
+        /// Worker threads [default: one per core]
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
+    /// Delete chunks no snapshot needs, and leftovers of interrupted writes
+    Gc,
+    /// Count snapshots, chunks and bytes stored
+    Stats,
+}
+
+/// The store root: `--store`, `$BLOCKSNAP_STORE`, or a per-user directory.
+fn store_root(global: &Global) -> Result<PathBuf> {
+    if let Some(p) = &global.store {
+        return Ok(p.clone());
+    }
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(d).join("blocksnap"));
+    }
+    match std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        Some(h) => Ok(PathBuf::from(h).join(".local/share/blocksnap")),
+        None => Err(Error::InvalidArgument("no store given and $HOME is not set: pass --store DIR".into()).into()),
+    }
+}
+
+fn parse_snapshot(s: &str) -> Result<SnapshotId> {
+    Ok(s.parse::<SnapshotId>()?)
+}
+
+/// Parses `123`, `64K`, `512KiB`, `20G`, `1T` (powers of 1024).
+pub fn parse_size(s: &str, what: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let shift = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => u32::MAX,
+    };
+    num.parse::<u64>()
+        .ok()
+        .filter(|_| shift != u32::MAX)
+        .and_then(|n| n.checked_mul(1u64 << shift.min(40)))
+        .ok_or_else(|| {
+            Error::InvalidArgument(format!("{what} {s:?} is not a size: use bytes or a K, M, G or T suffix, e.g. 512K")).into()
+        })
+}
+
+fn parse_tag(s: &str) -> Result<Tag> {
+    match s.split_once('=') {
+        Some((k, v)) => Ok(Tag {
+            key: k.to_string(),
+            value: v.to_string(),
+        }),
+        None => Err(Error::InvalidArgument(format!("tag {s:?} is not KEY=VALUE")).into()),
+    }
+}
+
+/// Runs a parsed command line; the returned number is the exit code.
+pub fn run(cli: Cli) -> Result<u8> {
+    let g = &cli.global;
+    let account = g.account.as_deref().map(str::parse::<AccountId>).transpose()?;
+    let root = store_root(g)?;
+    let region = Region::open_or_create(&root, &g.region)
+        .with_context(|| format!("cannot open region {} of store {}", g.region, root.display()))?;
+    let out = Out::new(g.json, g.quiet);
+    match cli.command {
+        Command::Snapshot(cmd) => snapshot_cmd(&region, &out, account, cmd),
+        Command::Volume(VolumeCmd::Restore {
+            snapshot,
+            target,
+            force,
+            delta,
+            size,
+            assume_zeroed,
+            threads,
+        }) => {
+            let id = parse_snapshot(&snapshot)?;
+            let opts = RestoreOptions {
+                force,
+                delta,
+                size: size.as_deref().map(|s| parse_size(s, "--size")).transpose()?,
+                assume_zeroed,
+                threads,
+            };
+            let bar = out.progress();
+            let report = restore::restore(&region, &id, &target, &opts, &bar)?;
+            bar.done();
+            out.restore(&report);
+            Ok(0)
+        }
+        Command::Store(StoreCmd::Verify { snapshot, threads }) => {
+            let only = snapshot.as_deref().map(parse_snapshot).transpose()?;
+            let bar = out.progress();
+            let report = gc::verify(&region, only.as_ref(), threads, &bar)?;
+            bar.done();
+            out.verify(&report);
+            Ok(if report.is_clean() { 0 } else { 4 })
+        }
+        Command::Store(StoreCmd::Gc) => {
+            let report = gc::gc(&region)?;
+            out.gc(&report);
+            Ok(0)
+        }
+        Command::Store(StoreCmd::Stats) => {
+            out.stats(&output::Stats::collect(&region)?);
+            Ok(0)
+        }
+    }
+}
+
+fn snapshot_cmd(region: &Region, out: &Out, account: Option<AccountId>, cmd: SnapshotCmd) -> Result<u8> {
+    match cmd {
+        SnapshotCmd::Create {
+            volume,
+            parent,
+            no_parent,
+            block_size,
+            description,
+            tags,
+            threads,
+        } => {
+            let parent = match (parent, no_parent) {
+                (Some(p), _) => ParentChoice::Explicit(parse_snapshot(&p)?),
+                (None, true) => ParentChoice::None,
+                (None, false) => ParentChoice::Latest,
+            };
+            let block_size = block_size
+                .as_deref()
+                .map(|s| parse_size(s, "--block-size").and_then(|n| Ok(manifest::validate_block_size(n)?)))
+                .transpose()?;
+            let opts = CreateOptions {
+                parent,
+                block_size,
+                description,
+                tags: tags.iter().map(|t| parse_tag(t)).collect::<Result<_>>()?,
+                owner: account,
+                threads,
+            };
+            let bar = out.progress();
+            let meta = snapshot::create(region, &volume, &opts, &bar)?;
+            bar.done();
+            out.snapshot_created(&meta);
+            Ok(0)
+        }
+        SnapshotCmd::List { volume } => {
+            let listing = region.list_snapshots()?;
+            for e in &listing.damaged {
+                eprintln!("blocksnap: warning: {e}: run `blocksnap store verify`");
+            }
+            let source = volume.map(|v| absolute(&v));
+            let snaps: Vec<_> = listing
+                .snapshots
+                .into_iter()
+                .filter(|m| source.as_ref().is_none_or(|s| &m.source == s))
+                .collect();
+            out.snapshot_list(&snaps);
+            Ok(0)
+        }
+        SnapshotCmd::Describe { snapshot } => {
+            let meta = region.read_snapshot_meta(&parse_snapshot(&snapshot)?)?;
+            out.snapshot_describe(&meta);
+            Ok(0)
+        }
+        SnapshotCmd::Blocks { snapshot } => {
+            let m = region.read_snapshot(&parse_snapshot(&snapshot)?)?;
+            out.blocks(&m);
+            Ok(0)
+        }
+        SnapshotCmd::ChangedBlocks { first, second } => {
+            let a = region.read_snapshot(&parse_snapshot(&first)?)?;
+            let b = region.read_snapshot(&parse_snapshot(&second)?)?;
+            let changed = snapshot::changed_blocks(&a, &b)?;
+            out.changed_blocks(&a, &b, &changed);
+            Ok(0)
+        }
+        SnapshotCmd::Delete { snapshot } => {
+            let id = parse_snapshot(&snapshot)?;
+            let _lock = region.lock(blocksnap::LockMode::Shared, "snapshot delete")?;
+            region.delete_snapshot(&id)?;
+            out.deleted(&id);
+            Ok(0)
+        }
+    }
+}
+
+/// The path as `snapshot create` records it.
+fn absolute(p: &Path) -> String {
+    std::fs::canonicalize(p)
+        .unwrap_or_else(|_| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()))
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Exit code and one-line message for a failure.
+pub fn describe_error(err: &anyhow::Error) -> (u8, String) {
+    let code = match err.chain().find_map(|e| e.downcast_ref::<Error>()).map(Error::kind) {
+        Some(ErrorKind::Usage) => 2,
+        Some(ErrorKind::NotFound) => 3,
+        Some(ErrorKind::Integrity) => 4,
+        Some(ErrorKind::Conflict) => 5,
+        Some(ErrorKind::Other) | None => 1,
+    };
+    // Library errors already carry their cause in the message; context
+    // added here comes first.
+    let mut parts: Vec<String> = Vec::new();
+    for e in err.chain() {
+        let s = e.to_string();
+        if parts.last().is_some_and(|prev| prev.contains(&s)) {
+            continue;
+        }
+        let lib = e.downcast_ref::<Error>().is_some();
+        parts.push(s);
+        if lib {
+            break;
+        }
+    }
+    (code, parts.join(": "))
+}
