@@ -40,7 +40,10 @@ thread_local! {
 
 /// Encodes `raw` as a stored chunk: zstd when that is smaller, raw otherwise.
 pub fn encode(raw: &[u8]) -> Result<Vec<u8>> {
-    assert!(raw.len() <= MAX_RAW_LEN, "block larger than the largest block size");
+    assert!(
+        raw.len() <= MAX_RAW_LEN,
+        "block larger than the largest block size"
+    );
     let mut out = Vec::with_capacity(HEADER_LEN + raw.len());
     out.extend_from_slice(CHUNK_MAGIC);
     out.push(CHUNK_VERSION);
@@ -73,24 +76,35 @@ pub fn encode(raw: &[u8]) -> Result<Vec<u8>> {
 pub fn decode_into(id: &ChunkId, stored: &[u8], out: &mut Vec<u8>) -> Result<()> {
     let corrupt = |reason: String| Error::CorruptChunk { chunk: *id, reason };
     if stored.len() < HEADER_LEN {
-        return Err(corrupt(format!("{} bytes is shorter than a chunk header", stored.len())));
+        return Err(corrupt(format!(
+            "{} bytes is shorter than a chunk header",
+            stored.len()
+        )));
     }
     if &stored[..4] != CHUNK_MAGIC {
         return Err(corrupt("bad magic".into()));
     }
     if stored[4] != CHUNK_VERSION {
-        return Err(corrupt(format!("unknown chunk format version {}", stored[4])));
+        return Err(corrupt(format!(
+            "unknown chunk format version {}",
+            stored[4]
+        )));
     }
     let raw_len = u32::from_le_bytes(stored[8..12].try_into().expect("4 bytes")) as usize;
     if raw_len > MAX_RAW_LEN {
-        return Err(corrupt(format!("raw length {raw_len} exceeds the {MAX_RAW_LEN}-byte limit")));
+        return Err(corrupt(format!(
+            "raw length {raw_len} exceeds the {MAX_RAW_LEN}-byte limit"
+        )));
     }
     let payload = &stored[HEADER_LEN..];
     out.clear();
     match stored[5] {
         c if c == Codec::Raw as u8 => {
             if payload.len() != raw_len {
-                return Err(corrupt(format!("raw payload is {} bytes, header says {raw_len}", payload.len())));
+                return Err(corrupt(format!(
+                    "raw payload is {} bytes, header says {raw_len}",
+                    payload.len()
+                )));
             }
             out.extend_from_slice(payload);
         }
@@ -107,7 +121,9 @@ pub fn decode_into(id: &ChunkId, stored: &[u8], out: &mut Vec<u8>) -> Result<()>
                 })
                 .map_err(|e| corrupt(format!("zstd: {e}")))?;
             if n != raw_len {
-                return Err(corrupt(format!("decompressed to {n} bytes, header says {raw_len}")));
+                return Err(corrupt(format!(
+                    "decompressed to {n} bytes, header says {raw_len}"
+                )));
             }
         }
         other => return Err(corrupt(format!("unknown codec {other}"))),
@@ -131,7 +147,12 @@ mod tests {
 
     #[test]
     fn compressible_round_trip() {
-        let raw: Vec<u8> = b"hello block world ".iter().cycle().take(512 << 10).copied().collect();
+        let raw: Vec<u8> = b"hello block world "
+            .iter()
+            .cycle()
+            .take(512 << 10)
+            .copied()
+            .collect();
         let id = ChunkId::of(&raw);
         let stored = encode(&raw).unwrap();
         assert_eq!(stored[5], Codec::Zstd as u8);
@@ -159,7 +180,10 @@ mod tests {
             let mut bad = stored.clone();
             bad[pos] ^= 0x40;
             let err = decode(&id, &bad).unwrap_err();
-            assert!(matches!(err, Error::CorruptChunk { .. }), "byte {pos}: {err}");
+            assert!(
+                matches!(err, Error::CorruptChunk { .. }),
+                "byte {pos}: {err}"
+            );
         }
         assert!(decode(&id, &stored[..stored.len() - 1]).is_err());
         assert!(decode(&id, &stored[..5]).is_err());

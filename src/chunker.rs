@@ -44,7 +44,11 @@ pub fn thread_pool(threads: usize) -> Result<rayon::ThreadPool> {
         .num_threads(threads)
         .thread_name(|i| format!("blocksnap-{i}"))
         .build()
-        .map_err(|e| crate::error::Error::InvalidArgument(format!("cannot start {threads} worker threads: {e}")))
+        .map_err(|e| {
+            crate::error::Error::InvalidArgument(format!(
+                "cannot start {threads} worker threads: {e}"
+            ))
+        })
 }
 
 /// Reads the first `len` bytes of `volume` as blocks of `block_size`, calls

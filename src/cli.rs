@@ -42,7 +42,13 @@ pub struct Global {
     #[arg(long, global = true, env = "BLOCKSNAP_STORE", value_name = "DIR")]
     pub store: Option<PathBuf>,
     /// Region: one sub-directory of the store
-    #[arg(long, global = true, env = "BLOCKSNAP_REGION", default_value = "local", value_name = "NAME")]
+    #[arg(
+        long,
+        global = true,
+        env = "BLOCKSNAP_REGION",
+        default_value = "local",
+        value_name = "NAME"
+    )]
     pub region: String,
     /// Account acting (12 digits) [default: the region's owner]
     #[arg(long, global = true, env = "BLOCKSNAP_ACCOUNT", value_name = "ID")]
@@ -170,7 +176,10 @@ fn store_root(global: &Global) -> Result<PathBuf> {
     }
     match std::env::var_os("HOME").filter(|d| !d.is_empty()) {
         Some(h) => Ok(PathBuf::from(h).join(".local/share/blocksnap")),
-        None => Err(Error::InvalidArgument("no store given and $HOME is not set: pass --store DIR".into()).into()),
+        None => Err(Error::InvalidArgument(
+            "no store given and $HOME is not set: pass --store DIR".into(),
+        )
+        .into()),
     }
 }
 
@@ -196,7 +205,10 @@ pub fn parse_size(s: &str, what: &str) -> Result<u64> {
         .filter(|_| shift != u32::MAX)
         .and_then(|n| n.checked_mul(1u64 << shift.min(40)))
         .ok_or_else(|| {
-            Error::InvalidArgument(format!("{what} {s:?} is not a size: use bytes or a K, M, G or T suffix, e.g. 512K")).into()
+            Error::InvalidArgument(format!(
+                "{what} {s:?} is not a size: use bytes or a K, M, G or T suffix, e.g. 512K"
+            ))
+            .into()
         })
 }
 
@@ -213,10 +225,19 @@ fn parse_tag(s: &str) -> Result<Tag> {
 /// Runs a parsed command line; the returned number is the exit code.
 pub fn run(cli: Cli) -> Result<u8> {
     let g = &cli.global;
-    let account = g.account.as_deref().map(str::parse::<AccountId>).transpose()?;
+    let account = g
+        .account
+        .as_deref()
+        .map(str::parse::<AccountId>)
+        .transpose()?;
     let root = store_root(g)?;
-    let region = Region::open_or_create(&root, &g.region)
-        .with_context(|| format!("cannot open region {} of store {}", g.region, root.display()))?;
+    let region = Region::open_or_create(&root, &g.region).with_context(|| {
+        format!(
+            "cannot open region {} of store {}",
+            g.region,
+            root.display()
+        )
+    })?;
     let out = Out::new(g.json, g.quiet);
     match cli.command {
         Command::Snapshot(cmd) => snapshot_cmd(&region, &out, account, cmd),
@@ -233,7 +254,10 @@ pub fn run(cli: Cli) -> Result<u8> {
             let opts = RestoreOptions {
                 force,
                 delta,
-                size: size.as_deref().map(|s| parse_size(s, "--size")).transpose()?,
+                size: size
+                    .as_deref()
+                    .map(|s| parse_size(s, "--size"))
+                    .transpose()?,
                 assume_zeroed,
                 threads,
             };
@@ -263,7 +287,12 @@ pub fn run(cli: Cli) -> Result<u8> {
     }
 }
 
-fn snapshot_cmd(region: &Region, out: &Out, account: Option<AccountId>, cmd: SnapshotCmd) -> Result<u8> {
+fn snapshot_cmd(
+    region: &Region,
+    out: &Out,
+    account: Option<AccountId>,
+    cmd: SnapshotCmd,
+) -> Result<u8> {
     match cmd {
         SnapshotCmd::Create {
             volume,
@@ -281,7 +310,10 @@ fn snapshot_cmd(region: &Region, out: &Out, account: Option<AccountId>, cmd: Sna
             };
             let block_size = block_size
                 .as_deref()
-                .map(|s| parse_size(s, "--block-size").and_then(|n| Ok(manifest::validate_block_size(n)?)))
+                .map(|s| {
+                    parse_size(s, "--block-size")
+                        .and_then(|n| Ok(manifest::validate_block_size(n)?))
+                })
                 .transpose()?;
             let opts = CreateOptions {
                 parent,
@@ -348,7 +380,11 @@ fn absolute(p: &Path) -> String {
 
 /// Exit code and one-line message for a failure.
 pub fn describe_error(err: &anyhow::Error) -> (u8, String) {
-    let code = match err.chain().find_map(|e| e.downcast_ref::<Error>()).map(Error::kind) {
+    let code = match err
+        .chain()
+        .find_map(|e| e.downcast_ref::<Error>())
+        .map(Error::kind)
+    {
         Some(ErrorKind::Usage) => 2,
         Some(ErrorKind::NotFound) => 3,
         Some(ErrorKind::Integrity) => 4,

@@ -56,7 +56,9 @@ pub enum Error {
     #[error("{0}")]
     InvalidArgument(String),
 
-    #[error("snapshot {id} not found in region {region}: run `blocksnap snapshot list` to see the snapshots there")]
+    #[error(
+        "snapshot {id} not found in region {region}: run `blocksnap snapshot list` to see the snapshots there"
+    )]
     SnapshotNotFound { id: SnapshotId, region: String },
 
     #[error(
@@ -124,9 +126,9 @@ pub enum Error {
 impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::InvalidId { .. } | Error::InvalidArgument(_) | Error::BlockSizeMismatch { .. } => {
-                ErrorKind::Usage
-            }
+            Error::InvalidId { .. }
+            | Error::InvalidArgument(_)
+            | Error::BlockSizeMismatch { .. } => ErrorKind::Usage,
             Error::VolumeNotFound(_) | Error::SnapshotNotFound { .. } => ErrorKind::NotFound,
             Error::CorruptChunk { .. }
             | Error::MissingChunk { .. }

@@ -83,13 +83,20 @@ pub struct VerifyReport {
 
 impl VerifyReport {
     pub fn is_clean(&self) -> bool {
-        self.damaged_manifests.is_empty() && self.missing_chunks.is_empty() && self.corrupt_chunks.is_empty()
+        self.damaged_manifests.is_empty()
+            && self.missing_chunks.is_empty()
+            && self.corrupt_chunks.is_empty()
     }
 }
 
 /// Checks every manifest and every stored chunk (decompress and re-hash in
 /// parallel). With `only`, checks that snapshot and the chunks it names.
-pub fn verify(region: &Region, only: Option<&SnapshotId>, threads: usize, progress: &dyn Progress) -> Result<VerifyReport> {
+pub fn verify(
+    region: &Region,
+    only: Option<&SnapshotId>,
+    threads: usize,
+    progress: &dyn Progress,
+) -> Result<VerifyReport> {
     let _lock = region.lock(LockMode::Shared, "store verify")?;
     let mut report = VerifyReport::default();
     // Chunk -> first (snapshot, offset) that needs it.
@@ -119,7 +126,11 @@ pub fn verify(region: &Region, only: Option<&SnapshotId>, threads: usize, progre
     let store = region.chunks();
     let present: HashSet<ChunkId> = store.list()?.into_iter().collect();
     let to_check: Vec<ChunkId> = match only {
-        Some(_) => needed.keys().filter(|c| present.contains(c)).copied().collect(),
+        Some(_) => needed
+            .keys()
+            .filter(|c| present.contains(c))
+            .copied()
+            .collect(),
         None => present.iter().copied().collect(),
     };
     for (c, used) in &needed {
@@ -141,7 +152,9 @@ pub fn verify(region: &Region, only: Option<&SnapshotId>, threads: usize, progre
         to_check
             .par_iter()
             .map_init(Vec::new, |buf, c| {
-                let r = store.get(c).and_then(|stored| chunk::decode_into(c, &stored, buf).map(|()| buf.len() as u64));
+                let r = store.get(c).and_then(|stored| {
+                    chunk::decode_into(c, &stored, buf).map(|()| buf.len() as u64)
+                });
                 progress.advance(1);
                 (*c, r)
             })

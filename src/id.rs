@@ -43,11 +43,13 @@ impl FromStr for ChunkId {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self> {
-        let bytes = unhex(s).filter(|b| b.len() == 32).ok_or_else(|| Error::InvalidId {
-            kind: "chunk id",
-            input: s.to_string(),
-            expected: "64 lowercase hex digits",
-        })?;
+        let bytes = unhex(s)
+            .filter(|b| b.len() == 32)
+            .ok_or_else(|| Error::InvalidId {
+                kind: "chunk id",
+                input: s.to_string(),
+                expected: "64 lowercase hex digits",
+            })?;
         let mut id = [0u8; 32];
         id.copy_from_slice(&bytes);
         Ok(ChunkId(id))
@@ -72,7 +74,10 @@ fn is_prefixed_id(s: &str, prefix: &str) -> bool {
     s.strip_prefix(prefix)
         .and_then(|rest| rest.strip_prefix('-'))
         .is_some_and(|hex| {
-            hex.len() == ID_HEX_LEN && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            hex.len() == ID_HEX_LEN
+                && hex
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
         })
 }
 
@@ -227,7 +232,13 @@ mod tests {
         let id = SnapshotId::random();
         assert_eq!(id.as_str().len(), "snap-".len() + 17);
         assert_eq!(id.as_str().parse::<SnapshotId>().unwrap(), id);
-        for bad in ["snap-123", "snap-0123456789ABCDEF0", "ami-0123456789abcdef0", "snap0123456789abcdef0", ""] {
+        for bad in [
+            "snap-123",
+            "snap-0123456789ABCDEF0",
+            "ami-0123456789abcdef0",
+            "snap0123456789abcdef0",
+            "",
+        ] {
             assert!(bad.parse::<SnapshotId>().is_err(), "{bad} accepted");
         }
     }

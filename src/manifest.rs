@@ -198,7 +198,10 @@ impl Manifest {
         let expected = meta.block_count();
         // Each entry takes at least one byte, so `raw.len()` bounds the count.
         if expected > raw.len() as u64 {
-            return Err(corrupt(format!("{expected} blocks cannot fit in {} bytes", raw.len())));
+            return Err(corrupt(format!(
+                "{expected} blocks cannot fit in {} bytes",
+                raw.len()
+            )));
         }
         let mut blocks = Vec::with_capacity(expected as usize);
         let mut pos = 0;
@@ -215,7 +218,12 @@ impl Manifest {
                     pos += 32;
                     Block::Data(ChunkId(id.try_into().expect("32 bytes")))
                 }
-                other => return Err(corrupt(format!("unknown block tag {other} at entry {}", blocks.len()))),
+                other => {
+                    return Err(corrupt(format!(
+                        "unknown block tag {other} at entry {}",
+                        blocks.len()
+                    )));
+                }
             });
         }
         if blocks.len() as u64 != expected {
@@ -283,7 +291,9 @@ impl Header {
         let meta_len = u32_at(12);
         let blocks_len = u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes"));
         if meta_len > MAX_META_LEN {
-            return Err(corrupt(format!("meta length {meta_len} exceeds {MAX_META_LEN}")));
+            return Err(corrupt(format!(
+                "meta length {meta_len} exceeds {MAX_META_LEN}"
+            )));
         }
         let total = (HEADER_LEN as u64)
             .checked_add(meta_len as u64)
@@ -316,9 +326,16 @@ impl Header {
         if header_checksum(&bytes[..24], meta) != self.header_checksum {
             return Err(corrupt("header checksum mismatch".into()));
         }
-        let meta: SnapshotMeta = postcard::from_bytes(meta).map_err(|e| corrupt(format!("meta: {e}")))?;
-        if !meta.block_size.is_power_of_two() || meta.block_size < MIN_BLOCK_SIZE || meta.block_size > MAX_BLOCK_SIZE {
-            return Err(corrupt(format!("block size {} out of range", meta.block_size)));
+        let meta: SnapshotMeta =
+            postcard::from_bytes(meta).map_err(|e| corrupt(format!("meta: {e}")))?;
+        if !meta.block_size.is_power_of_two()
+            || meta.block_size < MIN_BLOCK_SIZE
+            || meta.block_size > MAX_BLOCK_SIZE
+        {
+            return Err(corrupt(format!(
+                "block size {} out of range",
+                meta.block_size
+            )));
         }
         Ok(meta)
     }
@@ -386,7 +403,10 @@ pub(crate) mod tests {
         let p = Path::new("m");
         assert_eq!(Manifest::decode(&bytes, p).unwrap(), m);
         let n = Manifest::meta_prefix_len(&bytes[..HEADER_LEN]).unwrap();
-        assert_eq!(Manifest::decode_meta(&bytes[..n], p, bytes.len() as u64).unwrap(), m.meta);
+        assert_eq!(
+            Manifest::decode_meta(&bytes[..n], p, bytes.len() as u64).unwrap(),
+            m.meta
+        );
     }
 
     #[test]
@@ -428,5 +448,62 @@ pub(crate) mod tests {
         }
         assert_eq!(block_count(0, 65536), 0);
         assert_eq!(block_count(65537, 65536), 2);
+    }
+}
+
+#[cfg(test)]
+mod frozen {
+    use super::*;
+    use crate::chunk;
+
+    const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/v1");
+
+    /// The first released formats: a manifest and its chunks written by
+    /// blocksnap 0.1 must decode forever.
+    #[test]
+    fn v1_manifest_and_chunks_decode() {
+        let path = Path::new(FIXTURE).join("store/snapshots/snap-3e2e387c701c15658");
+        let bytes = std::fs::read(&path).unwrap();
+        let m = Manifest::decode(&bytes, &path).unwrap();
+        assert_eq!(m.meta.id.as_str(), "snap-3e2e387c701c15658");
+        assert_eq!(m.meta.parent, None);
+        assert_eq!(m.meta.owner.as_str(), "123456789012");
+        assert_eq!(m.meta.block_size, 65536);
+        assert_eq!(m.meta.volume_size, 4 * 65536 + 3000);
+        assert_eq!(m.meta.description, "v1 fixture");
+        assert_eq!(
+            m.meta.tags,
+            vec![Tag {
+                key: "format".into(),
+                value: "v1".into()
+            }]
+        );
+        assert_eq!(m.meta.stats.data_blocks, 3);
+        assert_eq!(m.meta.stats.new_chunks, 3);
+        let states: Vec<_> = m.blocks.iter().map(Block::state_name).collect();
+        assert_eq!(states, ["data", "zero", "hole", "data", "data"]);
+        assert_eq!(m.meta.root_digest, root_digest(&m.blocks));
+        assert_eq!(
+            m.encode(),
+            bytes,
+            "re-encoding changed the bytes of a frozen format"
+        );
+
+        let volume = std::fs::read(Path::new(FIXTURE).join("volume.img")).unwrap();
+        for (i, b) in m.blocks.iter().enumerate() {
+            if let Block::Data(id) = b {
+                let hex = id.to_hex();
+                let stored = std::fs::read(
+                    Path::new(FIXTURE)
+                        .join("store/chunks")
+                        .join(&hex[..4])
+                        .join(&hex),
+                )
+                .unwrap();
+                let raw = chunk::decode(id, &stored).unwrap();
+                let start = i * 65536;
+                assert_eq!(raw, &volume[start..(start + 65536).min(volume.len())]);
+            }
+        }
     }
 }

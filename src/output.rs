@@ -6,8 +6,8 @@ use std::io::IsTerminal;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 
-use blocksnap::id::hex;
 use blocksnap::gc::{BadChunk, GcReport, VerifyReport};
+use blocksnap::id::hex;
 use blocksnap::manifest::{Block, Manifest, SnapshotMeta};
 use blocksnap::progress::Progress;
 use blocksnap::restore::RestoreReport;
@@ -43,7 +43,10 @@ impl Out {
     }
 
     fn print(&self, doc: Value) {
-        println!("{}", serde_json::to_string_pretty(&doc).expect("json serializes"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&doc).expect("json serializes")
+        );
     }
 
     pub fn snapshot_created(&self, m: &SnapshotMeta) {
@@ -52,7 +55,10 @@ impl Out {
         }
         let s = &m.stats;
         match &m.parent {
-            Some(p) => println!("{} created from {} (incremental, parent {p})", m.id, m.source),
+            Some(p) => println!(
+                "{} created from {} (incremental, parent {p})",
+                m.id, m.source
+            ),
             None => println!("{} created from {} (full)", m.id, m.source),
         }
         println!(
@@ -76,13 +82,18 @@ impl Out {
 
     pub fn snapshot_list(&self, snaps: &[SnapshotMeta]) {
         if self.json {
-            return self.print(json!({ "Snapshots": snaps.iter().map(snapshot_json).collect::<Vec<_>>() }));
+            return self.print(
+                json!({ "Snapshots": snaps.iter().map(snapshot_json).collect::<Vec<_>>() }),
+            );
         }
         if snaps.is_empty() {
             println!("no snapshots");
             return;
         }
-        println!("{:<22} {:<20} {:>10} {:>10} {:<22} source", "snapshot", "started", "size", "new", "parent");
+        println!(
+            "{:<22} {:<20} {:>10} {:>10} {:<22} source",
+            "snapshot", "started", "size", "new", "parent"
+        );
         for m in snaps {
             println!(
                 "{:<22} {:<20} {:>10} {:>10} {:<22} {}",
@@ -101,15 +112,29 @@ impl Out {
             return self.print(json!({ "Snapshots": [snapshot_json(m)] }));
         }
         let s = &m.stats;
-        let tags: Vec<String> = m.tags.iter().map(|t| format!("{}={}", t.key, t.value)).collect();
+        let tags: Vec<String> = m
+            .tags
+            .iter()
+            .map(|t| format!("{}={}", t.key, t.value))
+            .collect();
         println!("SnapshotId        {}", m.id);
-        println!("StartTime         {}", humantime::format_rfc3339_seconds(m.created()));
+        println!(
+            "StartTime         {}",
+            humantime::format_rfc3339_seconds(m.created())
+        );
         println!("State             completed");
         println!("OwnerId           {}", m.owner);
         println!("Source            {}", m.source);
-        println!("VolumeSize        {} ({} bytes)", human(m.volume_size), m.volume_size);
+        println!(
+            "VolumeSize        {} ({} bytes)",
+            human(m.volume_size),
+            m.volume_size
+        );
         println!("BlockSize         {}", human(m.block_size as u64));
-        println!("Parent            {}", m.parent.as_ref().map(SnapshotId::as_str).unwrap_or("-"));
+        println!(
+            "Parent            {}",
+            m.parent.as_ref().map(SnapshotId::as_str).unwrap_or("-")
+        );
         println!("Description       {}", m.description);
         println!("Tags              {}", tags.join(", "));
         println!("RootDigest        {}", hex(&m.root_digest));
@@ -174,10 +199,19 @@ impl Out {
         let mut out = String::new();
         for c in changed {
             let state = |b: &Option<Block>| b.map(|b| b.state_name()).unwrap_or("none");
-            out.push_str(&format!("{:>10} {} -> {}\n", c.index, state(&c.first), state(&c.second)));
+            out.push_str(&format!(
+                "{:>10} {} -> {}\n",
+                c.index,
+                state(&c.first),
+                state(&c.second)
+            ));
         }
         print!("{out}");
-        eprintln!("{} of {} blocks differ", changed.len(), a.blocks.len().max(b.blocks.len()));
+        eprintln!(
+            "{} of {} blocks differ",
+            changed.len(),
+            a.blocks.len().max(b.blocks.len())
+        );
     }
 
     pub fn deleted(&self, id: &SnapshotId) {
@@ -213,7 +247,9 @@ impl Out {
 
     pub fn verify(&self, r: &VerifyReport) {
         let bad = |b: &BadChunk| match &b.used_by {
-            Some(u) => json!({ "ChunkId": b.chunk.to_hex(), "SnapshotId": u.snapshot.as_str(), "Offset": u.offset, "Problem": b.problem }),
+            Some(u) => {
+                json!({ "ChunkId": b.chunk.to_hex(), "SnapshotId": u.snapshot.as_str(), "Offset": u.offset, "Problem": b.problem })
+            }
             None => json!({ "ChunkId": b.chunk.to_hex(), "Problem": b.problem }),
         };
         if self.json {
@@ -231,10 +267,16 @@ impl Out {
         for m in &r.damaged_manifests {
             println!("damaged manifest: {m}");
         }
-        for (what, list) in [("missing", &r.missing_chunks), ("corrupt", &r.corrupt_chunks)] {
+        for (what, list) in [
+            ("missing", &r.missing_chunks),
+            ("corrupt", &r.corrupt_chunks),
+        ] {
             for b in list {
                 match &b.used_by {
-                    Some(u) => println!("{what} chunk {} (needed by {} at offset {}): {}", b.chunk, u.snapshot, u.offset, b.problem),
+                    Some(u) => println!(
+                        "{what} chunk {} (needed by {} at offset {}): {}",
+                        b.chunk, u.snapshot, u.offset, b.problem
+                    ),
                     None => println!("{what} chunk {} (unused): {}", b.chunk, b.problem),
                 }
             }
@@ -284,7 +326,12 @@ impl Out {
             }));
         }
         println!("region {} at {} (owner {})", s.region, s.root, s.owner);
-        println!("{} snapshots, {} chunks, {} stored", s.snapshots, s.chunks, human(s.stored_bytes));
+        println!(
+            "{} snapshots, {} chunks, {} stored",
+            s.snapshots,
+            s.chunks,
+            human(s.stored_bytes)
+        );
     }
 }
 
@@ -392,5 +439,9 @@ pub fn human(bytes: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{bytes} B") } else { format!("{v:.2} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.2} {}", UNITS[u])
+    }
 }

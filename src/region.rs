@@ -57,7 +57,9 @@ pub struct SnapshotListing {
 pub fn validate_region_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
     if ok {
         Ok(())
     } else {
@@ -206,7 +208,11 @@ impl Region {
         let dir = self.root.join("snapshots");
         let mut ids = Vec::new();
         for_each_entry(&dir, |p| {
-            if let Some(id) = p.file_name().and_then(|n| n.to_str()).and_then(|n| n.parse().ok()) {
+            if let Some(id) = p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.parse().ok())
+            {
                 ids.push(id);
             }
             Ok(())
@@ -229,7 +235,9 @@ impl Region {
                 Err(e) => listing.damaged.push(e),
             }
         }
-        listing.snapshots.sort_by(|a, b| (a.created_ns, &a.id).cmp(&(b.created_ns, &b.id)));
+        listing
+            .snapshots
+            .sort_by(|a, b| (a.created_ns, &a.id).cmp(&(b.created_ns, &b.id)));
         Ok(listing)
     }
 
@@ -252,7 +260,9 @@ impl Region {
                 let mut holder = String::new();
                 let _ = file.read_to_string(&mut holder);
                 let holder = match (mode, holder.trim()) {
-                    (_, "") | (LockMode::Exclusive, _) => "snapshot, restore or other commands are running".to_string(),
+                    (_, "") | (LockMode::Exclusive, _) => {
+                        "snapshot, restore or other commands are running".to_string()
+                    }
                     (_, h) => h.to_string(),
                 };
                 return Err(Error::Locked { path, holder });
@@ -289,13 +299,18 @@ fn read_store_info(path: &Path, name: &str) -> Result<StoreInfo> {
     };
     let f = File::open(path).ctx("open", path)?;
     let mut bytes = Vec::new();
-    f.take(MAX_STORE_JSON + 1).read_to_end(&mut bytes).ctx("read", path)?;
+    f.take(MAX_STORE_JSON + 1)
+        .read_to_end(&mut bytes)
+        .ctx("read", path)?;
     if bytes.len() as u64 > MAX_STORE_JSON {
         return Err(corrupt(format!("larger than {MAX_STORE_JSON} bytes")));
     }
     let info: StoreInfo = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
     if info.format != STORE_FORMAT {
-        return Err(corrupt(format!("format is {:?}, not {STORE_FORMAT:?}", info.format)));
+        return Err(corrupt(format!(
+            "format is {:?}, not {STORE_FORMAT:?}",
+            info.format
+        )));
     }
     if info.version != STORE_VERSION {
         return Err(Error::UnsupportedVersion {
@@ -306,7 +321,10 @@ fn read_store_info(path: &Path, name: &str) -> Result<StoreInfo> {
         });
     }
     if info.region != name {
-        return Err(corrupt(format!("it names region {:?}, but lives in {name:?}", info.region)));
+        return Err(corrupt(format!(
+            "it names region {:?}, but lives in {name:?}",
+            info.region
+        )));
     }
     Ok(info)
 }

@@ -128,7 +128,9 @@ pub fn restore(
             job.delta(target, &file, VolumeKind::File, &mut report)?;
             file.sync_all().ctx("flush", target)?;
         }
-        Some(ft) if ft.is_file() && !opts.force => return Err(Error::TargetExists(target.to_path_buf())),
+        Some(ft) if ft.is_file() && !opts.force => {
+            return Err(Error::TargetExists(target.to_path_buf()));
+        }
         Some(ft) if !ft.is_file() => return Err(Error::NotAVolume(target.to_path_buf())),
         _ => {
             // A new file: written under a temporary name and renamed into
@@ -181,19 +183,36 @@ impl Job<'_> {
         };
         match chunk::decode_into(id, &stored, buf) {
             Ok(()) if buf.len() == pos.len => Ok(()),
-            Ok(()) => Err(bad(format!("holds {} bytes for a {}-byte block", buf.len(), pos.len))),
+            Ok(()) => Err(bad(format!(
+                "holds {} bytes for a {}-byte block",
+                buf.len(),
+                pos.len
+            ))),
             Err(e) => Err(bad(problem(e))),
         }
     }
 
     /// Writes every block into a target whose current content is ignored:
     /// data blocks always, zero and hole blocks only with `write_zeros`.
-    fn full(&self, file: &File, path: &Path, write_zeros: bool, report: &mut RestoreReport) -> Result<()> {
+    fn full(
+        &self,
+        file: &File,
+        path: &Path,
+        write_zeros: bool,
+        report: &mut RestoreReport,
+    ) -> Result<()> {
         let sparse = !write_zeros;
         let work: Vec<usize> = (0..self.manifest.blocks.len())
             .filter(|&i| write_zeros || matches!(self.manifest.blocks[i], Block::Data(_)))
             .collect();
-        let zeros = vec![0u8; if write_zeros { self.manifest.meta.block_size as usize } else { 0 }];
+        let zeros = vec![
+            0u8;
+            if write_zeros {
+                self.manifest.meta.block_size as usize
+            } else {
+                0
+            }
+        ];
         let bytes: u64 = self.pool.install(|| {
             work.par_iter()
                 .map_init(Vec::new, |buf, &i| {
@@ -209,7 +228,8 @@ impl Job<'_> {
                             pos.len as u64
                         }
                         Block::Zero | Block::Hole => {
-                            file.write_all_at(&zeros[..pos.len], pos.offset).ctx("write", path)?;
+                            file.write_all_at(&zeros[..pos.len], pos.offset)
+                                .ctx("write", path)?;
                             pos.len as u64
                         }
                     };
@@ -225,7 +245,13 @@ impl Job<'_> {
     }
 
     /// Hashes each target block and rewrites only those that differ.
-    fn delta(&self, path: &Path, file: &File, kind: VolumeKind, report: &mut RestoreReport) -> Result<()> {
+    fn delta(
+        &self,
+        path: &Path,
+        file: &File,
+        kind: VolumeKind,
+        report: &mut RestoreReport,
+    ) -> Result<()> {
         let reader = Volume::open(path)?;
         let snap_size = self.manifest.meta.volume_size;
         let zeros = vec![0u8; self.manifest.meta.block_size as usize];
@@ -249,9 +275,11 @@ impl Job<'_> {
                     }
                     (_, Content::Hole | Content::Zero) => Ok(0),
                     (_, Content::Data { .. }) => {
-                        let punched = kind == VolumeKind::File && sys::punch_hole(file, pos.offset, pos.len as u64).is_ok();
+                        let punched = kind == VolumeKind::File
+                            && sys::punch_hole(file, pos.offset, pos.len as u64).is_ok();
                         if !punched {
-                            file.write_all_at(&zeros[..pos.len], pos.offset).ctx("write", path)?;
+                            file.write_all_at(&zeros[..pos.len], pos.offset)
+                                .ctx("write", path)?;
                         }
                         Ok(pos.len as u64)
                     }
@@ -289,7 +317,8 @@ fn write_sparse(file: &File, path: &Path, data: &[u8], offset: u64) -> Result<()
             end += SPARSE_PAGE;
         }
         let end = end.min(data.len());
-        file.write_all_at(&data[start..end], offset + start as u64).ctx("write", path)?;
+        file.write_all_at(&data[start..end], offset + start as u64)
+            .ctx("write", path)?;
         start = end;
     }
     Ok(())
@@ -322,7 +351,10 @@ impl TempFile {
         self.file.sync_all().ctx("flush", &self.path)?;
         fs::rename(&self.path, target).ctx("rename into place", target)?;
         self.committed = true;
-        let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let parent = target
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         sync_dir(parent)
     }
 }

@@ -47,17 +47,28 @@ const MAX_TAGS: usize = 50;
 pub fn validate_labels(description: &str, tags: &[Tag]) -> Result<()> {
     let bad = |m: String| Err(Error::InvalidArgument(m));
     if description.chars().count() > MAX_DESCRIPTION {
-        return bad(format!("description is longer than {MAX_DESCRIPTION} characters"));
+        return bad(format!(
+            "description is longer than {MAX_DESCRIPTION} characters"
+        ));
     }
     if tags.len() > MAX_TAGS {
-        return bad(format!("{} tags given, at most {MAX_TAGS} allowed", tags.len()));
+        return bad(format!(
+            "{} tags given, at most {MAX_TAGS} allowed",
+            tags.len()
+        ));
     }
     for t in tags {
         if t.key.is_empty() || t.key.chars().count() > MAX_TAG_KEY {
-            return bad(format!("tag key {:?} must be 1-{MAX_TAG_KEY} characters", t.key));
+            return bad(format!(
+                "tag key {:?} must be 1-{MAX_TAG_KEY} characters",
+                t.key
+            ));
         }
         if t.value.chars().count() > MAX_TAG_VALUE {
-            return bad(format!("tag value for {:?} is longer than {MAX_TAG_VALUE} characters", t.key));
+            return bad(format!(
+                "tag value for {:?} is longer than {MAX_TAG_VALUE} characters",
+                t.key
+            ));
         }
         if tags.iter().filter(|o| o.key == t.key).count() > 1 {
             return bad(format!("tag key {:?} is given twice", t.key));
@@ -76,7 +87,12 @@ enum Outcome {
 }
 
 /// Snapshots the volume at `path` into `region`.
-pub fn create(region: &Region, path: &Path, opts: &CreateOptions, progress: &dyn Progress) -> Result<SnapshotMeta> {
+pub fn create(
+    region: &Region,
+    path: &Path,
+    opts: &CreateOptions,
+    progress: &dyn Progress,
+) -> Result<SnapshotMeta> {
     validate_labels(&opts.description, &opts.tags)?;
     let volume = Volume::open(path)?;
     let source = std::fs::canonicalize(path)
@@ -196,7 +212,10 @@ pub fn create(region: &Region, path: &Path, opts: &CreateOptions, progress: &dyn
     let meta = SnapshotMeta {
         id: SnapshotId::random(),
         parent: parent.map(|p| p.meta.id),
-        owner: opts.owner.clone().unwrap_or_else(|| region.info().owner.clone()),
+        owner: opts
+            .owner
+            .clone()
+            .unwrap_or_else(|| region.info().owner.clone()),
         volume_size: size,
         block_size,
         created_ns,
@@ -233,7 +252,9 @@ pub fn changed_blocks(a: &Manifest, b: &Manifest) -> Result<Vec<ChangedBlock>> {
     Ok((0..n)
         .filter_map(|i| {
             let (x, y) = (a.blocks.get(i), b.blocks.get(i));
-            let same = x.unwrap_or(&Block::Hole).same_content(y.unwrap_or(&Block::Hole));
+            let same = x
+                .unwrap_or(&Block::Hole)
+                .same_content(y.unwrap_or(&Block::Hole));
             (!same).then(|| ChangedBlock {
                 index: i as u64,
                 first: x.copied(),

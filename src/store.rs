@@ -59,7 +59,10 @@ impl LocalChunkStore {
     }
 
     fn mark_dirty(&self, dir: PathBuf) {
-        self.dirty_dirs.lock().unwrap_or_else(|p| p.into_inner()).insert(dir);
+        self.dirty_dirs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(dir);
     }
 
     /// Removes leftover temporary files (from interrupted writers) and
@@ -68,7 +71,11 @@ impl LocalChunkStore {
         let mut removed = 0;
         for_each_entry(&self.root, |sub| {
             for_each_entry(&sub, |file| {
-                if file.file_name().and_then(|n| n.to_str()).is_some_and(is_temp_name) {
+                if file
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(is_temp_name)
+                {
                     fs::remove_file(&file).ctx("remove temporary file", &file)?;
                     removed += 1;
                 }
@@ -108,7 +115,9 @@ impl ChunkStore for LocalChunkStore {
         let path = self.path_of(id);
         match fs::read(&path) {
             Ok(bytes) => Ok(bytes),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(Error::MissingChunk { chunk: *id }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                Err(Error::MissingChunk { chunk: *id })
+            }
             Err(e) => Err(e).ctx("read chunk", &path),
         }
     }
@@ -117,7 +126,11 @@ impl ChunkStore for LocalChunkStore {
         let mut ids = Vec::new();
         for_each_entry(&self.root, |sub| {
             for_each_entry(&sub, |file| {
-                if let Some(id) = file.file_name().and_then(|n| n.to_str()).and_then(|n| n.parse().ok()) {
+                if let Some(id) = file
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.parse().ok())
+                {
                     ids.push(id);
                 }
                 Ok(())
@@ -136,7 +149,12 @@ impl ChunkStore for LocalChunkStore {
     }
 
     fn sync(&self) -> Result<()> {
-        let dirs: Vec<PathBuf> = self.dirty_dirs.lock().unwrap_or_else(|p| p.into_inner()).drain().collect();
+        let dirs: Vec<PathBuf> = self
+            .dirty_dirs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .collect();
         for dir in dirs {
             sync_dir(&dir)?;
         }
@@ -147,7 +165,9 @@ impl ChunkStore for LocalChunkStore {
         let path = self.path_of(id);
         match fs::metadata(&path) {
             Ok(m) => Ok(m.len()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(Error::MissingChunk { chunk: *id }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                Err(Error::MissingChunk { chunk: *id })
+            }
             Err(e) => Err(e).ctx("stat chunk", &path),
         }
     }
@@ -206,7 +226,9 @@ pub(crate) fn write_atomic(path: &Path, data: &[u8], sync_parent: bool) -> Resul
 }
 
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).ctx("fsync directory", dir)
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .ctx("fsync directory", dir)
 }
 
 #[cfg(test)]
@@ -221,14 +243,21 @@ mod tests {
         assert!(!store.has(&id).unwrap());
         assert!(matches!(store.get(&id), Err(Error::MissingChunk { .. })));
         assert!(store.put(&id, b"stored bytes").unwrap());
-        assert!(!store.put(&id, b"stored bytes").unwrap(), "second put must be a no-op");
+        assert!(
+            !store.put(&id, b"stored bytes").unwrap(),
+            "second put must be a no-op"
+        );
         store.sync().unwrap();
         assert!(store.has(&id).unwrap());
         assert_eq!(store.get(&id).unwrap(), b"stored bytes");
         assert_eq!(store.size(&id).unwrap(), 12);
         assert_eq!(store.list().unwrap(), vec![id]);
         let hex = id.to_hex();
-        assert!(store.path_of(&id).ends_with(format!("{}/{}", &hex[..4], hex)));
+        assert!(
+            store
+                .path_of(&id)
+                .ends_with(format!("{}/{}", &hex[..4], hex))
+        );
         store.remove(&id).unwrap();
         store.remove(&id).unwrap();
         assert!(store.list().unwrap().is_empty());

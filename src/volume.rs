@@ -100,7 +100,11 @@ pub(crate) fn read_full(file: &File, path: &Path, buf: &mut [u8], offset: u64) -
 
 /// Opens an existing file or device for reading and writing.
 pub(crate) fn open_rw(path: &Path) -> Result<File> {
-    OpenOptions::new().read(true).write(true).open(path).ctx("open for writing", path)
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .ctx("open for writing", path)
 }
 
 /// Answers "does `[start, end)` hold any data?" with `SEEK_DATA` /
@@ -154,7 +158,10 @@ impl<'a> DataMap<'a> {
 /// compiler vectorises the inner loop, and stops at the first non-zero run.
 pub fn is_zero(buf: &[u8]) -> bool {
     let (chunks, rest) = buf.as_chunks::<64>();
-    chunks.iter().all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0) && rest.iter().all(|&b| b == 0)
+    chunks
+        .iter()
+        .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0)
+        && rest.iter().all(|&b| b == 0)
 }
 
 #[cfg(test)]
@@ -187,7 +194,9 @@ mod tests {
         assert_eq!(vol.size(), 16 << 20);
         let mut map = vol.data_map();
         let mb = 1u64 << 20;
-        let answers: Vec<bool> = (0..16).map(|i| map.has_data(i * mb, (i + 1) * mb).unwrap()).collect();
+        let answers: Vec<bool> = (0..16)
+            .map(|i| map.has_data(i * mb, (i + 1) * mb).unwrap())
+            .collect();
         let mut expected = vec![false; 16];
         expected[8] = true;
         assert_eq!(answers, expected);
@@ -206,7 +215,12 @@ mod tests {
         let path = dir.path().join("v.img");
         std::fs::write(&path, vec![7u8; 8192]).unwrap();
         let vol = Volume::open(&path).unwrap();
-        OpenOptions::new().write(true).open(&path).unwrap().set_len(4096).unwrap();
+        OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(4096)
+            .unwrap();
         let mut buf = vec![0u8; 8192];
         let err = vol.read_exact_at(&mut buf, 0).unwrap_err();
         assert!(matches!(err, Error::VolumeShrank { .. }), "{err}");

@@ -1,0 +1,338 @@
+//! Shared helpers for the integration tests: a temp dir and store per test,
+//! the real binary, real ext4 images built with `mkfs.ext4 -d`.
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use serde_json::Value;
+
+pub const MIB: u64 = 1 << 20;
+
+/// One test's world: its own directory and store.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        Env {
+            dir: tempfile::Builder::new()
+                .prefix("blocksnap-test-")
+                .tempdir()
+                .unwrap(),
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn store(&self) -> PathBuf {
+        self.path("store")
+    }
+
+    /// Runs `blocksnap` with this test's store.
+    pub fn run(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_blocksnap"))
+            .args(args)
+            .env("BLOCKSNAP_STORE", self.store())
+            .env_remove("BLOCKSNAP_REGION")
+            .env_remove("BLOCKSNAP_ACCOUNT")
+            .current_dir(self.dir.path())
+            .output()
+            .unwrap()
+    }
+
+    /// Runs and expects success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "blocksnap {args:?} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs with `--json`, expects success, parses stdout.
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        serde_json::from_str(&self.ok(&a)).unwrap()
+    }
+
+    /// Runs and expects failure with `code`; returns stderr.
+    pub fn fails(&self, args: &[&str], code: i32) -> String {
+        let out = self.run(args);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "blocksnap {args:?}: expected exit {code}, got {}; stderr:\n{stderr}",
+            out.status
+        );
+        assert!(
+            stderr.starts_with("blocksnap: error: "),
+            "unexpected stderr: {stderr}"
+        );
+        assert_eq!(
+            stderr.trim_end().lines().count(),
+            1,
+            "error is not one line: {stderr}"
+        );
+        stderr
+    }
+
+    /// Creates a snapshot and returns its JSON.
+    pub fn snapshot(&self, volume: &Path, extra: &[&str]) -> Value {
+        let mut args = vec!["snapshot", "create", volume.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        self.json(&args)
+    }
+
+    /// Every file under the store with its bytes, to show a failed command
+    /// changed nothing.
+    pub fn store_state(&self) -> Vec<(PathBuf, Vec<u8>)> {
+        let mut files = Vec::new();
+        walk(&self.store(), &mut files);
+        files.sort();
+        files
+            .into_iter()
+            .filter(|p| p.file_name().unwrap() != "lock")
+            .map(|p| {
+                let b = fs::read(&p).unwrap();
+                (p, b)
+            })
+            .collect()
+    }
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(rd) = fs::read_dir(dir) else { return };
+    for e in rd {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            walk(&p, out);
+        } else {
+            out.push(p);
+        }
+    }
+}
+
+pub fn id(v: &Value) -> String {
+    v["SnapshotId"].as_str().unwrap().to_string()
+}
+
+pub fn sh(cmd: &str) -> Output {
+    Command::new("bash").arg("-c").arg(cmd).output().unwrap()
+}
+
+pub fn sh_ok(cmd: &str) -> String {
+    let out = sh(cmd);
+    assert!(
+        out.status.success(),
+        "`{cmd}` failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Byte-for-byte comparison with `cmp`.
+pub fn assert_same(a: &Path, b: &Path) {
+    let out = Command::new("cmp").arg(a).arg(b).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{} and {} differ: {}",
+        a.display(),
+        b.display(),
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// `e2fsck -fn` finds nothing wrong.
+pub fn assert_fsck_clean(img: &Path) {
+    let out = Command::new("e2fsck").arg("-fn").arg(img).output().unwrap();
+    assert!(
+        out.status.success(),
+        "e2fsck -fn {} found problems:\n{}{}",
+        img.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Bytes allocated on disk (`du`'s measure).
+pub fn allocated(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(p).unwrap().blocks() * 512
+}
+
+/// Copies keeping holes.
+pub fn sparse_copy(from: &Path, to: &Path) {
+    sh_ok(&format!(
+        "cp --sparse=always '{}' '{}'",
+        from.display(),
+        to.display()
+    ));
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*), incompressible.
+pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Compressible text.
+pub fn text_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 64);
+    let mut i = seed;
+    while out.len() < len {
+        writeln!(
+            out,
+            "line {i} of file {seed}: the quick brown fox jumps over the lazy dog"
+        )
+        .unwrap();
+        i += 1;
+    }
+    out.truncate(len);
+    out
+}
+
+/// A pair of real ext4 images (v1, and v2 = v1 with a new file and three
+/// overwritten ranges inside an existing file), built once per test run.
+pub struct Images {
+    _dir: tempfile::TempDir,
+    pub v1: PathBuf,
+    pub v2: PathBuf,
+}
+
+pub const IMAGE_SIZE: u64 = 384 * MIB;
+
+pub fn images() -> &'static Images {
+    static IMAGES: OnceLock<Images> = OnceLock::new();
+    IMAGES.get_or_init(build_images)
+}
+
+fn build_images() -> Images {
+    let dir = tempfile::Builder::new()
+        .prefix("blocksnap-images-")
+        .tempdir()
+        .unwrap();
+    let src = dir.path().join("src");
+    fs::create_dir_all(src.join("etc")).unwrap();
+    fs::create_dir_all(src.join("var/log")).unwrap();
+    fs::create_dir_all(src.join("data")).unwrap();
+    for i in 0..40u64 {
+        fs::write(
+            src.join(format!("etc/conf{i}.txt")),
+            text_bytes(i, 20_000 + (i as usize) * 3_000),
+        )
+        .unwrap();
+    }
+    for i in 0..6u64 {
+        fs::write(
+            src.join(format!("var/log/syslog.{i}")),
+            text_bytes(1000 + i, 4 * MIB as usize),
+        )
+        .unwrap();
+    }
+    for i in 0..30u64 {
+        fs::write(
+            src.join(format!("data/small{i}.bin")),
+            random_bytes(i, 50_000 + (i as usize) * 1_000),
+        )
+        .unwrap();
+    }
+    fs::write(src.join("data/big.bin"), random_bytes(7, 48 * MIB as usize)).unwrap();
+    fs::write(src.join("data/big.txt"), text_bytes(9, 24 * MIB as usize)).unwrap();
+
+    let v1 = dir.path().join("v1.img");
+    // Fixed UUID and hash seed so images differ only where the test says.
+    sh_ok(&format!(
+        "truncate -s {IMAGE_SIZE} '{v1}' && mkfs.ext4 -q -F -b 4096 -U 2d1a6e39-7c55-4c2e-9d0f-1f4b2d3c4e5f \
+         -E hash_seed=6f1a1d1e-0b52-4b7e-8a55-0c9e6d8f7a21,lazy_itable_init=0 -d '{src}' '{v1}'",
+        v1 = v1.display(),
+        src = src.display()
+    ));
+    let v2 = dir.path().join("v2.img");
+    sparse_copy(&v1, &v2);
+    let new_file = dir.path().join("new.bin");
+    fs::write(&new_file, random_bytes(99, 3 * MIB as usize)).unwrap();
+    sh_ok(&format!(
+        "debugfs -w -R 'write {} data/new.bin' '{}'",
+        new_file.display(),
+        v2.display()
+    ));
+    // Overwrite 64 KiB at three places inside data/big.bin, found with bmap.
+    for (n, logical) in [100u64, 5000, 11000].iter().enumerate() {
+        let phys: u64 = sh_ok(&format!(
+            "debugfs -R 'bmap /data/big.bin {logical}' '{}' 2>/dev/null",
+            v2.display()
+        ))
+        .trim()
+        .parse()
+        .unwrap();
+        assert!(phys > 0, "bmap gave no block");
+        let patch = random_bytes(500 + n as u64, 64 * 1024);
+        let f = fs::OpenOptions::new().write(true).open(&v2).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &patch, phys * 4096).unwrap();
+    }
+    assert_fsck_clean(&v1);
+    assert_fsck_clean(&v2);
+    Images { _dir: dir, v1, v2 }
+}
+
+/// Attaches `img` to a free loop device; `None` (with the reason printed)
+/// where this machine cannot.
+pub fn attach_loop(img: &Path) -> Option<LoopDev> {
+    let out = Command::new("losetup")
+        .args(["-f", "--show"])
+        .arg(img)
+        .output();
+    match out {
+        Ok(o) if o.status.success() => Some(LoopDev(
+            String::from_utf8(o.stdout).unwrap().trim().to_string(),
+        )),
+        Ok(o) => {
+            eprintln!(
+                "SKIP: cannot attach a loop device: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+            None
+        }
+        Err(e) => {
+            eprintln!("SKIP: losetup not runnable: {e}");
+            None
+        }
+    }
+}
+
+pub struct LoopDev(pub String);
+
+impl LoopDev {
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(&self.0)
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
+}
