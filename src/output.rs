@@ -33,7 +33,7 @@ impl Out {
             let pb = ProgressBar::new(0);
             pb.set_style(
                 ProgressStyle::with_template(
-                    "{msg:>9} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+                    "{msg} [{bar:24}] {bytes}/{total_bytes} {binary_bytes_per_sec} {eta}",
                 )
                 .expect("valid template")
                 .progress_chars("=> "),
