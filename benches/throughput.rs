@@ -21,7 +21,9 @@ fn text(len: usize) -> Vec<u8> {
     let mut v = Vec::with_capacity(len + 80);
     let mut i = 0u64;
     while v.len() < len {
-        v.extend_from_slice(format!("host{} kernel: event {i} accepted connection\n", i % 7).as_bytes());
+        v.extend_from_slice(
+            format!("host{} kernel: event {i} accepted connection\n", i % 7).as_bytes(),
+        );
         i += 1;
     }
     v.truncate(len);
@@ -59,9 +61,15 @@ fn blocks(c: &mut Criterion) {
     let mut g = c.benchmark_group("block");
     g.throughput(Throughput::Bytes(BLOCK as u64));
     g.bench_function("blake3", |b| b.iter(|| ChunkId::of(black_box(&r))));
-    g.bench_function("is_zero(zeros)", |b| b.iter(|| volume::is_zero(black_box(&z))));
-    g.bench_function("encode(text)", |b| b.iter(|| chunk::encode(black_box(&t)).unwrap()));
-    g.bench_function("encode(random)", |b| b.iter(|| chunk::encode(black_box(&r)).unwrap()));
+    g.bench_function("is_zero(zeros)", |b| {
+        b.iter(|| volume::is_zero(black_box(&z)))
+    });
+    g.bench_function("encode(text)", |b| {
+        b.iter(|| chunk::encode(black_box(&t)).unwrap())
+    });
+    g.bench_function("encode(random)", |b| {
+        b.iter(|| chunk::encode(black_box(&r)).unwrap())
+    });
     let (tid, tenc) = (ChunkId::of(&t), chunk::encode(&t).unwrap());
     let mut out = Vec::new();
     g.bench_function("decode+verify(text)", |b| {
@@ -135,7 +143,14 @@ fn pipeline(c: &mut Criterion) {
     g.bench_function("restore (new file)", |b| {
         b.iter(|| {
             let _ = std::fs::remove_file(&target);
-            restore::restore(&region, &first.id, &target, &RestoreOptions::default(), &NoProgress).unwrap()
+            restore::restore(
+                &region,
+                &first.id,
+                &target,
+                &RestoreOptions::default(),
+                &NoProgress,
+            )
+            .unwrap()
         })
     });
     let delta = RestoreOptions {

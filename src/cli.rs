@@ -20,7 +20,9 @@ Exit codes:
   2  usage error: bad argument, malformed id, wrong block size
   3  not found: volume or snapshot does not exist
   4  integrity: a chunk or manifest is corrupt, truncated or missing
-  5  conflict: target exists or is too small, store locked";
+  5  conflict: target exists or is too small, store locked, image deregistered,
+     snapshot in use by an image
+  6  permission: the account may not use or change that image";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -69,9 +71,159 @@ pub enum Command {
     /// Restore snapshots to files and block devices [CreateVolume]
     #[command(subcommand)]
     Volume(VolumeCmd),
+    /// Images (AMIs): create, register, list, share, copy, deregister [CreateImage, ...]
+    #[command(subcommand)]
+    Image(ImageCmd),
+    /// Launch and terminate instances from images [RunInstances, TerminateInstances]
+    #[command(subcommand)]
+    Instance(InstanceCmd),
     /// Maintain the store: verify, gc, stats
     #[command(subcommand)]
     Store(StoreCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ImageCmd {
+    /// Snapshot volumes (or a launched instance's volumes) and register an image [CreateImage]
+    Create {
+        #[arg(long)]
+        name: String,
+        /// DEVICE=VOLUME (a file or block device to snapshot), DEVICE=snap-…,
+        /// DEVICE=none or DEVICE=ephemeralN (repeatable)
+        #[arg(
+            long = "map",
+            value_name = "DEVICE=VALUE",
+            required_unless_present = "instance",
+            conflicts_with = "instance"
+        )]
+        maps: Vec<String>,
+        /// Snapshot every volume of the instance in DIR, each incremental
+        /// against the snapshot it was launched from
+        #[arg(long, value_name = "DIR")]
+        instance: Option<PathBuf>,
+        #[command(flatten)]
+        common: ImageArgs,
+        /// Worker threads [default: one per core]
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
+    /// Register an image from existing snapshots [RegisterImage]
+    Register {
+        #[arg(long)]
+        name: String,
+        /// DEVICE=snap-…, DEVICE=none or DEVICE=ephemeralN (repeatable)
+        #[arg(long = "map", value_name = "DEVICE=VALUE", required = true)]
+        maps: Vec<String>,
+        #[command(flatten)]
+        common: ImageArgs,
+    },
+    /// List images you can launch [DescribeImages]
+    List {
+        /// Only images owned by `self` or an account
+        #[arg(long, value_name = "self|ACCOUNT")]
+        owner: Option<String>,
+        /// Only images `self`, `all` (public) or an account may launch
+        #[arg(long, value_name = "self|all|ACCOUNT")]
+        executable_by: Option<String>,
+        #[arg(long)]
+        include_deregistered: bool,
+        #[arg(long)]
+        include_deprecated: bool,
+    },
+    /// Show one image [DescribeImages --image-ids]
+    Describe { image: String },
+    /// Show who may launch an image; owner only [DescribeImageAttribute launchPermission]
+    DescribePermissions { image: String },
+    /// Change who may launch an image; owner only [ModifyImageAttribute launchPermission]
+    Permissions {
+        image: String,
+        /// ACCOUNT or `all` (public) (repeatable)
+        #[arg(long, value_name = "ACCOUNT|all")]
+        add: Vec<String>,
+        /// ACCOUNT or `all` (repeatable)
+        #[arg(long, value_name = "ACCOUNT|all")]
+        remove: Vec<String>,
+        /// Back to owner only
+        #[arg(long)]
+        reset: bool,
+    },
+    /// Copy an image and its snapshots to another region [CopyImage]
+    Copy {
+        image: String,
+        #[arg(long, value_name = "REGION")]
+        to_region: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+        /// Copy the image's tags too
+        #[arg(long)]
+        copy_tags: bool,
+        /// Worker threads [default: one per core]
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
+    /// Deprecate an image at a time, or cancel it [EnableImageDeprecation]
+    Deprecate {
+        image: String,
+        /// RFC 3339 time, e.g. 2027-01-01T00:00:00Z, or `now`
+        #[arg(
+            long,
+            value_name = "TIME",
+            required_unless_present = "cancel",
+            conflicts_with = "cancel"
+        )]
+        at: Option<String>,
+        #[arg(long)]
+        cancel: bool,
+    },
+    /// Deregister an image; owner only [DeregisterImage]
+    Deregister {
+        image: String,
+        /// Also delete its snapshots that no other registered image uses
+        #[arg(long)]
+        delete_associated_snapshots: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct ImageArgs {
+    #[arg(long, default_value = "")]
+    pub description: String,
+    /// Root device [default: the first --map, or the instance's]
+    #[arg(long, value_name = "DEVICE")]
+    pub root_device: Option<String>,
+    /// x86_64 or arm64 [default: this host's]
+    #[arg(long)]
+    pub architecture: Option<String>,
+    /// Tag as KEY=VALUE (repeatable)
+    #[arg(long = "tag", value_name = "KEY=VALUE")]
+    pub tags: Vec<String>,
+    /// DEVICE=GiB: volume size of a mapping [default: the snapshot's size]
+    #[arg(long = "volume-size", value_name = "DEVICE=GIB")]
+    pub volume_sizes: Vec<String>,
+    /// DEVICE whose volume survives `instance terminate` (repeatable)
+    #[arg(long = "keep-on-termination", value_name = "DEVICE")]
+    pub keep: Vec<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum InstanceCmd {
+    /// Restore every volume of an image into DIR [RunInstances]
+    Launch {
+        image: String,
+        dir: PathBuf,
+        /// Size of each ephemeral (instance-store) volume
+        #[arg(long, default_value = "1G", value_name = "BYTES")]
+        ephemeral_size: String,
+        /// Worker threads [default: one per core]
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
+    /// Delete the volumes marked DeleteOnTermination and the ephemeral ones [TerminateInstances]
+    Terminate { dir: PathBuf },
+    /// Show an instance's instance.json [DescribeInstances]
+    Describe { dir: PathBuf },
 }
 
 #[derive(Subcommand, Debug)]
@@ -183,7 +335,7 @@ fn store_root(global: &Global) -> Result<PathBuf> {
     }
 }
 
-fn parse_snapshot(s: &str) -> Result<SnapshotId> {
+pub fn parse_snapshot(s: &str) -> Result<SnapshotId> {
     Ok(s.parse::<SnapshotId>()?)
 }
 
@@ -212,7 +364,7 @@ pub fn parse_size(s: &str, what: &str) -> Result<u64> {
         })
 }
 
-fn parse_tag(s: &str) -> Result<Tag> {
+pub fn parse_tag(s: &str) -> Result<Tag> {
     match s.split_once('=') {
         Some((k, v)) => Ok(Tag {
             key: k.to_string(),
@@ -241,6 +393,14 @@ pub fn run(cli: Cli) -> Result<u8> {
     let out = Out::new(g.json, g.quiet);
     match cli.command {
         Command::Snapshot(cmd) => snapshot_cmd(&region, &out, account, cmd),
+        Command::Image(cmd) => {
+            let caller = account.unwrap_or_else(|| region.info().owner.clone());
+            crate::image_cli::run(&root, &region, &out, caller, cmd)
+        }
+        Command::Instance(cmd) => {
+            let caller = account.unwrap_or_else(|| region.info().owner.clone());
+            crate::image_cli::instance(&region, &out, caller, cmd)
+        }
         Command::Volume(VolumeCmd::Restore {
             snapshot,
             target,
@@ -363,6 +523,8 @@ fn snapshot_cmd(
         SnapshotCmd::Delete { snapshot } => {
             let id = parse_snapshot(&snapshot)?;
             let _lock = region.lock(blocksnap::LockMode::Shared, "snapshot delete")?;
+            region.read_snapshot_meta(&id)?;
+            blocksnap::image::check_snapshot_unused(region, &id)?;
             region.delete_snapshot(&id)?;
             out.deleted(&id);
             Ok(0)
@@ -389,6 +551,7 @@ pub fn describe_error(err: &anyhow::Error) -> (u8, String) {
         Some(ErrorKind::NotFound) => 3,
         Some(ErrorKind::Integrity) => 4,
         Some(ErrorKind::Conflict) => 5,
+        Some(ErrorKind::Permission) => 6,
         Some(ErrorKind::Other) | None => 1,
     };
     // Library errors already carry their cause in the message; context

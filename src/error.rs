@@ -4,7 +4,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::id::{ChunkId, SnapshotId};
+use crate::id::{AccountId, ChunkId, ImageId, SnapshotId};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -19,6 +19,8 @@ pub enum ErrorKind {
     Integrity,
     /// The operation conflicts with existing state (target exists, store locked).
     Conflict,
+    /// The acting account may not do this.
+    Permission,
     /// Anything else, usually an I/O error from the system.
     Other,
 }
@@ -121,6 +123,34 @@ pub enum Error {
 
     #[error("store {} is locked by another blocksnap ({holder}): wait for it to finish", path.display())]
     Locked { path: PathBuf, holder: String },
+
+    #[error(
+        "image {id} not found in region {region}: run `blocksnap image list` to see the images you can use there"
+    )]
+    ImageNotFound { id: ImageId, region: String },
+
+    #[error("{0}")]
+    InvalidImage(String),
+
+    #[error("account {account} may not {action} {image}: {hint}")]
+    NotPermitted {
+        account: AccountId,
+        action: &'static str,
+        image: ImageId,
+        hint: String,
+    },
+
+    #[error("image {0} is deregistered and cannot be launched or copied: use another image")]
+    ImageDeregistered(ImageId),
+
+    #[error("snapshot {snapshot} backs registered image {image}: deregister the image first")]
+    SnapshotInUse {
+        snapshot: SnapshotId,
+        image: ImageId,
+    },
+
+    #[error("{0}")]
+    InvalidInstance(String),
 }
 
 impl Error {
@@ -128,15 +158,22 @@ impl Error {
         match self {
             Error::InvalidId { .. }
             | Error::InvalidArgument(_)
-            | Error::BlockSizeMismatch { .. } => ErrorKind::Usage,
-            Error::VolumeNotFound(_) | Error::SnapshotNotFound { .. } => ErrorKind::NotFound,
+            | Error::BlockSizeMismatch { .. }
+            | Error::InvalidImage(_)
+            | Error::InvalidInstance(_) => ErrorKind::Usage,
+            Error::VolumeNotFound(_)
+            | Error::SnapshotNotFound { .. }
+            | Error::ImageNotFound { .. } => ErrorKind::NotFound,
+            Error::NotPermitted { .. } => ErrorKind::Permission,
             Error::CorruptChunk { .. }
             | Error::MissingChunk { .. }
             | Error::BadChunkInSnapshot { .. }
             | Error::CorruptFile { .. } => ErrorKind::Integrity,
-            Error::TargetExists(_) | Error::TargetTooSmall { .. } | Error::Locked { .. } => {
-                ErrorKind::Conflict
-            }
+            Error::TargetExists(_)
+            | Error::TargetTooSmall { .. }
+            | Error::Locked { .. }
+            | Error::ImageDeregistered(_)
+            | Error::SnapshotInUse { .. } => ErrorKind::Conflict,
             Error::Io { .. }
             | Error::NotAVolume(_)
             | Error::VolumeShrank { .. }

@@ -81,61 +81,79 @@ fn is_prefixed_id(s: &str, prefix: &str) -> bool {
         })
 }
 
-/// `snap-` + 17 lowercase hex digits.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct SnapshotId(String);
+/// Defines an EC2-style id newtype: `prefix-` + 17 lowercase hex digits.
+macro_rules! prefixed_id {
+    ($(#[$doc:meta])* $name:ident, $prefix:literal, $kind:literal, $example:literal) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $name(String);
 
-impl SnapshotId {
-    pub fn random() -> Self {
-        SnapshotId(random_id("snap"))
-    }
+        impl $name {
+            pub fn random() -> Self {
+                $name(random_id($prefix))
+            }
 
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl FromStr for SnapshotId {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        if is_prefixed_id(s, "snap") {
-            Ok(SnapshotId(s.to_string()))
-        } else {
-            Err(Error::InvalidId {
-                kind: "snapshot id",
-                input: s.to_string(),
-                expected: "snap- followed by 17 lowercase hex digits, e.g. snap-0123456789abcdef0",
-            })
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
         }
-    }
+
+        impl FromStr for $name {
+            type Err = Error;
+
+            fn from_str(s: &str) -> Result<Self> {
+                if is_prefixed_id(s, $prefix) {
+                    Ok($name(s.to_string()))
+                } else {
+                    Err(Error::InvalidId {
+                        kind: $kind,
+                        input: s.to_string(),
+                        expected: concat!($prefix, "- followed by 17 lowercase hex digits, e.g. ", $example),
+                    })
+                }
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = Error;
+            fn try_from(s: String) -> Result<Self> {
+                s.parse()
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(id: $name) -> String {
+                id.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
 }
 
-impl TryFrom<String> for SnapshotId {
-    type Error = Error;
-    fn try_from(s: String) -> Result<Self> {
-        s.parse()
-    }
-}
-
-impl From<SnapshotId> for String {
-    fn from(id: SnapshotId) -> String {
-        id.0
-    }
-}
-
-impl fmt::Display for SnapshotId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl fmt::Debug for SnapshotId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+prefixed_id!(
+    /// A snapshot: `snap-` + 17 lowercase hex digits.
+    SnapshotId, "snap", "snapshot id", "snap-0123456789abcdef0"
+);
+prefixed_id!(
+    /// An image (AMI): `ami-` + 17 lowercase hex digits.
+    ImageId, "ami", "image id", "ami-0123456789abcdef0"
+);
+prefixed_id!(
+    /// A launched instance: `i-` + 17 lowercase hex digits.
+    InstanceId, "i", "instance id", "i-0123456789abcdef0"
+);
 
 /// A 12-digit account id, the owner of snapshots and images.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

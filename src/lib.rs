@@ -17,8 +17,10 @@
 //! (blocks, zero detection, parallel hashing) -> [`chunk`] (the stored
 //! form of one block) -> [`store`] (the [`store::ChunkStore`] trait and the
 //! local backend) -> [`manifest`] (the snapshot format) -> [`snapshot`]
-//! (create, compare) -> [`restore`] -> [`gc`] (gc and verify). [`region`]
-//! ties a store directory together.
+//! (create, compare) -> [`restore`] -> [`image`] (AMI manifests, launch
+//! permissions, deregistration), [`image_create`], [`instance`] (launch,
+//! terminate) and [`copy`] (between regions) -> [`gc`] (gc and verify).
+//! [`region`] ties a store directory together.
 //!
 //! # Block states
 //!
@@ -53,9 +55,13 @@
 
 pub mod chunk;
 pub mod chunker;
+pub mod copy;
 pub mod error;
 pub mod gc;
 pub mod id;
+pub mod image;
+pub mod image_create;
+pub mod instance;
 pub mod manifest;
 pub mod progress;
 pub mod region;
@@ -66,7 +72,7 @@ mod sys;
 pub mod volume;
 
 pub use error::{Error, ErrorKind, Result};
-pub use id::{AccountId, ChunkId, SnapshotId};
+pub use id::{AccountId, ChunkId, ImageId, InstanceId, SnapshotId};
 pub use manifest::{Block, Manifest, SnapshotMeta, SnapshotStats, Tag};
 pub use region::Region;
 pub use sys::LockMode;

@@ -2,6 +2,7 @@
 //! result, and maps failures to exit codes.
 
 mod cli;
+mod image_cli;
 mod output;
 
 use std::process::ExitCode;

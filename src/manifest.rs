@@ -66,7 +66,10 @@ impl Block {
     }
 }
 
+/// A tag. Field names matter only to JSON (EC2's `Key`/`Value`); postcard
+/// encodes fields by position.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
 pub struct Tag {
     pub key: String,
     pub value: String,

@@ -15,7 +15,7 @@ use blocksnap::snapshot::ChangedBlock;
 use blocksnap::{Region, SnapshotId};
 
 pub struct Out {
-    json: bool,
+    pub json: bool,
     bars: bool,
 }
 
@@ -42,7 +42,7 @@ impl Out {
         }))
     }
 
-    fn print(&self, doc: Value) {
+    pub fn print(&self, doc: Value) {
         println!(
             "{}",
             serde_json::to_string_pretty(&doc).expect("json serializes")
@@ -426,7 +426,7 @@ fn checksum(b: &Block) -> Option<String> {
 }
 
 /// Size in whole GiB, rounded up, as EC2 reports volume sizes.
-fn gib(bytes: u64) -> u64 {
+pub fn gib(bytes: u64) -> u64 {
     bytes.div_ceil(1 << 30)
 }
 

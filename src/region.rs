@@ -86,7 +86,7 @@ impl Region {
                 format: STORE_FORMAT.into(),
                 version: STORE_VERSION,
                 region: name.into(),
-                owner: AccountId::random(),
+                owner: store_account(store_root)?,
                 created: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
             };
             let json = serde_json::to_vec_pretty(&info).expect("store info serializes");
@@ -289,6 +289,39 @@ impl Region {
 /// Held region lock; released when dropped (or when the process dies).
 pub struct RegionLock {
     _file: File,
+}
+
+/// The store's default account, shared by all its regions: read from
+/// `<store>/account`, or created there on first use.
+fn store_account(store_root: &Path) -> Result<AccountId> {
+    let path = store_root.join("account");
+    if !path.exists() {
+        fs::create_dir_all(store_root).ctx("create store directory", store_root)?;
+        // Publish with link(2), which never replaces: of racing first
+        // commands exactly one account wins and all read it.
+        let tmp = crate::store::temp_path_for(&path);
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .ctx("create", &tmp)?;
+        let linked = f
+            .write_all(format!("{}\n", AccountId::random()).as_bytes())
+            .and_then(|()| f.sync_all())
+            .and_then(|()| fs::hard_link(&tmp, &path));
+        let _ = fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => crate::store::sync_dir(store_root)?,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e).ctx("create", &path),
+        }
+    }
+    let text = fs::read_to_string(&path).ctx("read", &path)?;
+    text.trim().parse().map_err(|_| Error::CorruptFile {
+        what: "store account",
+        path: path.clone(),
+        reason: format!("{:?} is not a 12-digit account id", text.trim()),
+    })
 }
 
 fn read_store_info(path: &Path, name: &str) -> Result<StoreInfo> {

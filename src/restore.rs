@@ -62,6 +62,24 @@ pub fn restore(
     opts: &RestoreOptions,
     progress: &dyn Progress,
 ) -> Result<RestoreReport> {
+    let pool = chunker::thread_pool(opts.threads)?;
+    progress.start("restore", region.read_snapshot_meta(id)?.volume_size);
+    let report = restore_in(region, id, target, opts, &pool, progress)?;
+    progress.finish();
+    Ok(report)
+}
+
+/// [`restore`] on a caller's pool (`opts.threads` is ignored), reporting
+/// progress without starting or finishing a phase: several restores can
+/// share one pool and one progress bar.
+pub fn restore_in(
+    region: &Region,
+    id: &SnapshotId,
+    target: &Path,
+    opts: &RestoreOptions,
+    pool: &rayon::ThreadPool,
+    progress: &dyn Progress,
+) -> Result<RestoreReport> {
     let _lock = region.lock(LockMode::Shared, "volume restore")?;
     let m = region.read_snapshot(id)?;
     let snap_size = m.meta.volume_size;
@@ -71,11 +89,10 @@ pub fn restore(
             "--size {size} is smaller than {id}'s volume of {snap_size} bytes: give at least {snap_size}"
         )));
     }
-    let pool = chunker::thread_pool(opts.threads)?;
     let job = Job {
         store: region.chunks(),
         manifest: &m,
-        pool: &pool,
+        pool,
         progress,
     };
 
@@ -93,7 +110,6 @@ pub fn restore(
         blocks_skipped: 0,
         bytes_written: 0,
     };
-    progress.start("restore", snap_size);
     match existing {
         None if opts.delta => {
             return Err(Error::InvalidArgument(format!(
@@ -141,7 +157,6 @@ pub fn restore(
             tmp.commit(target)?;
         }
     }
-    progress.finish();
     Ok(report)
 }
 

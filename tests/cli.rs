@@ -3,6 +3,9 @@
 
 mod util;
 
+#[path = "cli/images.rs"]
+mod images;
+
 use std::fs;
 use std::os::unix::fs::FileExt;
 

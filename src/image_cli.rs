@@ -1,0 +1,577 @@
+//! The `image` and `instance` commands: parsing their arguments, calling the
+//! library, printing the results (EC2's JSON shapes with `--json`).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::SystemTime;
+
+use anyhow::Result;
+use serde_json::{Value, json};
+
+use blocksnap::copy::{self, CopyOptions};
+use blocksnap::image::{self, DeviceName, Grantee, ImageView, PermissionChange, RegisterOptions};
+use blocksnap::image_create::{self, ImageCreateOptions, MapSource, MapSpec};
+use blocksnap::instance::{self, LaunchOptions};
+use blocksnap::{AccountId, Error, ImageId, Region};
+
+use crate::cli::{ImageArgs, ImageCmd, InstanceCmd, parse_size, parse_tag};
+use crate::output::{Out, human};
+
+fn parse_image(s: &str) -> Result<ImageId> {
+    Ok(s.parse::<ImageId>()?)
+}
+
+/// `DEVICE=GiB` pairs.
+fn volume_sizes(specs: &[String]) -> Result<HashMap<DeviceName, u64>> {
+    let mut sizes = HashMap::new();
+    for s in specs {
+        let (dev, gib) = s.split_once('=').ok_or_else(|| {
+            Error::InvalidImage(format!(
+                "--volume-size {s:?} is not DEVICE=GIB, e.g. /dev/xvdf=20"
+            ))
+        })?;
+        let gib: u64 = gib.parse().map_err(|_| {
+            Error::InvalidImage(format!(
+                "--volume-size {s:?}: {gib:?} is not a whole number of GiB"
+            ))
+        })?;
+        sizes.insert(dev.parse()?, gib);
+    }
+    Ok(sizes)
+}
+
+fn create_options(
+    args: &ImageArgs,
+    name: String,
+    owner: AccountId,
+    threads: usize,
+) -> Result<ImageCreateOptions> {
+    Ok(ImageCreateOptions {
+        name,
+        description: args.description.clone(),
+        architecture: args.architecture.clone(),
+        root_device: args.root_device.as_deref().map(str::parse).transpose()?,
+        tags: args
+            .tags
+            .iter()
+            .map(|t| parse_tag(t))
+            .collect::<Result<_>>()?,
+        volume_sizes: volume_sizes(&args.volume_sizes)?,
+        keep_on_termination: args
+            .keep
+            .iter()
+            .map(|d| d.parse())
+            .collect::<Result<_, _>>()?,
+        owner,
+        threads,
+    })
+}
+
+pub fn run(
+    store_root: &Path,
+    region: &Region,
+    out: &Out,
+    caller: AccountId,
+    cmd: ImageCmd,
+) -> Result<u8> {
+    match cmd {
+        ImageCmd::Create {
+            name,
+            maps,
+            instance,
+            common,
+            threads,
+        } => {
+            let opts = create_options(&common, name, caller, threads)?;
+            let bar = out.progress();
+            let report = match instance {
+                Some(dir) => image_create::create_from_instance(region, &dir, &opts, &bar)?,
+                None => {
+                    let specs: Vec<MapSpec> = maps
+                        .iter()
+                        .map(|m| MapSpec::parse(m))
+                        .collect::<Result<_, _>>()?;
+                    image_create::create_from_volumes(region, &specs, &opts, &bar)?
+                }
+            };
+            bar.done();
+            if out.json {
+                let snaps: Vec<Value> = report
+                    .snapshots
+                    .iter()
+                    .map(|c| {
+                        json!({
+                            "DeviceName": c.device.as_str(),
+                            "SnapshotId": c.snapshot.id.as_str(),
+                            "ParentSnapshotId": c.snapshot.parent.as_ref().map(|p| p.as_str()),
+                            "NewChunks": c.snapshot.stats.new_chunks,
+                            "NewBytesStored": c.snapshot.stats.new_bytes_stored,
+                        })
+                    })
+                    .collect();
+                out.print(json!({ "ImageId": report.image.image_id.as_str(), "Snapshots": snaps }));
+            } else {
+                println!(
+                    "{} registered as {:?}",
+                    report.image.image_id, report.image.name
+                );
+                for c in &report.snapshots {
+                    let s = &c.snapshot.stats;
+                    println!(
+                        "  {} -> {} ({}): {} new chunks, {} stored",
+                        c.device,
+                        c.snapshot.id,
+                        match &c.snapshot.parent {
+                            Some(p) => format!("incremental on {p}"),
+                            None => "full".into(),
+                        },
+                        s.new_chunks,
+                        human(s.new_bytes_stored)
+                    );
+                }
+            }
+            Ok(0)
+        }
+        ImageCmd::Register { name, maps, common } => {
+            let mut mappings = Vec::new();
+            let sizes = volume_sizes(&common.volume_sizes)?;
+            let keep: Vec<DeviceName> = common
+                .keep
+                .iter()
+                .map(|d| d.parse())
+                .collect::<Result<_, _>>()?;
+            for m in &maps {
+                let spec = MapSpec::parse(m)?;
+                let target = match spec.source {
+                    MapSource::Snapshot(id) => {
+                        let meta = region.read_snapshot_meta(&id).map_err(|e| match e {
+                            Error::SnapshotNotFound { .. } => Error::InvalidImage(format!(
+                                "{} maps {id}, which does not exist in region {}",
+                                spec.device,
+                                region.name()
+                            )),
+                            other => other,
+                        })?;
+                        image::MappingTarget::Ebs(image::EbsMapping {
+                            snapshot_id: id,
+                            volume_size: sizes
+                                .get(&spec.device)
+                                .copied()
+                                .unwrap_or(image::gib_for(meta.volume_size)),
+                            delete_on_termination: !keep.contains(&spec.device),
+                        })
+                    }
+                    MapSource::NoDevice => image::MappingTarget::NoDevice(String::new()),
+                    MapSource::Ephemeral(v) => image::MappingTarget::VirtualName(v),
+                    MapSource::Volume(p) => {
+                        return Err(Error::InvalidImage(format!(
+                            "{}={}: register maps snapshots (snap-…), none or ephemeralN; use `image create` to snapshot a volume",
+                            spec.device,
+                            p.display()
+                        ))
+                        .into());
+                    }
+                };
+                mappings.push(image::BlockDeviceMapping {
+                    device_name: spec.device,
+                    target,
+                });
+            }
+            let root = match &common.root_device {
+                Some(r) => r.parse()?,
+                None => mappings
+                    .first()
+                    .map(|m| m.device_name.clone())
+                    .ok_or_else(|| {
+                        Error::InvalidImage("an image needs at least one --map".into())
+                    })?,
+            };
+            let opts = RegisterOptions {
+                name,
+                description: common.description.clone(),
+                architecture: common.architecture.clone(),
+                root_device: root,
+                tags: common
+                    .tags
+                    .iter()
+                    .map(|t| parse_tag(t))
+                    .collect::<Result<_>>()?,
+                owner: caller,
+                image_id: None,
+                source_image_id: None,
+                source_region: None,
+            };
+            let img = image::register(region, &opts, mappings)?;
+            if out.json {
+                out.print(json!({ "ImageId": img.image_id.as_str() }));
+            } else {
+                println!("{} registered as {:?}", img.image_id, img.name);
+            }
+            Ok(0)
+        }
+        ImageCmd::List {
+            owner,
+            executable_by,
+            include_deregistered,
+            include_deprecated,
+        } => {
+            let who = |s: &str| -> Result<AccountId> {
+                if s == "self" {
+                    Ok(caller.clone())
+                } else {
+                    Ok(s.parse()?)
+                }
+            };
+            let owner = owner.as_deref().map(who).transpose()?;
+            let exec: Option<Grantee> = match executable_by.as_deref() {
+                None => None,
+                Some("self") => Some(Grantee::Account(caller.clone())),
+                Some(s) => Some(s.parse()?),
+            };
+            let listing = image::list(region)?;
+            for e in &listing.damaged {
+                eprintln!("blocksnap: warning: {e}: run `blocksnap store verify`");
+            }
+            let now = SystemTime::now();
+            let shown: Vec<&ImageView> = listing
+                .images
+                .iter()
+                .filter(|v| v.can_launch(&caller))
+                .filter(|v| owner.as_ref().is_none_or(|o| &v.image.owner_id == o))
+                .filter(|v| match &exec {
+                    None => true,
+                    Some(Grantee::All) => v.permissions.is_public(),
+                    Some(Grantee::Account(a)) => v.can_launch(a),
+                })
+                .filter(|v| include_deregistered || v.state.state == image::ImageState::Available)
+                .filter(|v| include_deprecated || !v.is_deprecated(now))
+                .collect();
+            if out.json {
+                out.print(
+                    json!({ "Images": shown.iter().map(|v| image_json(v)).collect::<Vec<_>>() }),
+                );
+            } else if shown.is_empty() {
+                println!("no images");
+            } else {
+                println!(
+                    "{:<21} {:<12} {:<13} {:<8} {:<6} name",
+                    "image", "owner", "state", "public", "devices"
+                );
+                for v in shown {
+                    println!(
+                        "{:<21} {:<12} {:<13} {:<8} {:<7} {}",
+                        v.image.image_id.as_str(),
+                        v.image.owner_id.as_str(),
+                        if v.is_deprecated(now) {
+                            "deprecated"
+                        } else {
+                            v.state.state.as_str()
+                        },
+                        if v.permissions.is_public() {
+                            "yes"
+                        } else {
+                            "no"
+                        },
+                        v.image.block_device_mappings.len(),
+                        v.image.name
+                    );
+                }
+            }
+            Ok(0)
+        }
+        ImageCmd::Describe { image: id } => {
+            let v = image::read(region, &parse_image(&id)?)?;
+            v.require_launch(&caller, "describe")?;
+            if out.json {
+                out.print(json!({ "Images": [image_json(&v)] }));
+            } else {
+                print_image(&v);
+            }
+            Ok(0)
+        }
+        ImageCmd::DescribePermissions { image: id } => {
+            let id = parse_image(&id)?;
+            let v = image::read(region, &id)?;
+            v.require_owner(&caller, "see launch permissions of")?;
+            print_permissions(out, &id, &v.permissions);
+            Ok(0)
+        }
+        ImageCmd::Permissions {
+            image: id,
+            add,
+            remove,
+            reset,
+        } => {
+            let id = parse_image(&id)?;
+            if add.is_empty() && remove.is_empty() && !reset {
+                return Err(Error::InvalidArgument(
+                    "say what to change: --add, --remove or --reset".into(),
+                )
+                .into());
+            }
+            let change = PermissionChange {
+                add: add.iter().map(|a| a.parse()).collect::<Result<_, _>>()?,
+                remove: remove.iter().map(|a| a.parse()).collect::<Result<_, _>>()?,
+                reset,
+            };
+            let perms = image::modify_permissions(region, &id, &caller, &change)?;
+            print_permissions(out, &id, &perms);
+            Ok(0)
+        }
+        ImageCmd::Copy {
+            image: id,
+            to_region,
+            name,
+            description,
+            copy_tags,
+            threads,
+        } => {
+            let id = parse_image(&id)?;
+            let dst = Region::open_or_create(store_root, &to_region)?;
+            let opts = CopyOptions {
+                caller,
+                name,
+                description,
+                copy_tags,
+                threads,
+            };
+            let bar = out.progress();
+            let r = copy::copy_image(region, &id, &dst, &opts, &bar)?;
+            bar.done();
+            if out.json {
+                out.print(json!({
+                    "ImageId": r.image.image_id.as_str(),
+                    "SourceImageId": id.as_str(),
+                    "SourceRegion": region.name(),
+                    "Region": dst.name(),
+                    "Snapshots": r.snapshots.iter().map(|s| json!({"SourceSnapshotId": s.source.as_str(), "SnapshotId": s.copy.as_str()})).collect::<Vec<_>>(),
+                    "ChunksCopied": r.chunks_copied,
+                    "BytesCopied": r.bytes_copied,
+                    "ChunksAlreadyPresent": r.chunks_present,
+                    "BytesAlreadyPresent": r.bytes_present,
+                }));
+            } else {
+                println!(
+                    "{id} ({}) copied to {} as {}",
+                    region.name(),
+                    dst.name(),
+                    r.image.image_id
+                );
+                for s in &r.snapshots {
+                    println!("  {} -> {}", s.source, s.copy);
+                }
+                println!(
+                    "  chunks copied: {} ({}); already there: {} ({})",
+                    r.chunks_copied,
+                    human(r.bytes_copied),
+                    r.chunks_present,
+                    human(r.bytes_present)
+                );
+            }
+            Ok(0)
+        }
+        ImageCmd::Deprecate {
+            image: id,
+            at,
+            cancel,
+        } => {
+            let id = parse_image(&id)?;
+            let when = match (at.as_deref(), cancel) {
+                (_, true) => None,
+                (Some("now"), _) => Some(SystemTime::now()),
+                (Some(t), _) => Some(humantime::parse_rfc3339_weak(t).map_err(|e| {
+                    Error::InvalidArgument(format!(
+                        "--at {t:?} is not an RFC 3339 time ({e}): e.g. 2027-01-01T00:00:00Z"
+                    ))
+                })?),
+                (None, false) => None,
+            };
+            let state = image::set_deprecation(region, &id, &caller, when)?;
+            if out.json {
+                out.print(
+                    json!({ "ImageId": id.as_str(), "DeprecationTime": state.deprecation_time }),
+                );
+            } else {
+                match &state.deprecation_time {
+                    Some(t) => println!("{id} is deprecated from {t}"),
+                    None => println!("{id} is no longer deprecated"),
+                }
+            }
+            Ok(0)
+        }
+        ImageCmd::Deregister {
+            image: id,
+            delete_associated_snapshots,
+        } => {
+            let id = parse_image(&id)?;
+            let r = image::deregister(region, &id, &caller, delete_associated_snapshots)?;
+            if out.json {
+                out.print(json!({
+                    "ImageId": id.as_str(),
+                    "State": "deregistered",
+                    "DeletedSnapshots": r.deleted_snapshots.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+                    "KeptSnapshots": r.kept_snapshots.iter().map(|k| json!({"SnapshotId": k.snapshot.as_str(), "UsedBy": k.used_by.as_str()})).collect::<Vec<_>>(),
+                }));
+            } else {
+                println!("{id} deregistered");
+                for s in &r.deleted_snapshots {
+                    println!("  deleted {s}");
+                }
+                for k in &r.kept_snapshots {
+                    println!(
+                        "  kept {}: registered image {} still uses it",
+                        k.snapshot, k.used_by
+                    );
+                }
+                if !r.deleted_snapshots.is_empty() {
+                    println!("  run `blocksnap store gc` to reclaim chunks no snapshot needs");
+                }
+            }
+            Ok(0)
+        }
+    }
+}
+
+pub fn instance(region: &Region, out: &Out, caller: AccountId, cmd: InstanceCmd) -> Result<u8> {
+    match cmd {
+        InstanceCmd::Launch {
+            image: id,
+            dir,
+            ephemeral_size,
+            threads,
+        } => {
+            let id = parse_image(&id)?;
+            let opts = LaunchOptions {
+                caller,
+                threads,
+                ephemeral_size: parse_size(&ephemeral_size, "--ephemeral-size")?,
+            };
+            let bar = out.progress();
+            let inst = instance::launch(region, &id, &dir, &opts, &bar)?;
+            bar.done();
+            if out.json {
+                out.print(json!({ "Instances": [serde_json::to_value(&inst)?] }));
+            } else {
+                println!(
+                    "{} launched from {} in {}",
+                    inst.instance_id,
+                    id,
+                    dir.display()
+                );
+                for d in &inst.block_device_mappings {
+                    println!(
+                        "  {} -> {}",
+                        d.device_name,
+                        dir.join(&d.volume_file).display()
+                    );
+                }
+            }
+            Ok(0)
+        }
+        InstanceCmd::Terminate { dir } => {
+            let r = instance::terminate(&dir)?;
+            if out.json {
+                out.print(json!({
+                    "InstanceId": r.instance.instance_id.as_str(),
+                    "State": "terminated",
+                    "DeletedVolumes": r.deleted.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+                    "KeptVolumes": r.kept.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+                }));
+            } else {
+                println!("{} terminated", r.instance.instance_id);
+                for p in &r.deleted {
+                    println!("  deleted {}", p.display());
+                }
+                for p in &r.kept {
+                    println!("  kept {}", p.display());
+                }
+            }
+            Ok(0)
+        }
+        InstanceCmd::Describe { dir } => {
+            let inst = instance::read(&dir)?;
+            out.print(json!({ "Instances": [serde_json::to_value(&inst)?] }));
+            Ok(0)
+        }
+    }
+}
+
+fn image_json(v: &ImageView) -> Value {
+    let mut doc = serde_json::to_value(&v.image).expect("image serializes");
+    let now = SystemTime::now();
+    doc["State"] = json!(v.state.state.as_str());
+    doc["Public"] = json!(v.permissions.is_public());
+    if let Some(t) = &v.state.deprecation_time {
+        doc["DeprecationTime"] = json!(t);
+    }
+    doc["Deprecated"] = json!(v.is_deprecated(now));
+    doc
+}
+
+fn print_image(v: &ImageView) {
+    let i = &v.image;
+    println!("ImageId          {}", i.image_id);
+    println!("Name             {}", i.name);
+    println!("Description      {}", i.description);
+    println!("OwnerId          {}", i.owner_id);
+    println!("State            {}", v.state.state.as_str());
+    println!(
+        "Public           {}",
+        if v.permissions.is_public() {
+            "yes"
+        } else {
+            "no"
+        }
+    );
+    println!("Architecture     {}", i.architecture);
+    println!("CreationDate     {}", i.creation_date);
+    println!(
+        "DeprecationTime  {}",
+        v.state.deprecation_time.as_deref().unwrap_or("-")
+    );
+    if let (Some(src), Some(region)) = (&i.source_image_id, &i.source_region) {
+        println!("CopiedFrom       {src} in {region}");
+    }
+    let tags: Vec<String> = i
+        .tags
+        .iter()
+        .map(|t| format!("{}={}", t.key, t.value))
+        .collect();
+    println!("Tags             {}", tags.join(", "));
+    println!("RootDeviceName   {}", i.root_device_name);
+    for m in &i.block_device_mappings {
+        let what = match &m.target {
+            image::MappingTarget::Ebs(e) => format!(
+                "{} {} GiB{}",
+                e.snapshot_id,
+                e.volume_size,
+                if e.delete_on_termination {
+                    ""
+                } else {
+                    " (kept on termination)"
+                }
+            ),
+            image::MappingTarget::NoDevice(_) => "no device".into(),
+            image::MappingTarget::VirtualName(v) => v.clone(),
+        };
+        println!("  {:<12} {what}", m.device_name.as_str());
+    }
+}
+
+fn print_permissions(out: &Out, id: &ImageId, perms: &image::LaunchPermissions) {
+    if out.json {
+        let mut doc = serde_json::to_value(perms).expect("permissions serialize");
+        doc["ImageId"] = json!(id.as_str());
+        out.print(doc);
+        return;
+    }
+    if perms.launch_permissions.is_empty() {
+        println!("{id}: owner only");
+    }
+    for p in &perms.launch_permissions {
+        match p {
+            image::LaunchPermission::Account(a) => println!("{id}: account {a}"),
+            image::LaunchPermission::Group(g) => println!("{id}: group {g} (public)"),
+        }
+    }
+}
