@@ -166,7 +166,7 @@ fn lifecycle_create_launch_customise_create_copy_launch() {
     let extra = env.path("extra.bin");
     fs::write(&extra, random_bytes(77, 2 * MIB as usize)).unwrap();
     sh_ok(&format!(
-        "debugfs -w -R 'write {} srv/app.bin' '{}'",
+        "debugfs -w -R 'write {} data/app.bin' '{}'",
         extra.display(),
         inst1.join("xvda.img").display()
     ));
@@ -178,6 +178,14 @@ fn lifecycle_create_launch_customise_create_copy_launch() {
         inst1.join("xvda.img").display()
     ));
     assert_fsck_clean(&inst1.join("xvda.img"));
+    let listing = sh_ok(&format!(
+        "debugfs -R 'ls -l /data' '{}' 2>/dev/null",
+        inst1.join("xvda.img").display()
+    ));
+    assert!(
+        listing.contains("app.bin") && listing.contains("2097152"),
+        "debugfs did not write: {listing}"
+    );
 
     // 4. An image from the instance: incremental against what it was launched from.
     let created2 = env.json(&[

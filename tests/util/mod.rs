@@ -279,6 +279,14 @@ fn build_images() -> Images {
         new_file.display(),
         v2.display()
     ));
+    let listing = sh_ok(&format!(
+        "debugfs -R 'ls -l /data' '{}' 2>/dev/null",
+        v2.display()
+    ));
+    assert!(
+        listing.contains("new.bin"),
+        "debugfs did not write new.bin: {listing}"
+    );
     // Overwrite 64 KiB at three places inside data/big.bin, found with bmap.
     for (n, logical) in [100u64, 5000, 11000].iter().enumerate() {
         let phys: u64 = sh_ok(&format!(
