@@ -254,7 +254,7 @@ pub fn run(
                 println!("no images");
             } else {
                 println!(
-                    "{:<21} {:<12} {:<13} {:<8} {:<6} name",
+                    "{:<21} {:<12} {:<13} {:<8} {:<7} name",
                     "image", "owner", "state", "public", "devices"
                 );
                 for v in shown {
