@@ -81,6 +81,44 @@ fn is_prefixed_id(s: &str, prefix: &str) -> bool {
         })
 }
 
+/// The string conversions every validated string id shares: `FromStr`
+/// does the validation; these route serde and formatting through it.
+macro_rules! string_newtype {
+    ($name:ident) => {
+        impl $name {
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = $crate::error::Error;
+            fn try_from(s: String) -> $crate::error::Result<Self> {
+                s.parse()
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(id: $name) -> String {
+                id.0
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl std::fmt::Debug for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+pub(crate) use string_newtype;
+
 /// Defines an EC2-style id newtype: `prefix-` + 17 lowercase hex digits.
 macro_rules! prefixed_id {
     ($(#[$doc:meta])* $name:ident, $prefix:literal, $kind:literal, $example:literal) => {
@@ -92,10 +130,6 @@ macro_rules! prefixed_id {
         impl $name {
             pub fn random() -> Self {
                 $name(random_id($prefix))
-            }
-
-            pub fn as_str(&self) -> &str {
-                &self.0
             }
         }
 
@@ -115,30 +149,7 @@ macro_rules! prefixed_id {
             }
         }
 
-        impl TryFrom<String> for $name {
-            type Error = Error;
-            fn try_from(s: String) -> Result<Self> {
-                s.parse()
-            }
-        }
-
-        impl From<$name> for String {
-            fn from(id: $name) -> String {
-                id.0
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.0)
-            }
-        }
-
-        impl fmt::Debug for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.0)
-            }
-        }
+        string_newtype!($name);
     };
 }
 
@@ -161,10 +172,6 @@ prefixed_id!(
 pub struct AccountId(String);
 
 impl AccountId {
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
     /// A fresh random account id, given to a new store as its default owner.
     pub fn random() -> Self {
         let mut bytes = [0u8; 8];
@@ -190,30 +197,7 @@ impl FromStr for AccountId {
     }
 }
 
-impl TryFrom<String> for AccountId {
-    type Error = Error;
-    fn try_from(s: String) -> Result<Self> {
-        s.parse()
-    }
-}
-
-impl From<AccountId> for String {
-    fn from(id: AccountId) -> String {
-        id.0
-    }
-}
-
-impl fmt::Display for AccountId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl fmt::Debug for AccountId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+string_newtype!(AccountId);
 
 /// Lowercase hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {

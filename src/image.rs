@@ -18,7 +18,6 @@
 //! every change is owner-only. They do not protect against someone with
 //! write access to the store's files.
 
-use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
@@ -30,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::error::{Error, IoContext, Result};
-use crate::id::{AccountId, ImageId, SnapshotId};
+use crate::id::{AccountId, ImageId, SnapshotId, string_newtype};
 use crate::manifest::{SnapshotMeta, Tag};
 use crate::region::Region;
 use crate::store::{for_each_entry, write_atomic};
@@ -50,10 +49,6 @@ const MAX_VOLUME_GIB: u64 = 65536;
 pub struct DeviceName(String);
 
 impl DeviceName {
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
     /// `xvda` for `/dev/xvda`: the volume file's stem in an instance.
     pub fn basename(&self) -> &str {
         self.0.trim_start_matches("/dev/")
@@ -78,30 +73,7 @@ impl FromStr for DeviceName {
     }
 }
 
-impl TryFrom<String> for DeviceName {
-    type Error = Error;
-    fn try_from(s: String) -> Result<Self> {
-        s.parse()
-    }
-}
-
-impl From<DeviceName> for String {
-    fn from(d: DeviceName) -> String {
-        d.0
-    }
-}
-
-impl fmt::Display for DeviceName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl fmt::Debug for DeviceName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+string_newtype!(DeviceName);
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
