@@ -47,7 +47,7 @@ pub fn gc(region: &Region) -> Result<GcReport> {
             report.chunks_removed += 1;
         }
     }
-    report.temp_files_removed = region.local_chunks().remove_temp_files()?;
+    report.temp_files_removed = store.remove_leftovers()?;
     Ok(report)
 }
 

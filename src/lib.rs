@@ -57,6 +57,8 @@ pub mod chunk;
 pub mod chunker;
 pub mod copy;
 pub mod error;
+#[cfg(test)]
+mod faults;
 pub mod gc;
 pub mod id;
 pub mod image;

@@ -43,7 +43,7 @@ pub struct StoreInfo {
 pub struct Region {
     root: PathBuf,
     info: StoreInfo,
-    chunks: LocalChunkStore,
+    chunks: Box<dyn ChunkStore>,
 }
 
 /// Snapshots found by [`Region::list_snapshots`], and manifests that could
@@ -96,10 +96,16 @@ impl Region {
         }
         let info = read_store_info(&info_path, name)?;
         Ok(Region {
-            chunks: LocalChunkStore::new(root.join("chunks")),
+            chunks: Box::new(LocalChunkStore::new(root.join("chunks"))),
             root,
             info,
         })
+    }
+
+    /// The same region with its chunks kept by another [`ChunkStore`]
+    /// (another backend, or a fault-injecting one in tests).
+    pub fn with_chunk_store(self, chunks: Box<dyn ChunkStore>) -> Region {
+        Region { chunks, ..self }
     }
 
     pub fn root(&self) -> &Path {
@@ -115,11 +121,7 @@ impl Region {
     }
 
     pub fn chunks(&self) -> &dyn ChunkStore {
-        &self.chunks
-    }
-
-    pub fn local_chunks(&self) -> &LocalChunkStore {
-        &self.chunks
+        self.chunks.as_ref()
     }
 
     fn snapshot_path(&self, id: &SnapshotId) -> PathBuf {

@@ -5,11 +5,9 @@
 //! [`ChunkId`]) and small, so an object-store backend can implement it
 //! without the snapshot or restore code changing.
 
-use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use crate::error::{Error, IoContext, Result};
 use crate::id::{ChunkId, random_id};
@@ -27,26 +25,33 @@ pub trait ChunkStore: Send + Sync {
     fn list(&self) -> Result<Vec<ChunkId>>;
     /// Deletes a chunk; deleting an absent chunk is not an error.
     fn remove(&self, id: &ChunkId) -> Result<()>;
-    /// Makes every `put` so far durable. Called before a manifest that names
-    /// the chunks is written.
+    /// Makes every chunk now visible durable, including chunks another
+    /// process put and this one only found with `has`. Called before a
+    /// manifest that names the chunks is written.
     fn sync(&self) -> Result<()>;
     /// Stored size of a chunk in bytes.
     fn size(&self, id: &ChunkId) -> Result<u64>;
+    /// Removes leftovers of interrupted writes (temporary files) and
+    /// returns how many there were. Called by gc, when no writer runs.
+    fn remove_leftovers(&self) -> Result<u64> {
+        Ok(0)
+    }
 }
 
 /// Chunks as files: `chunks/<first 4 hex>/<64 hex>`.
+///
+/// A chunk's bytes are fsynced before its name appears (temp file, fsync,
+/// rename), so a chunk file never exists with partial content. Its name
+/// becomes durable at the next `sync`, a `syncfs(2)` of the store's file
+/// system: one call that also covers renames made by other processes whose
+/// chunks this one deduplicated against.
 pub struct LocalChunkStore {
     root: PathBuf,
-    /// Directories that gained an entry since the last `sync`.
-    dirty_dirs: Mutex<HashSet<PathBuf>>,
 }
 
 impl LocalChunkStore {
     pub fn new(root: PathBuf) -> Self {
-        LocalChunkStore {
-            root,
-            dirty_dirs: Mutex::new(HashSet::new()),
-        }
+        LocalChunkStore { root }
     }
 
     pub fn root(&self) -> &Path {
@@ -58,16 +63,7 @@ impl LocalChunkStore {
         self.root.join(&hex[..4]).join(hex)
     }
 
-    fn mark_dirty(&self, dir: PathBuf) {
-        self.dirty_dirs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(dir);
-    }
-
-    /// Removes leftover temporary files (from interrupted writers) and
-    /// returns how many there were. Only safe while no writer runs.
-    pub fn remove_temp_files(&self) -> Result<u64> {
+    fn remove_temp_files(&self) -> Result<u64> {
         let mut removed = 0;
         for_each_entry(&self.root, |sub| {
             for_each_entry(&sub, |file| {
@@ -104,10 +100,8 @@ impl ChunkStore for LocalChunkStore {
         let dir = path.parent().expect("chunk paths have a parent");
         if !dir.exists() {
             fs::create_dir_all(dir).ctx("create chunk directory", dir)?;
-            self.mark_dirty(self.root.clone());
         }
         write_atomic(&path, data, false)?;
-        self.mark_dirty(dir.to_path_buf());
         Ok(true)
     }
 
@@ -149,16 +143,11 @@ impl ChunkStore for LocalChunkStore {
     }
 
     fn sync(&self) -> Result<()> {
-        let dirs: Vec<PathBuf> = self
-            .dirty_dirs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain()
-            .collect();
-        for dir in dirs {
-            sync_dir(&dir)?;
+        if !self.root.exists() {
+            return Ok(());
         }
-        Ok(())
+        let dir = File::open(&self.root).ctx("open", &self.root)?;
+        crate::sys::syncfs(&dir).ctx("flush the file system of", &self.root)
     }
 
     fn size(&self, id: &ChunkId) -> Result<u64> {
@@ -170,6 +159,10 @@ impl ChunkStore for LocalChunkStore {
             }
             Err(e) => Err(e).ctx("stat chunk", &path),
         }
+    }
+
+    fn remove_leftovers(&self) -> Result<u64> {
+        self.remove_temp_files()
     }
 }
 
@@ -202,7 +195,7 @@ pub(crate) fn temp_path_for(path: &Path) -> PathBuf {
 /// Writes `data` to `path` atomically: a unique temporary name in the same
 /// directory, write, fsync, rename. With `sync_parent` the directory is
 /// fsynced too, making the new name durable at once; otherwise the caller
-/// does so later (see [`ChunkStore::sync`]).
+/// makes the name durable later (see [`ChunkStore::sync`]).
 pub(crate) fn write_atomic(path: &Path, data: &[u8], sync_parent: bool) -> Result<()> {
     let tmp = temp_path_for(path);
     let result = (|| {
@@ -272,7 +265,7 @@ mod tests {
         let tmp = temp_path_for(&store.path_of(&id));
         fs::write(&tmp, b"half").unwrap();
         assert_eq!(store.list().unwrap(), vec![id]);
-        assert_eq!(store.remove_temp_files().unwrap(), 1);
+        assert_eq!(store.remove_leftovers().unwrap(), 1);
         assert!(!tmp.exists());
         assert!(store.has(&id).unwrap());
     }

@@ -101,3 +101,15 @@ pub fn try_lock(file: &File, mode: LockMode) -> io::Result<bool> {
     }
     Ok(true)
 }
+
+/// Flushes every dirty page and inode of the file system that holds
+/// `file`: after it returns, all writes and renames there are durable,
+/// whichever process made them.
+pub fn syncfs(file: &File) -> io::Result<()> {
+    // SAFETY: syncfs only reads its integer argument; the fd is valid.
+    let rc = unsafe { libc::syncfs(file.as_raw_fd()) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
