@@ -227,7 +227,7 @@ fn power_loss_after_any_fault_never_breaks_a_committed_snapshot() {
                 snapshot::create(&region, &v1, &options(), &NoProgress).unwrap()
             });
             // ...then the power fails.
-            disk.crash(&open(&store_root).root().to_path_buf());
+            disk.crash(open(&store_root).root());
             let context = format!("fault at op {fail_at}, retry first: {retry_first}");
             assert_consistent(&store_root, &context);
             let region = open(&store_root);
