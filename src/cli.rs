@@ -272,6 +272,15 @@ pub enum SnapshotCmd {
 
 #[derive(Subcommand, Debug)]
 pub enum VolumeCmd {
+    /// Compare a volume (file or device) with a snapshot without restoring;
+    /// exits 4 and lists the differing block ranges if they differ
+    Verify {
+        snapshot: String,
+        target: PathBuf,
+        /// Worker threads [default: one per core]
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
     /// Restore a snapshot into a new file, over a file, or onto a block device [CreateVolume]
     ///
     /// A new file target is written under a temporary name and renamed
@@ -304,10 +313,17 @@ pub enum VolumeCmd {
 #[derive(Subcommand, Debug)]
 pub enum StoreCmd {
     /// Check every manifest and chunk (decompress and re-hash)
+    ///
+    /// Exits 4 if a manifest is damaged or a needed chunk is missing or
+    /// corrupt. With --repair, corrupt chunks are moved aside (<chunk>.bad);
+    /// a new snapshot of the same data then stores them again (heals).
     Verify {
         /// Check only this snapshot and the chunks it names
         #[arg(long, value_name = "SNAP")]
         snapshot: Option<String>,
+        /// Move corrupt chunks aside so a later snapshot rewrites them
+        #[arg(long)]
+        repair: bool,
         /// Worker threads [default: one per core]
         #[arg(long, default_value_t = 0)]
         threads: usize,
@@ -401,6 +417,18 @@ pub fn run(cli: Cli) -> Result<u8> {
             let caller = account.unwrap_or_else(|| region.info().owner.clone());
             crate::image_cli::instance(&region, &out, caller, cmd)
         }
+        Command::Volume(VolumeCmd::Verify {
+            snapshot,
+            target,
+            threads,
+        }) => {
+            let id = parse_snapshot(&snapshot)?;
+            let bar = out.progress();
+            let check = restore::verify_volume(&region, &id, &target, threads, &bar)?;
+            bar.done();
+            out.volume_check(&check);
+            Ok(if check.matches() { 0 } else { 4 })
+        }
         Command::Volume(VolumeCmd::Restore {
             snapshot,
             target,
@@ -427,10 +455,14 @@ pub fn run(cli: Cli) -> Result<u8> {
             out.restore(&report);
             Ok(0)
         }
-        Command::Store(StoreCmd::Verify { snapshot, threads }) => {
+        Command::Store(StoreCmd::Verify {
+            snapshot,
+            repair,
+            threads,
+        }) => {
             let only = snapshot.as_deref().map(parse_snapshot).transpose()?;
             let bar = out.progress();
-            let report = gc::verify(&region, only.as_ref(), threads, &bar)?;
+            let report = gc::verify_and_repair(&region, only.as_ref(), threads, repair, &bar)?;
             bar.done();
             out.verify(&report);
             Ok(if report.is_clean() { 0 } else { 4 })

@@ -35,6 +35,13 @@ pub enum Error {
         source: io::Error,
     },
 
+    #[error(
+        "cannot {op} {}: no space left on the device; free space there (`blocksnap store gc` \
+         reclaims unused chunks) and retry",
+        path.display()
+    )]
+    NoSpace { op: &'static str, path: PathBuf },
+
     #[error("volume {} does not exist: check the path", .0.display())]
     VolumeNotFound(PathBuf),
 
@@ -175,6 +182,7 @@ impl Error {
             | Error::ImageDeregistered(_)
             | Error::SnapshotInUse { .. } => ErrorKind::Conflict,
             Error::Io { .. }
+            | Error::NoSpace { .. }
             | Error::NotAVolume(_)
             | Error::VolumeShrank { .. }
             | Error::UnsupportedVersion { .. } => ErrorKind::Other,
@@ -189,10 +197,19 @@ pub(crate) trait IoContext<T> {
 
 impl<T> IoContext<T> for std::result::Result<T, io::Error> {
     fn ctx(self, op: &'static str, path: &Path) -> Result<T> {
-        self.map_err(|source| Error::Io {
-            op,
-            path: path.to_path_buf(),
-            source,
+        self.map_err(|source| {
+            if source.raw_os_error() == Some(libc::ENOSPC) {
+                Error::NoSpace {
+                    op,
+                    path: path.to_path_buf(),
+                }
+            } else {
+                Error::Io {
+                    op,
+                    path: path.to_path_buf(),
+                    source,
+                }
+            }
         })
     }
 }

@@ -241,3 +241,56 @@ fn power_loss_after_any_fault_never_breaks_a_committed_snapshot() {
         }
     }
 }
+
+/// Truncates the volume once a given number of bytes has been read.
+struct Shrinker<'a> {
+    path: &'a Path,
+    after: u64,
+    seen: AtomicU64,
+}
+
+impl crate::progress::Progress for Shrinker<'_> {
+    fn advance(&self, bytes: u64) {
+        let before = self.seen.fetch_add(bytes, Ordering::SeqCst);
+        if before < self.after && before + bytes >= self.after {
+            fs::OpenOptions::new()
+                .write(true)
+                .open(self.path)
+                .unwrap()
+                .set_len(self.after)
+                .unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_volume_that_shrinks_while_read_is_a_clear_error_and_no_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_root = dir.path().join("store");
+    let vol = dir.path().join("shrinking.img");
+    let mut x = 1u64;
+    let data: Vec<u8> = (0..(64u64 << 20))
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (x >> 56) as u8
+        })
+        .collect();
+    fs::write(&vol, &data).unwrap();
+    let region = open(&store_root);
+    let shrink = Shrinker {
+        path: &vol,
+        after: 8 << 20,
+        seen: AtomicU64::new(0),
+    };
+    let opts = CreateOptions {
+        threads: 1,
+        ..options()
+    };
+    let err = snapshot::create(&region, &vol, &opts, &shrink).unwrap_err();
+    assert!(matches!(err, Error::VolumeShrank { .. }), "{err}");
+    assert!(err.to_string().contains("shrank"), "{err}");
+    assert!(region.snapshot_ids().unwrap().is_empty());
+    assert_consistent(&store_root, "after a shrinking volume");
+}

@@ -79,6 +79,8 @@ pub struct VerifyReport {
     pub corrupt_chunks: Vec<BadChunk>,
     /// Stored chunks no snapshot names (reclaimed by gc; not an error).
     pub orphan_chunks: u64,
+    /// Corrupt chunks moved aside by `repair`.
+    pub quarantined: u64,
 }
 
 impl VerifyReport {
@@ -95,6 +97,19 @@ pub fn verify(
     region: &Region,
     only: Option<&SnapshotId>,
     threads: usize,
+    progress: &dyn Progress,
+) -> Result<VerifyReport> {
+    verify_and_repair(region, only, threads, false, progress)
+}
+
+/// [`verify`], and with `repair` move every corrupt chunk aside
+/// (`<chunk>.bad`): the snapshots that need it stay unrestorable until a
+/// new snapshot of the same data stores the chunk again.
+pub fn verify_and_repair(
+    region: &Region,
+    only: Option<&SnapshotId>,
+    threads: usize,
+    repair: bool,
     progress: &dyn Progress,
 ) -> Result<VerifyReport> {
     let _lock = region.lock(LockMode::Shared, "store verify")?;
@@ -170,6 +185,12 @@ pub fn verify(
                 used_by: needed.get(&c).cloned(),
                 problem: e.to_string(),
             }),
+        }
+    }
+    if repair {
+        for bad in &report.corrupt_chunks {
+            store.quarantine(&bad.chunk)?;
+            report.quarantined += 1;
         }
     }
     report.missing_chunks.sort_by_key(|b| b.chunk);

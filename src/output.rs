@@ -10,7 +10,7 @@ use blocksnap::gc::{BadChunk, GcReport, VerifyReport};
 use blocksnap::id::hex;
 use blocksnap::manifest::{Block, Manifest, SnapshotMeta};
 use blocksnap::progress::Progress;
-use blocksnap::restore::RestoreReport;
+use blocksnap::restore::{RestoreReport, VolumeCheck};
 use blocksnap::snapshot::ChangedBlock;
 use blocksnap::{Region, SnapshotId};
 
@@ -245,6 +245,47 @@ impl Out {
         );
     }
 
+    pub fn volume_check(&self, c: &VolumeCheck) {
+        if self.json {
+            return self.print(json!({
+                "SnapshotId": c.snapshot.as_str(),
+                "Target": c.target.display().to_string(),
+                "Matches": c.matches(),
+                "BlocksChecked": c.blocks_checked,
+                "DifferingBlocks": c.differing_blocks,
+                "DifferingRanges": c.differing.iter().map(|r| json!({
+                    "FirstBlock": r.first_block, "LastBlock": r.last_block, "Offset": r.offset, "Length": r.len,
+                })).collect::<Vec<_>>(),
+            }));
+        }
+        for r in &c.differing {
+            println!(
+                "differs: blocks {}-{} (bytes {}..{})",
+                r.first_block,
+                r.last_block,
+                r.offset,
+                r.offset + r.len
+            );
+        }
+        if c.matches() {
+            println!(
+                "{} matches {} ({} blocks)",
+                c.target.display(),
+                c.snapshot,
+                c.blocks_checked
+            );
+        } else {
+            println!(
+                "{} DIFFERS from {}: {} of {} blocks in {} ranges",
+                c.target.display(),
+                c.snapshot,
+                c.differing_blocks,
+                c.blocks_checked,
+                c.differing.len()
+            );
+        }
+    }
+
     pub fn verify(&self, r: &VerifyReport) {
         let bad = |b: &BadChunk| match &b.used_by {
             Some(u) => {
@@ -262,6 +303,7 @@ impl Out {
                 "MissingChunks": r.missing_chunks.iter().map(bad).collect::<Vec<_>>(),
                 "CorruptChunks": r.corrupt_chunks.iter().map(bad).collect::<Vec<_>>(),
                 "OrphanChunks": r.orphan_chunks,
+                "Quarantined": r.quarantined,
             }));
         }
         for m in &r.damaged_manifests {
@@ -280,6 +322,12 @@ impl Out {
                     None => println!("{what} chunk {} (unused): {}", b.chunk, b.problem),
                 }
             }
+        }
+        if r.quarantined > 0 {
+            println!(
+                "moved {} corrupt chunks aside (.bad); snapshot the same data again to store them anew",
+                r.quarantined
+            );
         }
         println!(
             "{}: {} snapshots, {} chunks ({}) checked; {} damaged manifests, {} missing, {} corrupt, {} orphan chunks",

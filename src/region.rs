@@ -26,8 +26,18 @@ use crate::sys::{self, LockMode};
 pub const STORE_FORMAT: &str = "blocksnap-region";
 pub const STORE_VERSION: u32 = 1;
 const MAX_STORE_JSON: u64 = 64 << 10;
-/// How long a command waits for a conflicting lock before giving up.
+/// How long a command waits for a conflicting lock before giving up;
+/// `BLOCKSNAP_LOCK_WAIT` (seconds) overrides it.
 const LOCK_WAIT: Duration = Duration::from_secs(60);
+
+fn lock_wait() -> Duration {
+    std::env::var("BLOCKSNAP_LOCK_WAIT")
+        .ok()
+        .and_then(|s| s.parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(Duration::from_secs_f64)
+        .unwrap_or(LOCK_WAIT)
+}
 
 /// Contents of `store.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -258,14 +268,15 @@ impl Region {
             if sys::try_lock(&file, mode).ctx("lock", &path)? {
                 break;
             }
-            if started.elapsed() >= LOCK_WAIT {
+            if started.elapsed() >= lock_wait() {
                 let mut holder = String::new();
                 let _ = file.read_to_string(&mut holder);
                 let holder = match (mode, holder.trim()) {
-                    (_, "") | (LockMode::Exclusive, _) => {
-                        "snapshot, restore or other commands are running".to_string()
+                    (LockMode::Exclusive, _) => {
+                        "snapshot, restore or other commands are using it".to_string()
                     }
-                    (_, h) => h.to_string(),
+                    (LockMode::Shared, "") => "an exclusive holder, such as store gc".to_string(),
+                    (LockMode::Shared, h) => h.to_string(),
                 };
                 return Err(Error::Locked { path, holder });
             }

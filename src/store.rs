@@ -31,6 +31,11 @@ pub trait ChunkStore: Send + Sync {
     fn sync(&self) -> Result<()>;
     /// Stored size of a chunk in bytes.
     fn size(&self, id: &ChunkId) -> Result<u64>;
+    /// Moves a corrupt chunk aside so that it no longer counts as stored:
+    /// the next snapshot of the same data writes it anew.
+    fn quarantine(&self, id: &ChunkId) -> Result<()> {
+        self.remove(id)
+    }
     /// Removes leftovers of interrupted writes (temporary files) and
     /// returns how many there were. Called by gc, when no writer runs.
     fn remove_leftovers(&self) -> Result<u64> {
@@ -163,6 +168,14 @@ impl ChunkStore for LocalChunkStore {
 
     fn remove_leftovers(&self) -> Result<u64> {
         self.remove_temp_files()
+    }
+
+    /// Renames the chunk to `<64 hex>.bad` beside it, for inspection.
+    fn quarantine(&self, id: &ChunkId) -> Result<()> {
+        let path = self.path_of(id);
+        let bad = path.with_extension("bad");
+        fs::rename(&path, &bad).ctx("move corrupt chunk aside", &path)?;
+        sync_dir(path.parent().expect("chunk paths have a parent"))
     }
 }
 

@@ -5,6 +5,8 @@ mod util;
 
 #[path = "cli/images.rs"]
 mod images;
+#[path = "cli/trust.rs"]
+mod trust;
 
 use std::fs;
 use std::os::unix::fs::FileExt;

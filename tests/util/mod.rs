@@ -36,16 +36,21 @@ impl Env {
         self.path("store")
     }
 
-    /// Runs `blocksnap` with this test's store.
-    pub fn run(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_blocksnap"))
-            .args(args)
+    /// `blocksnap` with this test's store, ready to run or spawn.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_blocksnap"));
+        c.args(args)
             .env("BLOCKSNAP_STORE", self.store())
             .env_remove("BLOCKSNAP_REGION")
             .env_remove("BLOCKSNAP_ACCOUNT")
-            .current_dir(self.dir.path())
-            .output()
-            .unwrap()
+            .env_remove("BLOCKSNAP_LOCK_WAIT")
+            .current_dir(self.dir.path());
+        c
+    }
+
+    /// Runs `blocksnap` with this test's store.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
     }
 
     /// Runs and expects success; returns stdout.
