@@ -510,6 +510,22 @@ pub(crate) fn read_bounded(path: &Path, what: &'static str) -> Result<Option<Vec
     Ok(Some(bytes))
 }
 
+/// Decodes an image manifest file (`images/<ami>.json`); `path` names it
+/// in errors.
+pub fn decode_image(bytes: &[u8], path: &Path) -> Result<Image> {
+    decode_envelope(bytes, IMAGE_FORMAT, "image manifest", path)
+}
+
+/// Decodes a launch permissions file (`images/<ami>.launch.json`).
+pub fn decode_permissions(bytes: &[u8], path: &Path) -> Result<LaunchPermissions> {
+    decode_envelope(bytes, LAUNCH_FORMAT, "launch permissions", path)
+}
+
+/// Decodes an image state file (`images/<ami>.state.json`).
+pub fn decode_state(bytes: &[u8], path: &Path) -> Result<StateRecord> {
+    decode_envelope(bytes, STATE_FORMAT, "image state", path)
+}
+
 /// Reads an image with its state and permissions.
 pub fn read(region: &Region, id: &ImageId) -> Result<ImageView> {
     let path = image_path(region, id);
@@ -517,7 +533,7 @@ pub fn read(region: &Region, id: &ImageId) -> Result<ImageView> {
         id: id.clone(),
         region: region.name().to_string(),
     })?;
-    let image: Image = decode_envelope(&bytes, IMAGE_FORMAT, "image manifest", &path)?;
+    let image = decode_image(&bytes, &path)?;
     if &image.image_id != id {
         return Err(Error::CorruptFile {
             what: "image manifest",
@@ -527,12 +543,12 @@ pub fn read(region: &Region, id: &ImageId) -> Result<ImageView> {
     }
     let sp = state_path(region, id);
     let state = match read_bounded(&sp, "image state")? {
-        Some(b) => decode_envelope(&b, STATE_FORMAT, "image state", &sp)?,
+        Some(b) => decode_state(&b, &sp)?,
         None => StateRecord::default(),
     };
     let lp = launch_path(region, id);
     let permissions = match read_bounded(&lp, "launch permissions")? {
-        Some(b) => decode_envelope(&b, LAUNCH_FORMAT, "launch permissions", &lp)?,
+        Some(b) => decode_permissions(&b, &lp)?,
         None => LaunchPermissions::default(),
     };
     Ok(ImageView {

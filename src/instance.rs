@@ -73,9 +73,14 @@ pub fn read(dir: &Path) -> Result<Instance> {
             INSTANCE_FILE
         ))
     })?;
-    let inst: Instance = serde_json::from_slice(&bytes).map_err(|e| Error::CorruptFile {
+    decode(&bytes, &path)
+}
+
+/// Decodes an `instance.json`; `path` names it in errors.
+pub fn decode(bytes: &[u8], path: &Path) -> Result<Instance> {
+    let inst: Instance = serde_json::from_slice(bytes).map_err(|e| Error::CorruptFile {
         what: "instance description",
-        path: path.clone(),
+        path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
     for d in &inst.block_device_mappings {
@@ -84,7 +89,7 @@ pub fn read(dir: &Path) -> Result<Instance> {
         {
             return Err(Error::CorruptFile {
                 what: "instance description",
-                path,
+                path: path.to_path_buf(),
                 reason: format!("volume file {:?} is not a plain file name", d.volume_file),
             });
         }

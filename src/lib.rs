@@ -60,6 +60,8 @@ pub mod error;
 #[cfg(test)]
 mod faults;
 pub mod gc;
+#[cfg(test)]
+mod hostile;
 pub mod id;
 pub mod image;
 pub mod image_create;

@@ -338,20 +338,25 @@ fn store_account(store_root: &Path) -> Result<AccountId> {
 }
 
 fn read_store_info(path: &Path, name: &str) -> Result<StoreInfo> {
-    let corrupt = |reason: String| Error::CorruptFile {
-        what: "store description",
-        path: path.to_path_buf(),
-        reason,
-    };
     let f = File::open(path).ctx("open", path)?;
     let mut bytes = Vec::new();
     f.take(MAX_STORE_JSON + 1)
         .read_to_end(&mut bytes)
         .ctx("read", path)?;
+    decode_store_info(&bytes, path, name)
+}
+
+/// Decodes a `store.json` for region `name`; `path` names it in errors.
+pub fn decode_store_info(bytes: &[u8], path: &Path, name: &str) -> Result<StoreInfo> {
+    let corrupt = |reason: String| Error::CorruptFile {
+        what: "store description",
+        path: path.to_path_buf(),
+        reason,
+    };
     if bytes.len() as u64 > MAX_STORE_JSON {
         return Err(corrupt(format!("larger than {MAX_STORE_JSON} bytes")));
     }
-    let info: StoreInfo = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+    let info: StoreInfo = serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
     if info.format != STORE_FORMAT {
         return Err(corrupt(format!(
             "format is {:?}, not {STORE_FORMAT:?}",

@@ -1,0 +1,10 @@
+//! `instance.json`.
+#![no_main]
+use std::path::Path;
+
+use blocksnap::instance;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let _ = instance::decode(data, Path::new("fuzz"));
+});
