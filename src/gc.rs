@@ -71,6 +71,7 @@ pub struct BadChunk {
 #[derive(Debug, Default)]
 pub struct VerifyReport {
     pub snapshots_checked: u64,
+    pub images_checked: u64,
     pub chunks_checked: u64,
     pub bytes_checked: u64,
     /// Manifests that did not read back (message per manifest).
@@ -136,6 +137,33 @@ pub fn verify_and_repair(
             }
             Err(e @ Error::SnapshotNotFound { .. }) if only.is_some() => return Err(e),
             Err(e) => report.damaged_manifests.push(e.to_string()),
+        }
+    }
+    if only.is_none() {
+        // Image manifests: readable, and every snapshot a registered image
+        // maps still there.
+        let images = crate::image::list(region)?;
+        report
+            .damaged_manifests
+            .extend(images.damaged.iter().map(|e| e.to_string()));
+        for v in &images.images {
+            report.images_checked += 1;
+            if v.state.state != crate::image::ImageState::Available {
+                continue;
+            }
+            for m in &v.image.block_device_mappings {
+                if let Some(e) = m.ebs()
+                    && !region.has_snapshot(&e.snapshot_id)
+                {
+                    report.damaged_manifests.push(format!(
+                        "image {} maps {} to {}, which is missing from region {}",
+                        v.image.image_id,
+                        m.device_name,
+                        e.snapshot_id,
+                        region.name()
+                    ));
+                }
+            }
         }
     }
     let store = region.chunks();

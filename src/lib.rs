@@ -30,26 +30,38 @@
 //! the BLAKE3-256 of its raw bytes). Restoring leaves holes and zeros
 //! unwritten in a file, so the result is sparse.
 //!
+//! # Locking and garbage collection
+//!
+//! Each region has a `lock` file taken with `flock(2)`. Writers (snapshot
+//! create, image create, image copy), readers (volume restore, volume
+//! verify, store verify, instance launch) and snapshot delete hold it
+//! shared; `store gc` holds it exclusive:
+//!
+//! | holding \ wants   | shared         | exclusive (gc) |
+//! |-------------------|----------------|----------------|
+//! | shared            | runs           | waits          |
+//! | exclusive (gc)    | waits          | waits          |
+//!
+//! gc is mark and sweep under the exclusive lock: it reads every snapshot
+//! manifest (refusing to sweep if one is unreadable), marks the chunks
+//! they name, and deletes every other chunk and every leftover temporary
+//! file. Because no writer runs meanwhile, a chunk that a snapshot being
+//! created needs is either already named by a committed manifest or is
+//! written after gc ends. A lock held by a process that died is released by
+//! the kernel, so there is never a stale lock; gc records its pid, host
+//! and start time in the file so a waiting command can name it. A command
+//! waits up to a minute (`BLOCKSNAP_LOCK_WAIT`) for a conflicting lock,
+//! then fails with exit code 5.
+//!
 //! # Durability
 //!
-//! Each file is written to a unique temporary name, fsynced and renamed.
-//! Chunk directories are fsynced before the manifest that names them is
-//! written, and the manifest's rename is the commit point: a crash leaves
-//! either no snapshot or a complete one. Leftover temporary files and
-//! unreferenced chunks are removed by `store gc`.
-//!
-//! # Locking
-//!
-//! Each region has a `lock` file taken with `flock(2)`:
-//!
-//! | command                         | lock      | runs beside              |
-//! |---------------------------------|-----------|--------------------------|
-//! | snapshot create, restore, verify, delete | shared | each other          |
-//! | store gc                        | exclusive | nothing                  |
-//!
-//! A lock held by a process that died is released by the kernel, so there is
-//! no stale lock to clean up. A command waits up to a minute for a
-//! conflicting lock, then fails naming the holder.
+//! A chunk is written to a temporary name, fsynced, then renamed: a chunk
+//! file never exists with partial content. Before a snapshot manifest is
+//! written, [`store::ChunkStore::sync`] (a `syncfs(2)` for the local store)
+//! makes every chunk name durable, including chunks another process wrote
+//! that this one found and reused. The manifest is then written to a
+//! temporary name, fsynced and renamed, and its directory fsynced: the
+//! rename is the commit point.
 //!
 //! The library never prints; progress goes through [`progress::Progress`].
 

@@ -297,6 +297,7 @@ impl Out {
             return self.print(json!({
                 "Clean": r.is_clean(),
                 "SnapshotsChecked": r.snapshots_checked,
+                "ImagesChecked": r.images_checked,
                 "ChunksChecked": r.chunks_checked,
                 "BytesChecked": r.bytes_checked,
                 "DamagedManifests": r.damaged_manifests,
@@ -330,9 +331,10 @@ impl Out {
             );
         }
         println!(
-            "{}: {} snapshots, {} chunks ({}) checked; {} damaged manifests, {} missing, {} corrupt, {} orphan chunks",
+            "{}: {} snapshots, {} images, {} chunks ({}) checked; {} damaged manifests, {} missing, {} corrupt, {} orphan chunks",
             if r.is_clean() { "clean" } else { "DAMAGED" },
             r.snapshots_checked,
+            r.images_checked,
             r.chunks_checked,
             human(r.bytes_checked),
             r.damaged_manifests.len(),

@@ -674,6 +674,17 @@ fn tampered_or_truncated_image_manifest_is_detected() {
         String::from_utf8_lossy(&out.stderr).contains("warning"),
         "damaged image not reported by list"
     );
+    let v = env.run(&["store", "verify", "--json"]);
+    assert_eq!(
+        v.status.code(),
+        Some(4),
+        "store verify missed a tampered image manifest"
+    );
+    let report: Value = serde_json::from_slice(&v.stdout).unwrap();
+    assert!(
+        report["DamagedManifests"][0].as_str().unwrap().contains(&a),
+        "{report}"
+    );
 
     fs::write(&path, &good[..good.len() / 2]).unwrap();
     let err = env.fails(&["image", "describe", &a], 4);
