@@ -16,7 +16,7 @@ for target in chunk snapshot_manifest image_manifest store_json instance_json; d
     cargo fuzz run -O "$target" "fuzz/corpus/$target" "testdata/fuzz/$target" -- \
         -max_total_time="$seconds" -rss_limit_mb=2048 -max_len=1048576 > "$log" 2>&1 || {
         tail -40 "$log"; echo "FUZZ CRASH in $target" >&2; exit 1; }
-    execs=$(grep -o 'stat::number_of_executed_units: [0-9]*' "$log" | grep -o '[0-9]*$' || true)
+    execs=$(grep -o 'Done [0-9]* runs' "$log" | grep -o '[0-9]*' || true)
     echo "$target: ${seconds}s, ${execs:-?} executions, no crash"
     rm -f "$log"
 done

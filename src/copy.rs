@@ -1,4 +1,4 @@
-//! `image copy` [CopyImage]: copies an image and its snapshots to another
+//! `image copy` (CopyImage): copies an image and its snapshots to another
 //! region, moving only the chunks that region lacks, under new ids.
 
 use std::collections::{HashMap, HashSet};

@@ -657,7 +657,7 @@ pub struct RegisterOptions {
     pub source_region: Option<String>,
 }
 
-/// Validates and registers an image from existing snapshots [RegisterImage].
+/// Validates and registers an image from existing snapshots (RegisterImage).
 pub fn register(
     region: &Region,
     opts: &RegisterOptions,
@@ -698,7 +698,7 @@ pub fn register(
     Ok(image)
 }
 
-/// A permission change [ModifyImageAttribute launchPermission].
+/// A permission change (ModifyImageAttribute launchPermission).
 #[derive(Debug, Clone, Default)]
 pub struct PermissionChange {
     pub add: Vec<Grantee>,
@@ -734,7 +734,7 @@ pub fn modify_permissions(
     Ok(perms)
 }
 
-/// Sets or clears the deprecation time; owner only [EnableImageDeprecation].
+/// Sets or clears the deprecation time; owner only (EnableImageDeprecation).
 pub fn set_deprecation(
     region: &Region,
     id: &ImageId,
@@ -765,7 +765,7 @@ pub struct KeptSnapshot {
     pub used_by: ImageId,
 }
 
-/// Deregisters an image; owner only [DeregisterImage]. With
+/// Deregisters an image; owner only (DeregisterImage). With
 /// `delete_snapshots`, deletes its snapshots that no other registered
 /// image uses.
 pub fn deregister(

@@ -1,4 +1,4 @@
-//! `image create` [CreateImage]: snapshot volumes (given as files and
+//! `image create` (CreateImage): snapshot volumes (given as files and
 //! devices, or the volumes of a launched instance) and register an image of
 //! them.
 

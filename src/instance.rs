@@ -1,4 +1,4 @@
-//! Instances [RunInstances, TerminateInstances]: a directory holding the
+//! Instances (RunInstances, TerminateInstances): a directory holding the
 //! volumes restored from an image, one file per device, and `instance.json`
 //! recording where each came from.
 
