@@ -253,6 +253,9 @@ pub enum SnapshotCmd {
         /// Worker threads [default: one per core]
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// Store changed blocks whole, never as deltas against the parent's
+        #[arg(long)]
+        no_delta: bool,
     },
     /// List snapshots, oldest first [DescribeSnapshots]
     List {
@@ -494,6 +497,7 @@ fn snapshot_cmd(
             description,
             tags,
             threads,
+            no_delta,
         } => {
             let parent = match (parent, no_parent) {
                 (Some(p), _) => ParentChoice::Explicit(parse_snapshot(&p)?),
@@ -514,6 +518,7 @@ fn snapshot_cmd(
                 tags: tags.iter().map(|t| parse_tag(t)).collect::<Result<_>>()?,
                 owner: account,
                 threads,
+                delta: !no_delta,
             };
             let bar = out.progress();
             let meta = snapshot::create(region, &volume, &opts, &bar)?;

@@ -88,41 +88,68 @@ pub fn copy_image(
         }
     }
 
+    // Delta chunks travel as they are, so their bases travel too.
+    let mut first_use: HashMap<ChunkId, usize> =
+        chunks.iter().enumerate().map(|(i, c)| (c.0, i)).collect();
+    let roots: Vec<ChunkId> = chunks.iter().map(|c| c.0).collect();
+    crate::gc::walk_bases(src.chunks(), roots, |dependent, base| {
+        if first_use.contains_key(&base) {
+            return false;
+        }
+        let (_, mi, offset) = chunks[first_use[dependent]];
+        first_use.insert(base, chunks.len());
+        chunks.push((base, mi, offset));
+        true
+    })?;
+    // Bases before the deltas on them, each level durable before the next,
+    // so the target never holds a delta whose base it lacks.
+    let mut levels: Vec<Vec<(ChunkId, usize, u64)>> =
+        vec![Vec::new(); chunk::MAX_DEPTH as usize + 1];
+    for c in chunks {
+        let head = src.chunks().get_head(&c.0, chunk::DELTA_HEADER_LEN)?;
+        let depth = chunk::base_of(&head).map_or(0, |b| b.depth.min(chunk::MAX_DEPTH)) as usize;
+        levels[depth].push(c);
+    }
+
     let copied = AtomicU64::new(0);
     let bytes_copied = AtomicU64::new(0);
     let present = AtomicU64::new(0);
     let bytes_present = AtomicU64::new(0);
     let pool = chunker::thread_pool(opts.threads)?;
-    progress.start("copy", chunks.len() as u64);
-    pool.install(|| {
-        chunks
-            .par_iter()
-            .try_for_each_init(Vec::new, |buf, (c, mi, offset)| -> Result<()> {
-                if dst.chunks().has(c)? {
-                    present.fetch_add(1, Ordering::Relaxed);
-                    bytes_present.fetch_add(dst.chunks().size(c).unwrap_or(0), Ordering::Relaxed);
-                } else {
-                    let bad = |problem: String| Error::BadChunkInSnapshot {
-                        chunk: *c,
-                        snapshot: manifests[*mi].meta.id.clone(),
-                        offset: *offset,
-                        problem,
-                    };
-                    let stored = src.chunks().get(c).map_err(|e| bad(e.to_string()))?;
-                    // Never spread a damaged chunk to another region.
-                    chunk::decode_into(c, &stored, buf).map_err(|e| bad(e.to_string()))?;
-                    if dst.chunks().put(c, &stored)? {
-                        copied.fetch_add(1, Ordering::Relaxed);
-                        bytes_copied.fetch_add(stored.len() as u64, Ordering::Relaxed);
-                    } else {
+    progress.start("copy", levels.iter().map(Vec::len).sum::<usize>() as u64);
+    for level in &levels {
+        pool.install(|| {
+            level
+                .par_iter()
+                .try_for_each_init(Vec::new, |buf, (c, mi, offset)| -> Result<()> {
+                    if dst.chunks().has(c)? {
                         present.fetch_add(1, Ordering::Relaxed);
-                        bytes_present.fetch_add(stored.len() as u64, Ordering::Relaxed);
+                        bytes_present
+                            .fetch_add(dst.chunks().size(c).unwrap_or(0), Ordering::Relaxed);
+                    } else {
+                        let bad = |problem: String| Error::BadChunkInSnapshot {
+                            chunk: *c,
+                            snapshot: manifests[*mi].meta.id.clone(),
+                            offset: *offset,
+                            problem,
+                        };
+                        // Never spread a damaged chunk to another region.
+                        chunk::load_into(src.chunks(), c, buf).map_err(|e| bad(e.to_string()))?;
+                        let stored = src.chunks().get(c).map_err(|e| bad(e.to_string()))?;
+                        if dst.chunks().put(c, &stored)? {
+                            copied.fetch_add(1, Ordering::Relaxed);
+                            bytes_copied.fetch_add(stored.len() as u64, Ordering::Relaxed);
+                        } else {
+                            present.fetch_add(1, Ordering::Relaxed);
+                            bytes_present.fetch_add(stored.len() as u64, Ordering::Relaxed);
+                        }
                     }
-                }
-                progress.advance(1);
-                Ok(())
-            })
-    })?;
+                    progress.advance(1);
+                    Ok(())
+                })
+        })?;
+        dst.chunks().sync()?;
+    }
     progress.finish();
 
     let now = SystemTime::now()

@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::id::{ChunkId, SnapshotId};
 use crate::progress::Progress;
 use crate::region::Region;
+use crate::store::ChunkStore;
 use crate::sys::LockMode;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -38,6 +39,9 @@ pub fn gc(region: &Region) -> Result<GcReport> {
         report.snapshots += 1;
     }
     let store = region.chunks();
+    // A base is live while any delta on it is.
+    let roots: Vec<ChunkId> = live.iter().copied().collect();
+    walk_bases(store, roots, |_, base| live.insert(base))?;
     for id in store.list()? {
         if live.contains(&id) {
             report.chunks_kept += 1;
@@ -49,6 +53,30 @@ pub fn gc(region: &Region) -> Result<GcReport> {
     }
     report.temp_files_removed = store.remove_leftovers()?;
     Ok(report)
+}
+
+/// Walks delta chains from `roots`: calls `add(dependent, base)` for each
+/// chunk's base and follows the bases for which it returns true (newly
+/// seen). Chunks not in the store are skipped: verify reports them.
+pub(crate) fn walk_bases(
+    store: &dyn ChunkStore,
+    roots: impl IntoIterator<Item = ChunkId>,
+    mut add: impl FnMut(&ChunkId, ChunkId) -> bool,
+) -> Result<()> {
+    let mut work: Vec<ChunkId> = roots.into_iter().collect();
+    while let Some(id) = work.pop() {
+        let head = match store.get_head(&id, chunk::DELTA_HEADER_LEN) {
+            Ok(h) => h,
+            Err(Error::MissingChunk { .. }) => continue,
+            Err(e) => return Err(e),
+        };
+        if let Some(base) = chunk::base_of(&head)
+            && add(&id, base.id)
+        {
+            work.push(base.id);
+        }
+    }
+    Ok(())
 }
 
 /// Where a chunk is used: one snapshot and the volume offset of its first
@@ -85,10 +113,12 @@ pub struct VerifyReport {
 }
 
 impl VerifyReport {
+    /// Nothing that a snapshot needs is wrong. A corrupt chunk no snapshot
+    /// uses is reported but harms nothing.
     pub fn is_clean(&self) -> bool {
         self.damaged_manifests.is_empty()
             && self.missing_chunks.is_empty()
-            && self.corrupt_chunks.is_empty()
+            && self.corrupt_chunks.iter().all(|b| b.used_by.is_none())
     }
 }
 
@@ -168,6 +198,16 @@ pub fn verify_and_repair(
     }
     let store = region.chunks();
     let present: HashSet<ChunkId> = store.list()?.into_iter().collect();
+    // Bases of needed delta chunks are needed too, by the same snapshot.
+    let roots: Vec<ChunkId> = needed.keys().copied().collect();
+    walk_bases(store, roots, |dependent, base| {
+        if needed.contains_key(&base) {
+            return false;
+        }
+        let used = needed[dependent].clone();
+        needed.insert(base, used);
+        true
+    })?;
     let to_check: Vec<ChunkId> = match only {
         Some(_) => needed
             .keys()
@@ -195,9 +235,7 @@ pub fn verify_and_repair(
         to_check
             .par_iter()
             .map_init(Vec::new, |buf, c| {
-                let r = store.get(c).and_then(|stored| {
-                    chunk::decode_into(c, &stored, buf).map(|()| buf.len() as u64)
-                });
+                let r = chunk::load_into(store, c, buf).map(|_| buf.len() as u64);
                 progress.advance(1);
                 (*c, r)
             })

@@ -261,9 +261,9 @@ fn snapshot_and_register(
                     parent,
                     block_size: None,
                     description: format!("Created by {call} for {image_id} ({dev})"),
-                    tags: Vec::new(),
                     owner: Some(opts.owner.clone()),
                     threads: opts.threads,
+                    ..CreateOptions::default()
                 };
                 let meta = snapshot::create(region, &path, &copts, progress)?;
                 let size = opts

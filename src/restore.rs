@@ -191,19 +191,17 @@ impl Job<'_> {
             offset: pos.offset,
             problem,
         };
-        let stored = match self.store.get(id) {
-            Ok(s) => s,
-            Err(e @ Error::MissingChunk { .. }) => return Err(bad(problem(e))),
-            Err(e) => return Err(e),
-        };
-        match chunk::decode_into(id, &stored, buf) {
-            Ok(()) if buf.len() == pos.len => Ok(()),
-            Ok(()) => Err(bad(format!(
+        match chunk::load_into(self.store, id, buf) {
+            Ok(_) if buf.len() == pos.len => Ok(()),
+            Ok(_) => Err(bad(format!(
                 "holds {} bytes for a {}-byte block",
                 buf.len(),
                 pos.len
             ))),
-            Err(e) => Err(bad(problem(e))),
+            Err(e @ (Error::MissingChunk { .. } | Error::CorruptChunk { .. })) => {
+                Err(bad(problem(e)))
+            }
+            Err(e) => Err(e),
         }
     }
 

@@ -7,10 +7,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::chunk;
 use crate::chunker::{self, Content};
 use crate::error::{Error, Result};
-use crate::id::{AccountId, SnapshotId};
+use crate::id::{AccountId, ChunkId, SnapshotId};
 use crate::manifest::{self, Block, Manifest, SnapshotMeta, SnapshotStats, Tag};
 use crate::progress::Progress;
 use crate::region::Region;
+use crate::store::ChunkStore;
 use crate::sys::LockMode;
 use crate::volume::Volume;
 
@@ -25,7 +26,7 @@ pub enum ParentChoice {
     Explicit(SnapshotId),
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct CreateOptions {
     pub parent: ParentChoice,
     /// `None`: the parent's block size, or the default for a first snapshot.
@@ -36,6 +37,23 @@ pub struct CreateOptions {
     pub owner: Option<AccountId>,
     /// Worker threads; 0 means one per core.
     pub threads: usize,
+    /// Store a changed block as a zstd delta against the parent's block
+    /// when that is much smaller (see `chunk`).
+    pub delta: bool,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            parent: ParentChoice::Latest,
+            block_size: None,
+            description: String::new(),
+            tags: Vec::new(),
+            owner: None,
+            threads: 0,
+            delta: true,
+        }
+    }
 }
 
 const MAX_DESCRIPTION: usize = 255;
@@ -156,7 +174,13 @@ pub fn create(
                     } else if store.has(&id)? {
                         Outcome::Known(block, bytes.len() as u64)
                     } else {
-                        let stored = chunk::encode(bytes)?;
+                        let plain = chunk::encode(bytes)?;
+                        let stored = match parent_blocks.get(pos.index as usize) {
+                            Some(Block::Data(base)) if opts.delta => {
+                                delta_against(store, base, bytes, plain.len()).unwrap_or(plain)
+                            }
+                            _ => plain,
+                        };
                         if store.put(&id, &stored)? {
                             Outcome::New {
                                 block,
@@ -228,6 +252,37 @@ pub fn create(
     let m = Manifest { meta, blocks };
     region.write_snapshot(&m)?;
     Ok(m.meta)
+}
+
+/// `raw` as a delta against the parent's chunk at the same index, when that
+/// chunk reads back and the delta saves at least an eighth of the plain
+/// chunk's `plain_len` (deltas cost a restore one more decompression, so a
+/// small saving is not worth it). When the parent's chain is already as
+/// deep as allowed, the delta is taken against the chain's root, the plain
+/// chunk it started from, which keeps chains short on blocks that change
+/// in every snapshot.
+fn delta_against(
+    store: &dyn ChunkStore,
+    base: &ChunkId,
+    raw: &[u8],
+    plain_len: usize,
+) -> Option<Vec<u8>> {
+    let limit = plain_len - plain_len / 8;
+    let mut base_raw = Vec::new();
+    let depth = chunk::load_into(store, base, &mut base_raw).ok()?;
+    if depth < chunk::MAX_DEPTH {
+        return chunk::encode_delta(raw, base, &base_raw, depth, limit);
+    }
+    let mut root = *base;
+    for _ in 0..chunk::MAX_DEPTH {
+        let head = store.get_head(&root, chunk::DELTA_HEADER_LEN).ok()?;
+        match chunk::base_of(&head) {
+            Some(b) => root = b.id,
+            None => break,
+        }
+    }
+    let depth = chunk::load_into(store, &root, &mut base_raw).ok()?;
+    (depth == 0).then(|| chunk::encode_delta(raw, &root, &base_raw, 0, limit))?
 }
 
 /// A block that differs between two snapshots.

@@ -6,7 +6,7 @@
 //! without the snapshot or restore code changing.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, IoContext, Result};
@@ -21,6 +21,13 @@ pub trait ChunkStore: Send + Sync {
     fn put(&self, id: &ChunkId, data: &[u8]) -> Result<bool>;
     /// The stored bytes of a chunk; [`Error::MissingChunk`] if absent.
     fn get(&self, id: &ChunkId) -> Result<Vec<u8>>;
+    /// The first `len` bytes of a chunk (all of it if shorter): enough to
+    /// read its header without fetching its payload.
+    fn get_head(&self, id: &ChunkId, len: usize) -> Result<Vec<u8>> {
+        let mut bytes = self.get(id)?;
+        bytes.truncate(len);
+        Ok(bytes)
+    }
     /// Every stored chunk, in no particular order.
     fn list(&self) -> Result<Vec<ChunkId>>;
     /// Deletes a chunk; deleting an absent chunk is not an error.
@@ -119,6 +126,22 @@ impl ChunkStore for LocalChunkStore {
             }
             Err(e) => Err(e).ctx("read chunk", &path),
         }
+    }
+
+    fn get_head(&self, id: &ChunkId, len: usize) -> Result<Vec<u8>> {
+        let path = self.path_of(id);
+        let f = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(Error::MissingChunk { chunk: *id });
+            }
+            Err(e) => return Err(e).ctx("open chunk", &path),
+        };
+        let mut head = Vec::with_capacity(len);
+        io::Read::take(f, len as u64)
+            .read_to_end(&mut head)
+            .ctx("read chunk", &path)?;
+        Ok(head)
     }
 
     fn list(&self) -> Result<Vec<ChunkId>> {

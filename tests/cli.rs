@@ -526,3 +526,105 @@ fn help_documents_exit_codes_and_global_flags_go_anywhere() {
     assert!(env.store().join("eu-west-1/store.json").exists());
     env.fails(&["store", "stats", "--region", "Bad_Name"], 2);
 }
+
+#[test]
+fn changed_blocks_are_stored_as_deltas_that_survive_deletion_gc_and_copy() {
+    let env = Env::new();
+    let work = env.path("vol.img");
+    let mut data = random_bytes(21, 8 * MIB as usize);
+    fs::write(&work, &data).unwrap();
+    let first = id(&env.snapshot(&work, &[]));
+    let mut versions = vec![(first.clone(), data.clone())];
+    // Eight more versions, each with 12 scattered 64 KiB writes: blocks hit
+    // again and again grow delta chains past the depth limit.
+    let (mut stored_total, mut changed_total) = (0, 0);
+    for v in 1..=8u64 {
+        let spots = random_bytes(v, 12 * 8);
+        for (w, spot) in spots.chunks(8).enumerate() {
+            let r = u64::from_le_bytes(spot.try_into().unwrap());
+            // A few hot blocks take a third of the writes.
+            let at = if w % 3 == 0 {
+                (w as u64 % 2) * MIB
+            } else {
+                r % (8 * MIB - 65536) / 4096 * 4096
+            } as usize;
+            data[at..at + 65536].copy_from_slice(&random_bytes(v * 100 + w as u64, 65536));
+        }
+        fs::write(&work, &data).unwrap();
+        let snap = env.snapshot(&work, &[]);
+        stored_total += snap["Stats"]["NewBytesStored"].as_u64().unwrap();
+        changed_total += 12 * 65536;
+        versions.push((id(&snap), data.clone()));
+    }
+    eprintln!("deltas: {stored_total} bytes stored for {changed_total} changed");
+    assert!(
+        stored_total < changed_total * 13 / 10,
+        "{stored_total} bytes stored for {changed_total} changed"
+    );
+    // Without deltas the same change costs whole blocks.
+    let plain = env.snapshot(&work, &["--no-parent", "--no-delta", "--block-size", "1M"]);
+    assert!(plain["Stats"]["NewBytesStored"].as_u64().unwrap() >= 8 * MIB);
+
+    let check_all = |versions: &[(String, Vec<u8>)]| {
+        for (snap, bytes) in versions {
+            let out = env.path(&format!("{snap}.img"));
+            let _ = fs::remove_file(&out);
+            env.ok(&["volume", "restore", snap, out.to_str().unwrap()]);
+            assert!(
+                fs::read(&out).unwrap() == *bytes,
+                "{snap} restored wrong bytes"
+            );
+        }
+    };
+    check_all(&versions);
+    // Deleting the snapshots the deltas were made against keeps their bases.
+    for (snap, _) in &versions[..7] {
+        env.ok(&["snapshot", "delete", snap]);
+    }
+    env.ok(&["snapshot", "delete", &id(&plain)]);
+    env.ok(&["store", "gc"]);
+    let v = env.json(&["store", "verify"]);
+    assert_eq!(v["Clean"], true, "{v}");
+    check_all(&versions[7..]);
+
+    // A copy to another region carries the bases along.
+    let last = &versions[8].0;
+    let img = env.json(&[
+        "image",
+        "register",
+        "--name",
+        "delta chain",
+        "--map",
+        &format!("/dev/xvda={last}"),
+    ]);
+    let copy = env.json(&[
+        "image",
+        "copy",
+        img["ImageId"].as_str().unwrap(),
+        "--to-region",
+        "r2",
+    ]);
+    let d = env.json(&[
+        "image",
+        "describe",
+        copy["ImageId"].as_str().unwrap(),
+        "--region",
+        "r2",
+    ]);
+    let copied = d["Images"][0]["BlockDeviceMappings"][0]["Ebs"]["SnapshotId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let v = env.json(&["store", "verify", "--region", "r2"]);
+    assert_eq!(v["Clean"], true, "{v}");
+    let out = env.path("copied.img");
+    env.ok(&[
+        "volume",
+        "restore",
+        &copied,
+        out.to_str().unwrap(),
+        "--region",
+        "r2",
+    ]);
+    assert!(fs::read(&out).unwrap() == versions[8].1);
+}
