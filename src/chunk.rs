@@ -112,6 +112,25 @@ pub fn encode_delta(
     Some(out)
 }
 
+/// Whether chunk `id` is stored *and* reads back whole. A chunk found in
+/// the store may be the partial leftover of a writer that crashed before
+/// its sync; one that fails is moved aside (so it can be written anew) and
+/// `false` returned.
+pub fn present_and_sound(store: &dyn ChunkStore, id: &ChunkId) -> Result<bool> {
+    if !store.has(id)? {
+        return Ok(false);
+    }
+    match load_into(store, id, &mut Vec::new()) {
+        Ok(_) => Ok(true),
+        Err(Error::MissingChunk { .. }) => Ok(false),
+        Err(Error::CorruptChunk { .. }) => {
+            store.quarantine(id)?;
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Loads chunk `id` from `store` into `out`, decoding delta chains, and
 /// checks every chunk on the way against its name. Returns the chunk's
 /// depth (0 for a plain chunk).

@@ -122,7 +122,7 @@ pub fn copy_image(
             level
                 .par_iter()
                 .try_for_each_init(Vec::new, |buf, (c, mi, offset)| -> Result<()> {
-                    if dst.chunks().has(c)? {
+                    if chunk::present_and_sound(dst.chunks(), c)? {
                         present.fetch_add(1, Ordering::Relaxed);
                         bytes_present
                             .fetch_add(dst.chunks().size(c).unwrap_or(0), Ordering::Relaxed);

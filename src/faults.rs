@@ -1,6 +1,6 @@
 //! Fault injection at the storage layer: a chunk store that fails the Nth
 //! operation, and that separates "written" from "durable" so a simulated
-//! crash loses every chunk put since the last `sync`. Every failure point
+//! crash loses or truncates every chunk put since the last `sync`. Every failure point
 //! of a snapshot is tried; after each, the store must hold no snapshot that
 //! names a chunk it lacks, and a retry must succeed and restore exactly.
 
@@ -26,11 +26,17 @@ use crate::store::{ChunkStore, LocalChunkStore};
 struct Disk(Arc<Mutex<HashSet<ChunkId>>>);
 
 impl Disk {
-    /// Power loss: every chunk put since the last sync is gone.
+    /// Power loss: every chunk put since the last sync is lost, either
+    /// entirely or (its name durable, its data not) cut to half its length.
     fn crash(&self, root: &Path) {
         let store = LocalChunkStore::new(root.join("chunks"));
-        for id in self.0.lock().unwrap().drain() {
-            let _ = fs::remove_file(store.path_of(&id));
+        for (i, id) in self.0.lock().unwrap().drain().enumerate() {
+            let path = store.path_of(&id);
+            if i % 2 == 0 {
+                let _ = fs::remove_file(path);
+            } else if let Ok(bytes) = fs::read(&path) {
+                fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+            }
         }
     }
 }
@@ -95,6 +101,9 @@ impl ChunkStore for FaultyStore {
     }
     fn size(&self, id: &ChunkId) -> Result<u64> {
         self.inner.size(id)
+    }
+    fn quarantine(&self, id: &ChunkId) -> Result<()> {
+        self.inner.quarantine(id)
     }
 }
 

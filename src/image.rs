@@ -32,7 +32,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::id::{AccountId, ImageId, SnapshotId, string_newtype};
 use crate::manifest::{SnapshotMeta, Tag};
 use crate::region::Region;
-use crate::store::{for_each_entry, write_atomic};
+use crate::store::{Durability, for_each_entry, write_atomic};
 
 const IMAGE_FORMAT: &str = "blocksnap-image";
 const LAUNCH_FORMAT: &str = "blocksnap-launch-permissions";
@@ -606,14 +606,18 @@ pub(crate) fn write_new(region: &Region, image: &Image) -> Result<()> {
             image.image_id
         )));
     }
-    write_atomic(&path, &encode_envelope(IMAGE_FORMAT, image), true)
+    write_atomic(
+        &path,
+        &encode_envelope(IMAGE_FORMAT, image),
+        Durability::Now,
+    )
 }
 
 fn write_state(region: &Region, id: &ImageId, state: &StateRecord) -> Result<()> {
     write_atomic(
         &state_path(region, id),
         &encode_envelope(STATE_FORMAT, state),
-        true,
+        Durability::Now,
     )
 }
 
@@ -621,7 +625,7 @@ fn write_permissions(region: &Region, id: &ImageId, p: &LaunchPermissions) -> Re
     write_atomic(
         &launch_path(region, id),
         &encode_envelope(LAUNCH_FORMAT, p),
-        true,
+        Durability::Now,
     )
 }
 

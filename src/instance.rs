@@ -17,7 +17,7 @@ use crate::image::{self, DeviceName, GIB, MappingTarget};
 use crate::progress::Progress;
 use crate::region::Region;
 use crate::restore::{self, RestoreOptions};
-use crate::store::write_atomic;
+use crate::store::{Durability, write_atomic};
 
 pub const RUNNING: &str = "running";
 pub const TERMINATED: &str = "terminated";
@@ -100,7 +100,7 @@ pub fn decode(bytes: &[u8], path: &Path) -> Result<Instance> {
 fn write(dir: &Path, inst: &Instance) -> Result<()> {
     let mut json = serde_json::to_vec_pretty(inst).expect("instance serializes");
     json.push(b'\n');
-    write_atomic(&dir.join(INSTANCE_FILE), &json, true)
+    write_atomic(&dir.join(INSTANCE_FILE), &json, Durability::Now)
 }
 
 #[derive(Debug, Clone)]

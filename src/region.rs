@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, IoContext, Result};
 use crate::id::{AccountId, SnapshotId};
 use crate::manifest::{self, Manifest, SnapshotMeta};
-use crate::store::{ChunkStore, LocalChunkStore, for_each_entry, write_atomic};
+use crate::store::{ChunkStore, Durability, LocalChunkStore, for_each_entry, write_atomic};
 use crate::sys::{self, LockMode};
 
 pub const STORE_FORMAT: &str = "blocksnap-region";
@@ -102,7 +102,7 @@ impl Region {
             let json = serde_json::to_vec_pretty(&info).expect("store info serializes");
             // Two first commands racing: the rename makes one of them win
             // and both then read the same file.
-            write_atomic(&info_path, &json, true)?;
+            write_atomic(&info_path, &json, Durability::Now)?;
         }
         let info = read_store_info(&info_path, name)?;
         Ok(Region {
@@ -202,7 +202,11 @@ impl Region {
     /// is written atomically. The snapshot exists from the rename on.
     pub fn write_snapshot(&self, m: &Manifest) -> Result<()> {
         self.chunks.sync()?;
-        write_atomic(&self.snapshot_path(&m.meta.id), &m.encode(), true)
+        write_atomic(
+            &self.snapshot_path(&m.meta.id),
+            &m.encode(),
+            Durability::Now,
+        )
     }
 
     /// Removes a snapshot manifest. Its chunks stay until `store gc`.

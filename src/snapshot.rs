@@ -171,7 +171,7 @@ pub fn create(
                     let block = Block::Data(id);
                     if parent_blocks.get(pos.index as usize) == Some(&block) {
                         Outcome::Unchanged(block)
-                    } else if store.has(&id)? {
+                    } else if chunk::present_and_sound(store, &id)? {
                         Outcome::Known(block, bytes.len() as u64)
                     } else {
                         let plain = chunk::encode(bytes)?;

@@ -52,11 +52,12 @@ pub trait ChunkStore: Send + Sync {
 
 /// Chunks as files: `chunks/<first 4 hex>/<64 hex>`.
 ///
-/// A chunk's bytes are fsynced before its name appears (temp file, fsync,
-/// rename), so a chunk file never exists with partial content. Its name
-/// becomes durable at the next `sync`, a `syncfs(2)` of the store's file
-/// system: one call that also covers renames made by other processes whose
-/// chunks this one deduplicated against.
+/// A chunk is written to a temporary name and renamed, without an fsync of
+/// its own; it becomes durable at the next `sync`, one `syncfs(2)` of the
+/// store's file system that also covers chunks other processes wrote and
+/// this one deduplicated against. Until then a crash can leave a chunk
+/// missing or partial under its final name, which is why a chunk found in
+/// the store is verified before a new snapshot relies on it.
 pub struct LocalChunkStore {
     root: PathBuf,
 }
@@ -113,7 +114,7 @@ impl ChunkStore for LocalChunkStore {
         if !dir.exists() {
             fs::create_dir_all(dir).ctx("create chunk directory", dir)?;
         }
-        write_atomic(&path, data, false)?;
+        write_atomic(&path, data, Durability::AtSync)?;
         Ok(true)
     }
 
@@ -197,7 +198,12 @@ impl ChunkStore for LocalChunkStore {
     fn quarantine(&self, id: &ChunkId) -> Result<()> {
         let path = self.path_of(id);
         let bad = path.with_extension("bad");
-        fs::rename(&path, &bad).ctx("move corrupt chunk aside", &path)?;
+        match fs::rename(&path, &bad) {
+            Ok(()) => {}
+            // Another process moved it first.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e).ctx("move corrupt chunk aside", &path),
+        }
         sync_dir(path.parent().expect("chunk paths have a parent"))
     }
 }
@@ -228,11 +234,22 @@ pub(crate) fn temp_path_for(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}{TEMP_MARK}{}", &suffix[2..]))
 }
 
-/// Writes `data` to `path` atomically: a unique temporary name in the same
-/// directory, write, fsync, rename. With `sync_parent` the directory is
-/// fsynced too, making the new name durable at once; otherwise the caller
-/// makes the name durable later (see [`ChunkStore::sync`]).
-pub(crate) fn write_atomic(path: &Path, data: &[u8], sync_parent: bool) -> Result<()> {
+/// When a file written by [`write_atomic`] becomes durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Durability {
+    /// Before `write_atomic` returns: fsync the file, rename, fsync the
+    /// directory.
+    Now,
+    /// At the next [`ChunkStore::sync`]: write and rename only. After a
+    /// crash before that sync the file may be missing or hold partial
+    /// content under its final name; readers of such files verify them
+    /// (chunks are checked against their names).
+    AtSync,
+}
+
+/// Writes `data` to `path` atomically for other processes: a unique
+/// temporary name in the same directory, write, rename.
+pub(crate) fn write_atomic(path: &Path, data: &[u8], durability: Durability) -> Result<()> {
     let tmp = temp_path_for(path);
     let result = (|| {
         let mut f = OpenOptions::new()
@@ -241,14 +258,16 @@ pub(crate) fn write_atomic(path: &Path, data: &[u8], sync_parent: bool) -> Resul
             .open(&tmp)
             .ctx("create temporary file", &tmp)?;
         f.write_all(data).ctx("write", &tmp)?;
-        f.sync_all().ctx("fsync", &tmp)?;
+        if durability == Durability::Now {
+            f.sync_all().ctx("fsync", &tmp)?;
+        }
         fs::rename(&tmp, path).ctx("rename into place", path)
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
     result?;
-    if sync_parent {
+    if durability == Durability::Now {
         sync_dir(path.parent().expect("store paths have a parent"))?;
     }
     Ok(())
