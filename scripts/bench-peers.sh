@@ -171,7 +171,7 @@ for peer in $PEERS; do
         borg-fixed) command -v borg >/dev/null && borg_tool "borg fixed-64K zstd-3" "--compression zstd,3 --chunker-params fixed,65536 --sparse" ;;
         restic) command -v restic >/dev/null && measure_tool "restic $(restic version | awk '{print $2}')" \
             "restic -r repo init" "restic -r repo backup v1.img" "restic -r repo backup v2.img" \
-            "restic -r repo restore latest --path $PWD/v1.img --target out && mv out$PWD/v1.img out/v1.img" \
+            "restic -r repo restore latest --path $PWD/v1.img --target out" \
             "du -sb repo | cut -f1" ;;
         casync) command -v casync >/dev/null && measure_tool "casync" "mkdir -p repo" \
             "casync make --store=repo/store repo/v1.caibx v1.img" "casync make --store=repo/store repo/v2.caibx v2.img" \
