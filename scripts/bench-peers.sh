@@ -143,7 +143,8 @@ WRITE=$(floor bash -c "rm -f .copy.img; cp --sparse=always v1.img .copy.img; rm 
 # blocksnap, with its delta restore.
 bs_init="true"
 bs_full="$bin -q --store repo snapshot create v1.img --no-parent"
-bs_inc="$bin -q --store repo snapshot create v2.img"
+# v2 is another path: name its parent, as an incremental of the same disk.
+bs_inc="$bin -q --store repo snapshot create v2.img --parent \$($bin --store repo snapshot list --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"Snapshots\"][0][\"SnapshotId\"])')"
 bs_restore="$bin -q --store repo volume restore \$($bin --store repo snapshot list --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"Snapshots\"][0][\"SnapshotId\"])') out/v1.img"
 bs_size="du -sb repo | cut -f1"
 measure_tool blocksnap "$bs_init" "$bs_full" "$bs_inc" "$bs_restore" "$bs_size"

@@ -55,13 +55,16 @@
 //!
 //! # Durability
 //!
-//! A chunk is written to a temporary name, fsynced, then renamed: a chunk
-//! file never exists with partial content. Before a snapshot manifest is
-//! written, [`store::ChunkStore::sync`] (a `syncfs(2)` for the local store)
-//! makes every chunk name durable, including chunks another process wrote
-//! that this one found and reused. The manifest is then written to a
-//! temporary name, fsynced and renamed, and its directory fsynced: the
-//! rename is the commit point.
+//! A chunk is written to a temporary name and renamed, with no fsync of its
+//! own. Before a snapshot manifest is written, [`store::ChunkStore::sync`]
+//! (one `syncfs(2)` for the local store) makes every chunk durable,
+//! including chunks another process wrote that this one found and reused.
+//! A crash before that flush may leave a chunk missing or partial under its
+//! final name, but no manifest names it; a later snapshot verifies any
+//! chunk it finds before relying on it ([`chunk::present_and_sound`]) and
+//! rewrites a damaged one. The manifest is then written to a temporary
+//! name, fsynced and renamed, and its directory fsynced: the rename is the
+//! commit point.
 //!
 //! The library never prints; progress goes through [`progress::Progress`].
 

@@ -226,6 +226,10 @@ impl Job<'_> {
                 0
             }
         ];
+        // Workers fetch and decode in parallel but take turns writing:
+        // concurrent buffered writes to one file contend on its inode lock
+        // and burn CPU spinning on it.
+        let writer = std::sync::Mutex::new(());
         let bytes: u64 = self.pool.install(|| {
             work.par_iter()
                 .map_init(Vec::new, |buf, &i| {
@@ -233,6 +237,7 @@ impl Job<'_> {
                     let written = match &self.manifest.blocks[i] {
                         Block::Data(id) => {
                             self.fetch(id, pos, buf)?;
+                            let _turn = writer.lock().unwrap_or_else(|p| p.into_inner());
                             if sparse {
                                 write_sparse(file, path, buf, pos.offset)?;
                             } else {
@@ -241,11 +246,13 @@ impl Job<'_> {
                             pos.len as u64
                         }
                         Block::Zero | Block::Hole => {
+                            let _turn = writer.lock().unwrap_or_else(|p| p.into_inner());
                             file.write_all_at(&zeros[..pos.len], pos.offset)
                                 .ctx("write", path)?;
                             pos.len as u64
                         }
                     };
+                    sys::start_writeback(file, pos.offset, pos.len as u64);
                     self.progress.advance(pos.len as u64);
                     Ok(written)
                 })

@@ -113,3 +113,19 @@ pub fn syncfs(file: &File) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Starts writeback of `[offset, offset + len)` of `file` without waiting
+/// for it (`sync_file_range(SYNC_FILE_RANGE_WRITE)`): a restore overlaps
+/// its disk writes with decompression instead of leaving them all to the
+/// final fsync. Advisory: errors are ignored, the fsync reports them.
+pub fn start_writeback(file: &File, offset: u64, len: u64) {
+    if let (Ok(o), Ok(l)) = (
+        libc::off64_t::try_from(offset),
+        libc::off64_t::try_from(len),
+    ) {
+        // SAFETY: sync_file_range only reads its integer arguments; the fd is valid.
+        unsafe {
+            libc::sync_file_range(file.as_raw_fd(), o, l, libc::SYNC_FILE_RANGE_WRITE);
+        }
+    }
+}
