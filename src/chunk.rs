@@ -95,7 +95,7 @@ pub fn encode_delta(
     cctx.set_parameter(CParameter::CompressionLevel(ZSTD_LEVEL))
         .ok()?;
     cctx.set_parameter(CParameter::WindowLog(window_log)).ok()?;
-    cctx.set_parameter(CParameter::HashLog(window_log.min(24)))
+    cctx.set_parameter(CParameter::HashLog((window_log - 4).min(24)))
         .ok()?;
     cctx.ref_prefix(base_raw).ok()?;
     let budget = limit.saturating_sub(DELTA_HEADER_LEN).min(raw.len());

@@ -174,12 +174,17 @@ pub fn create(
                     } else if chunk::present_and_sound(store, &id)? {
                         Outcome::Known(block, bytes.len() as u64)
                     } else {
-                        let plain = chunk::encode(bytes)?;
-                        let stored = match parent_blocks.get(pos.index as usize) {
+                        // A delta first: when it works, the block is not
+                        // compressed a second time.
+                        let delta = match parent_blocks.get(pos.index as usize) {
                             Some(Block::Data(base)) if opts.delta => {
-                                delta_against(store, base, bytes, plain.len()).unwrap_or(plain)
+                                delta_against(store, base, bytes)
                             }
-                            _ => plain,
+                            _ => None,
+                        };
+                        let stored = match delta {
+                            Some(d) => d,
+                            None => chunk::encode(bytes)?,
                         };
                         if store.put(&id, &stored)? {
                             Outcome::New {
@@ -255,19 +260,14 @@ pub fn create(
 }
 
 /// `raw` as a delta against the parent's chunk at the same index, when that
-/// chunk reads back and the delta saves at least an eighth of the plain
-/// chunk's `plain_len` (deltas cost a restore one more decompression, so a
-/// small saving is not worth it). When the parent's chain is already as
-/// deep as allowed, the delta is taken against the chain's root, the plain
-/// chunk it started from, which keeps chains short on blocks that change
-/// in every snapshot.
-fn delta_against(
-    store: &dyn ChunkStore,
-    base: &ChunkId,
-    raw: &[u8],
-    plain_len: usize,
-) -> Option<Vec<u8>> {
-    let limit = plain_len - plain_len / 8;
+/// chunk reads back and the delta is at most seven eighths of the raw
+/// block (deltas cost a restore one more decompression, so a small saving
+/// is not worth it; a block that compresses well alone is then stored
+/// plain). When the parent's chain is already as deep as allowed, the delta
+/// is taken against the chain's root, the plain chunk it started from,
+/// which keeps chains short on blocks that change in every snapshot.
+fn delta_against(store: &dyn ChunkStore, base: &ChunkId, raw: &[u8]) -> Option<Vec<u8>> {
+    let limit = raw.len() - raw.len() / 8;
     let mut base_raw = Vec::new();
     let depth = chunk::load_into(store, base, &mut base_raw).ok()?;
     if depth < chunk::MAX_DEPTH {
