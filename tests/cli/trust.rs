@@ -264,30 +264,21 @@ fn a_lock_held_by_a_killed_process_does_not_block() {
     env.ok(&["store", "stats"]);
     let lock = env.store().join("local/lock");
     // Another process holds the store exclusively (as gc does)...
-    // --no-fork: the holder is the very process that gets killed.
-    let mut holder = Command::new("flock")
-        .args(["--no-fork", "-x"])
-        .arg(&lock)
-        .args(["sleep", "60"])
-        .spawn()
-        .unwrap();
-    sleep(Duration::from_millis(300));
-    let out = env
-        .command(&["snapshot", "create", s(&img)])
-        .env("BLOCKSNAP_LOCK_WAIT", "1")
-        .output()
-        .unwrap();
+    let mut holder = hold_exclusive(&lock, 60);
+    let snapshot_waiting = |secs: &str| {
+        env.command(&["snapshot", "create", s(&img)])
+            .env("BLOCKSNAP_LOCK_WAIT", secs)
+            .output()
+            .unwrap()
+    };
+    let out = snapshot_waiting("1");
     assert_eq!(out.status.code(), Some(5));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("locked") && err.contains("gc"), "{err}");
     // ...and is killed: the kernel drops its lock, and the next command runs.
     holder.kill().unwrap();
     holder.wait().unwrap();
-    let out = env
-        .command(&["snapshot", "create", s(&img)])
-        .env("BLOCKSNAP_LOCK_WAIT", "1")
-        .output()
-        .unwrap();
+    let out = snapshot_waiting("1");
     assert!(
         out.status.success(),
         "the dead holder's lock still blocks: {}",
@@ -295,25 +286,28 @@ fn a_lock_held_by_a_killed_process_does_not_block() {
     );
 
     // A waiting command proceeds as soon as a live holder lets go.
-    // --no-fork: the holder is the very process that gets killed.
-    let mut holder = Command::new("flock")
-        .args(["--no-fork", "-x"])
-        .arg(&lock)
-        .args(["sleep", "1"])
-        .spawn()
-        .unwrap();
-    sleep(Duration::from_millis(200));
-    let out = env
-        .command(&["snapshot", "create", s(&img)])
-        .env("BLOCKSNAP_LOCK_WAIT", "30")
-        .output()
-        .unwrap();
+    let mut holder = hold_exclusive(&lock, 1);
+    let out = snapshot_waiting("30");
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     holder.wait().unwrap();
+}
+
+/// Another process holding `lock` exclusively for `secs` seconds. With
+/// --no-fork the holder is the very process a kill ends (no child keeps
+/// the lock).
+fn hold_exclusive(lock: &Path, secs: u32) -> Child {
+    let child = Command::new("flock")
+        .args(["--no-fork", "-x"])
+        .arg(lock)
+        .args(["sleep", &secs.to_string()])
+        .spawn()
+        .unwrap();
+    sleep(Duration::from_millis(300));
+    child
 }
 
 /// A small tmpfs mounted for one test, unmounted when dropped.
