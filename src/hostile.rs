@@ -67,6 +67,7 @@ fn chunk_decoder_survives_the_corpus() {
     replay("chunk", |b| {
         let _ = chunk::decode(&ChunkId::of(b), b);
         let _ = chunk::decode(&ChunkId([7; 32]), b);
+        let _ = chunk::base_of(b);
     });
 }
 

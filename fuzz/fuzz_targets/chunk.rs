@@ -9,4 +9,5 @@ fuzz_target!(|data: &[u8]| {
     let mut out = Vec::new();
     let _ = chunk::decode_into(&id, data, &mut out);
     let _ = chunk::decode(&ChunkId([0; 32]), data);
+    let _ = chunk::base_of(data);
 });
