@@ -54,9 +54,7 @@ pub fn copy_image(
     opts: &CopyOptions,
     progress: &dyn Progress,
 ) -> Result<CopyReport> {
-    let view = image::read(src, ami)?;
-    view.require_launch(&opts.caller, "copy")?;
-    view.require_available()?;
+    let view = image::read_launchable(src, ami, &opts.caller, "copy")?;
     let name = opts.name.clone().unwrap_or_else(|| view.image.name.clone());
     image::validate_name(&name)?;
     image::check_name_free(dst, &opts.caller, &name)?;
@@ -133,9 +131,15 @@ pub fn copy_image(
                             offset: *offset,
                             problem,
                         };
-                        // Never spread a damaged chunk to another region.
-                        chunk::load_into(src.chunks(), c, buf).map_err(|e| bad(e.to_string()))?;
                         let stored = src.chunks().get(c).map_err(|e| bad(e.to_string()))?;
+                        // Never spread a damaged chunk to another region. A
+                        // plain chunk is checked from the bytes in hand; a
+                        // delta needs its chain.
+                        match chunk::base_of(&stored) {
+                            None => chunk::decode_into(c, &stored, buf),
+                            Some(_) => chunk::load_into(src.chunks(), c, buf).map(|_| ()),
+                        }
+                        .map_err(|e| bad(e.to_string()))?;
                         if dst.chunks().put(c, &stored)? {
                             copied.fetch_add(1, Ordering::Relaxed);
                             bytes_copied.fetch_add(stored.len() as u64, Ordering::Relaxed);

@@ -18,8 +18,7 @@
 //! every change is owner-only. They do not protect against someone with
 //! write access to the store's files.
 
-use std::fs::{self, File};
-use std::io::{self, Read};
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::SystemTime;
@@ -32,13 +31,13 @@ use crate::error::{Error, IoContext, Result};
 use crate::id::{AccountId, ImageId, SnapshotId, string_newtype};
 use crate::manifest::{SnapshotMeta, Tag};
 use crate::region::Region;
-use crate::store::{Durability, for_each_entry, write_atomic};
+use crate::store::{Durability, for_each_entry, read_bounded, write_atomic};
 
 const IMAGE_FORMAT: &str = "blocksnap-image";
 const LAUNCH_FORMAT: &str = "blocksnap-launch-permissions";
 const STATE_FORMAT: &str = "blocksnap-image-state";
 const FORMAT_VERSION: u32 = 1;
-const MAX_JSON: u64 = 1 << 20;
+pub(crate) const MAX_JSON: u64 = 1 << 20;
 pub const GIB: u64 = 1 << 30;
 /// EBS's largest volume, in GiB.
 const MAX_VOLUME_GIB: u64 = 65536;
@@ -489,27 +488,6 @@ pub(crate) fn decode_envelope<T: DeserializeOwned>(
     serde_json::from_str(env.body.get()).map_err(|e| corrupt(e.to_string()))
 }
 
-/// Reads a file of at most `MAX_JSON` bytes; `Ok(None)` if it is absent.
-pub(crate) fn read_bounded(path: &Path, what: &'static str) -> Result<Option<Vec<u8>>> {
-    let f = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e).ctx("open", path),
-    };
-    let mut bytes = Vec::new();
-    f.take(MAX_JSON + 1)
-        .read_to_end(&mut bytes)
-        .ctx("read", path)?;
-    if bytes.len() as u64 > MAX_JSON {
-        return Err(Error::CorruptFile {
-            what,
-            path: path.to_path_buf(),
-            reason: format!("larger than {MAX_JSON} bytes"),
-        });
-    }
-    Ok(Some(bytes))
-}
-
 /// Decodes an image manifest file (`images/<ami>.json`); `path` names it
 /// in errors.
 pub fn decode_image(bytes: &[u8], path: &Path) -> Result<Image> {
@@ -529,10 +507,11 @@ pub fn decode_state(bytes: &[u8], path: &Path) -> Result<StateRecord> {
 /// Reads an image with its state and permissions.
 pub fn read(region: &Region, id: &ImageId) -> Result<ImageView> {
     let path = image_path(region, id);
-    let bytes = read_bounded(&path, "image manifest")?.ok_or_else(|| Error::ImageNotFound {
-        id: id.clone(),
-        region: region.name().to_string(),
-    })?;
+    let bytes =
+        read_bounded(&path, "image manifest", MAX_JSON)?.ok_or_else(|| Error::ImageNotFound {
+            id: id.clone(),
+            region: region.name().to_string(),
+        })?;
     let image = decode_image(&bytes, &path)?;
     if &image.image_id != id {
         return Err(Error::CorruptFile {
@@ -542,12 +521,12 @@ pub fn read(region: &Region, id: &ImageId) -> Result<ImageView> {
         });
     }
     let sp = state_path(region, id);
-    let state = match read_bounded(&sp, "image state")? {
+    let state = match read_bounded(&sp, "image state", MAX_JSON)? {
         Some(b) => decode_state(&b, &sp)?,
         None => StateRecord::default(),
     };
     let lp = launch_path(region, id);
-    let permissions = match read_bounded(&lp, "launch permissions")? {
+    let permissions = match read_bounded(&lp, "launch permissions", MAX_JSON)? {
         Some(b) => decode_permissions(&b, &lp)?,
         None => LaunchPermissions::default(),
     };
@@ -556,6 +535,20 @@ pub fn read(region: &Region, id: &ImageId) -> Result<ImageView> {
         state,
         permissions,
     })
+}
+
+/// Reads an image that `caller` may `action` (launch, copy): it must be
+/// available and theirs, shared with them, or public.
+pub fn read_launchable(
+    region: &Region,
+    id: &ImageId,
+    caller: &AccountId,
+    action: &'static str,
+) -> Result<ImageView> {
+    let view = read(region, id)?;
+    view.require_launch(caller, action)?;
+    view.require_available()?;
+    Ok(view)
 }
 
 /// Images found in a region, and files that could not be read.

@@ -17,7 +17,7 @@ use crate::image::{self, DeviceName, GIB, MappingTarget};
 use crate::progress::Progress;
 use crate::region::Region;
 use crate::restore::{self, RestoreOptions};
-use crate::store::{Durability, write_atomic};
+use crate::store::{Durability, read_bounded, write_atomic};
 
 pub const RUNNING: &str = "running";
 pub const TERMINATED: &str = "terminated";
@@ -66,7 +66,7 @@ pub struct Instance {
 /// Reads `DIR/instance.json`.
 pub fn read(dir: &Path) -> Result<Instance> {
     let path = dir.join(INSTANCE_FILE);
-    let bytes = image::read_bounded(&path, "instance description")?.ok_or_else(|| {
+    let bytes = read_bounded(&path, "instance description", image::MAX_JSON)?.ok_or_else(|| {
         Error::InvalidInstance(format!(
             "{} holds no instance ({} is missing): give the directory `instance launch` created",
             dir.display(),
@@ -122,9 +122,7 @@ pub fn launch(
     opts: &LaunchOptions,
     progress: &dyn Progress,
 ) -> Result<Instance> {
-    let view = image::read(region, ami)?;
-    view.require_launch(&opts.caller, "launch")?;
-    view.require_available()?;
+    let view = image::read_launchable(region, ami, &opts.caller, "launch")?;
     match fs::read_dir(dir) {
         Ok(mut entries) => {
             if entries.next().is_some() {

@@ -20,7 +20,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, IoContext, Result};
 use crate::id::{AccountId, SnapshotId};
 use crate::manifest::{self, Manifest, SnapshotMeta};
-use crate::store::{ChunkStore, Durability, LocalChunkStore, for_each_entry, write_atomic};
+use crate::store::{
+    ChunkStore, Durability, LocalChunkStore, for_each_entry, read_bounded, write_atomic,
+};
 use crate::sys::{self, LockMode};
 
 pub const STORE_FORMAT: &str = "blocksnap-region";
@@ -342,10 +344,8 @@ fn store_account(store_root: &Path) -> Result<AccountId> {
 }
 
 fn read_store_info(path: &Path, name: &str) -> Result<StoreInfo> {
-    let f = File::open(path).ctx("open", path)?;
-    let mut bytes = Vec::new();
-    f.take(MAX_STORE_JSON + 1)
-        .read_to_end(&mut bytes)
+    let bytes = read_bounded(path, "store description", MAX_STORE_JSON)?
+        .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
         .ctx("read", path)?;
     decode_store_info(&bytes, path, name)
 }

@@ -221,6 +221,28 @@ pub(crate) fn for_each_entry(dir: &Path, mut f: impl FnMut(PathBuf) -> Result<()
     Ok(())
 }
 
+/// Reads a file of at most `limit` bytes (refusing a larger one as damaged
+/// before reading it all); `Ok(None)` if it is absent.
+pub(crate) fn read_bounded(path: &Path, what: &'static str, limit: u64) -> Result<Option<Vec<u8>>> {
+    let f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).ctx("open", path),
+    };
+    let mut bytes = Vec::new();
+    f.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .ctx("read", path)?;
+    if bytes.len() as u64 > limit {
+        return Err(Error::CorruptFile {
+            what,
+            path: path.to_path_buf(),
+            reason: format!("larger than {limit} bytes"),
+        });
+    }
+    Ok(Some(bytes))
+}
+
 const TEMP_MARK: &str = ".tmp-";
 
 pub(crate) fn is_temp_name(name: &str) -> bool {
