@@ -120,6 +120,9 @@ pub fn present_and_sound(store: &dyn ChunkStore, id: &ChunkId) -> Result<bool> {
     if !store.has(id)? {
         return Ok(false);
     }
+    if store.atomic_puts() {
+        return Ok(true);
+    }
     match load_into(store, id, &mut Vec::new()) {
         Ok(_) => Ok(true),
         Err(Error::MissingChunk { .. }) => Ok(false),

@@ -51,6 +51,24 @@ pub fn thread_pool(threads: usize) -> Result<rayon::ThreadPool> {
         })
 }
 
+/// A pool for work that waits on `store` as well as computing: `threads`
+/// (0: one per core), raised to the requests a remote store wants in
+/// flight, since its workers mostly wait.
+pub fn thread_pool_for(
+    store: &dyn crate::store::ChunkStore,
+    threads: usize,
+) -> Result<rayon::ThreadPool> {
+    let io = store.io_parallelism();
+    if io == 0 {
+        return thread_pool(threads);
+    }
+    let cpu = match threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    thread_pool(cpu.max(io))
+}
+
 /// Reads the first `len` bytes of `volume` as blocks of `block_size`, calls
 /// `visit` for each on the pool's workers (in any order), and passes the
 /// results to `sink` in block order.

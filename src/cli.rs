@@ -43,7 +43,7 @@ pub struct Global {
     /// Store directory [default: $XDG_DATA_HOME/blocksnap or ~/.local/share/blocksnap]
     #[arg(long, global = true, env = "BLOCKSNAP_STORE", value_name = "DIR")]
     pub store: Option<PathBuf>,
-    /// Region: one sub-directory of the store
+    /// Region: a sub-directory of the store, or one defined with `region add`
     #[arg(
         long,
         global = true,
@@ -80,6 +80,31 @@ pub enum Command {
     /// Maintain the store: verify, gc, stats
     #[command(subcommand)]
     Store(StoreCmd),
+    /// Define regions on S3-compatible object stores [DescribeRegions]
+    #[command(subcommand)]
+    Region(RegionCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RegionCmd {
+    /// Define region NAME at s3://BUCKET[/PREFIX], creating it there if new.
+    /// Credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY
+    /// (and AWS_REGION, AWS_SESSION_TOKEN) and are never stored
+    Add {
+        name: String,
+        /// s3://BUCKET or s3://BUCKET/PREFIX
+        url: String,
+        /// S3 endpoint, e.g. http://127.0.0.1:8333 [default: $AWS_ENDPOINT, or AWS]
+        #[arg(long, value_name = "URL")]
+        endpoint: Option<String>,
+        /// Allow a plain-HTTP endpoint
+        #[arg(long)]
+        allow_http: bool,
+    },
+    /// List regions: local directories and object-store definitions
+    List,
+    /// Forget an object-store region's definition (deletes nothing stored there)
+    Remove { name: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -337,6 +362,50 @@ pub enum StoreCmd {
     Stats,
 }
 
+fn region_cmd(root: &Path, out: &Out, cmd: RegionCmd) -> Result<u8> {
+    match cmd {
+        RegionCmd::Add {
+            name,
+            url,
+            endpoint,
+            allow_http,
+        } => {
+            let def = blocksnap::regions::RegionDef {
+                url,
+                endpoint,
+                allow_http,
+            };
+            blocksnap::regions::add(root, &name, def.clone())?;
+            // Reach the store now, so a wrong URL, endpoint or credential
+            // shows here rather than on the first snapshot.
+            let opened =
+                Region::open_or_create(root, &name).and_then(|r| r.snapshot_ids().map(|_| r));
+            let region = match opened {
+                Ok(r) => r,
+                Err(e) => {
+                    blocksnap::regions::remove(root, &name)?;
+                    return Err(
+                        anyhow::Error::new(e).context(format!("region {name} was not added"))
+                    );
+                }
+            };
+            out.region_added(&name, &def, &region);
+            Ok(0)
+        }
+        RegionCmd::List => {
+            let defined = blocksnap::regions::defined(root)?;
+            let local = blocksnap::regions::local(root)?;
+            out.region_list(root, &local, &defined);
+            Ok(0)
+        }
+        RegionCmd::Remove { name } => {
+            let def = blocksnap::regions::remove(root, &name)?;
+            out.region_removed(&name, &def);
+            Ok(0)
+        }
+    }
+}
+
 /// The store root: `--store`, `$BLOCKSNAP_STORE`, or a per-user directory.
 fn store_root(global: &Global) -> Result<PathBuf> {
     if let Some(p) = &global.store {
@@ -402,6 +471,12 @@ pub fn run(cli: Cli) -> Result<u8> {
         .map(str::parse::<AccountId>)
         .transpose()?;
     let root = store_root(g)?;
+    let out = Out::new(g.json, g.quiet);
+    let command = match cli.command {
+        // Region definitions work without opening a region.
+        Command::Region(cmd) => return region_cmd(&root, &out, cmd),
+        other => other,
+    };
     let region = Region::open_or_create(&root, &g.region).with_context(|| {
         format!(
             "cannot open region {} of store {}",
@@ -409,8 +484,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             root.display()
         )
     })?;
-    let out = Out::new(g.json, g.quiet);
-    match cli.command {
+    match command {
         Command::Snapshot(cmd) => snapshot_cmd(&region, &out, account, cmd),
         Command::Image(cmd) => {
             let caller = account.unwrap_or_else(|| region.info().owner.clone());
@@ -475,6 +549,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             out.gc(&report);
             Ok(0)
         }
+        Command::Region(cmd) => region_cmd(&root, &out, cmd),
         Command::Store(StoreCmd::Stats) => {
             out.stats(&output::Stats::collect(&region)?);
             Ok(0)

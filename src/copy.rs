@@ -60,7 +60,7 @@ pub fn copy_image(
     image::check_name_free(dst, &opts.caller, &name)?;
 
     let _src_lock = src.lock(LockMode::Shared, "image copy")?;
-    let _dst_lock = if src.root() == dst.root() {
+    let _dst_lock = if src.location() == dst.location() {
         None
     } else {
         Some(dst.lock(LockMode::Shared, "image copy")?)
@@ -113,7 +113,12 @@ pub fn copy_image(
     let bytes_copied = AtomicU64::new(0);
     let present = AtomicU64::new(0);
     let bytes_present = AtomicU64::new(0);
-    let pool = chunker::thread_pool(opts.threads)?;
+    let busiest = if src.chunks().io_parallelism() > dst.chunks().io_parallelism() {
+        src.chunks()
+    } else {
+        dst.chunks()
+    };
+    let pool = chunker::thread_pool_for(busiest, opts.threads)?;
     progress.start("copy", levels.iter().map(Vec::len).sum::<usize>() as u64);
     for level in &levels {
         pool.install(|| {

@@ -158,6 +158,15 @@ pub enum Error {
 
     #[error("{0}")]
     InvalidInstance(String),
+
+    /// A request to an object store failed (after its retries).
+    #[error("cannot {op} {location}: {reason}")]
+    Remote {
+        op: &'static str,
+        location: String,
+        reason: String,
+        kind: ErrorKind,
+    },
 }
 
 impl Error {
@@ -186,8 +195,14 @@ impl Error {
             | Error::NotAVolume(_)
             | Error::VolumeShrank { .. }
             | Error::UnsupportedVersion { .. } => ErrorKind::Other,
+            Error::Remote { kind, .. } => *kind,
         }
     }
+}
+
+/// An `io::Error` on `path` as [`Error`], as [`IoContext::ctx`] makes it.
+pub(crate) fn io_error(op: &'static str, path: &Path, e: io::Error) -> Error {
+    Err::<(), _>(e).ctx(op, path).unwrap_err()
 }
 
 /// Attaches the operation and path to an `io::Error`.

@@ -52,7 +52,13 @@ struct FaultyStore {
 impl FaultyStore {
     fn new(region: &Region, fail_at: u64, disk: &Disk) -> Box<Self> {
         Box::new(FaultyStore {
-            inner: LocalChunkStore::new(region.root().join("chunks")),
+            inner: LocalChunkStore::new(
+                region
+                    .backend()
+                    .local_root()
+                    .expect("a local region")
+                    .join("chunks"),
+            ),
             ops: AtomicU64::new(0),
             fail_at,
             disk: disk.clone(),
@@ -236,7 +242,7 @@ fn power_loss_after_any_fault_never_breaks_a_committed_snapshot() {
                 snapshot::create(&region, &v1, &options(), &NoProgress).unwrap()
             });
             // ...then the power fails.
-            disk.crash(open(&store_root).root());
+            disk.crash(open(&store_root).backend().local_root().unwrap());
             let context = format!("fault at op {fail_at}, retry first: {retry_first}");
             assert_consistent(&store_root, &context);
             let region = open(&store_root);

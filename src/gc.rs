@@ -30,7 +30,8 @@ pub struct GcReport {
 
 /// Deletes every chunk no snapshot names, and leftover temporary files.
 pub fn gc(region: &Region) -> Result<GcReport> {
-    let _lock = region.lock(LockMode::Exclusive, "store gc")?;
+    let lock = region.lock(LockMode::Exclusive, "store gc")?;
+    let cutoff = region.backend().gc_cutoff(&lock)?;
     let mut report = GcReport::default();
     let mut live = HashSet::new();
     for id in region.snapshot_ids()? {
@@ -42,8 +43,9 @@ pub fn gc(region: &Region) -> Result<GcReport> {
     // A base is live while any delta on it is.
     let roots: Vec<ChunkId> = live.iter().copied().collect();
     walk_bases(store, roots, |_, base| live.insert(base))?;
-    for id in store.list()? {
-        if live.contains(&id) {
+    for (id, written) in store.list_modified()? {
+        let young = matches!((cutoff, written), (Some(c), Some(w)) if w > c);
+        if live.contains(&id) || young {
             report.chunks_kept += 1;
         } else {
             report.bytes_removed += store.size(&id).unwrap_or(0);
@@ -51,7 +53,7 @@ pub fn gc(region: &Region) -> Result<GcReport> {
             report.chunks_removed += 1;
         }
     }
-    report.temp_files_removed = store.remove_leftovers()?;
+    report.temp_files_removed = store.remove_leftovers()? + region.backend().remove_leftovers()?;
     Ok(report)
 }
 
@@ -183,7 +185,7 @@ pub fn verify_and_repair(
             }
             for m in &v.image.block_device_mappings {
                 if let Some(e) = m.ebs()
-                    && !region.has_snapshot(&e.snapshot_id)
+                    && !region.has_snapshot(&e.snapshot_id)?
                 {
                     report.damaged_manifests.push(format!(
                         "image {} maps {} to {}, which is missing from region {}",
@@ -229,7 +231,7 @@ pub fn verify_and_repair(
         report.orphan_chunks = present.iter().filter(|c| !needed.contains_key(c)).count() as u64;
     }
 
-    let pool = chunker::thread_pool(threads)?;
+    let pool = chunker::thread_pool_for(region.chunks(), threads)?;
     progress.start("verify", to_check.len() as u64);
     let results: Vec<(ChunkId, Result<u64>)> = pool.install(|| {
         to_check

@@ -18,8 +18,7 @@
 //! every change is owner-only. They do not protect against someone with
 //! write access to the store's files.
 
-use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::str::FromStr;
 use std::time::SystemTime;
 
@@ -27,11 +26,10 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::id::{AccountId, ImageId, SnapshotId, string_newtype};
 use crate::manifest::{SnapshotMeta, Tag};
 use crate::region::Region;
-use crate::store::{Durability, for_each_entry, read_bounded, write_atomic};
 
 const IMAGE_FORMAT: &str = "blocksnap-image";
 const LAUNCH_FORMAT: &str = "blocksnap-launch-permissions";
@@ -412,20 +410,16 @@ pub fn validate_mappings(
 
 // ---- storage ----
 
-fn images_dir(region: &Region) -> PathBuf {
-    region.root().join("images")
+fn image_key(id: &ImageId) -> String {
+    format!("images/{id}.json")
 }
 
-fn image_path(region: &Region, id: &ImageId) -> PathBuf {
-    images_dir(region).join(format!("{id}.json"))
+fn launch_key(id: &ImageId) -> String {
+    format!("images/{id}.launch.json")
 }
 
-fn launch_path(region: &Region, id: &ImageId) -> PathBuf {
-    images_dir(region).join(format!("{id}.launch.json"))
-}
-
-fn state_path(region: &Region, id: &ImageId) -> PathBuf {
-    images_dir(region).join(format!("{id}.state.json"))
+fn state_key(id: &ImageId) -> String {
+    format!("images/{id}.state.json")
 }
 
 #[derive(Serialize, Deserialize)]
@@ -506,9 +500,11 @@ pub fn decode_state(bytes: &[u8], path: &Path) -> Result<StateRecord> {
 
 /// Reads an image with its state and permissions.
 pub fn read(region: &Region, id: &ImageId) -> Result<ImageView> {
-    let path = image_path(region, id);
-    let bytes =
-        read_bounded(&path, "image manifest", MAX_JSON)?.ok_or_else(|| Error::ImageNotFound {
+    let store = region.backend();
+    let path = store.locate(&image_key(id));
+    let bytes = store
+        .read(&image_key(id), "image manifest", MAX_JSON)?
+        .ok_or_else(|| Error::ImageNotFound {
             id: id.clone(),
             region: region.name().to_string(),
         })?;
@@ -520,14 +516,12 @@ pub fn read(region: &Region, id: &ImageId) -> Result<ImageView> {
             reason: format!("it describes {} instead", image.image_id),
         });
     }
-    let sp = state_path(region, id);
-    let state = match read_bounded(&sp, "image state", MAX_JSON)? {
-        Some(b) => decode_state(&b, &sp)?,
+    let state = match store.read(&state_key(id), "image state", MAX_JSON)? {
+        Some(b) => decode_state(&b, &store.locate(&state_key(id)))?,
         None => StateRecord::default(),
     };
-    let lp = launch_path(region, id);
-    let permissions = match read_bounded(&lp, "launch permissions", MAX_JSON)? {
-        Some(b) => decode_permissions(&b, &lp)?,
+    let permissions = match store.read(&launch_key(id), "launch permissions", MAX_JSON)? {
+        Some(b) => decode_permissions(&b, &store.locate(&launch_key(id)))?,
         None => LaunchPermissions::default(),
     };
     Ok(ImageView {
@@ -559,17 +553,12 @@ pub struct ImageListing {
 
 /// Every image of the region, oldest first.
 pub fn list(region: &Region) -> Result<ImageListing> {
-    let mut ids = Vec::new();
-    for_each_entry(&images_dir(region), |p| {
-        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if let Some(id) = name
-            .strip_suffix(".json")
-            .and_then(|s| s.parse::<ImageId>().ok())
-        {
-            ids.push(id);
-        }
-        Ok(())
-    })?;
+    let ids: Vec<ImageId> = region
+        .backend()
+        .list("images")?
+        .iter()
+        .filter_map(|name| name.strip_suffix(".json")?.parse().ok())
+        .collect();
     let mut listing = ImageListing {
         images: Vec::new(),
         damaged: Vec::new(),
@@ -590,36 +579,29 @@ pub fn list(region: &Region) -> Result<ImageListing> {
 
 /// Writes a new image manifest; an existing one is never overwritten.
 pub(crate) fn write_new(region: &Region, image: &Image) -> Result<()> {
-    let path = image_path(region, &image.image_id);
-    let dir = images_dir(region);
-    fs::create_dir_all(&dir).ctx("create directory", &dir)?;
-    if path.exists() {
+    let created = region.backend().create(
+        &image_key(&image.image_id),
+        &encode_envelope(IMAGE_FORMAT, image),
+    )?;
+    if !created {
         return Err(Error::InvalidImage(format!(
             "image {} already exists",
             image.image_id
         )));
     }
-    write_atomic(
-        &path,
-        &encode_envelope(IMAGE_FORMAT, image),
-        Durability::Now,
-    )
+    Ok(())
 }
 
 fn write_state(region: &Region, id: &ImageId, state: &StateRecord) -> Result<()> {
-    write_atomic(
-        &state_path(region, id),
-        &encode_envelope(STATE_FORMAT, state),
-        Durability::Now,
-    )
+    region
+        .backend()
+        .replace(&state_key(id), &encode_envelope(STATE_FORMAT, state))
 }
 
 fn write_permissions(region: &Region, id: &ImageId, p: &LaunchPermissions) -> Result<()> {
-    write_atomic(
-        &launch_path(region, id),
-        &encode_envelope(LAUNCH_FORMAT, p),
-        Durability::Now,
-    )
+    region
+        .backend()
+        .replace(&launch_key(id), &encode_envelope(LAUNCH_FORMAT, p))
 }
 
 /// Fails if `owner` already has an available image called `name` here.

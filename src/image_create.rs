@@ -175,7 +175,7 @@ pub fn create_from_instance(
         let plan = match &d.volume {
             InstanceVolume::Ebs(e) => Plan::Snapshot {
                 path: dir.join(&d.volume_file),
-                parent: if region.has_snapshot(&e.snapshot_id) {
+                parent: if region.has_snapshot(&e.snapshot_id)? {
                     ParentChoice::Explicit(e.snapshot_id.clone())
                 } else {
                     // Its source snapshot was deleted: fall back to the

@@ -68,6 +68,7 @@
 //!
 //! The library never prints; progress goes through [`progress::Progress`].
 
+pub mod backend;
 pub mod chunk;
 pub mod chunker;
 pub mod copy;
@@ -84,7 +85,9 @@ pub mod instance;
 pub mod manifest;
 pub mod progress;
 pub mod region;
+pub mod regions;
 pub mod restore;
+pub mod s3;
 pub mod snapshot;
 pub mod store;
 mod sys;

@@ -28,6 +28,9 @@ pub const MANIFEST_MAGIC: &[u8; 8] = b"BSNAPMAN";
 pub const MANIFEST_VERSION: u32 = 1;
 pub const HEADER_LEN: usize = 88;
 pub const MAX_META_LEN: u32 = 1 << 20;
+/// The largest manifest read: a 64 TiB volume of 4 KiB data blocks, the
+/// most blocks a volume can have (33 bytes each).
+pub const MAX_MANIFEST_LEN: u64 = HEADER_LEN as u64 + MAX_META_LEN as u64 + 33 * (1 << 34);
 
 /// What one block of a volume held when it was snapshotted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

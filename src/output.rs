@@ -3,6 +3,7 @@
 
 use std::io::IsTerminal;
 
+use blocksnap::regions::RegionDef;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 
@@ -344,6 +345,63 @@ impl Out {
         );
     }
 
+    pub fn region_added(&self, name: &str, def: &RegionDef, region: &Region) {
+        if self.json {
+            return self.print(json!({
+                "RegionName": name,
+                "Location": def.url,
+                "Endpoint": def.endpoint,
+                "OwnerId": region.info().owner.as_str(),
+            }));
+        }
+        println!(
+            "region {name}: {} ({}), owner {}",
+            def.url,
+            def.endpoint.as_deref().unwrap_or("AWS S3"),
+            region.info().owner
+        );
+    }
+
+    pub fn region_list(
+        &self,
+        root: &std::path::Path,
+        local: &[String],
+        defined: &std::collections::BTreeMap<String, RegionDef>,
+    ) {
+        let mut rows: Vec<(String, &str, String, Option<String>)> = local
+            .iter()
+            .map(|n| (n.clone(), "local", root.join(n).display().to_string(), None))
+            .collect();
+        rows.extend(
+            defined
+                .iter()
+                .map(|(n, d)| (n.clone(), "s3", d.url.clone(), d.endpoint.clone())),
+        );
+        rows.sort();
+        if self.json {
+            let regions: Vec<Value> = rows
+                .iter()
+                .map(|(n, kind, loc, ep)| {
+                    json!({"RegionName": n, "Backend": kind, "Location": loc, "Endpoint": ep})
+                })
+                .collect();
+            return self.print(json!({ "Regions": regions }));
+        }
+        for (n, kind, loc, ep) in rows {
+            match ep {
+                Some(ep) => println!("{n:<20} {kind:<6} {loc} ({ep})"),
+                None => println!("{n:<20} {kind:<6} {loc}"),
+            }
+        }
+    }
+
+    pub fn region_removed(&self, name: &str, def: &RegionDef) {
+        if self.json {
+            return self.print(json!({"RegionName": name, "Location": def.url}));
+        }
+        println!("region {name} forgotten; its data stays at {}", def.url);
+    }
+
     pub fn gc(&self, r: &GcReport) {
         if self.json {
             return self.print(json!({
@@ -404,7 +462,7 @@ impl Stats {
         Ok(Stats {
             region: region.name().to_string(),
             owner: region.info().owner.to_string(),
-            root: region.root().display().to_string(),
+            root: region.location(),
             snapshots: region.snapshot_ids()?.len() as u64,
             chunks: ids.len() as u64,
             stored_bytes,

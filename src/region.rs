@@ -1,46 +1,25 @@
-//! A region: one store directory holding chunks, snapshot manifests and
-//! (later) images, with `store.json` describing it and `lock` guarding it.
-//!
-//! ```text
-//! <store>/<region>/
-//!   store.json                    format, version, region name, owner account, created
-//!   chunks/<first 4 hex>/<64 hex> one chunk (see chunk.rs)
-//!   snapshots/<snap-id>           snapshot manifest (see manifest.rs)
-//!   images/                       image manifests
-//!   lock                          flock: shared for writers and readers, exclusive for gc
-//! ```
+//! A region: one store (a directory, or a prefix of an S3 bucket) holding
+//! chunks, snapshot manifests and images, with `store.json` describing it.
+//! Which backend a region name resolves to is kept in `regions.json` at the
+//! store root (see [`crate::regions`]); a name not defined there is a
+//! directory of the store root. The layout is in [`crate::backend`].
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, Write};
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime};
+use std::fs;
+use std::path::Path;
+use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
+use crate::backend::{Backend, LocalBackend, RegionLock};
 use crate::error::{Error, IoContext, Result};
 use crate::id::{AccountId, SnapshotId};
 use crate::manifest::{self, Manifest, SnapshotMeta};
-use crate::store::{
-    ChunkStore, Durability, LocalChunkStore, for_each_entry, read_bounded, write_atomic,
-};
-use crate::sys::{self, LockMode};
+use crate::store::ChunkStore;
+use crate::sys::LockMode;
 
 pub const STORE_FORMAT: &str = "blocksnap-region";
 pub const STORE_VERSION: u32 = 1;
 const MAX_STORE_JSON: u64 = 64 << 10;
-/// How long a command waits for a conflicting lock before giving up;
-/// `BLOCKSNAP_LOCK_WAIT` (seconds) overrides it.
-const LOCK_WAIT: Duration = Duration::from_secs(60);
-
-fn lock_wait() -> Duration {
-    std::env::var("BLOCKSNAP_LOCK_WAIT")
-        .ok()
-        .and_then(|s| s.parse::<f64>().ok())
-        .filter(|s| s.is_finite() && *s >= 0.0)
-        .map(Duration::from_secs_f64)
-        .unwrap_or(LOCK_WAIT)
-}
-
 /// Contents of `store.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StoreInfo {
@@ -53,7 +32,7 @@ pub struct StoreInfo {
 }
 
 pub struct Region {
-    root: PathBuf,
+    backend: Box<dyn Backend>,
     info: StoreInfo,
     chunks: Box<dyn ChunkStore>,
 }
@@ -82,34 +61,52 @@ pub fn validate_region_name(name: &str) -> Result<()> {
 }
 
 impl Region {
-    /// Opens region `name` under `store_root`, creating it (and the store
-    /// root) on first use.
+    /// Opens region `name` of the store at `store_root`: the backend
+    /// `regions.json` defines for it, or the directory `<store_root>/<name>`.
+    /// Creates the region on first use.
     pub fn open_or_create(store_root: &Path, name: &str) -> Result<Region> {
         validate_region_name(name)?;
-        let root = store_root.join(name);
-        let info_path = root.join("store.json");
-        if !info_path.exists() {
-            fs::create_dir_all(&root).ctx("create region directory", &root)?;
-            for sub in ["chunks", "snapshots", "images"] {
-                let p = root.join(sub);
-                fs::create_dir_all(&p).ctx("create directory", &p)?;
+        let backend: Box<dyn Backend> = match crate::regions::lookup(store_root, name)? {
+            Some(def) => Box::new(crate::s3::S3Backend::connect(name, &def)?),
+            None => Box::new(LocalBackend::new(store_root.join(name))),
+        };
+        Region::open_backend(backend, store_root, name)
+    }
+
+    /// Opens (creating on first use) region `name` kept by `backend`; a new
+    /// region is owned by the store's default account.
+    pub fn open_backend(
+        backend: Box<dyn Backend>,
+        store_root: &Path,
+        name: &str,
+    ) -> Result<Region> {
+        let info = match backend.read("store.json", "store description", MAX_STORE_JSON)? {
+            Some(bytes) => decode_store_info(&bytes, &backend.locate("store.json"), name)?,
+            None => {
+                let info = StoreInfo {
+                    format: STORE_FORMAT.into(),
+                    version: STORE_VERSION,
+                    region: name.into(),
+                    owner: store_account(store_root)?,
+                    created: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+                };
+                let json = serde_json::to_vec_pretty(&info).expect("store info serializes");
+                // Two first commands racing: one creates it and both
+                // then read the same description.
+                backend.create("store.json", &json)?;
+                let bytes = backend
+                    .read("store.json", "store description", MAX_STORE_JSON)?
+                    .ok_or_else(|| Error::CorruptFile {
+                        what: "store description",
+                        path: backend.locate("store.json"),
+                        reason: "it vanished right after it was created".into(),
+                    })?;
+                decode_store_info(&bytes, &backend.locate("store.json"), name)?
             }
-            let info = StoreInfo {
-                format: STORE_FORMAT.into(),
-                version: STORE_VERSION,
-                region: name.into(),
-                owner: store_account(store_root)?,
-                created: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
-            };
-            let json = serde_json::to_vec_pretty(&info).expect("store info serializes");
-            // Two first commands racing: the rename makes one of them win
-            // and both then read the same file.
-            write_atomic(&info_path, &json, Durability::Now)?;
-        }
-        let info = read_store_info(&info_path, name)?;
+        };
         Ok(Region {
-            chunks: Box::new(LocalChunkStore::new(root.join("chunks"))),
-            root,
+            chunks: backend.chunk_store(),
+            backend,
             info,
         })
     }
@@ -120,8 +117,13 @@ impl Region {
         Region { chunks, ..self }
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
+    /// Where the region lives: a directory or an `s3://` URL.
+    pub fn location(&self) -> String {
+        self.backend.location()
+    }
+
+    pub fn backend(&self) -> &dyn Backend {
+        self.backend.as_ref()
     }
 
     pub fn name(&self) -> &str {
@@ -136,8 +138,8 @@ impl Region {
         self.chunks.as_ref()
     }
 
-    fn snapshot_path(&self, id: &SnapshotId) -> PathBuf {
-        self.root.join("snapshots").join(id.as_str())
+    fn snapshot_key(id: &SnapshotId) -> String {
+        format!("snapshots/{id}")
     }
 
     fn not_found(&self, id: &SnapshotId) -> Error {
@@ -147,18 +149,21 @@ impl Region {
         }
     }
 
-    pub fn has_snapshot(&self, id: &SnapshotId) -> bool {
-        self.snapshot_path(id).exists()
+    pub fn has_snapshot(&self, id: &SnapshotId) -> Result<bool> {
+        Ok(self
+            .backend
+            .read_head(&Self::snapshot_key(id), 0)?
+            .is_some())
     }
 
     /// Reads and checks a whole snapshot manifest.
     pub fn read_snapshot(&self, id: &SnapshotId) -> Result<Manifest> {
-        let path = self.snapshot_path(id);
-        let bytes = match fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(self.not_found(id)),
-            Err(e) => return Err(e).ctx("read snapshot manifest", &path),
-        };
+        let key = Self::snapshot_key(id);
+        let path = self.backend.locate(&key);
+        let bytes = self
+            .backend
+            .read(&key, "snapshot manifest", manifest::MAX_MANIFEST_LEN)?
+            .ok_or_else(|| self.not_found(id))?;
         let m = Manifest::decode(&bytes, &path)?;
         self.check_name(&m.meta, id, &path)?;
         Ok(m)
@@ -166,23 +171,20 @@ impl Region {
 
     /// Reads and checks only the meta of a snapshot manifest.
     pub fn read_snapshot_meta(&self, id: &SnapshotId) -> Result<SnapshotMeta> {
-        let path = self.snapshot_path(id);
-        let mut f = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(self.not_found(id)),
-            Err(e) => return Err(e).ctx("open snapshot manifest", &path),
-        };
-        let file_len = f.metadata().ctx("stat snapshot manifest", &path)?.len();
-        let mut head = Vec::with_capacity(manifest::HEADER_LEN);
-        (&mut f)
-            .take(manifest::HEADER_LEN as u64)
-            .read_to_end(&mut head)
-            .ctx("read snapshot manifest", &path)?;
-        if let Some(n) = Manifest::meta_prefix_len(&head) {
-            (&mut f)
-                .take((n - head.len()) as u64)
-                .read_to_end(&mut head)
-                .ctx("read snapshot manifest", &path)?;
+        let key = Self::snapshot_key(id);
+        let path = self.backend.locate(&key);
+        let (mut head, file_len) = self
+            .backend
+            .read_head(&key, manifest::HEADER_LEN as u64)?
+            .ok_or_else(|| self.not_found(id))?;
+        if let Some(n) = Manifest::meta_prefix_len(&head)
+            && n > head.len()
+        {
+            head = self
+                .backend
+                .read_head(&key, n as u64)?
+                .ok_or_else(|| self.not_found(id))?
+                .0;
         }
         let meta = Manifest::decode_meta(&head, &path, file_len)?;
         self.check_name(&meta, id, &path)?;
@@ -201,40 +203,38 @@ impl Region {
     }
 
     /// Commits a snapshot: chunks are made durable first, then the manifest
-    /// is written atomically. The snapshot exists from the rename on.
+    /// is created (never overwriting one). The snapshot exists from then on.
     pub fn write_snapshot(&self, m: &Manifest) -> Result<()> {
         self.chunks.sync()?;
-        write_atomic(
-            &self.snapshot_path(&m.meta.id),
-            &m.encode(),
-            Durability::Now,
-        )
+        let key = Self::snapshot_key(&m.meta.id);
+        if !self.backend.create(&key, &m.encode())? {
+            return Err(Error::InvalidArgument(format!(
+                "snapshot {} already exists in region {}: snapshot ids never repeat, so this is a \
+                 copy of a snapshot that is already there",
+                m.meta.id,
+                self.name()
+            )));
+        }
+        Ok(())
     }
 
     /// Removes a snapshot manifest. Its chunks stay until `store gc`.
     pub fn delete_snapshot(&self, id: &SnapshotId) -> Result<()> {
-        let path = self.snapshot_path(id);
-        match fs::remove_file(&path) {
-            Ok(()) => crate::store::sync_dir(path.parent().expect("has parent")),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(self.not_found(id)),
-            Err(e) => Err(e).ctx("remove snapshot manifest", &path),
+        if self.backend.remove(&Self::snapshot_key(id))? {
+            Ok(())
+        } else {
+            Err(self.not_found(id))
         }
     }
 
     /// Ids of every snapshot manifest present, sorted.
     pub fn snapshot_ids(&self) -> Result<Vec<SnapshotId>> {
-        let dir = self.root.join("snapshots");
-        let mut ids = Vec::new();
-        for_each_entry(&dir, |p| {
-            if let Some(id) = p
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.parse().ok())
-            {
-                ids.push(id);
-            }
-            Ok(())
-        })?;
+        let mut ids: Vec<SnapshotId> = self
+            .backend
+            .list("snapshots")?
+            .iter()
+            .filter_map(|n| n.parse().ok())
+            .collect();
         ids.sort();
         Ok(ids)
     }
@@ -261,53 +261,8 @@ impl Region {
 
     /// Takes the region lock, waiting up to a minute for a conflicting one.
     pub fn lock(&self, mode: LockMode, purpose: &str) -> Result<RegionLock> {
-        let path = self.root.join("lock");
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .ctx("open lock file", &path)?;
-        let started = Instant::now();
-        loop {
-            if sys::try_lock(&file, mode).ctx("lock", &path)? {
-                break;
-            }
-            if started.elapsed() >= lock_wait() {
-                let mut holder = String::new();
-                let _ = file.read_to_string(&mut holder);
-                let holder = match (mode, holder.trim()) {
-                    (LockMode::Exclusive, _) => {
-                        "snapshot, restore or other commands are using it".to_string()
-                    }
-                    (LockMode::Shared, "") => "an exclusive holder, such as store gc".to_string(),
-                    (LockMode::Shared, h) => h.to_string(),
-                };
-                return Err(Error::Locked { path, holder });
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        if mode == LockMode::Exclusive {
-            // Tells a waiting command who holds the store.
-            let host = fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-            let note = format!(
-                "{purpose} by pid {} on {} since {}",
-                std::process::id(),
-                host.trim(),
-                humantime::format_rfc3339_seconds(SystemTime::now())
-            );
-            let _ = file.set_len(0);
-            let _ = file.rewind();
-            let _ = file.write_all(note.as_bytes());
-        }
-        Ok(RegionLock { _file: file })
+        self.backend.lock(mode, purpose)
     }
-}
-
-/// Held region lock; released when dropped (or when the process dies).
-pub struct RegionLock {
-    _file: File,
 }
 
 /// The store's default account, shared by all its regions: read from
@@ -315,25 +270,8 @@ pub struct RegionLock {
 fn store_account(store_root: &Path) -> Result<AccountId> {
     let path = store_root.join("account");
     if !path.exists() {
-        fs::create_dir_all(store_root).ctx("create store directory", store_root)?;
-        // Publish with link(2), which never replaces: of racing first
-        // commands exactly one account wins and all read it.
-        let tmp = crate::store::temp_path_for(&path);
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .ctx("create", &tmp)?;
-        let linked = f
-            .write_all(format!("{}\n", AccountId::random()).as_bytes())
-            .and_then(|()| f.sync_all())
-            .and_then(|()| fs::hard_link(&tmp, &path));
-        let _ = fs::remove_file(&tmp);
-        match linked {
-            Ok(()) => crate::store::sync_dir(store_root)?,
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e).ctx("create", &path),
-        }
+        // Of racing first commands exactly one account wins and all read it.
+        crate::backend::create_new_durable(&path, format!("{}\n", AccountId::random()).as_bytes())?;
     }
     let text = fs::read_to_string(&path).ctx("read", &path)?;
     text.trim().parse().map_err(|_| Error::CorruptFile {
@@ -341,13 +279,6 @@ fn store_account(store_root: &Path) -> Result<AccountId> {
         path: path.clone(),
         reason: format!("{:?} is not a 12-digit account id", text.trim()),
     })
-}
-
-fn read_store_info(path: &Path, name: &str) -> Result<StoreInfo> {
-    let bytes = read_bounded(path, "store description", MAX_STORE_JSON)?
-        .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
-        .ctx("read", path)?;
-    decode_store_info(&bytes, path, name)
 }
 
 /// Decodes a `store.json` for region `name`; `path` names it in errors.

@@ -43,6 +43,23 @@ pub trait ChunkStore: Send + Sync {
     fn quarantine(&self, id: &ChunkId) -> Result<()> {
         self.remove(id)
     }
+    /// Every stored chunk with the time it was written, where the store
+    /// keeps one.
+    fn list_modified(&self) -> Result<Vec<(ChunkId, Option<std::time::SystemTime>)>> {
+        Ok(self.list()?.into_iter().map(|id| (id, None)).collect())
+    }
+    /// Whether a stored chunk is always whole (one atomic PUT), so that a
+    /// chunk found in the store can be trusted without reading it back.
+    /// `false` for the local store, where a crash before `sync` can leave a
+    /// partial file under a chunk's name.
+    fn atomic_puts(&self) -> bool {
+        false
+    }
+    /// How many requests the store wants in flight: a latency-bound store
+    /// asks the pipeline for more worker threads than there are cores.
+    fn io_parallelism(&self) -> usize {
+        0
+    }
     /// Removes leftovers of interrupted writes (temporary files) and
     /// returns how many there were. Called by gc, when no writer runs.
     fn remove_leftovers(&self) -> Result<u64> {

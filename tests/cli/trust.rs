@@ -366,7 +366,7 @@ fn a_full_disk_is_a_clear_error_and_no_snapshot() {
         "{err}"
     );
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
-    let snaps = fs::read_dir(store.join("local/snapshots")).unwrap().count();
+    let snaps = fs::read_dir(store.join("local/snapshots")).map_or(0, |d| d.count());
     assert_eq!(snaps, 0, "a manifest was written on a full disk");
     let verify = run(&["store", "verify"]);
     assert!(
