@@ -40,7 +40,8 @@
 //! a writer and gc can never both proceed.
 //!
 //! gc therefore runs alone; on top of that it keeps every unreferenced
-//! chunk written within the stale period before its lock, so a writer whose
+//! chunk written within a grace period before its lock
+//! (`BLOCKSNAP_S3_GC_GRACE`, default the stale period), so a writer whose
 //! lock lapsed (a paused process) does not lose the chunks it uploaded.
 //! gc also deletes lock objects that went stale (their holders died).
 
@@ -77,6 +78,13 @@ fn env_number(name: &str) -> Option<f64> {
         .ok()
         .and_then(|s| s.parse::<f64>().ok())
         .filter(|n| n.is_finite() && *n > 0.0)
+}
+
+fn env_number_or_zero(name: &str) -> Option<f64> {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse::<f64>().ok())
+        .filter(|n| n.is_finite() && *n >= 0.0)
 }
 
 fn lock_stale() -> Duration {
@@ -388,7 +396,10 @@ impl Backend for S3Backend {
     }
 
     fn gc_cutoff(&self, lock: &RegionLock) -> Result<Option<SystemTime>> {
-        Ok(lock.since.map(|t| t - lock_stale()))
+        let grace = env_number_or_zero("BLOCKSNAP_S3_GC_GRACE")
+            .map(Duration::from_secs_f64)
+            .unwrap_or_else(lock_stale);
+        Ok(lock.since.map(|t| t - grace))
     }
 
     fn remove_leftovers(&self) -> Result<u64> {

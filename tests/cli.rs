@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `blocksnap` binary on real ext4 images, loop
 //! devices, e2fsck, cmp and qemu-img.
 
+#[macro_use]
 mod util;
 
 #[path = "cli/images.rs"]
@@ -13,10 +14,12 @@ use std::os::unix::fs::FileExt;
 
 use util::*;
 
-#[test]
-fn full_then_incremental_snapshot_restores_both_exactly() {
+on_each_backend!(
+    full_then_incremental_snapshot_restores_both_exactly,
+    full_then_incremental_snapshot_restores_both_exactly_case
+);
+fn full_then_incremental_snapshot_restores_both_exactly_case(env: &Env) {
     let imgs = images();
-    let env = Env::new();
     let work = env.path("disk.img");
     sparse_copy(&imgs.v1, &work);
     let full = env.snapshot(&work, &["--description", "golden", "--tag", "env=bench"]);
@@ -95,10 +98,12 @@ fn full_then_incremental_snapshot_restores_both_exactly() {
     assert_eq!(mine["Snapshots"].as_array().unwrap().len(), 2);
 }
 
-#[test]
-fn delta_restore_writes_exactly_the_changed_blocks() {
+on_each_backend!(
+    delta_restore_writes_exactly_the_changed_blocks,
+    delta_restore_writes_exactly_the_changed_blocks_case
+);
+fn delta_restore_writes_exactly_the_changed_blocks_case(env: &Env) {
     let imgs = images();
-    let env = Env::new();
     let s1 = id(&env.snapshot(&imgs.v1, &[]));
     let s2 = id(&env.snapshot(&imgs.v2, &[]));
     let changed = env.json(&["snapshot", "changed-blocks", &s1, &s2]);
@@ -147,9 +152,11 @@ fn delta_restore_writes_exactly_the_changed_blocks() {
     assert_same(&target, &imgs.v2);
 }
 
-#[test]
-fn delta_restore_clears_blocks_that_are_zero_in_the_snapshot() {
-    let env = Env::new();
+on_each_backend!(
+    delta_restore_clears_blocks_that_are_zero_in_the_snapshot,
+    delta_restore_clears_blocks_that_are_zero_in_the_snapshot_case
+);
+fn delta_restore_clears_blocks_that_are_zero_in_the_snapshot_case(env: &Env) {
     let img = env.path("small.img");
     let f = fs::File::create(&img).unwrap();
     f.set_len(4 * MIB).unwrap();
@@ -388,10 +395,12 @@ fn bad_inputs_fail_cleanly_and_change_nothing() {
     assert_eq!(env.store_state(), before);
 }
 
-#[test]
-fn qemu_img_sees_restored_image_identical() {
+on_each_backend!(
+    qemu_img_sees_restored_image_identical,
+    qemu_img_sees_restored_image_identical_case
+);
+fn qemu_img_sees_restored_image_identical_case(env: &Env) {
     let imgs = images();
-    let env = Env::new();
     let snap = id(&env.snapshot(&imgs.v2, &[]));
     let out = env.path("r.img");
     env.ok(&[
@@ -425,9 +434,11 @@ fn qemu_img_sees_restored_image_identical() {
     assert!(cmp.contains("identical"), "{cmp}");
 }
 
-#[test]
-fn three_block_states_and_small_block_sizes() {
-    let env = Env::new();
+on_each_backend!(
+    three_block_states_and_small_block_sizes,
+    three_block_states_and_small_block_sizes_case
+);
+fn three_block_states_and_small_block_sizes_case(env: &Env) {
     let img = env.path("states.img");
     let f = fs::File::create(&img).unwrap();
     let bs = 64 * 1024u64;
@@ -463,10 +474,12 @@ fn three_block_states_and_small_block_sizes() {
     assert_eq!(again["RootDigest"], snap["RootDigest"]);
 }
 
-#[test]
-fn delete_and_gc_reclaim_only_unshared_chunks() {
+on_each_backend!(
+    delete_and_gc_reclaim_only_unshared_chunks,
+    delete_and_gc_reclaim_only_unshared_chunks_case
+);
+fn delete_and_gc_reclaim_only_unshared_chunks_case(env: &Env) {
     let imgs = images();
-    let env = Env::new();
     let s1 = id(&env.snapshot(&imgs.v1, &[]));
     let s2 = id(&env.snapshot(&imgs.v2, &[]));
     let stats_before = env.json(&["store", "stats"]);
@@ -527,9 +540,11 @@ fn help_documents_exit_codes_and_global_flags_go_anywhere() {
     env.fails(&["store", "stats", "--region", "Bad_Name"], 2);
 }
 
-#[test]
-fn changed_blocks_are_stored_as_deltas_that_survive_deletion_gc_and_copy() {
-    let env = Env::new();
+on_each_backend!(
+    changed_blocks_are_stored_as_deltas_that_survive_deletion_gc_and_copy,
+    changed_blocks_are_stored_as_deltas_that_survive_deletion_gc_and_copy_case
+);
+fn changed_blocks_are_stored_as_deltas_that_survive_deletion_gc_and_copy_case(env: &Env) {
     let work = env.path("vol.img");
     let mut data = random_bytes(21, 8 * MIB as usize);
     fs::write(&work, &data).unwrap();

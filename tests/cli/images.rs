@@ -68,13 +68,15 @@ fn assert_prefix_then_zeros(volume: &Path, source: &Path, len: u64) {
     assert!(cmp.contains("identical"), "{cmp}");
 }
 
-#[test]
-fn lifecycle_create_launch_customise_create_copy_launch() {
+on_each_backend!(
+    lifecycle_create_launch_customise_create_copy_launch,
+    lifecycle_create_launch_customise_create_copy_launch_case
+);
+fn lifecycle_create_launch_customise_create_copy_launch_case(env: &Env) {
     let imgs = images();
-    let env = Env::new();
     let root = env.path("root.img");
     sparse_copy(&imgs.v1, &root);
-    let data = data_volume(&env);
+    let data = data_volume(env);
     let data_golden = env.path("data-golden.img");
     sparse_copy(&data, &data_golden);
 
@@ -312,9 +314,11 @@ fn lifecycle_create_launch_customise_create_copy_launch() {
     );
 }
 
-#[test]
-fn launch_permissions_guard_describe_launch_copy_and_changes() {
-    let env = Env::new();
+on_each_backend!(
+    launch_permissions_guard_describe_launch_copy_and_changes,
+    launch_permissions_guard_describe_launch_copy_and_changes_case
+);
+fn launch_permissions_guard_describe_launch_copy_and_changes_case(env: &Env) {
     let img = env.path("disk.img");
     fs::write(&img, text_bytes(3, 3 * MIB as usize)).unwrap();
     let a = ami(&env.json(&[
@@ -422,11 +426,11 @@ fn launch_permissions_guard_describe_launch_copy_and_changes() {
     assert_eq!(d["Images"][0]["Public"], true);
 
     // Reset: owner only again. The manifest itself never changed.
-    let manifest = env.store().join("local/images").join(format!("{a}.json"));
-    let before = fs::read(&manifest).unwrap();
+    let manifest = format!("images/{a}.json");
+    let before = env.read_stored("local", &manifest);
     env.ok(&["image", "permissions", &a, "--reset"]);
     fails_as(&["image", "describe", &a], THIRD, 6);
-    assert_eq!(fs::read(&manifest).unwrap(), before);
+    assert_eq!(env.read_stored("local", &manifest), before);
     let err = env.fails(&["image", "permissions", &a, "--add", "12345"], 2);
     assert!(err.contains("12 decimal digits"), "{err}");
 }
@@ -566,9 +570,11 @@ fn mapping_and_name_rules_each_have_a_clear_error() {
     assert!(err.contains("belongs to account"), "{err}");
 }
 
-#[test]
-fn deregister_deprecate_and_snapshot_deletion_rules() {
-    let env = Env::new();
+on_each_backend!(
+    deregister_deprecate_and_snapshot_deletion_rules,
+    deregister_deprecate_and_snapshot_deletion_rules_case
+);
+fn deregister_deprecate_and_snapshot_deletion_rules_case(env: &Env) {
     let a_img = env.path("a.img");
     let b_img = env.path("b.img");
     fs::write(&a_img, text_bytes(5, 2 * MIB as usize)).unwrap();

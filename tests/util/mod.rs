@@ -16,6 +16,56 @@ pub const MIB: u64 = 1 << 20;
 /// One test's world: its own directory and store.
 pub struct Env {
     pub dir: tempfile::TempDir,
+    /// Set when the test's regions live on the S3 test server.
+    pub s3: Option<S3Server>,
+}
+
+/// The S3 server the tests run against, from the environment
+/// `scripts/s3-server.sh start` prints.
+#[derive(Clone)]
+pub struct S3Server {
+    pub endpoint: String,
+    pub bucket: String,
+    /// This test's own prefix in the bucket.
+    pub prefix: String,
+}
+
+impl S3Server {
+    pub fn from_env() -> Option<S3Server> {
+        let endpoint = std::env::var("BLOCKSNAP_TEST_S3_ENDPOINT").ok()?;
+        let bucket = std::env::var("BLOCKSNAP_TEST_S3_BUCKET").ok()?;
+        Some(S3Server {
+            endpoint,
+            bucket,
+            prefix: String::new(),
+        })
+    }
+
+    pub fn url(&self, region: &str) -> String {
+        format!("s3://{}/{}/{region}", self.bucket, self.prefix)
+    }
+}
+
+/// Regions the tests use; on S3 each gets its own prefix.
+pub const TEST_REGIONS: [&str; 3] = ["local", "eu-west-1", "r2"];
+
+/// Runs a test body (`fn case(env: &Env)`) twice: as `NAME::local` on a
+/// local store, and as `NAME::s3` with every test region on the S3 server.
+macro_rules! on_each_backend {
+    ($name:ident, $case:ident) => {
+        mod $name {
+            #[test]
+            fn local() {
+                super::$case(&crate::util::Env::new());
+            }
+            #[test]
+            fn s3() {
+                if let Some(env) = crate::util::Env::s3() {
+                    super::$case(&env);
+                }
+            }
+        }
+    };
 }
 
 impl Env {
@@ -25,7 +75,116 @@ impl Env {
                 .prefix("blocksnap-test-")
                 .tempdir()
                 .unwrap(),
+            s3: None,
         }
+    }
+
+    /// A world whose regions all live on the S3 test server, each test
+    /// under its own prefix; `None` (with a printed reason) when no server
+    /// is configured.
+    pub fn s3() -> Option<Env> {
+        let Some(mut server) = S3Server::from_env() else {
+            eprintln!(
+                "SKIP: no S3 server configured (BLOCKSNAP_TEST_S3_ENDPOINT); \
+                 `.ci/run` starts one with scripts/s3-server.sh"
+            );
+            return None;
+        };
+        let mut env = Env::new();
+        server.prefix = env
+            .dir
+            .path()
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string();
+        env.s3 = Some(server.clone());
+        for region in TEST_REGIONS {
+            env.add_s3_region(region);
+        }
+        Some(env)
+    }
+
+    /// The bytes of object `key` of `region` (`images/ami-….json`), from
+    /// the store directory or, on S3, fetched with curl as an outside
+    /// client.
+    pub fn read_stored(&self, region: &str, key: &str) -> Vec<u8> {
+        match &self.s3 {
+            None => fs::read(self.store().join(region).join(key)).unwrap(),
+            Some(server) => {
+                let out = self.curl(server, region, key, &[]);
+                assert!(out.status.success(), "curl failed: {out:?}");
+                out.stdout
+            }
+        }
+    }
+
+    /// Replaces object `key` of `region` with `bytes`, behind blocksnap's back.
+    pub fn write_stored(&self, region: &str, key: &str, bytes: &[u8]) {
+        match &self.s3 {
+            None => fs::write(self.store().join(region).join(key), bytes).unwrap(),
+            Some(server) => {
+                let file = self.path("upload.tmp");
+                fs::write(&file, bytes).unwrap();
+                let out = self.curl(server, region, key, &["-T", file.to_str().unwrap()]);
+                assert!(out.status.success(), "curl failed: {out:?}");
+            }
+        }
+    }
+
+    fn curl(&self, server: &S3Server, region: &str, key: &str, extra: &[&str]) -> Output {
+        let user = format!(
+            "{}:{}",
+            std::env::var("AWS_ACCESS_KEY_ID").unwrap(),
+            std::env::var("AWS_SECRET_ACCESS_KEY").unwrap()
+        );
+        let url = format!(
+            "{}/{}/{}/{region}/{key}",
+            server.endpoint, server.bucket, server.prefix
+        );
+        Command::new("curl")
+            .args([
+                "-sf",
+                "--aws-sigv4",
+                "aws:amz:us-east-1:s3",
+                "--user",
+                &user,
+            ])
+            .args(extra)
+            .arg(url)
+            .output()
+            .unwrap()
+    }
+
+    /// Defines `region` on the S3 test server under this test's prefix.
+    pub fn add_s3_region(&self, region: &str) {
+        let server = self
+            .s3
+            .clone()
+            .or_else(|| {
+                S3Server::from_env().map(|mut s| {
+                    s.prefix = self
+                        .dir
+                        .path()
+                        .file_name()
+                        .unwrap()
+                        .to_str()
+                        .unwrap()
+                        .into();
+                    s
+                })
+            })
+            .expect("an S3 server is configured");
+        self.ok(&[
+            "region",
+            "add",
+            region,
+            &server.url(region),
+            "--endpoint",
+            &server.endpoint,
+            "--allow-http",
+        ]);
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -44,6 +203,8 @@ impl Env {
             .env_remove("BLOCKSNAP_REGION")
             .env_remove("BLOCKSNAP_ACCOUNT")
             .env_remove("BLOCKSNAP_LOCK_WAIT")
+            // gc may reclaim a chunk the moment nothing names it.
+            .env("BLOCKSNAP_S3_GC_GRACE", "0")
             .current_dir(self.dir.path());
         c
     }
