@@ -83,6 +83,9 @@ impl Region {
         let info = match backend.read("store.json", "store description", MAX_STORE_JSON)? {
             Some(bytes) => decode_store_info(&bytes, &backend.locate("store.json"), name)?,
             None => {
+                // A listing fails on a missing bucket, where a read only
+                // finds no object (and some servers create buckets on PUT).
+                backend.list("snapshots")?;
                 let info = StoreInfo {
                     format: STORE_FORMAT.into(),
                     version: STORE_VERSION,

@@ -175,10 +175,32 @@ impl S3 {
         });
         match result {
             Ok(r) => Ok(Some(r)),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) if absent(&e) => Ok(None),
             Err(e) => Err(self.error("read", key, e)),
         }
     }
+}
+
+/// Whether `e` says that an object is absent (and not its bucket).
+fn absent(e: &object_store::Error) -> bool {
+    matches!(e, object_store::Error::NotFound { .. }) && !e.to_string().contains("NoSuchBucket")
+}
+
+/// An error's text on one line, with an S3 error document reduced to its
+/// code and message.
+fn condensed(text: &str) -> String {
+    let field = |tag: &str| {
+        let open = format!("<{tag}>");
+        let start = text.find(&open)? + open.len();
+        let len = text[start..].find(&format!("</{tag}>"))?;
+        Some(&text[start..start + len])
+    };
+    let head = text.split("<?xml").next().unwrap_or(text);
+    let mut out = head.trim_end_matches([' ', ':', '\n']).to_string();
+    if let (Some(code), Some(msg)) = (field("Code"), field("Message")) {
+        out = format!("{out}: {code}: {msg}");
+    }
+    out.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// Classifies an object-store failure for the user.
@@ -189,7 +211,16 @@ fn remote_error(
     e: object_store::Error,
 ) -> Error {
     use object_store::Error as E;
-    let text = e.to_string();
+    // The whole chain: the outer message often hides the cause (a timeout).
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text = format!("{text}: {part}");
+        }
+        source = s.source();
+    }
     let (kind, hint) = match &e {
         E::Unauthenticated { .. } | E::PermissionDenied { .. } => (
             ErrorKind::Permission,
@@ -209,6 +240,10 @@ fn remote_error(
             )
         }
         E::NotFound { .. } => (ErrorKind::NotFound, "it does not exist"),
+        E::Precondition { .. } | E::AlreadyExists { .. } => (
+            ErrorKind::Conflict,
+            "another writer created it first",
+        ),
         _ if text.contains("timed out") || text.contains("operation timed out") => (
             ErrorKind::Other,
             "the store did not answer in time (BLOCKSNAP_S3_TIMEOUT): check that it runs and is reachable",
@@ -222,7 +257,7 @@ fn remote_error(
     Error::Remote {
         op,
         location,
-        reason: format!("{hint} ({endpoint}: {text})"),
+        reason: format!("{hint} ({endpoint}: {})", condensed(&text)),
         kind,
     }
 }
@@ -346,7 +381,7 @@ impl Backend for S3Backend {
                 path: self.locate(key),
                 reason: format!("it holds {size} bytes, more than {limit}"),
             }),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) if absent(&e) => Ok(None),
             Err(e) => Err(self.s3.error("read", key, e)),
         }
     }
@@ -686,7 +721,7 @@ impl ChunkStore for S3ChunkStore {
             .block_on(async { self.s3.store.get(&self.s3.path(&key)).await?.bytes().await })
         {
             Ok(b) => Ok(b.to_vec()),
-            Err(object_store::Error::NotFound { .. }) => Err(Error::MissingChunk { chunk: *id }),
+            Err(e) if absent(&e) => Err(Error::MissingChunk { chunk: *id }),
             Err(e) => Err(self.s3.error("read", &key, e)),
         }
     }
