@@ -60,7 +60,10 @@ start|restart)
 {"identities": [{"name": "blocksnap", "credentials": [{"accessKey": "$key", "secretKey": "$secret"}],
   "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
 JSON
-  setsid "$venv/bin/weed" mini -dir="$dir/data" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
+  # weed also reads AWS_* credentials from its environment: only the
+  # identities file may define them.
+  setsid env -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY -u AWS_SESSION_TOKEN \
+    "$venv/bin/weed" mini -dir="$dir/data" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
     -s3.port="$s3" -s3.config="$dir/identities.json" -bucket="$bucket" \
     -master.port="$master" -volume.port="$volume" -filer.port="$filer" -admin.port="$admin" \
     -webdav=false -admin.ui=false -s3.port.iceberg=0 -s3.port.lance=0 \

@@ -240,10 +240,9 @@ fn remote_error(
             )
         }
         E::NotFound { .. } => (ErrorKind::NotFound, "it does not exist"),
-        E::Precondition { .. } | E::AlreadyExists { .. } => (
-            ErrorKind::Conflict,
-            "another writer created it first",
-        ),
+        E::Precondition { .. } | E::AlreadyExists { .. } => {
+            (ErrorKind::Conflict, "another writer created it first")
+        }
         _ if text.contains("timed out") || text.contains("operation timed out") => (
             ErrorKind::Other,
             "the store did not answer in time (BLOCKSNAP_S3_TIMEOUT): check that it runs and is reachable",

@@ -133,16 +133,43 @@ impl Env {
         }
     }
 
+    /// How many objects (files) `region` holds under `dir` (`locks`,
+    /// `chunks`), counted by an outside client.
+    pub fn count_stored(&self, region: &str, dir: &str) -> usize {
+        match &self.s3 {
+            None => {
+                let mut files = Vec::new();
+                walk(&self.store().join(region).join(dir), &mut files);
+                files.len()
+            }
+            Some(server) => {
+                let query = format!(
+                    "?list-type=2&prefix={}%2F{region}%2F{dir}%2F",
+                    server.prefix
+                );
+                let out = self.curl(server, "", &query, &[]);
+                assert!(out.status.success(), "curl failed: {out:?}");
+                String::from_utf8_lossy(&out.stdout)
+                    .matches("<Key>")
+                    .count()
+            }
+        }
+    }
+
     fn curl(&self, server: &S3Server, region: &str, key: &str, extra: &[&str]) -> Output {
         let user = format!(
             "{}:{}",
             std::env::var("AWS_ACCESS_KEY_ID").unwrap(),
             std::env::var("AWS_SECRET_ACCESS_KEY").unwrap()
         );
-        let url = format!(
-            "{}/{}/{}/{region}/{key}",
-            server.endpoint, server.bucket, server.prefix
-        );
+        let url = if region.is_empty() {
+            format!("{}/{}{key}", server.endpoint, server.bucket)
+        } else {
+            format!(
+                "{}/{}/{}/{region}/{key}",
+                server.endpoint, server.bucket, server.prefix
+            )
+        };
         Command::new("curl")
             .args([
                 "-sf",
