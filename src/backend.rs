@@ -59,7 +59,7 @@ pub trait Backend: Send + Sync {
     /// The region's chunk store.
     fn chunk_store(&self) -> Box<dyn ChunkStore>;
     /// Takes the region lock (see the crate docs), waiting up to
-    /// [`lock_wait`] for a conflicting holder.
+    /// `BLOCKSNAP_LOCK_WAIT` (default 60 s) for a conflicting holder.
     fn lock(&self, mode: LockMode, purpose: &str) -> Result<RegionLock>;
     /// Unreferenced chunks written after this instant may belong to a
     /// snapshot still being written and are kept by gc; `None` when the

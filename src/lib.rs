@@ -20,7 +20,9 @@
 //! (create, compare) -> [`restore`] -> [`image`] (AMI manifests, launch
 //! permissions, deregistration), [`image_create`], [`instance`] (launch,
 //! terminate) and [`copy`] (between regions) -> [`gc`] (gc and verify).
-//! [`region`] ties a store directory together.
+//! [`region`] ties a region together over a [`backend::Backend`]: a local
+//! directory, or a prefix of an S3 bucket ([`s3`], defined in
+//! [`regions`]).
 //!
 //! # Block states
 //!
@@ -32,7 +34,10 @@
 //!
 //! # Locking and garbage collection
 //!
-//! Each region has a `lock` file taken with `flock(2)`. Writers (snapshot
+//! A local region has a `lock` file taken with `flock(2)`; a region on an
+//! object store has lock objects with the same shared/exclusive meaning
+//! (the protocol, and how gc stays safe beside writers on other machines,
+//! is in [`s3`]). Writers (snapshot
 //! create, image create, image copy), readers (volume restore, volume
 //! verify, store verify, instance launch) and snapshot delete hold it
 //! shared; `store gc` holds it exclusive:

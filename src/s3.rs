@@ -47,7 +47,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -93,14 +93,49 @@ fn lock_stale() -> Duration {
         .unwrap_or(DEFAULT_LOCK_STALE)
 }
 
+/// Requests sent, by kind; printed at exit with `BLOCKSNAP_S3_TRACE=1`.
+#[derive(Default)]
+struct Requests {
+    get: AtomicU64,
+    head: AtomicU64,
+    put: AtomicU64,
+    list: AtomicU64,
+    delete: AtomicU64,
+}
+
+impl Requests {
+    fn add(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// The connection shared by a region's backend and chunk store.
 struct S3 {
+    requests: Requests,
     store: AmazonS3,
     runtime: tokio::runtime::Runtime,
     url: String,
     prefix: String,
     endpoint: String,
     inflight: usize,
+}
+
+impl Drop for S3 {
+    fn drop(&mut self) {
+        if std::env::var_os("BLOCKSNAP_S3_TRACE").is_some() {
+            let r = &self.requests;
+            let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+            eprintln!(
+                "blocksnap: requests to {}: {} GET, {} HEAD, {} PUT, {} listings, {} DELETE",
+                self.url,
+                n(&r.get),
+                n(&r.head),
+                n(&r.put),
+                n(&r.list),
+                n(&r.delete)
+            );
+        }
+    }
 }
 
 impl S3 {
@@ -128,6 +163,7 @@ impl S3 {
 
     fn list_meta(&self, dir: &str) -> Result<Vec<ObjectMeta>> {
         let prefix = self.path(dir);
+        Requests::add(&self.requests.list);
         self.block_on(self.store.list(Some(&prefix)).try_collect::<Vec<_>>())
             .map_err(|e| self.error("list", dir, e))
     }
@@ -150,6 +186,7 @@ impl S3 {
             ..Default::default()
         };
         let payload = PutPayload::from(data.to_vec());
+        Requests::add(&self.requests.put);
         match self.block_on(self.store.put_opts(&self.path(key), payload, opts)) {
             Ok(_) => Ok(true),
             Err(object_store::Error::AlreadyExists { .. })
@@ -162,6 +199,7 @@ impl S3 {
         let path = self.path(key);
         let result = self.block_on(async {
             if len == 0 {
+                Requests::add(&self.requests.head);
                 let meta = self.store.head(&path).await?;
                 return Ok((Vec::new(), meta.size));
             }
@@ -169,6 +207,7 @@ impl S3 {
                 range: Some(GetRange::Bounded(0..len)),
                 ..Default::default()
             };
+            Requests::add(&self.requests.get);
             let got = self.store.get_opts(&path, opts).await?;
             let size = got.meta.size;
             Ok((got.bytes().await?.to_vec(), size))
@@ -336,6 +375,7 @@ impl S3Backend {
             .max(1);
         Ok(S3Backend {
             s3: Arc::new(S3 {
+                requests: Requests::default(),
                 store,
                 runtime,
                 url: format!("s3://{}{}", url.bucket, prefixed(&url.prefix)),
@@ -367,6 +407,7 @@ impl Backend for S3Backend {
     fn read(&self, key: &str, what: &'static str, limit: u64) -> Result<Option<Vec<u8>>> {
         let path = self.s3.path(key);
         let result = self.s3.block_on(async {
+            Requests::add(&self.s3.requests.get);
             let got = self.s3.store.get(&path).await?;
             if got.meta.size > limit {
                 return Ok(Err(got.meta.size));
@@ -402,6 +443,7 @@ impl Backend for S3Backend {
         if self.s3.get_range(key, 0)?.is_none() {
             return Ok(false);
         }
+        Requests::add(&self.s3.requests.delete);
         match self.s3.block_on(self.s3.store.delete(&self.s3.path(key))) {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(true),
             Err(e) => Err(self.s3.error("delete", key, e)),
@@ -410,6 +452,7 @@ impl Backend for S3Backend {
 
     fn list(&self, dir: &str) -> Result<Vec<String>> {
         let dir_path = self.s3.path(dir);
+        Requests::add(&self.s3.requests.list);
         let listed = self
             .s3
             .block_on(self.s3.store.list_with_delimiter(Some(&dir_path)))
@@ -658,10 +701,12 @@ impl ChunkStore for S3ChunkStore {
         if self.heads.fetch_add(1, Ordering::Relaxed) < HEAD_BUDGET {
             return Ok(self.s3.get_range(&chunk_key(id), 0)?.is_some());
         }
-        let listed: HashSet<ChunkId> = self.listed()?.into_iter().map(|(id, _)| id).collect();
+        // One listing, while the other workers wait for it.
         let mut index = self.index.lock().expect("index lock");
-        let index = index.get_or_insert(listed);
-        Ok(index.contains(id))
+        if index.is_none() {
+            *index = Some(self.listed()?.into_iter().map(|(id, _)| id).collect());
+        }
+        Ok(index.as_ref().is_some_and(|i| i.contains(id)))
     }
 
     fn put(&self, id: &ChunkId, data: &[u8]) -> Result<bool> {
@@ -689,6 +734,7 @@ impl ChunkStore for S3ChunkStore {
                 ..Default::default()
             };
             let payload = PutPayload::from(data.as_ref().clone());
+            Requests::add(&s3.requests.put);
             let result = s3.store.put_opts(&s3.path(&key), payload, opts).await;
             drop(permit);
             let mut up = uploads.lock().expect("uploads lock");
@@ -715,6 +761,7 @@ impl ChunkStore for S3ChunkStore {
             return Ok(d.as_ref().clone());
         }
         let key = chunk_key(id);
+        Requests::add(&self.s3.requests.get);
         match self
             .s3
             .block_on(async { self.s3.store.get(&self.s3.path(&key)).await?.bytes().await })
@@ -749,6 +796,7 @@ impl ChunkStore for S3ChunkStore {
 
     fn remove(&self, id: &ChunkId) -> Result<()> {
         let key = chunk_key(id);
+        Requests::add(&self.s3.requests.delete);
         match self.s3.block_on(self.s3.store.delete(&self.s3.path(&key))) {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
             Err(e) => return Err(self.s3.error("delete", &key, e)),
