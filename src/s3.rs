@@ -111,7 +111,7 @@ impl Requests {
 
 /// The connection shared by a region's backend and chunk store.
 struct S3 {
-    requests: Requests,
+    requests: Arc<Requests>,
     store: AmazonS3,
     runtime: tokio::runtime::Runtime,
     url: String,
@@ -375,7 +375,7 @@ impl S3Backend {
             .max(1);
         Ok(S3Backend {
             s3: Arc::new(S3 {
-                requests: Requests::default(),
+                requests: Arc::default(),
                 store,
                 runtime,
                 url: format!("s3://{}{}", url.bucket, prefixed(&url.prefix)),
@@ -726,16 +726,21 @@ impl ChunkStore for S3ChunkStore {
             .s3
             .block_on(self.permits.clone().acquire_owned())
             .expect("the semaphore is never closed");
-        let (s3, uploads, id) = (self.s3.clone(), self.uploads.clone(), *id);
+        // The task holds no `Arc<S3>`: the runtime must not be dropped by
+        // one of its own tasks finishing last.
+        let (uploads, id) = (self.uploads.clone(), *id);
+        let (store, requests) = (self.s3.store.clone(), self.s3.requests.clone());
+        let key = chunk_key(&id);
+        let path = self.s3.path(&key);
+        let (url, endpoint) = (self.s3.url_of(&key), self.s3.endpoint.clone());
         let task = self.s3.runtime.spawn(async move {
-            let key = chunk_key(&id);
             let opts = PutOptions {
                 mode: PutMode::Create,
                 ..Default::default()
             };
             let payload = PutPayload::from(data.as_ref().clone());
-            Requests::add(&s3.requests.put);
-            let result = s3.store.put_opts(&s3.path(&key), payload, opts).await;
+            Requests::add(&requests.put);
+            let result = store.put_opts(&path, payload, opts).await;
             drop(permit);
             let mut up = uploads.lock().expect("uploads lock");
             up.pending.remove(&id);
@@ -744,7 +749,7 @@ impl ChunkStore for S3ChunkStore {
                 Err(object_store::Error::Precondition { .. }) => {}
                 Err(e) => {
                     if up.first_error.is_none() {
-                        up.first_error = Some(s3.error("upload", &key, e));
+                        up.first_error = Some(remote_error("upload", url, &endpoint, e));
                     }
                 }
             }
