@@ -648,3 +648,55 @@ fn a_server_killed_mid_snapshot_leaves_no_snapshot() {
     assert!(r.status.success(), "{r:?}");
     assert!(fs::read(&restored).unwrap() == data);
 }
+
+/// `(GET, HEAD, PUT, listings)` from a `BLOCKSNAP_S3_TRACE` line.
+fn request_counts(stderr: &str) -> (u64, u64, u64, u64) {
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("requests to"))
+        .unwrap_or_else(|| panic!("no request trace in {stderr}"));
+    let count = |what: &str| -> u64 {
+        let before = &line[..line.find(what).unwrap()];
+        before.split_whitespace().last().unwrap().parse().unwrap()
+    };
+    (
+        count(" GET"),
+        count(" HEAD"),
+        count(" PUT"),
+        count(" listings"),
+    )
+}
+
+#[test]
+fn an_incremental_asks_nothing_about_unchanged_blocks() {
+    let Some(env) = Env::s3() else { return };
+    let vol = env.path("vol.img");
+    let mut data = random_bytes(7, 32 * MIB as usize);
+    fs::write(&vol, &data).unwrap();
+    env.snapshot(&vol, &[]);
+    // Two of the 64 blocks change.
+    for at in [3 * 512 * 1024 + 4096, 40 * 512 * 1024] {
+        data[at..at + 65536].copy_from_slice(&random_bytes(at as u64, 65536));
+    }
+    fs::write(&vol, &data).unwrap();
+    let out = env
+        .command(&["snapshot", "create", s(&vol), "--json"])
+        .env("BLOCKSNAP_S3_TRACE", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let snap: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(snap["Stats"]["UnchangedBlocks"], 62, "{snap}");
+    let (get, head, put, lists) = request_counts(&String::from_utf8_lossy(&out.stderr));
+    eprintln!("incremental of 2 in 64 blocks: {get} GET, {head} HEAD, {put} PUT, {lists} listings");
+    // Per changed block: a HEAD (is the new chunk stored?), a GET of the
+    // parent's chunk (the delta's base) and a PUT. Beyond that: store.json
+    // and the parent manifest, the manifest and the lock objects.
+    assert!(head <= 2 + 2, "{head} HEAD for 2 changed of 64 blocks");
+    assert!(get <= 2 + 2 + 2, "{get} GET");
+    assert!(put <= 2 + 1 + 1, "{put} PUT");
+    assert!(lists <= 3, "{lists} listings");
+    let restored = env.path("r.img");
+    env.ok(&["volume", "restore", &id(&snap), s(&restored)]);
+    assert!(fs::read(&restored).unwrap() == data);
+}
