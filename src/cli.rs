@@ -87,10 +87,15 @@ pub enum Command {
 
 #[derive(Subcommand, Debug)]
 pub enum RegionCmd {
-    /// Define region NAME at s3://BUCKET[/PREFIX], creating it there if new.
-    /// Credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY
-    /// (and AWS_REGION, AWS_SESSION_TOKEN) and are never stored
+    /// Define region NAME at s3://BUCKET[/PREFIX] (created there if new)
+    ///
+    /// Credentials come only from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY
+    /// (and AWS_SESSION_TOKEN, AWS_REGION) and are never stored. Tuning:
+    /// BLOCKSNAP_S3_INFLIGHT (requests in flight, default 32),
+    /// BLOCKSNAP_S3_TIMEOUT (seconds per request, 60), BLOCKSNAP_S3_RETRIES
+    /// (6), BLOCKSNAP_S3_TRACE=1 (print the requests sent).
     Add {
+        /// Region name, e.g. eu-central-1 or team-lab
         name: String,
         /// s3://BUCKET or s3://BUCKET/PREFIX
         url: String,
