@@ -43,13 +43,13 @@ pub fn gc(region: &Region) -> Result<GcReport> {
     // A base is live while any delta on it is.
     let roots: Vec<ChunkId> = live.iter().copied().collect();
     walk_bases(store, roots, |_, base| live.insert(base))?;
-    for (id, written) in store.list_modified()? {
-        let young = matches!((cutoff, written), (Some(c), Some(w)) if w > c);
-        if live.contains(&id) || young {
+    for chunk in store.list_stored()? {
+        let young = matches!((cutoff, chunk.written), (Some(c), Some(w)) if w > c);
+        if live.contains(&chunk.id) || young {
             report.chunks_kept += 1;
         } else {
-            report.bytes_removed += store.size(&id).unwrap_or(0);
-            store.remove(&id)?;
+            report.bytes_removed += chunk.size;
+            store.remove(&chunk.id)?;
             report.chunks_removed += 1;
         }
     }

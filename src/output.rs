@@ -454,17 +454,14 @@ pub struct Stats {
 
 impl Stats {
     pub fn collect(region: &Region) -> blocksnap::Result<Stats> {
-        let ids = region.chunks().list()?;
-        let mut stored_bytes = 0;
-        for id in &ids {
-            stored_bytes += region.chunks().size(id)?;
-        }
+        let chunks = region.chunks().list_stored()?;
+        let stored_bytes = chunks.iter().map(|c| c.size).sum();
         Ok(Stats {
             region: region.name().to_string(),
             owner: region.info().owner.to_string(),
             root: region.location(),
             snapshots: region.snapshot_ids()?.len() as u64,
-            chunks: ids.len() as u64,
+            chunks: chunks.len() as u64,
             stored_bytes,
         })
     }

@@ -64,7 +64,7 @@ use crate::backend::{Backend, RegionLock, holder_note, lock_wait};
 use crate::error::{Error, ErrorKind, Result};
 use crate::id::{ChunkId, random_id};
 use crate::regions::{RegionDef, S3Url};
-use crate::store::ChunkStore;
+use crate::store::{ChunkStore, StoredChunk};
 use crate::sys::LockMode;
 
 /// Uploads in flight at once when `BLOCKSNAP_S3_INFLIGHT` is not set.
@@ -671,14 +671,17 @@ impl S3ChunkStore {
         }
     }
 
-    fn listed(&self) -> Result<Vec<(ChunkId, SystemTime)>> {
+    fn listed(&self) -> Result<Vec<StoredChunk>> {
         Ok(self
             .s3
             .list_meta("chunks")?
             .iter()
             .filter_map(|m| {
-                let id = m.location.filename()?.parse().ok()?;
-                Some((id, modified(m)))
+                Some(StoredChunk {
+                    id: m.location.filename()?.parse().ok()?,
+                    size: m.size,
+                    written: Some(modified(m)),
+                })
             })
             .collect())
     }
@@ -704,7 +707,7 @@ impl ChunkStore for S3ChunkStore {
         // One listing, while the other workers wait for it.
         let mut index = self.index.lock().expect("index lock");
         if index.is_none() {
-            *index = Some(self.listed()?.into_iter().map(|(id, _)| id).collect());
+            *index = Some(self.listed()?.into_iter().map(|c| c.id).collect());
         }
         Ok(index.as_ref().is_some_and(|i| i.contains(id)))
     }
@@ -788,15 +791,11 @@ impl ChunkStore for S3ChunkStore {
     }
 
     fn list(&self) -> Result<Vec<ChunkId>> {
-        Ok(self.listed()?.into_iter().map(|(id, _)| id).collect())
+        Ok(self.listed()?.into_iter().map(|c| c.id).collect())
     }
 
-    fn list_modified(&self) -> Result<Vec<(ChunkId, Option<SystemTime>)>> {
-        Ok(self
-            .listed()?
-            .into_iter()
-            .map(|(id, t)| (id, Some(t)))
-            .collect())
+    fn list_stored(&self) -> Result<Vec<StoredChunk>> {
+        self.listed()
     }
 
     fn remove(&self, id: &ChunkId) -> Result<()> {

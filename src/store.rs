@@ -12,6 +12,16 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, IoContext, Result};
 use crate::id::{ChunkId, random_id};
 
+/// A chunk as a listing describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredChunk {
+    pub id: ChunkId,
+    /// Stored (compressed) bytes.
+    pub size: u64,
+    /// When it was written, by the store's clock, where the store says.
+    pub written: Option<std::time::SystemTime>,
+}
+
 /// Where chunks live. Implementations are shared by the worker threads.
 pub trait ChunkStore: Send + Sync {
     /// Whether a chunk with this name is stored.
@@ -43,10 +53,22 @@ pub trait ChunkStore: Send + Sync {
     fn quarantine(&self, id: &ChunkId) -> Result<()> {
         self.remove(id)
     }
-    /// Every stored chunk with the time it was written, where the store
-    /// keeps one.
-    fn list_modified(&self) -> Result<Vec<(ChunkId, Option<std::time::SystemTime>)>> {
-        Ok(self.list()?.into_iter().map(|id| (id, None)).collect())
+    /// Every stored chunk with its stored size and, where the store keeps
+    /// one, the time it was written. A chunk removed meanwhile is left out.
+    fn list_stored(&self) -> Result<Vec<StoredChunk>> {
+        let mut out = Vec::new();
+        for id in self.list()? {
+            match self.size(&id) {
+                Ok(size) => out.push(StoredChunk {
+                    id,
+                    size,
+                    written: None,
+                }),
+                Err(Error::MissingChunk { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
     }
     /// Whether a stored chunk is always whole (one atomic PUT), so that a
     /// chunk found in the store can be trusted without reading it back.
