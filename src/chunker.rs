@@ -69,6 +69,22 @@ pub fn thread_pool_for(
     thread_pool(cpu.max(io))
 }
 
+/// `f` over `items`, in order: in parallel on a [`thread_pool_for`] pool
+/// when `store` is latency-bound, one after another otherwise (local reads
+/// are quick, and a pool costs more than it saves).
+pub fn map_io<T: Sync, R: Send>(
+    store: &dyn crate::store::ChunkStore,
+    items: &[T],
+    f: impl Fn(&T) -> R + Sync + Send,
+) -> Result<Vec<R>> {
+    use rayon::prelude::*;
+    if store.io_parallelism() == 0 {
+        return Ok(items.iter().map(f).collect());
+    }
+    let pool = thread_pool_for(store, 0)?;
+    Ok(pool.install(|| items.par_iter().map(f).collect()))
+}
+
 /// Reads the first `len` bytes of `volume` as blocks of `block_size`, calls
 /// `visit` for each on the pool's workers (in any order), and passes the
 /// results to `sink` in block order.

@@ -65,18 +65,26 @@ pub(crate) fn walk_bases(
     roots: impl IntoIterator<Item = ChunkId>,
     mut add: impl FnMut(&ChunkId, ChunkId) -> bool,
 ) -> Result<()> {
-    let mut work: Vec<ChunkId> = roots.into_iter().collect();
-    while let Some(id) = work.pop() {
-        let head = match store.get_head(&id, chunk::DELTA_HEADER_LEN) {
-            Ok(h) => h,
-            Err(Error::MissingChunk { .. }) => continue,
-            Err(e) => return Err(e),
-        };
-        if let Some(base) = chunk::base_of(&head)
-            && add(&id, base.id)
-        {
-            work.push(base.id);
+    // Level by level, each level's headers fetched together.
+    let mut level: Vec<ChunkId> = roots.into_iter().collect();
+    while !level.is_empty() {
+        let heads = crate::chunker::map_io(store, &level, |id| {
+            store.get_head(id, chunk::DELTA_HEADER_LEN)
+        })?;
+        let mut next = Vec::new();
+        for (id, head) in level.iter().zip(heads) {
+            let head = match head {
+                Ok(h) => h,
+                Err(Error::MissingChunk { .. }) => continue,
+                Err(e) => return Err(e),
+            };
+            if let Some(base) = chunk::base_of(&head)
+                && add(id, base.id)
+            {
+                next.push(base.id);
+            }
         }
+        level = next;
     }
     Ok(())
 }

@@ -563,8 +563,8 @@ pub fn list(region: &Region) -> Result<ImageListing> {
         images: Vec::new(),
         damaged: Vec::new(),
     };
-    for id in ids {
-        match read(region, &id) {
+    for view in crate::chunker::map_io(region.chunks(), &ids, |id| read(region, id))? {
+        match view {
             Ok(v) => listing.images.push(v),
             Err(Error::ImageNotFound { .. }) => {}
             Err(e) => listing.damaged.push(e),

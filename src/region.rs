@@ -248,8 +248,10 @@ impl Region {
             snapshots: Vec::new(),
             damaged: Vec::new(),
         };
-        for id in self.snapshot_ids()? {
-            match self.read_snapshot_meta(&id) {
+        let ids = self.snapshot_ids()?;
+        let metas = crate::chunker::map_io(self.chunks(), &ids, |id| self.read_snapshot_meta(id))?;
+        for meta in metas {
+            match meta {
                 Ok(m) => listing.snapshots.push(m),
                 // Removed between the listing and the read.
                 Err(Error::SnapshotNotFound { .. }) => {}
