@@ -5,6 +5,10 @@
 # allocated data; then the full snapshot and restore on S3 for several
 # BLOCKSNAP_S3_INFLIGHT values, and the requests an incremental sends.
 #
+# With LATENCY_MS (default 10), the sweep is repeated through
+# scripts/latency-proxy.py, which adds that round trip to every request, as
+# a store across a network has.
+#
 # Usage: SIZE=1G DATA_MB=600 WRITES=300 RUNS=3 scripts/bench-s3.sh [WORKDIR]
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -12,11 +16,13 @@ bin=${BLOCKSNAP_BIN:-$here/target/release/blocksnap}
 [ -x "$bin" ] || { echo "build first: cargo build --release" >&2; exit 1; }
 RUNS=${RUNS:-3}
 INFLIGHTS=${INFLIGHTS:-"1 4 16 32 64"}
+LATENCY_MS=${LATENCY_MS:-10}
 work=${1:-$(mktemp -d /tmp/blocksnap-bench-s3.XXXXXX)}
 "$here/scripts/make-bench-images.sh" "$work"
 cd "$work"
 server="$work/s3"
-trap '"$here/scripts/s3-server.sh" stop "$server"' EXIT
+proxy_pid=
+trap '[ -n "$proxy_pid" ] && kill "$proxy_pid"; "$here/scripts/s3-server.sh" stop "$server"' EXIT
 "$here/scripts/s3-server.sh" start "$server" >/dev/null
 # shellcheck disable=SC1091
 . "$server/env"
@@ -43,13 +49,15 @@ run_once() {
     awk -v a="$t0" -v b="$t1" -v c="$t2" -v d="$t3" 'BEGIN {printf "%.3f %.3f %.3f\n", b-a, c-b, d-c}'
 }
 
-# A fresh region for each run: local directory or S3 prefix.
+# A fresh region for each run: local directory or S3 prefix (through
+# ENDPOINT, the server or the latency proxy).
+ENDPOINT=$BLOCKSNAP_TEST_S3_ENDPOINT
 fresh_region() {
     local kind=$1 name=$2
     rm -rf "$BLOCKSNAP_STORE"
     if [ "$kind" = s3 ]; then
         "$bin" -q region add "$name" "s3://$BLOCKSNAP_TEST_S3_BUCKET/$name-$RANDOM$RANDOM" \
-            --endpoint "$BLOCKSNAP_TEST_S3_ENDPOINT" --allow-http >/dev/null
+            --endpoint "$ENDPOINT" --allow-http >/dev/null
     fi
 }
 
@@ -72,20 +80,31 @@ echo "| region | full snapshot | incremental | restore |"
 echo "|---|---|---|---|"
 measure local
 measure s3
-echo
-echo "| BLOCKSNAP_S3_INFLIGHT | full snapshot | restore |"
-echo "|---|---|---|"
-for n in $INFLIGHTS; do
-    full=(); res=()
-    for _ in $(seq 1 "$RUNS"); do
-        fresh_region s3 bench
-        read -r f _ r < <(BLOCKSNAP_S3_INFLIGHT=$n run_once bench)
-        full+=("$f"); res+=("$r")
+sweep() {
+    echo
+    echo "| BLOCKSNAP_S3_INFLIGHT | full snapshot | restore | ($1) |"
+    echo "|---|---|---|---|"
+    for n in $INFLIGHTS; do
+        full=(); res=()
+        for _ in $(seq 1 "$RUNS"); do
+            fresh_region s3 bench
+            read -r f _ r < <(BLOCKSNAP_S3_INFLIGHT=$n run_once bench)
+            full+=("$f"); res+=("$r")
+        done
+        f=$(printf '%s\n' "${full[@]}" | median)
+        r=$(printf '%s\n' "${res[@]}" | median)
+        echo "| $n | $f s ($(mbps "$allocated" "$f") MB/s) | $r s ($(mbps "$allocated" "$r") MB/s) | |"
     done
-    f=$(printf '%s\n' "${full[@]}" | median)
-    r=$(printf '%s\n' "${res[@]}" | median)
-    echo "| $n | $f s ($(mbps "$allocated" "$f") MB/s) | $r s ($(mbps "$allocated" "$r") MB/s) |"
-done
+}
+sweep "loopback"
+if [ "$LATENCY_MS" != 0 ]; then
+    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    python3 "$here/scripts/latency-proxy.py" "$port" "${BLOCKSNAP_TEST_S3_ENDPOINT#http://}" "$LATENCY_MS" &
+    proxy_pid=$!
+    sleep 0.5
+    ENDPOINT=http://127.0.0.1:$port
+    sweep "$LATENCY_MS ms added per request"
+fi
 echo
 fresh_region s3 bench
 snap=$("$bin" -q --region bench --json snapshot create v1.img | snap_id)
