@@ -51,14 +51,31 @@ pub fn thread_pool(threads: usize) -> Result<rayon::ThreadPool> {
         })
 }
 
-/// A pool for work that waits on `store` as well as computing: `threads`
-/// (0: one per core), raised to the requests a remote store wants in
-/// flight, since its workers mostly wait.
+/// What a pool's workers mostly do, which sizes the pool for a remote
+/// store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Work {
+    /// Wait for chunks to arrive (restore, copy, verify): one worker per
+    /// request the store wants in flight.
+    Fetch,
+    /// Hash and compress, waiting only now and then (snapshot: its uploads
+    /// run asynchronously; workers wait for existence checks and delta
+    /// bases). A quarter as many: each worker holds compression state.
+    Compute,
+}
+
+/// A pool for work on `store`: `threads` (0: one per core), raised for a
+/// latency-bound store to the requests it wants in flight, since its
+/// workers wait.
 pub fn thread_pool_for(
     store: &dyn crate::store::ChunkStore,
     threads: usize,
+    work: Work,
 ) -> Result<rayon::ThreadPool> {
-    let io = store.io_parallelism();
+    let io = match work {
+        Work::Fetch => store.io_parallelism(),
+        Work::Compute => store.io_parallelism() / 4,
+    };
     if io == 0 {
         return thread_pool(threads);
     }
@@ -81,7 +98,7 @@ pub fn map_io<T: Sync, R: Send>(
     if store.io_parallelism() == 0 {
         return Ok(items.iter().map(f).collect());
     }
-    let pool = thread_pool_for(store, 0)?;
+    let pool = thread_pool_for(store, 0, Work::Fetch)?;
     Ok(pool.install(|| items.par_iter().map(f).collect()))
 }
 

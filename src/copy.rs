@@ -118,7 +118,7 @@ pub fn copy_image(
     } else {
         dst.chunks()
     };
-    let pool = chunker::thread_pool_for(busiest, opts.threads)?;
+    let pool = chunker::thread_pool_for(busiest, opts.threads, chunker::Work::Fetch)?;
     progress.start("copy", levels.iter().map(Vec::len).sum::<usize>() as u64);
     for level in &levels {
         pool.install(|| {

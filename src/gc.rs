@@ -239,7 +239,7 @@ pub fn verify_and_repair(
         report.orphan_chunks = present.iter().filter(|c| !needed.contains_key(c)).count() as u64;
     }
 
-    let pool = chunker::thread_pool_for(region.chunks(), threads)?;
+    let pool = chunker::thread_pool_for(region.chunks(), threads, chunker::Work::Fetch)?;
     progress.start("verify", to_check.len() as u64);
     let results: Vec<(ChunkId, Result<u64>)> = pool.install(|| {
         to_check

@@ -161,7 +161,7 @@ pub fn launch(
         });
     }
 
-    let pool = chunker::thread_pool_for(region.chunks(), opts.threads)?;
+    let pool = chunker::thread_pool_for(region.chunks(), opts.threads, chunker::Work::Fetch)?;
     progress.start("launch", total);
     let result: Result<()> = pool.install(|| {
         devices.par_iter().try_for_each(|d| {

@@ -62,7 +62,7 @@ pub fn restore(
     opts: &RestoreOptions,
     progress: &dyn Progress,
 ) -> Result<RestoreReport> {
-    let pool = chunker::thread_pool_for(region.chunks(), opts.threads)?;
+    let pool = chunker::thread_pool_for(region.chunks(), opts.threads, chunker::Work::Fetch)?;
     progress.start("restore", region.read_snapshot_meta(id)?.volume_size);
     let report = restore_in(region, id, target, opts, &pool, progress)?;
     progress.finish();
@@ -369,7 +369,7 @@ pub fn verify_volume(
 ) -> Result<VolumeCheck> {
     let m = region.read_snapshot(id)?;
     let volume = Volume::open(target)?;
-    let pool = chunker::thread_pool_for(region.chunks(), threads)?;
+    let pool = chunker::thread_pool_for(region.chunks(), threads, chunker::Work::Fetch)?;
     let bs = m.meta.block_size as u64;
     let readable = volume.size().min(m.meta.volume_size);
     let mut check = VolumeCheck {

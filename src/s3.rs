@@ -51,6 +51,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use bytes::Bytes;
 use futures::TryStreamExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as ObjPath;
@@ -632,8 +633,9 @@ fn chunk_key(id: &ChunkId) -> String {
 
 #[derive(Default)]
 struct Uploads {
-    /// Chunks being uploaded, readable meanwhile.
-    pending: HashMap<ChunkId, Arc<Vec<u8>>>,
+    /// Chunks being uploaded, readable meanwhile (shared with the upload,
+    /// not copied).
+    pending: HashMap<ChunkId, Bytes>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     first_error: Option<Error>,
 }
@@ -717,7 +719,7 @@ impl ChunkStore for S3ChunkStore {
         if self.has(id)? {
             return Ok(false);
         }
-        let data = Arc::new(data.to_vec());
+        let data = Bytes::copy_from_slice(data);
         {
             let mut up = self.uploads.lock().expect("uploads lock");
             if up.pending.insert(*id, data.clone()).is_some() {
@@ -741,7 +743,7 @@ impl ChunkStore for S3ChunkStore {
                 mode: PutMode::Create,
                 ..Default::default()
             };
-            let payload = PutPayload::from(data.as_ref().clone());
+            let payload = PutPayload::from(data);
             Requests::add(&requests.put);
             let result = store.put_opts(&path, payload, opts).await;
             drop(permit);
@@ -766,7 +768,7 @@ impl ChunkStore for S3ChunkStore {
 
     fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
         if let Some(d) = self.uploads.lock().expect("uploads lock").pending.get(id) {
-            return Ok(d.as_ref().clone());
+            return Ok(d.to_vec());
         }
         let key = chunk_key(id);
         Requests::add(&self.s3.requests.get);

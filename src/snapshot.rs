@@ -151,7 +151,7 @@ pub fn create(
     let parent_blocks: &[Block] = parent.as_ref().map(|p| p.blocks.as_slice()).unwrap_or(&[]);
 
     let store = region.chunks();
-    let pool = chunker::thread_pool_for(store, opts.threads)?;
+    let pool = chunker::thread_pool_for(store, opts.threads, chunker::Work::Compute)?;
     let size = volume.size();
     let mut blocks = Vec::with_capacity(manifest::block_count(size, block_size) as usize);
     let mut stats = SnapshotStats::default();
