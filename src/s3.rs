@@ -26,14 +26,15 @@
 //!
 //! # Locks without file locks
 //!
-//! A command takes the region lock by creating `locks/<random>` holding its
-//! mode (shared or exclusive), purpose, pid and host, then listing
-//! `locks/`. A lock counts while its object was written less than
+//! A command takes the region lock by creating
+//! `locks/{shared,exclusive}-<random>` holding its purpose, pid and host,
+//! then listing `locks/`. A lock counts while its object was written less than
 //! `BLOCKSNAP_S3_LOCK_STALE` (default 300 s) before the newest one, by the
 //! store's own timestamps (so hosts' clocks do not matter); a holder
 //! rewrites its object every fifth of that period. A shared taker
-//! conflicts with any live exclusive lock, an exclusive taker with any
-//! other live lock. On conflict the taker deletes its object, waits a
+//! conflicts with any other live lock that is not shared (an object there
+//! that is no lock counts as exclusive), an exclusive taker with any other
+//! live lock. On conflict the taker deletes its object, waits a
 //! random moment and tries again, up to `BLOCKSNAP_LOCK_WAIT`. Because S3
 //! is strongly consistent (read-after-write, list-after-write), of two
 //! takers the later one to create its object always sees the earlier:
@@ -526,7 +527,9 @@ impl S3Lock {
         .expect("lock record serializes");
         let started = Instant::now();
         loop {
-            let key = format!("locks/{}", &random_id("l")[2..]);
+            // The mode is in the name, so a listing tells every holder's.
+            let kind = if exclusive { "exclusive" } else { "shared" };
+            let key = format!("locks/{kind}-{}", &random_id("l")[2..]);
             s3.put(&key, &record, PutMode::Overwrite)?;
             let locks = s3.list_meta("locks")?;
             let mine = locks.iter().find(|m| s3.key_of(m) == key).ok_or_else(|| {
@@ -539,36 +542,14 @@ impl S3Lock {
             })?;
             let since = modified(mine);
             let newest = locks.iter().map(modified).max().unwrap_or(since);
-            let mut conflict = None;
-            for other in &locks {
+            let conflicting = locks.iter().find(|other| {
                 let other_key = s3.key_of(other);
-                if other_key == key || modified(other) + lock_stale() < newest {
-                    continue;
-                }
-                // A lock object that vanished meanwhile was released.
-                let Some(bytes) = Backend::read(
-                    &S3Backend { s3: s3.clone() },
-                    other_key,
-                    "lock object",
-                    64 << 10,
-                )?
-                else {
-                    continue;
-                };
-                let theirs: LockRecord = match serde_json::from_slice(&bytes) {
-                    Ok(r) => r,
-                    // An unreadable lock counts as exclusive until stale.
-                    Err(_) => LockRecord {
-                        exclusive: true,
-                        holder: format!("unreadable lock object {other_key}"),
-                    },
-                };
-                if exclusive || theirs.exclusive {
-                    conflict = Some(theirs.holder);
-                    break;
-                }
-            }
-            let Some(holder) = conflict else {
+                let shared = other_key.starts_with("locks/shared-");
+                other_key != key
+                    && modified(other) + lock_stale() >= newest
+                    && (exclusive || !shared)
+            });
+            let Some(other) = conflicting else {
                 let stop = Arc::new(AtomicBool::new(false));
                 let refresher = spawn_refresher(s3.clone(), key.clone(), record, stop.clone());
                 let lock = S3Lock {
@@ -579,14 +560,22 @@ impl S3Lock {
                 };
                 return Ok(RegionLock::new(Box::new(lock), Some(since)));
             };
+            let other_key = s3.key_of(other).to_string();
             let _ = s3.block_on(s3.store.delete(&s3.path(&key)));
             if started.elapsed() >= lock_wait() {
+                // Who holds it, for the message; an object that is not a
+                // lock record still counts (as exclusive) until stale.
+                let backend = S3Backend { s3: s3.clone() };
+                let holder = backend
+                    .read(&other_key, "lock object", 64 << 10)?
+                    .and_then(|b| serde_json::from_slice::<LockRecord>(&b).ok())
+                    .map_or_else(|| format!("lock object {other_key}"), |r| r.holder);
                 return Err(Error::Locked {
                     path: PathBuf::from(s3.url.clone()),
                     holder,
                 });
             }
-            let jitter = u64::from(random_id("j").as_bytes()[2] % 200);
+            let jitter = u64::from_str_radix(&random_id("j")[2..4], 16).unwrap_or(0);
             std::thread::sleep(Duration::from_millis(50 + jitter));
         }
     }
