@@ -313,8 +313,9 @@ pub fn decode_store_info(bytes: &[u8], path: &Path, name: &str) -> Result<StoreI
     }
     if info.region != name {
         return Err(corrupt(format!(
-            "it names region {:?}, but lives in {name:?}",
-            info.region
+            "it names region {:?}, but is opened as {name:?}: a region keeps its name, so \
+             open it (or define it with `region add`) as {:?}",
+            info.region, info.region
         )));
     }
     Ok(info)
