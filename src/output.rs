@@ -72,7 +72,7 @@ impl Out {
             s.hole_blocks
         );
         println!(
-            "  stored {} new chunks: {} raw -> {} on disk; reused {} ({} blocks unchanged from the parent)",
+            "  stored {} new chunks: {} of blocks in {}; reused {} ({} blocks unchanged from the parent)",
             s.new_chunks,
             human(s.new_bytes_raw),
             human(s.new_bytes_stored),
