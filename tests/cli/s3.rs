@@ -24,13 +24,12 @@ fn s(p: &Path) -> &str {
 
 /// A local env with the S3 server reachable; `None` (printed) without one.
 fn env_with_server() -> Option<Env> {
-    let Some(mut server) = S3Server::from_env() else {
+    let Some(server) = S3Server::from_env() else {
         eprintln!("SKIP: no S3 server configured (BLOCKSNAP_TEST_S3_ENDPOINT)");
         return None;
     };
     let mut env = Env::new();
-    server.prefix = env.dir.path().file_name().unwrap().to_str().unwrap().into();
-    env.s3 = Some(server);
+    env.s3 = Some(server.with_prefix(env.name()));
     Some(env)
 }
 
@@ -165,6 +164,18 @@ fn copy_image_between_backends_moves_only_missing_chunks() {
     assert_image_restores(&env, &ami_b, "s3-b", &vol);
 }
 
+/// Waits until a lock object exists in region `local`.
+fn wait_for_a_lock(env: &Env) {
+    let t = Instant::now();
+    while env.count_stored("local", "locks") == 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "no command took the lock"
+        );
+        sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn gc_waits_for_a_writer_that_reuses_unreferenced_chunks() {
     let Some(env) = Env::s3() else { return };
@@ -186,14 +197,7 @@ fn gc_waits_for_a_writer_that_reuses_unreferenced_chunks() {
         .spawn()
         .unwrap();
     // Once the writer holds its lock, gc starts.
-    let t = Instant::now();
-    while env.count_stored("local", "locks") == 0 {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "the writer never took its lock"
-        );
-        sleep(Duration::from_millis(20));
-    }
+    wait_for_a_lock(&env);
     let still_running = writer.try_wait().unwrap().is_none();
     let gc = env.command(&["store", "gc", "--json"]).output().unwrap();
     let out = writer.wait_with_output().unwrap();
@@ -235,11 +239,7 @@ fn a_dead_holders_lock_goes_stale_and_gc_clears_it() {
         .env("BLOCKSNAP_S3_INFLIGHT", "1")
         .spawn()
         .unwrap();
-    let t = Instant::now();
-    while env.count_stored("local", "locks") == 0 {
-        assert!(t.elapsed() < Duration::from_secs(20));
-        sleep(Duration::from_millis(20));
-    }
+    wait_for_a_lock(&env);
     writer.kill().unwrap();
     writer.wait().unwrap();
     assert_eq!(env.count_stored("local", "locks"), 1);

@@ -41,6 +41,11 @@ impl S3Server {
         })
     }
 
+    /// The same server, under `prefix` in its bucket.
+    pub fn with_prefix(self, prefix: String) -> S3Server {
+        S3Server { prefix, ..self }
+    }
+
     pub fn url(&self, region: &str) -> String {
         format!("s3://{}/{}/{region}", self.bucket, self.prefix)
     }
@@ -83,7 +88,7 @@ impl Env {
     /// under its own prefix; `None` (with a printed reason) when no server
     /// is configured.
     pub fn s3() -> Option<Env> {
-        let Some(mut server) = S3Server::from_env() else {
+        let Some(server) = S3Server::from_env() else {
             eprintln!(
                 "SKIP: no S3 server configured (BLOCKSNAP_TEST_S3_ENDPOINT); \
                  `.ci/run` starts one with scripts/s3-server.sh"
@@ -91,15 +96,7 @@ impl Env {
             return None;
         };
         let mut env = Env::new();
-        server.prefix = env
-            .dir
-            .path()
-            .file_name()
-            .unwrap()
-            .to_str()
-            .unwrap()
-            .to_string();
-        env.s3 = Some(server.clone());
+        env.s3 = Some(server.with_prefix(env.name()));
         for region in TEST_REGIONS {
             env.add_s3_region(region);
         }
@@ -189,19 +186,7 @@ impl Env {
         let server = self
             .s3
             .clone()
-            .or_else(|| {
-                S3Server::from_env().map(|mut s| {
-                    s.prefix = self
-                        .dir
-                        .path()
-                        .file_name()
-                        .unwrap()
-                        .to_str()
-                        .unwrap()
-                        .into();
-                    s
-                })
-            })
+            .or_else(|| S3Server::from_env().map(|s| s.with_prefix(self.name())))
             .expect("an S3 server is configured");
         self.ok(&[
             "region",
@@ -212,6 +197,12 @@ impl Env {
             &server.endpoint,
             "--allow-http",
         ]);
+    }
+
+    /// This test's unique name (its directory's).
+    pub fn name(&self) -> String {
+        let name = self.dir.path().file_name().unwrap();
+        name.to_str().unwrap().to_string()
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
