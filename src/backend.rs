@@ -23,12 +23,18 @@ use crate::sys::{self, LockMode};
 const LOCK_WAIT: Duration = Duration::from_secs(60);
 
 pub(crate) fn lock_wait() -> Duration {
-    std::env::var("BLOCKSNAP_LOCK_WAIT")
-        .ok()
-        .and_then(|s| s.parse::<f64>().ok())
-        .filter(|s| s.is_finite() && *s >= 0.0)
+    env_number("BLOCKSNAP_LOCK_WAIT")
         .map(Duration::from_secs_f64)
         .unwrap_or(LOCK_WAIT)
+}
+
+/// A numeric setting from the environment: a finite number `>= 0`, or
+/// `None` when unset or not one.
+pub(crate) fn env_number(name: &str) -> Option<f64> {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse::<f64>().ok())
+        .filter(|n| n.is_finite() && *n >= 0.0)
 }
 
 /// A region's storage. Implementations are shared by worker threads.

@@ -200,9 +200,32 @@ impl Error {
     }
 }
 
-/// An `io::Error` on `path` as [`Error`], as [`IoContext::ctx`] makes it.
-pub(crate) fn io_error(op: &'static str, path: &Path, e: io::Error) -> Error {
-    Err::<(), _>(e).ctx(op, path).unwrap_err()
+/// Checks the `format` name and `version` a JSON file declares against
+/// what this blocksnap reads.
+pub(crate) fn check_format(
+    what: &'static str,
+    path: &Path,
+    format: &str,
+    expected: &str,
+    version: u32,
+    supported: u32,
+) -> Result<()> {
+    if format != expected {
+        return Err(Error::CorruptFile {
+            what,
+            path: path.to_path_buf(),
+            reason: format!("format is {format:?}, expected {expected:?}"),
+        });
+    }
+    if version != supported {
+        return Err(Error::UnsupportedVersion {
+            what,
+            path: path.to_path_buf(),
+            found: version,
+            supported,
+        });
+    }
+    Ok(())
 }
 
 /// Attaches the operation and path to an `io::Error`.

@@ -26,7 +26,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, check_format};
 use crate::id::{AccountId, ImageId, SnapshotId, string_newtype};
 use crate::manifest::{SnapshotMeta, Tag};
 use crate::region::Region;
@@ -460,20 +460,7 @@ pub(crate) fn decode_envelope<T: DeserializeOwned>(
     };
     let env: Envelope =
         serde_json::from_slice(bytes).map_err(|e| corrupt(format!("not valid JSON ({e})")))?;
-    if env.format != format {
-        return Err(corrupt(format!(
-            "format is {:?}, expected {format:?}",
-            env.format
-        )));
-    }
-    if env.version != FORMAT_VERSION {
-        return Err(Error::UnsupportedVersion {
-            what,
-            path: path.to_path_buf(),
-            found: env.version,
-            supported: FORMAT_VERSION,
-        });
-    }
+    check_format(what, path, &env.format, format, env.version, FORMAT_VERSION)?;
     if blake3::hash(env.body.get().as_bytes()).to_hex().as_str() != env.checksum {
         return Err(corrupt(
             "checksum mismatch: the file was edited or damaged".into(),

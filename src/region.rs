@@ -11,7 +11,7 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{Backend, LocalBackend, RegionLock};
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, IoContext, Result, check_format};
 use crate::id::{AccountId, SnapshotId};
 use crate::manifest::{self, Manifest, SnapshotMeta};
 use crate::store::ChunkStore;
@@ -297,20 +297,15 @@ pub fn decode_store_info(bytes: &[u8], path: &Path, name: &str) -> Result<StoreI
         return Err(corrupt(format!("larger than {MAX_STORE_JSON} bytes")));
     }
     let info: StoreInfo = serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
-    if info.format != STORE_FORMAT {
-        return Err(corrupt(format!(
-            "format is {:?}, not {STORE_FORMAT:?}",
-            info.format
-        )));
-    }
-    if info.version != STORE_VERSION {
-        return Err(Error::UnsupportedVersion {
-            what: "store",
-            path: path.to_path_buf(),
-            found: info.version,
-            supported: STORE_VERSION,
-        });
-    }
+    let (format, version) = (&info.format, info.version);
+    check_format(
+        "store description",
+        path,
+        format,
+        STORE_FORMAT,
+        version,
+        STORE_VERSION,
+    )?;
     if info.region != name {
         return Err(corrupt(format!(
             "it names region {:?}, but is opened as {name:?}: a region keeps its name, so \

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result, check_format};
 use crate::store::{Durability, read_bounded, write_atomic};
 
 const FORMAT: &str = "blocksnap-regions";
@@ -92,20 +92,8 @@ fn read_file(store_root: &Path) -> Result<BTreeMap<String, RegionDef>> {
         reason,
     };
     let file: RegionsFile = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
-    if file.format != FORMAT {
-        return Err(corrupt(format!(
-            "format is {:?}, not {FORMAT:?}",
-            file.format
-        )));
-    }
-    if file.version != VERSION {
-        return Err(Error::UnsupportedVersion {
-            what: "region definitions",
-            path,
-            found: file.version,
-            supported: VERSION,
-        });
-    }
+    let what = "region definitions";
+    check_format(what, &path, &file.format, FORMAT, file.version, VERSION)?;
     for def in file.regions.values() {
         S3Url::parse(&def.url).map_err(|e| corrupt(e.to_string()))?;
     }
@@ -120,8 +108,7 @@ fn write_file(store_root: &Path, regions: BTreeMap<String, RegionDef>) -> Result
     };
     let mut json = serde_json::to_vec_pretty(&file).expect("regions serialize");
     json.push(b'\n');
-    std::fs::create_dir_all(store_root)
-        .map_err(|e| crate::error::io_error("create store directory", store_root, e))?;
+    std::fs::create_dir_all(store_root).ctx("create store directory", store_root)?;
     write_atomic(&store_root.join(FILE), &json, Durability::Now)
 }
 

@@ -62,8 +62,8 @@ use object_store::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{Backend, RegionLock, holder_note, lock_wait};
-use crate::error::{Error, ErrorKind, Result};
+use crate::backend::{Backend, RegionLock, env_number, holder_note, lock_wait};
+use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::id::{ChunkId, random_id};
 use crate::regions::{RegionDef, S3Url};
 use crate::store::{ChunkStore, StoredChunk};
@@ -75,22 +75,13 @@ pub const DEFAULT_INFLIGHT: usize = 32;
 pub const HEAD_BUDGET: usize = 256;
 const DEFAULT_LOCK_STALE: Duration = Duration::from_secs(300);
 
-fn env_number(name: &str) -> Option<f64> {
-    std::env::var(name)
-        .ok()
-        .and_then(|s| s.parse::<f64>().ok())
-        .filter(|n| n.is_finite() && *n > 0.0)
-}
-
-fn env_number_or_zero(name: &str) -> Option<f64> {
-    std::env::var(name)
-        .ok()
-        .and_then(|s| s.parse::<f64>().ok())
-        .filter(|n| n.is_finite() && *n >= 0.0)
+/// A setting that must be positive.
+fn env_positive(name: &str) -> Option<f64> {
+    env_number(name).filter(|n| *n > 0.0)
 }
 
 fn lock_stale() -> Duration {
-    env_number("BLOCKSNAP_S3_LOCK_STALE")
+    env_positive("BLOCKSNAP_S3_LOCK_STALE")
         .map(Duration::from_secs_f64)
         .unwrap_or(DEFAULT_LOCK_STALE)
 }
@@ -325,7 +316,7 @@ impl S3Backend {
             });
         };
         let endpoint = def.endpoint.clone().or_else(|| var("AWS_ENDPOINT"));
-        let timeout = env_number("BLOCKSNAP_S3_TIMEOUT").unwrap_or(60.0);
+        let timeout = env_positive("BLOCKSNAP_S3_TIMEOUT").unwrap_or(60.0);
         let retries = std::env::var("BLOCKSNAP_S3_RETRIES")
             .ok()
             .and_then(|s| s.parse().ok())
@@ -368,10 +359,8 @@ impl S3Backend {
             .thread_name("blocksnap-s3")
             .enable_all()
             .build()
-            .map_err(|e| {
-                crate::error::io_error("start the S3 client", std::path::Path::new("tokio"), e)
-            })?;
-        let inflight = env_number("BLOCKSNAP_S3_INFLIGHT")
+            .ctx("start the S3 client", std::path::Path::new("tokio"))?;
+        let inflight = env_positive("BLOCKSNAP_S3_INFLIGHT")
             .map(|n| n as usize)
             .unwrap_or(DEFAULT_INFLIGHT)
             .max(1);
@@ -475,7 +464,7 @@ impl Backend for S3Backend {
     }
 
     fn gc_cutoff(&self, lock: &RegionLock) -> Result<Option<SystemTime>> {
-        let grace = env_number_or_zero("BLOCKSNAP_S3_GC_GRACE")
+        let grace = env_number("BLOCKSNAP_S3_GC_GRACE")
             .map(Duration::from_secs_f64)
             .unwrap_or_else(lock_stale);
         Ok(lock.since.map(|t| t - grace))
@@ -506,7 +495,6 @@ fn modified(m: &ObjectMeta) -> SystemTime {
 
 #[derive(Serialize, Deserialize)]
 struct LockRecord {
-    exclusive: bool,
     holder: String,
 }
 
@@ -521,7 +509,6 @@ impl S3Lock {
     fn take(s3: &Arc<S3>, mode: LockMode, purpose: &str) -> Result<RegionLock> {
         let exclusive = mode == LockMode::Exclusive;
         let record = serde_json::to_vec(&LockRecord {
-            exclusive,
             holder: holder_note(purpose),
         })
         .expect("lock record serializes");
@@ -703,11 +690,17 @@ impl ChunkStore for S3ChunkStore {
         Ok(index.as_ref().is_some_and(|i| i.contains(id)))
     }
 
+    /// Callers ask [`ChunkStore::has`] first (snapshot and copy do), so
+    /// `put` asks the store nothing more: a chunk known to be stored or
+    /// uploading is skipped, any other is uploaded with put-if-absent, and
+    /// one another writer stored meanwhile counts as new here.
     fn put(&self, id: &ChunkId, data: &[u8]) -> Result<bool> {
         self.failed()?;
-        if self.has(id)? {
+        let indexed = self.index.lock().expect("index lock");
+        if indexed.as_ref().is_some_and(|i| i.contains(id)) {
             return Ok(false);
         }
+        drop(indexed);
         let data = Bytes::copy_from_slice(data);
         {
             let mut up = self.uploads.lock().expect("uploads lock");

@@ -22,17 +22,6 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-/// A local env with the S3 server reachable; `None` (printed) without one.
-fn env_with_server() -> Option<Env> {
-    let Some(server) = S3Server::from_env() else {
-        eprintln!("SKIP: no S3 server configured (BLOCKSNAP_TEST_S3_ENDPOINT)");
-        return None;
-    };
-    let mut env = Env::new();
-    env.s3 = Some(server.with_prefix(env.name()));
-    Some(env)
-}
-
 fn image_volume(env: &Env) -> PathBuf {
     let src = env.path("src");
     fs::create_dir_all(&src).unwrap();
@@ -73,7 +62,9 @@ fn assert_image_restores(env: &Env, ami: &str, region: &str, expect: &Path) {
 
 #[test]
 fn copy_image_between_backends_moves_only_missing_chunks() {
-    let Some(env) = env_with_server() else { return };
+    let Some(env) = Env::with_s3_server() else {
+        return;
+    };
     env.add_s3_region("s3-a");
     env.add_s3_region("s3-b");
     let listed = env.json(&["region", "list"]);
@@ -432,7 +423,9 @@ fn slow_down(client: &mut TcpStream) {
 
 #[test]
 fn throttling_and_server_errors_are_retried_with_backoff() {
-    let Some(env) = env_with_server() else { return };
+    let Some(env) = Env::with_s3_server() else {
+        return;
+    };
     let server = env.s3.clone().unwrap();
     let proxy = Throttle::start(&server.endpoint, 4);
     env.ok(&[
@@ -482,7 +475,9 @@ fn throttling_and_server_errors_are_retried_with_backoff() {
 
 #[test]
 fn a_server_that_never_answers_times_out_clearly() {
-    let Some(env) = env_with_server() else { return };
+    let Some(env) = Env::with_s3_server() else {
+        return;
+    };
     let server = env.s3.clone().unwrap();
     env.add_s3_region("slow");
     let mute = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -555,11 +550,10 @@ impl Drop for PrivateServer {
 
 #[test]
 fn a_server_killed_mid_snapshot_leaves_no_snapshot() {
-    if S3Server::from_env().is_none() {
-        eprintln!("SKIP: no S3 server configured (BLOCKSNAP_TEST_S3_ENDPOINT)");
+    // A private server; the shared one only says the tests may run.
+    let Some(env) = Env::with_s3_server() else {
         return;
-    }
-    let env = Env::new();
+    };
     let server = PrivateServer::start(env.path("server"));
     let with_server = |args: &[&str]| {
         let mut c = env.command(args);

@@ -84,10 +84,10 @@ impl Env {
         }
     }
 
-    /// A world whose regions all live on the S3 test server, each test
-    /// under its own prefix; `None` (with a printed reason) when no server
-    /// is configured.
-    pub fn s3() -> Option<Env> {
+    /// A world with the S3 test server at hand under its own prefix, its
+    /// regions still local until `add_s3_region`; `None` (with a printed
+    /// reason) when no server is configured.
+    pub fn with_s3_server() -> Option<Env> {
         let Some(server) = S3Server::from_env() else {
             eprintln!(
                 "SKIP: no S3 server configured (BLOCKSNAP_TEST_S3_ENDPOINT); \
@@ -97,6 +97,14 @@ impl Env {
         };
         let mut env = Env::new();
         env.s3 = Some(server.with_prefix(env.name()));
+        Some(env)
+    }
+
+    /// A world whose regions all live on the S3 test server, each test
+    /// under its own prefix; `None` (with a printed reason) when no server
+    /// is configured.
+    pub fn s3() -> Option<Env> {
+        let env = Env::with_s3_server()?;
         for region in TEST_REGIONS {
             env.add_s3_region(region);
         }
@@ -183,11 +191,7 @@ impl Env {
 
     /// Defines `region` on the S3 test server under this test's prefix.
     pub fn add_s3_region(&self, region: &str) {
-        let server = self
-            .s3
-            .clone()
-            .or_else(|| S3Server::from_env().map(|s| s.with_prefix(self.name())))
-            .expect("an S3 server is configured");
+        let server = self.s3.as_ref().expect("a world made with an S3 server");
         self.ok(&[
             "region",
             "add",
