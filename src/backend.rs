@@ -53,6 +53,9 @@ pub trait Backend: Send + Sync {
     /// The first `len` bytes of `key` (all of it if shorter) and its whole
     /// size; `Ok(None)` if absent.
     fn read_head(&self, key: &str, len: u64) -> Result<Option<(Vec<u8>, u64)>>;
+    /// When object `key` was last written, by the store's clock (a file's
+    /// ctime, an object's Last-Modified); `Ok(None)` if absent.
+    fn changed_at(&self, key: &str) -> Result<Option<SystemTime>>;
     /// Creates `key` durably unless it exists (put-if-absent): `Ok(false)`,
     /// having changed nothing, when it does. Never overwrites.
     fn create(&self, key: &str, data: &[u8]) -> Result<bool>;
@@ -152,6 +155,15 @@ impl Backend for LocalBackend {
         let mut head = Vec::with_capacity(len.min(size) as usize);
         f.take(len).read_to_end(&mut head).ctx("read", &path)?;
         Ok(Some((head, size)))
+    }
+
+    fn changed_at(&self, key: &str) -> Result<Option<SystemTime>> {
+        let path = self.path(key);
+        match fs::symlink_metadata(&path) {
+            Ok(m) => Ok(Some(crate::store::ctime(&m))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).ctx("stat", &path),
+        }
     }
 
     fn create(&self, key: &str, data: &[u8]) -> Result<bool> {

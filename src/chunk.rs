@@ -26,6 +26,7 @@
 //! and [`load_into`] check the name before they return a single byte.
 
 use std::cell::RefCell;
+use std::time::SystemTime;
 
 use crate::error::{Error, Result};
 use crate::id::ChunkId;
@@ -123,6 +124,13 @@ pub fn present_and_sound(store: &dyn ChunkStore, id: &ChunkId) -> Result<bool> {
     if store.atomic_puts() {
         return Ok(true);
     }
+    sound_or_quarantined(store, id)
+}
+
+/// Whether chunk `id` reads back whole, its delta chain included; one that
+/// fails is moved aside (so the next snapshot of the data writes it anew)
+/// and `false` returned. A missing chunk is `false`.
+pub fn sound_or_quarantined(store: &dyn ChunkStore, id: &ChunkId) -> Result<bool> {
     match load_into(store, id, &mut Vec::new()) {
         Ok(_) => Ok(true),
         Err(Error::MissingChunk { .. }) => Ok(false),
@@ -493,4 +501,38 @@ mod tests {
         let err = load_into(&store, &ib, &mut Vec::new()).unwrap_err();
         assert!(err.to_string().contains(&ia.short()), "{err}");
     }
+}
+
+/// Whether a chunk that a parent snapshot names can be named again by a
+/// new snapshot without reading it: it and every base of its delta chain
+/// are stored and unchanged since `since` (when the parent was committed,
+/// by the store's clock; `None` when unknown). Chunks never change once
+/// written, so one changed later (an edited byte, a rewrite) is read back
+/// and verified instead, and a corrupt one is moved aside. A store with
+/// atomic puts (S3) answers from one listing and its delta bases are not
+/// walked: there `store verify --repair` moves aside every delta whose
+/// chain is broken together with the broken base.
+pub fn reusable(store: &dyn ChunkStore, id: &ChunkId, since: Option<SystemTime>) -> Result<bool> {
+    let mut current = *id;
+    for _ in 0..=MAX_DEPTH {
+        match store.changed_at(&current)? {
+            None => return Ok(false),
+            Some(t) if since.is_none_or(|s| t > s) => return sound_or_quarantined(store, id),
+            Some(_) => {}
+        }
+        if store.atomic_puts() {
+            return Ok(true);
+        }
+        let head = match store.get_head(&current, DELTA_HEADER_LEN) {
+            Ok(h) => h,
+            Err(Error::MissingChunk { .. }) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        match base_of(&head) {
+            Some(b) => current = b.id,
+            None => return Ok(true),
+        }
+    }
+    // Deeper than any chain blocksnap writes: let a full read decide.
+    sound_or_quarantined(store, id)
 }

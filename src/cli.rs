@@ -325,8 +325,9 @@ pub enum VolumeCmd {
         snapshot: String,
         /// File or block device to restore into
         target: PathBuf,
-        /// Replace an existing file
-        #[arg(long, conflicts_with = "delta")]
+        /// Replace an existing file or overwrite a block device; with
+        /// --delta, accept a target whose size differs from the snapshot's
+        #[arg(long)]
         force: bool,
         /// Update an existing file or device in place, writing only blocks that differ
         #[arg(long)]

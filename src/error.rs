@@ -45,8 +45,15 @@ pub enum Error {
     #[error("volume {} does not exist: check the path", .0.display())]
     VolumeNotFound(PathBuf),
 
-    #[error("volume {} is not a regular file or block device", .0.display())]
+    #[error("{} is not a regular file or block device: blocksnap reads and writes only those", .0.display())]
     NotAVolume(PathBuf),
+
+    #[error(
+        "volume {} holds {size} bytes, more than the 64 TiB limit (EBS's largest volume): \
+         blocksnap refuses larger volumes",
+        path.display()
+    )]
+    VolumeTooLarge { path: PathBuf, size: u64 },
 
     #[error(
         "volume {} shrank while it was being read (ended before byte {offset}): \
@@ -114,8 +121,26 @@ pub enum Error {
         supported: u32,
     },
 
-    #[error("target {} already exists: pass --force to replace it, or --delta to update it in place", .0.display())]
+    #[error("target {} already exists: pass --force to overwrite it, or --delta to update it in place", .0.display())]
     TargetExists(PathBuf),
+
+    #[error(
+        "device {} is in use (mounted, or held by another program): unmount or release it first",
+        .0.display()
+    )]
+    DeviceBusy(PathBuf),
+
+    #[error(
+        "target {} holds {size} bytes but {snapshot} is {needed}: {outcome}",
+        path.display()
+    )]
+    TargetSizeDiffers {
+        path: PathBuf,
+        size: u64,
+        snapshot: SnapshotId,
+        needed: u64,
+        outcome: String,
+    },
 
     #[error(
         "target {} holds {size} bytes but {snapshot} needs {needed}: use a larger device",
@@ -176,7 +201,9 @@ impl Error {
             | Error::InvalidArgument(_)
             | Error::BlockSizeMismatch { .. }
             | Error::InvalidImage(_)
-            | Error::InvalidInstance(_) => ErrorKind::Usage,
+            | Error::InvalidInstance(_)
+            | Error::NotAVolume(_)
+            | Error::VolumeTooLarge { .. } => ErrorKind::Usage,
             Error::VolumeNotFound(_)
             | Error::SnapshotNotFound { .. }
             | Error::ImageNotFound { .. } => ErrorKind::NotFound,
@@ -186,13 +213,14 @@ impl Error {
             | Error::BadChunkInSnapshot { .. }
             | Error::CorruptFile { .. } => ErrorKind::Integrity,
             Error::TargetExists(_)
+            | Error::DeviceBusy(_)
+            | Error::TargetSizeDiffers { .. }
             | Error::TargetTooSmall { .. }
             | Error::Locked { .. }
             | Error::ImageDeregistered(_)
             | Error::SnapshotInUse { .. } => ErrorKind::Conflict,
             Error::Io { .. }
             | Error::NoSpace { .. }
-            | Error::NotAVolume(_)
             | Error::VolumeShrank { .. }
             | Error::UnsupportedVersion { .. } => ErrorKind::Other,
             Error::Remote { kind, .. } => *kind,

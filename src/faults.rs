@@ -82,6 +82,9 @@ impl ChunkStore for FaultyStore {
     fn has(&self, id: &ChunkId) -> Result<bool> {
         self.inner.has(id)
     }
+    fn changed_at(&self, id: &ChunkId) -> Result<Option<std::time::SystemTime>> {
+        self.inner.changed_at(id)
+    }
     fn put(&self, id: &ChunkId, data: &[u8]) -> Result<bool> {
         self.tick()?;
         let wrote = self.inner.put(id, data)?;

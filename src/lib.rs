@@ -102,4 +102,4 @@ pub use error::{Error, ErrorKind, Result};
 pub use id::{AccountId, ChunkId, ImageId, InstanceId, SnapshotId};
 pub use manifest::{Block, Manifest, SnapshotMeta, SnapshotStats, Tag};
 pub use region::Region;
-pub use sys::LockMode;
+pub use sys::{LockMode, default_sigpipe};

@@ -205,6 +205,12 @@ impl Region {
         Ok(())
     }
 
+    /// When snapshot `id`'s manifest was committed, by the store's clock:
+    /// every chunk it names was written before then.
+    pub fn snapshot_committed_at(&self, id: &SnapshotId) -> Result<Option<SystemTime>> {
+        self.backend.changed_at(&Self::snapshot_key(id))
+    }
+
     /// Commits a snapshot: chunks are made durable first, then the manifest
     /// is created (never overwriting one). The snapshot exists from then on.
     pub fn write_snapshot(&self, m: &Manifest) -> Result<()> {

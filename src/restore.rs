@@ -89,6 +89,7 @@ pub fn restore_in(
             "--size {size} is smaller than {id}'s volume of {snap_size} bytes: give at least {snap_size}"
         )));
     }
+    volume::check_size(target, size)?;
     let job = Job {
         store: region.chunks(),
         manifest: &m,
@@ -118,8 +119,23 @@ pub fn restore_in(
             )));
         }
         Some(ft) if ft.is_block_device() => {
-            let file = volume::open_rw(target)?;
+            if !opts.delta && !opts.force {
+                return Err(Error::TargetExists(target.to_path_buf()));
+            }
+            let file = open_device(target)?;
             let (_, dev_size) = volume::probe(&file, target)?;
+            if dev_size > size && !opts.force {
+                return Err(Error::TargetSizeDiffers {
+                    path: target.to_path_buf(),
+                    size: dev_size,
+                    snapshot: id.clone(),
+                    needed: size,
+                    outcome: format!(
+                        "bytes {size} to {dev_size} of the device would be left as they are; pass \
+                         --force to go ahead"
+                    ),
+                });
+            }
             if dev_size < size {
                 return Err(Error::TargetTooSmall {
                     path: target.to_path_buf(),
@@ -138,6 +154,28 @@ pub fn restore_in(
         }
         Some(ft) if ft.is_file() && opts.delta => {
             let file = volume::open_rw(target)?;
+            let file_size = file.metadata().ctx("stat restore target", target)?.len();
+            if file_size != size && opts.size.is_none() && !opts.force {
+                let outcome = if file_size > size {
+                    format!(
+                        "--delta would cut it to {size} bytes, dropping its last {} bytes; pass \
+                         --force to do so, or --size {file_size} to keep its size",
+                        file_size - size
+                    )
+                } else {
+                    format!(
+                        "--delta would grow it to {size} bytes; pass --force to do so, or --size \
+                         to choose the size"
+                    )
+                };
+                return Err(Error::TargetSizeDiffers {
+                    path: target.to_path_buf(),
+                    size: file_size,
+                    snapshot: id.clone(),
+                    needed: size,
+                    outcome,
+                });
+            }
             // Shrinking drops stale bytes past the end; growing adds a hole.
             file.set_len(snap_size).ctx("resize", target)?;
             file.set_len(size).ctx("resize", target)?;
@@ -154,7 +192,9 @@ pub fn restore_in(
             let tmp = TempFile::create(target)?;
             tmp.file.set_len(size).ctx("size", &tmp.path)?;
             job.full(&tmp.file, &tmp.path, false, &mut report)?;
-            tmp.commit(target)?;
+            // Without --force, a file that appeared at the target meanwhile
+            // is never replaced.
+            tmp.commit(target, opts.force)?;
         }
     }
     Ok(report)
@@ -449,6 +489,21 @@ fn write_sparse(file: &File, path: &Path, data: &[u8], offset: u64) -> Result<()
     Ok(())
 }
 
+/// Opens a block device for writing with `O_EXCL`: the kernel refuses a
+/// device that is mounted or claimed by another exclusive opener.
+fn open_device(path: &Path) -> Result<File> {
+    match sys::open_nonblocking(path, true, true) {
+        Ok(f) => {
+            sys::set_blocking(&f).ctx("open for writing", path)?;
+            Ok(f)
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            Err(Error::DeviceBusy(path.to_path_buf()))
+        }
+        Err(e) => Err(e).ctx("open for writing", path),
+    }
+}
+
 /// A file being restored under a temporary name; removed unless committed.
 struct TempFile {
     path: PathBuf,
@@ -472,9 +527,19 @@ impl TempFile {
         })
     }
 
-    fn commit(mut self, target: &Path) -> Result<()> {
+    fn commit(mut self, target: &Path, replace: bool) -> Result<()> {
         self.file.sync_all().ctx("flush", &self.path)?;
-        fs::rename(&self.path, target).ctx("rename into place", target)?;
+        if replace {
+            fs::rename(&self.path, target).ctx("rename into place", target)?;
+        } else {
+            match sys::rename_noreplace(&self.path, target) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    return Err(Error::TargetExists(target.to_path_buf()));
+                }
+                Err(e) => return Err(e).ctx("rename into place", target),
+            }
+        }
         self.committed = true;
         let parent = target
             .parent()

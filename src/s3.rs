@@ -421,6 +421,16 @@ impl Backend for S3Backend {
         self.s3.get_range(key, len)
     }
 
+    fn changed_at(&self, key: &str) -> Result<Option<SystemTime>> {
+        let path = self.s3.path(key);
+        Requests::add(&self.s3.requests.head);
+        match self.s3.block_on(self.s3.store.head(&path)) {
+            Ok(meta) => Ok(Some(modified(&meta))),
+            Err(e) if absent(&e) => Ok(None),
+            Err(e) => Err(self.s3.error("read", key, e)),
+        }
+    }
+
     fn create(&self, key: &str, data: &[u8]) -> Result<bool> {
         self.s3.put(key, data, PutMode::Create)
     }
@@ -621,6 +631,8 @@ pub struct S3ChunkStore {
     s3: Arc<S3>,
     /// Every chunk known to be stored, once listed.
     index: Mutex<Option<HashSet<ChunkId>>>,
+    /// When each listed chunk was written, once asked (one listing).
+    times: Mutex<Option<HashMap<ChunkId, SystemTime>>>,
     heads: AtomicUsize,
     uploads: Arc<Mutex<Uploads>>,
     permits: Arc<tokio::sync::Semaphore>,
@@ -632,6 +644,7 @@ impl S3ChunkStore {
             permits: Arc::new(tokio::sync::Semaphore::new(s3.inflight)),
             s3,
             index: Mutex::new(None),
+            times: Mutex::new(None),
             heads: AtomicUsize::new(0),
             uploads: Arc::default(),
         }
@@ -792,6 +805,9 @@ impl ChunkStore for S3ChunkStore {
         if let Some(index) = &mut *self.index.lock().expect("index lock") {
             index.remove(id);
         }
+        if let Some(times) = &mut *self.times.lock().expect("times lock") {
+            times.remove(id);
+        }
         Ok(())
     }
 
@@ -830,11 +846,52 @@ impl ChunkStore for S3ChunkStore {
         if let Some(index) = &mut *self.index.lock().expect("index lock") {
             index.remove(id);
         }
+        if let Some(times) = &mut *self.times.lock().expect("times lock") {
+            times.remove(id);
+        }
         Ok(())
     }
 
     fn atomic_puts(&self) -> bool {
         true
+    }
+
+    /// From one listing of `chunks/`, which carries each object's write
+    /// time; a chunk this process uploaded counts as unchanged.
+    fn changed_at(&self, id: &ChunkId) -> Result<Option<SystemTime>> {
+        let uploading = self
+            .uploads
+            .lock()
+            .expect("uploads lock")
+            .pending
+            .contains_key(id);
+        if uploading {
+            return Ok(Some(SystemTime::UNIX_EPOCH));
+        }
+        let mut times = self.times.lock().expect("times lock");
+        if times.is_none() {
+            let listed = self.listed()?;
+            let mut index = self.index.lock().expect("index lock");
+            if index.is_none() {
+                *index = Some(listed.iter().map(|c| c.id).collect());
+            }
+            let map = listed
+                .into_iter()
+                .map(|c| (c.id, c.written.unwrap_or(SystemTime::UNIX_EPOCH)))
+                .collect();
+            *times = Some(map);
+        }
+        if let Some(t) = times.as_ref().and_then(|m| m.get(id)) {
+            return Ok(Some(*t));
+        }
+        drop(times);
+        let put_here = self
+            .index
+            .lock()
+            .expect("index lock")
+            .as_ref()
+            .is_some_and(|i| i.contains(id));
+        Ok(put_here.then_some(SystemTime::UNIX_EPOCH))
     }
 
     fn io_parallelism(&self) -> usize {

@@ -153,7 +153,16 @@ pub fn create(
     let store = region.chunks();
     let pool = chunker::thread_pool_for(store, opts.threads, chunker::Work::Compute)?;
     let size = volume.size();
-    let mut blocks = Vec::with_capacity(manifest::block_count(size, block_size) as usize);
+    // Chunks the parent names are reused unread only if unchanged since
+    // it was committed (see `chunk::reusable`).
+    let parent_committed = match &parent {
+        Some(p) => region.snapshot_committed_at(&p.meta.id)?,
+        None => None,
+    };
+    // Grown as blocks arrive: a huge sparse volume must not reserve its
+    // whole block list up front.
+    let mut blocks =
+        Vec::with_capacity(manifest::block_count(size, block_size).min(1 << 20) as usize);
     let mut stats = SnapshotStats::default();
 
     progress.start("snapshot", size);
@@ -169,7 +178,9 @@ pub fn create(
                 Content::Zero => Outcome::Zero,
                 Content::Data { bytes, id } => {
                     let block = Block::Data(id);
-                    if parent_blocks.get(pos.index as usize) == Some(&block) {
+                    if parent_blocks.get(pos.index as usize) == Some(&block)
+                        && chunk::reusable(store, &id, parent_committed)?
+                    {
                         Outcome::Unchanged(block)
                     } else if chunk::present_and_sound(store, &id)? {
                         Outcome::Known(block, bytes.len() as u64)

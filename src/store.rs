@@ -8,6 +8,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use crate::error::{Error, IoContext, Result};
 use crate::id::{ChunkId, random_id};
@@ -48,6 +49,12 @@ pub trait ChunkStore: Send + Sync {
     fn sync(&self) -> Result<()>;
     /// Stored size of a chunk in bytes.
     fn size(&self, id: &ChunkId) -> Result<u64>;
+    /// When the stored chunk was last written or changed, by the store's
+    /// clock (a file's ctime, an object's Last-Modified); `None` when it is
+    /// absent. A store that cannot tell says `UNIX_EPOCH` (never changed).
+    fn changed_at(&self, id: &ChunkId) -> Result<Option<SystemTime>> {
+        Ok(self.has(id)?.then_some(SystemTime::UNIX_EPOCH))
+    }
     /// Moves a corrupt chunk aside so that it no longer counts as stored:
     /// the next snapshot of the same data writes it anew.
     fn quarantine(&self, id: &ChunkId) -> Result<()> {
@@ -233,6 +240,15 @@ impl ChunkStore for LocalChunkStore {
         self.remove_temp_files()
     }
 
+    fn changed_at(&self, id: &ChunkId) -> Result<Option<SystemTime>> {
+        let path = self.path_of(id);
+        match fs::symlink_metadata(&path) {
+            Ok(m) => Ok(Some(ctime(&m))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).ctx("look up chunk", &path),
+        }
+    }
+
     /// Renames the chunk to `<64 hex>.bad` beside it, for inspection.
     fn quarantine(&self, id: &ChunkId) -> Result<()> {
         let path = self.path_of(id);
@@ -245,6 +261,17 @@ impl ChunkStore for LocalChunkStore {
         }
         sync_dir(path.parent().expect("chunk paths have a parent"))
     }
+}
+
+/// A file's status-change time: set by the kernel on every write, rename
+/// or link, and not settable by a user.
+pub(crate) fn ctime(m: &fs::Metadata) -> SystemTime {
+    use std::os::unix::fs::MetadataExt;
+    let (s, ns) = (m.ctime(), m.ctime_nsec());
+    if s < 0 {
+        return SystemTime::UNIX_EPOCH;
+    }
+    SystemTime::UNIX_EPOCH + std::time::Duration::new(s as u64, ns.clamp(0, 999_999_999) as u32)
 }
 
 /// Calls `f` with the path of every entry of `dir`; a missing `dir` has none.

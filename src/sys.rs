@@ -129,3 +129,77 @@ pub fn start_writeback(file: &File, offset: u64, len: u64) {
         }
     }
 }
+
+/// Restores the default action of `SIGPIPE` (the Rust runtime ignores it),
+/// so a command whose standard output is a closed pipe (`| head -1`) ends
+/// quietly as other Unix tools do instead of failing on the write. Sockets
+/// are unaffected: their writes pass `MSG_NOSIGNAL`.
+pub fn default_sigpipe() {
+    // SAFETY: sets a signal disposition to a constant; no handler runs Rust code.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+/// `renameat2(from, to, RENAME_NOREPLACE)`: renames unless `to` exists,
+/// failing with `AlreadyExists` then. A file systems without the flag gets
+/// `link` + `unlink`, which never replaces either.
+pub fn rename_noreplace(from: &std::path::Path, to: &std::path::Path) -> io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &std::path::Path| {
+        CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::other("path holds a NUL"))
+    };
+    let (f, t) = (c(from)?, c(to)?);
+    // SAFETY: both pointers are NUL-terminated strings that live across the call.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EINVAL) | Some(libc::ENOSYS) => {
+            std::fs::hard_link(from, to)?;
+            std::fs::remove_file(from)
+        }
+        _ => Err(err),
+    }
+}
+
+/// Opens `path` for reading without blocking on a FIFO or a device that
+/// waits for a peer, so its type can be checked before any read.
+pub fn open_nonblocking(path: &std::path::Path, write: bool, exclusive: bool) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut flags = libc::O_NONBLOCK;
+    if exclusive {
+        // On a block device, O_EXCL without O_CREAT claims it: the kernel
+        // refuses a device that is mounted or claimed by another opener.
+        flags |= libc::O_EXCL;
+    }
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(flags)
+        .open(path)
+}
+
+/// Clears `O_NONBLOCK` on an open file once its type is known to be safe.
+pub fn set_blocking(file: &File) -> io::Result<()> {
+    // SAFETY: fcntl only reads and sets integer flags of a valid fd.
+    unsafe {
+        let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+        if flags < 0 || libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) < 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
