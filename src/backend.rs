@@ -70,6 +70,12 @@ pub trait Backend: Send + Sync {
     /// Takes the region lock (see the crate docs), waiting up to
     /// `BLOCKSNAP_LOCK_WAIT` (default 60 s) for a conflicting holder.
     fn lock(&self, mode: LockMode, purpose: &str) -> Result<RegionLock>;
+    /// Takes the region's catalog lock, exclusive: held while an image's
+    /// state or permissions, a snapshot's permissions, or the set of
+    /// images and snapshots is read, checked and changed, so concurrent
+    /// changes never lose one another. Independent of the region lock
+    /// (taken first when both are needed); waits like it.
+    fn catalog_lock(&self, purpose: &str) -> Result<RegionLock>;
     /// Unreferenced chunks written after this instant may belong to a
     /// snapshot still being written and are kept by gc; `None` when the
     /// region lock alone is proof (a local `flock`). Called under gc's lock.
@@ -206,42 +212,65 @@ impl Backend for LocalBackend {
     }
 
     fn lock(&self, mode: LockMode, purpose: &str) -> Result<RegionLock> {
-        let path = self.root.join("lock");
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .ctx("open lock file", &path)?;
-        let started = Instant::now();
-        loop {
-            if sys::try_lock(&file, mode).ctx("lock", &path)? {
-                break;
-            }
-            if started.elapsed() >= lock_wait() {
-                let mut holder = String::new();
-                let _ = file.read_to_string(&mut holder);
-                let holder = match (mode, holder.trim()) {
-                    (LockMode::Exclusive, _) => {
-                        "snapshot, restore or other commands are using it".to_string()
-                    }
-                    (LockMode::Shared, "") => "an exclusive holder, such as store gc".to_string(),
-                    (LockMode::Shared, h) => h.to_string(),
-                };
-                return Err(Error::Locked { path, holder });
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        if mode == LockMode::Exclusive {
-            // Tells a waiting command who holds the store.
-            let note = holder_note(purpose);
-            let _ = file.set_len(0);
-            let _ = file.rewind();
-            let _ = file.write_all(note.as_bytes());
-        }
-        Ok(RegionLock::new(Box::new(file), None))
+        // Shared holders leave no note; an exclusive waiter names them so.
+        let shared_holders = "snapshot, restore or other commands are using it";
+        flock_file(&self.root.join("lock"), mode, purpose, Some(shared_holders))
     }
+
+    fn catalog_lock(&self, purpose: &str) -> Result<RegionLock> {
+        flock_file(
+            &self.root.join("catalog.lock"),
+            LockMode::Exclusive,
+            purpose,
+            None,
+        )
+    }
+}
+
+/// Takes an `flock(2)` on `path` (created if needed), waiting up to
+/// [`lock_wait`] for a conflicting holder, then failing with a note of who
+/// holds it. An exclusive holder writes its note into the file; a shared
+/// one cannot (several share it), so `shared_holders` names them for an
+/// exclusive waiter where shared holders exist.
+pub(crate) fn flock_file(
+    path: &Path,
+    mode: LockMode,
+    purpose: &str,
+    shared_holders: Option<&str>,
+) -> Result<RegionLock> {
+    let path = path.to_path_buf();
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .ctx("open lock file", &path)?;
+    let started = Instant::now();
+    loop {
+        if sys::try_lock(&file, mode).ctx("lock", &path)? {
+            break;
+        }
+        if started.elapsed() >= lock_wait() {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = match (mode, shared_holders, holder.trim()) {
+                (LockMode::Exclusive, Some(others), _) => others.to_string(),
+                (_, _, "") => "an exclusive holder, such as store gc".to_string(),
+                (_, _, h) => h.to_string(),
+            };
+            return Err(Error::Locked { path, holder });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if mode == LockMode::Exclusive {
+        // Tells a waiting command who holds it.
+        let note = holder_note(purpose);
+        let _ = file.set_len(0);
+        let _ = file.rewind();
+        let _ = file.write_all(note.as_bytes());
+    }
+    Ok(RegionLock::new(Box::new(file), None))
 }
 
 /// "gc by pid 12 on host since 2026-…": who holds a lock, for the waiting.

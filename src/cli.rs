@@ -13,16 +13,20 @@ use blocksnap::{AccountId, Error, ErrorKind, Region, SnapshotId};
 
 use crate::output::{self, Out};
 
+/// The region used without `--region`: the only one created on first use.
+const DEFAULT_REGION: &str = "local";
+
 const EXIT_CODES: &str = "\
 Exit codes:
   0  success
   1  failure (I/O error, unreadable volume, anything not below)
-  2  usage error: bad argument, malformed id, wrong block size
-  3  not found: volume or snapshot does not exist
+  2  usage error: bad argument, malformed id, wrong block size, not a file or
+     device, volume over 64 TiB
+  3  not found: volume, snapshot, image, instance or region does not exist
   4  integrity: a chunk or manifest is corrupt, truncated or missing
-  5  conflict: target exists or is too small, store locked, image deregistered,
-     snapshot in use by an image
-  6  permission: the account may not use or change that image";
+  5  conflict: target exists, differs in size or is too small, device in use,
+     store locked, image deregistered, snapshot in use by an image
+  6  permission: the account may not use or change that image or snapshot";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -48,7 +52,7 @@ pub struct Global {
         long,
         global = true,
         env = "BLOCKSNAP_REGION",
-        default_value = "local",
+        default_value = DEFAULT_REGION,
         value_name = "NAME"
     )]
     pub region: String,
@@ -87,7 +91,11 @@ pub enum Command {
 
 #[derive(Subcommand, Debug)]
 pub enum RegionCmd {
-    /// Define region NAME at s3://BUCKET[/PREFIX] (created there if new)
+    /// Create region NAME: a directory of the store, or at s3://BUCKET[/PREFIX]
+    ///
+    /// Without a URL the region is a new directory `<store>/NAME`. Only this
+    /// command (and the default region `local`, on first use) creates a
+    /// region: `--region` with an unknown name is an error.
     ///
     /// Credentials come only from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY
     /// (and AWS_SESSION_TOKEN, AWS_REGION) and are never stored. Tuning:
@@ -97,8 +105,8 @@ pub enum RegionCmd {
     Add {
         /// Region name, e.g. eu-central-1 or team-lab
         name: String,
-        /// s3://BUCKET or s3://BUCKET/PREFIX
-        url: String,
+        /// s3://BUCKET or s3://BUCKET/PREFIX [default: a local directory]
+        url: Option<String>,
         /// S3 endpoint, e.g. http://127.0.0.1:8333 [default: $AWS_ENDPOINT, or AWS]
         #[arg(long, value_name = "URL")]
         endpoint: Option<String>,
@@ -189,6 +197,9 @@ pub enum ImageCmd {
         /// Copy the image's tags too
         #[arg(long)]
         copy_tags: bool,
+        /// Create REGION as a local region if it does not exist
+        #[arg(long)]
+        create_region: bool,
         /// Worker threads [default: one per core]
         #[arg(long, default_value_t = 0)]
         threads: usize,
@@ -287,11 +298,32 @@ pub enum SnapshotCmd {
         #[arg(long)]
         no_delta: bool,
     },
-    /// List snapshots, oldest first [DescribeSnapshots]
+    /// List the snapshots you may restore (yours, shared with you, public), oldest first [DescribeSnapshots]
     List {
         /// Only snapshots of this volume path
         #[arg(long, value_name = "PATH")]
         volume: Option<PathBuf>,
+        /// Only snapshots owned by `self` or an account
+        #[arg(long, value_name = "self|ACCOUNT")]
+        owner: Option<String>,
+        /// Only snapshots `self`, `all` (public) or an account may restore
+        #[arg(long, value_name = "self|all|ACCOUNT")]
+        restorable_by: Option<String>,
+    },
+    /// Show who may restore a snapshot; owner only [DescribeSnapshotAttribute createVolumePermission]
+    DescribePermissions { snapshot: String },
+    /// Change who may restore a snapshot; owner only [ModifySnapshotAttribute createVolumePermission]
+    Permissions {
+        snapshot: String,
+        /// ACCOUNT or `all` (public) (repeatable)
+        #[arg(long, value_name = "ACCOUNT|all")]
+        add: Vec<String>,
+        /// ACCOUNT or `all` (repeatable)
+        #[arg(long, value_name = "ACCOUNT|all")]
+        remove: Vec<String>,
+        /// Back to owner only
+        #[arg(long)]
+        reset: bool,
     },
     /// Show one snapshot [DescribeSnapshots --snapshot-ids]
     Describe { snapshot: String },
@@ -376,6 +408,17 @@ fn region_cmd(root: &Path, out: &Out, cmd: RegionCmd) -> Result<u8> {
             endpoint,
             allow_http,
         } => {
+            let Some(url) = url else {
+                if endpoint.is_some() || allow_http {
+                    return Err(Error::InvalidArgument(
+                        "--endpoint and --allow-http need an s3:// URL".into(),
+                    )
+                    .into());
+                }
+                let region = blocksnap::regions::add_local(root, &name)?;
+                out.local_region_added(&name, &region);
+                return Ok(0);
+            };
             let def = blocksnap::regions::RegionDef {
                 url,
                 endpoint,
@@ -483,29 +526,35 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Region(cmd) => return region_cmd(&root, &out, cmd),
         other => other,
     };
-    let region = Region::open_or_create(&root, &g.region).with_context(|| {
+    // Only the default region is created on first use; any other must
+    // exist (`region add`), so a typo is an error, not a new empty region.
+    let opened = if g.region == DEFAULT_REGION {
+        Region::open_or_create(&root, &g.region)
+    } else {
+        Region::open(&root, &g.region)
+    };
+    let region = opened.with_context(|| {
         format!(
             "cannot open region {} of store {}",
             g.region,
             root.display()
         )
     })?;
+    // Leaving out --account acts as the region's default owner.
+    let caller = account
+        .clone()
+        .unwrap_or_else(|| region.info().owner.clone());
     match command {
-        Command::Snapshot(cmd) => snapshot_cmd(&region, &out, account, cmd),
-        Command::Image(cmd) => {
-            let caller = account.unwrap_or_else(|| region.info().owner.clone());
-            crate::image_cli::run(&root, &region, &out, caller, cmd)
-        }
-        Command::Instance(cmd) => {
-            let caller = account.unwrap_or_else(|| region.info().owner.clone());
-            crate::image_cli::instance(&region, &out, caller, cmd)
-        }
+        Command::Snapshot(cmd) => snapshot_cmd(&region, &out, account, &caller, cmd),
+        Command::Image(cmd) => crate::image_cli::run(&root, &region, &out, caller, cmd),
+        Command::Instance(cmd) => crate::image_cli::instance(&region, &out, caller, cmd),
         Command::Volume(VolumeCmd::Verify {
             snapshot,
             target,
             threads,
         }) => {
             let id = parse_snapshot(&snapshot)?;
+            blocksnap::access::readable(&region, &id, &caller, "verify a volume against")?;
             let bar = out.progress();
             let check = restore::verify_volume(&region, &id, &target, threads, &bar)?;
             bar.done();
@@ -532,6 +581,7 @@ pub fn run(cli: Cli) -> Result<u8> {
                 assume_zeroed,
                 threads,
             };
+            blocksnap::access::readable(&region, &id, &caller, "restore")?;
             let bar = out.progress();
             let report = restore::restore(&region, &id, &target, &opts, &bar)?;
             bar.done();
@@ -567,8 +617,10 @@ fn snapshot_cmd(
     region: &Region,
     out: &Out,
     account: Option<AccountId>,
+    caller: &AccountId,
     cmd: SnapshotCmd,
 ) -> Result<u8> {
+    use blocksnap::access;
     match cmd {
         SnapshotCmd::Create {
             volume,
@@ -581,7 +633,11 @@ fn snapshot_cmd(
             no_delta,
         } => {
             let parent = match (parent, no_parent) {
-                (Some(p), _) => ParentChoice::Explicit(parse_snapshot(&p)?),
+                (Some(p), _) => {
+                    let id = parse_snapshot(&p)?;
+                    access::readable(region, &id, caller, "take as a parent")?;
+                    ParentChoice::Explicit(id)
+                }
                 (None, true) => ParentChoice::None,
                 (None, false) => ParentChoice::Latest,
             };
@@ -607,43 +663,81 @@ fn snapshot_cmd(
             out.snapshot_created(&meta);
             Ok(0)
         }
-        SnapshotCmd::List { volume } => {
-            let listing = region.list_snapshots()?;
-            for e in &listing.damaged {
+        SnapshotCmd::List {
+            volume,
+            owner,
+            restorable_by,
+        } => {
+            let filter = access::ListFilter {
+                owner: owner
+                    .as_deref()
+                    .map(|s| crate::image_cli::account_or_self(s, caller))
+                    .transpose()?,
+                restorable_by: restorable_by
+                    .as_deref()
+                    .map(|s| crate::image_cli::grantee_or_self(s, caller))
+                    .transpose()?,
+            };
+            let (views, damaged) = access::list(region, caller, &filter)?;
+            for e in &damaged {
                 eprintln!("blocksnap: warning: {e}: run `blocksnap store verify`");
             }
             let source = volume.map(|v| absolute(&v));
-            let snaps: Vec<_> = listing
-                .snapshots
+            let snaps: Vec<_> = views
                 .into_iter()
+                .map(|v| v.meta)
                 .filter(|m| source.as_ref().is_none_or(|s| &m.source == s))
                 .collect();
             out.snapshot_list(&snaps);
             Ok(0)
         }
         SnapshotCmd::Describe { snapshot } => {
-            let meta = region.read_snapshot_meta(&parse_snapshot(&snapshot)?)?;
+            let meta = access::readable(region, &parse_snapshot(&snapshot)?, caller, "describe")?;
             out.snapshot_describe(&meta);
             Ok(0)
         }
         SnapshotCmd::Blocks { snapshot } => {
-            let m = region.read_snapshot(&parse_snapshot(&snapshot)?)?;
+            let id = parse_snapshot(&snapshot)?;
+            access::readable(region, &id, caller, "list the blocks of")?;
+            let m = region.read_snapshot(&id)?;
             out.blocks(&m);
             Ok(0)
         }
+        SnapshotCmd::DescribePermissions { snapshot } => {
+            let id = parse_snapshot(&snapshot)?;
+            let v = access::view(region, &id)?;
+            v.require_owner(caller, "see the permissions of")?;
+            let grants = &v.permissions.create_volume_permissions;
+            crate::image_cli::print_grants(out, id.as_str(), "SnapshotId", &v.permissions, grants);
+            Ok(0)
+        }
+        SnapshotCmd::Permissions {
+            snapshot,
+            add,
+            remove,
+            reset,
+        } => {
+            let id = parse_snapshot(&snapshot)?;
+            let change = crate::image_cli::permission_change(&add, &remove, reset)?;
+            let perms = access::modify(region, &id, caller, &change)?;
+            let grants = &perms.create_volume_permissions;
+            crate::image_cli::print_grants(out, id.as_str(), "SnapshotId", &perms, grants);
+            Ok(0)
+        }
         SnapshotCmd::ChangedBlocks { first, second } => {
-            let a = region.read_snapshot(&parse_snapshot(&first)?)?;
-            let b = region.read_snapshot(&parse_snapshot(&second)?)?;
+            let (first, second) = (parse_snapshot(&first)?, parse_snapshot(&second)?);
+            for id in [&first, &second] {
+                access::readable(region, id, caller, "compare")?;
+            }
+            let a = region.read_snapshot(&first)?;
+            let b = region.read_snapshot(&second)?;
             let changed = snapshot::changed_blocks(&a, &b)?;
             out.changed_blocks(&a, &b, &changed);
             Ok(0)
         }
         SnapshotCmd::Delete { snapshot } => {
             let id = parse_snapshot(&snapshot)?;
-            let _lock = region.lock(blocksnap::LockMode::Shared, "snapshot delete")?;
-            region.read_snapshot_meta(&id)?;
-            blocksnap::image::check_snapshot_unused(region, &id)?;
-            region.delete_snapshot(&id)?;
+            access::delete(region, &id, caller)?;
             out.deleted(&id);
             Ok(0)
         }

@@ -55,6 +55,14 @@ pub fn copy_image(
     progress: &dyn Progress,
 ) -> Result<CopyReport> {
     let view = image::read_launchable(src, ami, &opts.caller, "copy")?;
+    // EC2: "To copy an AMI that was shared with you from another account,
+    // the owner of the source AMI must grant you read permissions for the
+    // storage that backs the AMI, which is the associated EBS snapshot."
+    if view.image.owner_id != opts.caller {
+        for id in view.image.snapshot_ids() {
+            crate::access::readable(src, id, &opts.caller, "copy the image backed by")?;
+        }
+    }
     let name = opts.name.clone().unwrap_or_else(|| view.image.name.clone());
     image::validate_name(&name)?;
     image::check_name_free(dst, &opts.caller, &name)?;

@@ -72,6 +72,11 @@ pub enum Error {
     #[error("{0}")]
     InvalidArgument(String),
 
+    /// Something named on the command line does not exist (a mapped
+    /// snapshot or volume, an instance, a region); the message names it.
+    #[error("{0}")]
+    NotFound(String),
+
     #[error(
         "snapshot {id} not found in region {region}: run `blocksnap snapshot list` to see the snapshots there"
     )]
@@ -172,6 +177,14 @@ pub enum Error {
         hint: String,
     },
 
+    #[error("account {account} may not {action} {snapshot}: {hint}")]
+    SnapshotNotPermitted {
+        account: AccountId,
+        action: &'static str,
+        snapshot: SnapshotId,
+        hint: String,
+    },
+
     #[error("image {0} is deregistered and cannot be launched or copied: use another image")]
     ImageDeregistered(ImageId),
 
@@ -205,9 +218,12 @@ impl Error {
             | Error::NotAVolume(_)
             | Error::VolumeTooLarge { .. } => ErrorKind::Usage,
             Error::VolumeNotFound(_)
+            | Error::NotFound(_)
             | Error::SnapshotNotFound { .. }
             | Error::ImageNotFound { .. } => ErrorKind::NotFound,
-            Error::NotPermitted { .. } => ErrorKind::Permission,
+            Error::NotPermitted { .. } | Error::SnapshotNotPermitted { .. } => {
+                ErrorKind::Permission
+            }
             Error::CorruptChunk { .. }
             | Error::MissingChunk { .. }
             | Error::BadChunkInSnapshot { .. }

@@ -38,7 +38,7 @@ const FORMAT_VERSION: u32 = 1;
 pub(crate) const MAX_JSON: u64 = 1 << 20;
 pub const GIB: u64 = 1 << 30;
 /// EBS's largest volume, in GiB.
-const MAX_VOLUME_GIB: u64 = 65536;
+pub const MAX_VOLUME_GIB: u64 = 65536;
 
 /// An EC2 Linux device name: `/dev/sda1`, `/dev/sd[b-z]` or `/dev/xvd[a-z]`.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -330,6 +330,39 @@ pub fn gib_for(bytes: u64) -> u64 {
     bytes.div_ceil(GIB).max(1)
 }
 
+/// Checks a mapping's volume size: at least 1 GiB and the GiB that hold
+/// `source` (a snapshot or volume of `bytes`), at most [`MAX_VOLUME_GIB`].
+pub fn validate_volume_size(dev: &DeviceName, gib: u64, source: &str, bytes: u64) -> Result<()> {
+    let need = gib_for(bytes);
+    if gib < need {
+        return Err(Error::InvalidImage(format!(
+            "{dev}: volume size {gib} GiB is smaller than {source} ({bytes} bytes): give at least {need}"
+        )));
+    }
+    if gib > MAX_VOLUME_GIB {
+        return Err(Error::InvalidImage(format!(
+            "{dev}: volume size {gib} GiB exceeds the {MAX_VOLUME_GIB} GiB limit"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks an instance-store virtual name: `ephemeral0` to `ephemeral23`.
+pub fn validate_virtual_name(dev: &DeviceName, v: &str) -> Result<()> {
+    let ok = v.strip_prefix("ephemeral").is_some_and(|n| {
+        !n.is_empty()
+            && n.len() <= 2
+            && n.bytes().all(|b| b.is_ascii_digit())
+            && n.parse::<u8>().is_ok_and(|n| n < 24)
+    });
+    if !ok {
+        return Err(Error::InvalidImage(format!(
+            "{dev}: virtual name {v:?} is not valid: use ephemeral0 to ephemeral23"
+        )));
+    }
+    Ok(())
+}
+
 /// Checks mappings against EC2's rules: valid and unique device names, a
 /// virtual name of the form `ephemeralN`, the root device mapped to an EBS
 /// snapshot, volume sizes that hold their snapshot, and every snapshot
@@ -356,45 +389,25 @@ pub fn validate_mappings(
                 let meta = match region.read_snapshot_meta(&e.snapshot_id) {
                     Ok(meta) => meta,
                     Err(Error::SnapshotNotFound { .. }) => {
-                        return bad(format!(
+                        return Err(Error::NotFound(format!(
                             "{} maps {}, which does not exist in region {}",
                             m.device_name,
                             e.snapshot_id,
                             region.name()
-                        ));
+                        )));
                     }
                     Err(e) => return Err(e),
                 };
-                let need = gib_for(meta.volume_size);
-                if e.volume_size < need {
-                    return bad(format!(
-                        "{}: volume size {} GiB is smaller than {} ({} bytes): give at least {need}",
-                        m.device_name, e.volume_size, e.snapshot_id, meta.volume_size
-                    ));
-                }
-                if e.volume_size > MAX_VOLUME_GIB {
-                    return bad(format!(
-                        "{}: volume size {} GiB exceeds the {MAX_VOLUME_GIB} GiB limit",
-                        m.device_name, e.volume_size
-                    ));
-                }
+                validate_volume_size(
+                    &m.device_name,
+                    e.volume_size,
+                    &e.snapshot_id.to_string(),
+                    meta.volume_size,
+                )?;
                 metas.push(meta);
             }
             MappingTarget::NoDevice(_) => {}
-            MappingTarget::VirtualName(v) => {
-                let ok = v.strip_prefix("ephemeral").is_some_and(|n| {
-                    !n.is_empty()
-                        && n.len() <= 2
-                        && n.bytes().all(|b| b.is_ascii_digit())
-                        && n.parse::<u8>().is_ok_and(|n| n < 24)
-                });
-                if !ok {
-                    return bad(format!(
-                        "{}: virtual name {v:?} is not valid: use ephemeral0 to ephemeral23",
-                        m.device_name
-                    ));
-                }
-            }
+            MappingTarget::VirtualName(v) => validate_virtual_name(&m.device_name, v)?,
         }
     }
     match mappings.iter().find(|m| &m.device_name == root) {
@@ -636,6 +649,10 @@ pub fn register(
         .clone()
         .unwrap_or_else(|| host_architecture().to_string());
     validate_architecture(&architecture)?;
+    // Under the catalog lock, two registrations of one name cannot both
+    // pass the name check, and a snapshot cannot be deleted between the
+    // mapping check and the write.
+    let _catalog = region.catalog_lock("image register")?;
     check_name_free(region, &opts.owner, &opts.name)?;
     let metas = validate_mappings(region, &opts.root_device, &mappings)?;
     for meta in &metas {
@@ -679,6 +696,7 @@ pub fn modify_permissions(
     caller: &AccountId,
     change: &PermissionChange,
 ) -> Result<LaunchPermissions> {
+    let _catalog = region.catalog_lock("image permissions")?;
     let view = read(region, id)?;
     view.require_owner(caller, "change launch permissions of")?;
     let mut perms = if change.reset {
@@ -707,6 +725,7 @@ pub fn set_deprecation(
     caller: &AccountId,
     at: Option<SystemTime>,
 ) -> Result<StateRecord> {
+    let _catalog = region.catalog_lock("image deprecate")?;
     let view = read(region, id)?;
     view.require_owner(caller, "deprecate")?;
     let state = StateRecord {
@@ -740,6 +759,7 @@ pub fn deregister(
     caller: &AccountId,
     delete_snapshots: bool,
 ) -> Result<DeregisterReport> {
+    let _catalog = region.catalog_lock("image deregister")?;
     let view = read(region, id)?;
     view.require_owner(caller, "deregister")?;
     view.require_available()?;

@@ -145,7 +145,7 @@ pub fn run(
                 let target = match spec.source {
                     MapSource::Snapshot(id) => {
                         let meta = region.read_snapshot_meta(&id).map_err(|e| match e {
-                            Error::SnapshotNotFound { .. } => Error::InvalidImage(format!(
+                            Error::SnapshotNotFound { .. } => Error::NotFound(format!(
                                 "{} maps {id}, which does not exist in region {}",
                                 spec.device,
                                 region.name()
@@ -215,19 +215,14 @@ pub fn run(
             include_deregistered,
             include_deprecated,
         } => {
-            let who = |s: &str| -> Result<AccountId> {
-                if s == "self" {
-                    Ok(caller.clone())
-                } else {
-                    Ok(s.parse()?)
-                }
-            };
-            let owner = owner.as_deref().map(who).transpose()?;
-            let exec: Option<Grantee> = match executable_by.as_deref() {
-                None => None,
-                Some("self") => Some(Grantee::Account(caller.clone())),
-                Some(s) => Some(s.parse()?),
-            };
+            let owner = owner
+                .as_deref()
+                .map(|s| account_or_self(s, &caller))
+                .transpose()?;
+            let exec = executable_by
+                .as_deref()
+                .map(|s| grantee_or_self(s, &caller))
+                .transpose()?;
             let listing = image::list(region)?;
             for e in &listing.damaged {
                 eprintln!("blocksnap: warning: {e}: run `blocksnap store verify`");
@@ -303,17 +298,7 @@ pub fn run(
             reset,
         } => {
             let id = parse_image(&id)?;
-            if add.is_empty() && remove.is_empty() && !reset {
-                return Err(Error::InvalidArgument(
-                    "say what to change: --add, --remove or --reset".into(),
-                )
-                .into());
-            }
-            let change = PermissionChange {
-                add: add.iter().map(|a| a.parse()).collect::<Result<_, _>>()?,
-                remove: remove.iter().map(|a| a.parse()).collect::<Result<_, _>>()?,
-                reset,
-            };
+            let change = permission_change(&add, &remove, reset)?;
             let perms = image::modify_permissions(region, &id, &caller, &change)?;
             print_permissions(out, &id, &perms);
             Ok(0)
@@ -325,9 +310,19 @@ pub fn run(
             description,
             copy_tags,
             threads,
+            create_region,
         } => {
             let id = parse_image(&id)?;
-            let dst = Region::open_or_create(store_root, &to_region)?;
+            let dst = if create_region {
+                match Region::open(store_root, &to_region) {
+                    Err(Error::NotFound(_)) => {
+                        blocksnap::regions::add_local(store_root, &to_region)?
+                    }
+                    other => other?,
+                }
+            } else {
+                Region::open(store_root, &to_region)?
+            };
             let opts = CopyOptions {
                 caller,
                 name,
@@ -558,17 +553,70 @@ fn print_image(v: &ImageView) {
     }
 }
 
+/// `--add`, `--remove` and `--reset` of a permissions command.
+pub fn permission_change(
+    add: &[String],
+    remove: &[String],
+    reset: bool,
+) -> Result<PermissionChange> {
+    if add.is_empty() && remove.is_empty() && !reset {
+        return Err(Error::InvalidArgument(
+            "say what to change: --add, --remove or --reset".into(),
+        )
+        .into());
+    }
+    Ok(PermissionChange {
+        add: add.iter().map(|a| a.parse()).collect::<Result<_, _>>()?,
+        remove: remove.iter().map(|a| a.parse()).collect::<Result<_, _>>()?,
+        reset,
+    })
+}
+
+/// `self` or an account id.
+pub fn account_or_self(s: &str, caller: &AccountId) -> Result<AccountId> {
+    if s == "self" {
+        Ok(caller.clone())
+    } else {
+        Ok(s.parse()?)
+    }
+}
+
+/// `self`, `all` or an account id.
+pub fn grantee_or_self(s: &str, caller: &AccountId) -> Result<Grantee> {
+    match s {
+        "self" => Ok(Grantee::Account(caller.clone())),
+        other => Ok(other.parse()?),
+    }
+}
+
 fn print_permissions(out: &Out, id: &ImageId, perms: &image::LaunchPermissions) {
+    print_grants(
+        out,
+        id.as_str(),
+        "ImageId",
+        perms,
+        &perms.launch_permissions,
+    );
+}
+
+/// Prints the grants of an image's or a snapshot's permissions.
+pub fn print_grants(
+    out: &Out,
+    id: &str,
+    id_key: &str,
+    doc: &impl serde::Serialize,
+    grants: &[image::LaunchPermission],
+) {
     if out.json {
-        let mut doc = serde_json::to_value(perms).expect("permissions serialize");
-        doc["ImageId"] = json!(id.as_str());
+        let mut doc = serde_json::to_value(doc).expect("permissions serialize");
+        doc[id_key] = json!(id);
         out.print(doc);
         return;
     }
-    if perms.launch_permissions.is_empty() {
+    if grants.is_empty() {
         println!("{id}: owner only");
     }
-    for p in &perms.launch_permissions {
+    for p in grants {
         match p {
             image::LaunchPermission::Account(a) => println!("{id}: account {a}"),
             image::LaunchPermission::Group(g) => println!("{id}: group {g} (public)"),

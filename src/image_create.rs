@@ -240,19 +240,56 @@ fn snapshot_and_register(
         }
     }
     for (dev, plan) in &plans {
-        if let Plan::Snapshot { path, .. } = plan {
-            crate::volume::Volume::open(path).map_err(|e| match e {
-                Error::VolumeNotFound(p) => {
-                    Error::InvalidImage(format!("{dev}: volume {} does not exist", p.display()))
+        let given = opts.volume_sizes.get(dev).copied();
+        match plan {
+            Plan::Snapshot { path, .. } => {
+                let volume = crate::volume::Volume::open(path).map_err(|e| match e {
+                    Error::VolumeNotFound(p) => {
+                        Error::NotFound(format!("{dev}: volume {} does not exist", p.display()))
+                    }
+                    other => other,
+                })?;
+                if let Some(gib) = given {
+                    let source = format!("volume {}", path.display());
+                    image::validate_volume_size(dev, gib, &source, volume.size())?;
                 }
-                other => other,
-            })?;
+            }
+            Plan::Ready(MappingTarget::Ebs(e)) => {
+                let meta = region.read_snapshot_meta(&e.snapshot_id)?;
+                let source = e.snapshot_id.to_string();
+                image::validate_volume_size(dev, e.volume_size, &source, meta.volume_size)?;
+            }
+            Plan::Ready(MappingTarget::VirtualName(v)) => image::validate_virtual_name(dev, v)?,
+            Plan::Ready(MappingTarget::NoDevice(_)) => {}
         }
     }
 
+    // From here on, a failure deletes the snapshots this call took.
+    let mut created = Vec::new();
+    let result = take_and_register(region, root, plans, opts, call, progress, &mut created);
+    if result.is_err() {
+        for c in &created {
+            let _ = region.delete_snapshot(&c.snapshot.id);
+        }
+    }
+    let image = result?;
+    Ok(ImageCreateReport {
+        image,
+        snapshots: created,
+    })
+}
+
+fn take_and_register(
+    region: &Region,
+    root: &DeviceName,
+    plans: Vec<(DeviceName, Plan)>,
+    opts: &ImageCreateOptions,
+    call: &str,
+    progress: &dyn Progress,
+    created: &mut Vec<CreatedSnapshot>,
+) -> Result<Image> {
     let image_id = ImageId::random();
     let mut mappings = Vec::new();
-    let mut created = Vec::new();
     for (dev, plan) in plans {
         let target = match plan {
             Plan::Ready(t) => t,
@@ -299,9 +336,5 @@ fn snapshot_and_register(
         source_image_id: None,
         source_region: None,
     };
-    let image = image::register(region, &ropts, mappings)?;
-    Ok(ImageCreateReport {
-        image,
-        snapshots: created,
-    })
+    image::register(region, &ropts, mappings)
 }

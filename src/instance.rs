@@ -67,7 +67,7 @@ pub struct Instance {
 pub fn read(dir: &Path) -> Result<Instance> {
     let path = dir.join(INSTANCE_FILE);
     let bytes = read_bounded(&path, "instance description", image::MAX_JSON)?.ok_or_else(|| {
-        Error::InvalidInstance(format!(
+        Error::NotFound(format!(
             "{} holds no instance ({} is missing): give the directory `instance launch` created",
             dir.display(),
             INSTANCE_FILE
@@ -91,6 +91,22 @@ pub fn decode(bytes: &[u8], path: &Path) -> Result<Instance> {
                 what: "instance description",
                 path: path.to_path_buf(),
                 reason: format!("volume file {:?} is not a plain file name", d.volume_file),
+            });
+        }
+    }
+    for d in &inst.block_device_mappings {
+        if let InstanceVolume::Ebs(e) = &d.volume
+            && (e.volume_size == 0 || e.volume_size > image::MAX_VOLUME_GIB)
+        {
+            return Err(Error::CorruptFile {
+                what: "instance description",
+                path: path.to_path_buf(),
+                reason: format!(
+                    "{} has a volume size of {} GiB, outside 1-{} GiB",
+                    d.device_name,
+                    e.volume_size,
+                    image::MAX_VOLUME_GIB
+                ),
             });
         }
     }
@@ -144,6 +160,16 @@ pub fn launch(
         let volume_file = format!("{}.img", m.device_name.basename());
         let volume = match &m.target {
             MappingTarget::Ebs(e) => {
+                if e.volume_size == 0 || e.volume_size > image::MAX_VOLUME_GIB {
+                    // Only an edited manifest holds such a size: never wrap it.
+                    return Err(Error::InvalidImage(format!(
+                        "{ami} maps {} with a volume size of {} GiB, outside 1-{} GiB: the image \
+                         cannot be launched",
+                        m.device_name,
+                        e.volume_size,
+                        image::MAX_VOLUME_GIB
+                    )));
+                }
                 total += region.read_snapshot_meta(&e.snapshot_id)?.volume_size;
                 InstanceVolume::Ebs(InstanceEbs {
                     snapshot_id: e.snapshot_id.clone(),

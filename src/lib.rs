@@ -73,6 +73,7 @@
 //!
 //! The library never prints; progress goes through [`progress::Progress`].
 
+pub mod access;
 pub mod backend;
 pub mod chunk;
 pub mod chunker;

@@ -362,6 +362,21 @@ impl Out {
         );
     }
 
+    pub fn local_region_added(&self, name: &str, region: &Region) {
+        if self.json {
+            return self.print(json!({
+                "RegionName": name,
+                "Location": region.location(),
+                "OwnerId": region.info().owner.as_str(),
+            }));
+        }
+        println!(
+            "region {name}: {}, owner {}",
+            region.location(),
+            region.info().owner
+        );
+    }
+
     pub fn region_list(
         &self,
         root: &std::path::Path,
@@ -490,6 +505,13 @@ impl Progress for Bar {
     fn advance(&self, bytes: u64) {
         if let Some(pb) = &self.0 {
             pb.inc(bytes);
+        }
+    }
+
+    fn warn(&self, message: &str) {
+        match &self.0 {
+            Some(pb) => pb.suspend(|| eprintln!("blocksnap: warning: {message}")),
+            None => eprintln!("blocksnap: warning: {message}"),
         }
     }
 }

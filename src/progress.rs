@@ -9,6 +9,9 @@ pub trait Progress: Sync {
     fn advance(&self, _bytes: u64) {}
     /// The phase is over.
     fn finish(&self) {}
+    /// Something the user should know that does not stop the operation
+    /// (a volume that changed while it was read).
+    fn warn(&self, _message: &str) {}
 }
 
 /// Reports nothing.

@@ -73,6 +73,32 @@ impl Region {
         Region::open_backend(backend, store_root, name)
     }
 
+    /// Opens region `name` of the store at `store_root`, which must exist:
+    /// defined with `region add`, or a local region already created. A
+    /// name that is neither (a typo) is [`Error::NotFound`], listing the
+    /// regions there are; nothing is created.
+    pub fn open(store_root: &Path, name: &str) -> Result<Region> {
+        validate_region_name(name)?;
+        let exists = crate::regions::lookup(store_root, name)?.is_some()
+            || store_root.join(name).join("store.json").exists();
+        if !exists {
+            let mut known = crate::regions::local(store_root)?;
+            known.extend(crate::regions::defined(store_root)?.into_keys());
+            known.sort();
+            let known = if known.is_empty() {
+                "none yet".to_string()
+            } else {
+                known.join(", ")
+            };
+            return Err(Error::NotFound(format!(
+                "region {name} does not exist in store {} (regions: {known}): check the name, or \
+                 create it with `blocksnap region add {name}`",
+                store_root.display()
+            )));
+        }
+        Region::open_or_create(store_root, name)
+    }
+
     /// Opens (creating on first use) region `name` kept by `backend`; a new
     /// region is owned by the store's default account.
     pub fn open_backend(
@@ -230,6 +256,7 @@ impl Region {
     /// Removes a snapshot manifest. Its chunks stay until `store gc`.
     pub fn delete_snapshot(&self, id: &SnapshotId) -> Result<()> {
         if self.backend.remove(&Self::snapshot_key(id))? {
+            self.backend.remove(&crate::access::permissions_key(id))?;
             Ok(())
         } else {
             Err(self.not_found(id))
@@ -268,6 +295,11 @@ impl Region {
             .snapshots
             .sort_by(|a, b| (a.created_ns, &a.id).cmp(&(b.created_ns, &b.id)));
         Ok(listing)
+    }
+
+    /// Takes the catalog lock (see [`Backend::catalog_lock`]).
+    pub fn catalog_lock(&self, purpose: &str) -> Result<RegionLock> {
+        self.backend.catalog_lock(purpose)
     }
 
     /// Takes the region lock, waiting up to a minute for a conflicting one.

@@ -138,9 +138,26 @@ pub fn local(store_root: &Path) -> Result<Vec<String>> {
     Ok(names)
 }
 
+/// Holds `<store>/regions.lock` exclusively while `regions.json` is read,
+/// changed and written back, so two `region add`s never lose one.
+fn locked<T>(store_root: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::fs::create_dir_all(store_root).ctx("create store directory", store_root)?;
+    let _lock = crate::backend::flock_file(
+        &store_root.join("regions.lock"),
+        crate::sys::LockMode::Exclusive,
+        "region definitions",
+        None,
+    )?;
+    f()
+}
+
 /// Defines region `name` on an object store. Refuses a name already in
 /// use, by a definition or by a local region directory.
 pub fn add(store_root: &Path, name: &str, def: RegionDef) -> Result<()> {
+    locked(store_root, || add_locked(store_root, name, def))
+}
+
+fn add_locked(store_root: &Path, name: &str, def: RegionDef) -> Result<()> {
     crate::region::validate_region_name(name)?;
     S3Url::parse(&def.url)?;
     if let Some(e) = &def.endpoint
@@ -167,12 +184,37 @@ pub fn add(store_root: &Path, name: &str, def: RegionDef) -> Result<()> {
     write_file(store_root, regions)
 }
 
+/// Creates local region `name`, the directory `<store>/name`. Refuses a
+/// name already in use, by a definition or by a local region.
+pub fn add_local(store_root: &Path, name: &str) -> Result<crate::region::Region> {
+    crate::region::validate_region_name(name)?;
+    locked(store_root, || {
+        if let Some(def) = read_file(store_root)?.get(name) {
+            return Err(Error::InvalidArgument(format!(
+                "region {name} is already defined ({})",
+                def.url
+            )));
+        }
+        if store_root.join(name).join("store.json").exists() {
+            return Err(Error::InvalidArgument(format!(
+                "region {name} already exists as {}",
+                store_root.join(name).display()
+            )));
+        }
+        crate::region::Region::open_or_create(store_root, name)
+    })
+}
+
 /// Forgets the definition of region `name`. Nothing stored there is
 /// deleted.
 pub fn remove(store_root: &Path, name: &str) -> Result<RegionDef> {
+    locked(store_root, || remove_locked(store_root, name))
+}
+
+fn remove_locked(store_root: &Path, name: &str) -> Result<RegionDef> {
     let mut regions = read_file(store_root)?;
     let def = regions.remove(name).ok_or_else(|| {
-        Error::InvalidArgument(format!(
+        Error::NotFound(format!(
             "region {name} is not defined on an object store: `blocksnap region list` shows the regions"
         ))
     })?;

@@ -113,7 +113,7 @@ pub fn restore_in(
     };
     match existing {
         None if opts.delta => {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::NotFound(format!(
                 "--delta target {} does not exist: drop --delta to restore into a new file",
                 target.display()
             )));

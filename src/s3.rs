@@ -470,7 +470,13 @@ impl Backend for S3Backend {
     }
 
     fn lock(&self, mode: LockMode, purpose: &str) -> Result<RegionLock> {
-        S3Lock::take(&self.s3, mode, purpose)
+        S3Lock::take(&self.s3, "locks", mode, purpose)
+    }
+
+    /// The same protocol as the region lock, exclusive, over its own
+    /// objects `catalog-locks/exclusive-<random>`.
+    fn catalog_lock(&self, purpose: &str) -> Result<RegionLock> {
+        S3Lock::take(&self.s3, "catalog-locks", LockMode::Exclusive, purpose)
     }
 
     fn gc_cutoff(&self, lock: &RegionLock) -> Result<Option<SystemTime>> {
@@ -481,15 +487,17 @@ impl Backend for S3Backend {
     }
 
     fn remove_leftovers(&self) -> Result<u64> {
-        let locks = self.s3.list_meta("locks")?;
-        let Some(newest) = locks.iter().map(modified).max() else {
-            return Ok(0);
-        };
         let mut removed = 0;
-        for m in locks.iter().filter(|m| modified(m) + lock_stale() < newest) {
-            let key = self.s3.key_of(m).to_string();
-            if self.remove(&key)? {
-                removed += 1;
+        for dir in ["locks", "catalog-locks"] {
+            let locks = self.s3.list_meta(dir)?;
+            let Some(newest) = locks.iter().map(modified).max() else {
+                continue;
+            };
+            for m in locks.iter().filter(|m| modified(m) + lock_stale() < newest) {
+                let key = self.s3.key_of(m).to_string();
+                if self.remove(&key)? {
+                    removed += 1;
+                }
             }
         }
         Ok(removed)
@@ -516,7 +524,7 @@ struct S3Lock {
 }
 
 impl S3Lock {
-    fn take(s3: &Arc<S3>, mode: LockMode, purpose: &str) -> Result<RegionLock> {
+    fn take(s3: &Arc<S3>, dir: &str, mode: LockMode, purpose: &str) -> Result<RegionLock> {
         let exclusive = mode == LockMode::Exclusive;
         let record = serde_json::to_vec(&LockRecord {
             holder: holder_note(purpose),
@@ -526,9 +534,9 @@ impl S3Lock {
         loop {
             // The mode is in the name, so a listing tells every holder's.
             let kind = if exclusive { "exclusive" } else { "shared" };
-            let key = format!("locks/{kind}-{}", &random_id("l")[2..]);
+            let key = format!("{dir}/{kind}-{}", &random_id("l")[2..]);
             s3.put(&key, &record, PutMode::Overwrite)?;
-            let locks = s3.list_meta("locks")?;
+            let locks = s3.list_meta(dir)?;
             let mine = locks.iter().find(|m| s3.key_of(m) == key).ok_or_else(|| {
                 Error::Remote {
                     op: "take the lock of",
@@ -541,7 +549,7 @@ impl S3Lock {
             let newest = locks.iter().map(modified).max().unwrap_or(since);
             let conflicting = locks.iter().find(|other| {
                 let other_key = s3.key_of(other);
-                let shared = other_key.starts_with("locks/shared-");
+                let shared = other_key.starts_with(&format!("{dir}/shared-"));
                 other_key != key
                     && modified(other) + lock_stale() >= newest
                     && (exclusive || !shared)

@@ -118,16 +118,22 @@ pub fn create(
         .to_string_lossy()
         .into_owned();
     let _lock = region.lock(LockMode::Shared, "snapshot create")?;
+    let owner = opts
+        .owner
+        .clone()
+        .unwrap_or_else(|| region.info().owner.clone());
 
     let parent = match &opts.parent {
         ParentChoice::None => None,
         ParentChoice::Explicit(id) => Some(region.read_snapshot(id)?),
         ParentChoice::Latest => {
+            // Only the owner's own lineage: another account's snapshot of
+            // the same path is no parent of this one.
             let latest = region
                 .list_snapshots()?
                 .snapshots
                 .into_iter()
-                .filter(|m| m.source == source)
+                .filter(|m| m.source == source && m.owner == owner)
                 .max_by_key(|m| m.created_ns);
             match latest {
                 Some(m) => Some(region.read_snapshot(&m.id)?),
@@ -244,6 +250,14 @@ pub fn create(
         },
     )?;
     progress.finish();
+    if volume.kind() == crate::volume::VolumeKind::File && volume.changed_since_open()? {
+        progress.warn(&format!(
+            "{} changed while it was read (its size or modification time moved): the snapshot \
+             may hold blocks from different moments; quiesce the writer (fsfreeze, a stopped VM, \
+             a read-only loop device or an LVM snapshot) and snapshot again for a consistent copy",
+            path.display()
+        ));
+    }
 
     let created_ns = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -252,10 +266,7 @@ pub fn create(
     let meta = SnapshotMeta {
         id: SnapshotId::random(),
         parent: parent.map(|p| p.meta.id),
-        owner: opts
-            .owner
-            .clone()
-            .unwrap_or_else(|| region.info().owner.clone()),
+        owner,
         volume_size: size,
         block_size,
         created_ns,

@@ -22,6 +22,9 @@ pub struct Volume {
     file: File,
     size: u64,
     kind: VolumeKind,
+    /// Size and modification time when opened, to tell whether the volume
+    /// was written while it was read.
+    stamp: (u64, Option<std::time::SystemTime>),
 }
 
 impl Volume {
@@ -40,12 +43,21 @@ impl Volume {
         let (kind, size) = probe(&file, path)?;
         sys::set_blocking(&file).ctx("open volume", path)?;
         check_size(path, size)?;
+        let stamp = stamp(&file, path)?;
         Ok(Volume {
             path: path.to_path_buf(),
             file,
             size,
             kind,
+            stamp,
         })
+    }
+
+    /// Whether the file's size or modification time moved since it was
+    /// opened: a writer was at work, so blocks read at different moments
+    /// may not belong together.
+    pub fn changed_since_open(&self) -> Result<bool> {
+        Ok(stamp(&self.file, &self.path)? != self.stamp)
     }
 
     pub fn path(&self) -> &Path {
@@ -74,6 +86,11 @@ impl Volume {
     pub fn data_map(&self) -> DataMap<'_> {
         DataMap::new(&self.file, self.kind == VolumeKind::File)
     }
+}
+
+fn stamp(file: &File, path: &Path) -> Result<(u64, Option<std::time::SystemTime>)> {
+    let m = file.metadata().ctx("stat volume", path)?;
+    Ok((m.len(), m.modified().ok()))
 }
 
 /// The largest volume blocksnap takes: EBS's limit (io2 Block Express),

@@ -1,0 +1,227 @@
+//! Who may use a snapshot, as EC2 decides it: a snapshot belongs to the
+//! account that created it and is private by default; its owner grants
+//! **create-volume permission** to accounts, or to `all` (public)
+//! [ModifySnapshotAttribute]. Restoring, verifying a volume against it,
+//! describing it and listing its blocks need ownership or that permission;
+//! deleting it and changing its permissions are the owner's alone.
+//!
+//! Permissions live beside the manifest, which never changes, in
+//! `snapshot-permissions/<snap-id>.json` (the image files' checksummed JSON
+//! envelope); a snapshot without that file is private.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::id::{AccountId, SnapshotId};
+use crate::image::{Grantee, LaunchPermission, PermissionChange, decode_envelope, encode_envelope};
+use crate::manifest::SnapshotMeta;
+use crate::region::Region;
+use crate::sys::LockMode;
+
+const FORMAT: &str = "blocksnap-create-volume-permissions";
+const MAX_JSON: u64 = 1 << 20;
+
+/// A snapshot's create-volume permissions, in EC2's shape.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct CreateVolumePermissions {
+    pub create_volume_permissions: Vec<LaunchPermission>,
+}
+
+impl CreateVolumePermissions {
+    pub fn is_public(&self) -> bool {
+        self.create_volume_permissions
+            .iter()
+            .any(|p| matches!(p, LaunchPermission::Group(g) if g == "all"))
+    }
+
+    pub fn lists(&self, account: &AccountId) -> bool {
+        self.create_volume_permissions
+            .iter()
+            .any(|p| matches!(p, LaunchPermission::Account(a) if a == account))
+    }
+}
+
+pub(crate) fn permissions_key(id: &SnapshotId) -> String {
+    format!("snapshot-permissions/{id}.json")
+}
+
+/// Decodes a permissions file; `path` names it in errors.
+pub fn decode(bytes: &[u8], path: &std::path::Path) -> Result<CreateVolumePermissions> {
+    decode_envelope(bytes, FORMAT, "snapshot permissions", path)
+}
+
+/// The permissions of snapshot `id` (none granted when it has no file).
+pub fn read_permissions(region: &Region, id: &SnapshotId) -> Result<CreateVolumePermissions> {
+    let key = permissions_key(id);
+    match region
+        .backend()
+        .read(&key, "snapshot permissions", MAX_JSON)?
+    {
+        Some(b) => decode(&b, &region.backend().locate(&key)),
+        None => Ok(CreateVolumePermissions::default()),
+    }
+}
+
+/// A snapshot's meta with its permissions.
+#[derive(Debug, Clone)]
+pub struct SnapshotView {
+    pub meta: SnapshotMeta,
+    pub permissions: CreateVolumePermissions,
+}
+
+impl SnapshotView {
+    /// Whether `account` may restore (and so see) the snapshot.
+    pub fn can_restore(&self, account: &AccountId) -> bool {
+        &self.meta.owner == account
+            || self.permissions.is_public()
+            || self.permissions.lists(account)
+    }
+
+    pub fn require_restore(&self, account: &AccountId, action: &'static str) -> Result<()> {
+        if self.can_restore(account) {
+            return Ok(());
+        }
+        Err(Error::SnapshotNotPermitted {
+            account: account.clone(),
+            action,
+            snapshot: self.meta.id.clone(),
+            hint: format!(
+                "it is private; its owner can share it with `blocksnap snapshot permissions {} --add {account}`",
+                self.meta.id
+            ),
+        })
+    }
+
+    pub fn require_owner(&self, account: &AccountId, action: &'static str) -> Result<()> {
+        if &self.meta.owner == account {
+            return Ok(());
+        }
+        Err(Error::SnapshotNotPermitted {
+            account: account.clone(),
+            action,
+            snapshot: self.meta.id.clone(),
+            hint: format!("only its owner, account {}, may", self.meta.owner),
+        })
+    }
+}
+
+/// Reads snapshot `id`'s meta and permissions.
+pub fn view(region: &Region, id: &SnapshotId) -> Result<SnapshotView> {
+    Ok(SnapshotView {
+        meta: region.read_snapshot_meta(id)?,
+        permissions: read_permissions(region, id)?,
+    })
+}
+
+/// Snapshot `id`'s meta, if `caller` may `action` it (restore, verify,
+/// describe, list the blocks of): the owner, a listed account, or anyone
+/// when public.
+pub fn readable(
+    region: &Region,
+    id: &SnapshotId,
+    caller: &AccountId,
+    action: &'static str,
+) -> Result<SnapshotMeta> {
+    let v = view(region, id)?;
+    v.require_restore(caller, action)?;
+    Ok(v.meta)
+}
+
+/// Changes create-volume permissions; owner only (ModifySnapshotAttribute).
+/// Under the catalog lock, so concurrent changes never lose one another.
+pub fn modify(
+    region: &Region,
+    id: &SnapshotId,
+    caller: &AccountId,
+    change: &PermissionChange,
+) -> Result<CreateVolumePermissions> {
+    let _catalog = region.catalog_lock("snapshot permissions")?;
+    let v = view(region, id)?;
+    v.require_owner(caller, "change the permissions of")?;
+    let mut perms = if change.reset {
+        CreateVolumePermissions::default()
+    } else {
+        v.permissions
+    };
+    for g in &change.remove {
+        let p = grant(g);
+        perms.create_volume_permissions.retain(|q| *q != p);
+    }
+    for g in &change.add {
+        let p = grant(g);
+        if !perms.create_volume_permissions.contains(&p) {
+            perms.create_volume_permissions.push(p);
+        }
+    }
+    region
+        .backend()
+        .replace(&permissions_key(id), &encode_envelope(FORMAT, &perms))?;
+    Ok(perms)
+}
+
+fn grant(g: &Grantee) -> LaunchPermission {
+    match g {
+        Grantee::Account(a) => LaunchPermission::Account(a.clone()),
+        Grantee::All => LaunchPermission::Group("all".into()),
+    }
+}
+
+/// Deletes snapshot `id`; owner only (DeleteSnapshot). Refused while a
+/// registered image uses it. Under the catalog lock, so an image cannot be
+/// registered on it meanwhile; its chunks stay until `store gc`.
+pub fn delete(region: &Region, id: &SnapshotId, caller: &AccountId) -> Result<()> {
+    let _catalog = region.catalog_lock("snapshot delete")?;
+    let _lock = region.lock(LockMode::Shared, "snapshot delete")?;
+    view(region, id)?.require_owner(caller, "delete")?;
+    crate::image::check_snapshot_unused(region, id)?;
+    region.delete_snapshot(id)
+}
+
+/// Which snapshots `snapshot list` shows, as DescribeSnapshots filters
+/// them.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    /// `--owner`: only snapshots of this account.
+    pub owner: Option<AccountId>,
+    /// `--restorable-by`: only snapshots this account (or, with
+    /// [`Grantee::All`], everyone) may restore.
+    pub restorable_by: Option<Grantee>,
+}
+
+/// The snapshots `caller` may see (its own, those shared with it, public
+/// ones), narrowed by `filter`; oldest first. Damaged manifests are
+/// returned beside them.
+pub fn list(
+    region: &Region,
+    caller: &AccountId,
+    filter: &ListFilter,
+) -> Result<(Vec<SnapshotView>, Vec<Error>)> {
+    let listing = region.list_snapshots()?;
+    let perms = crate::chunker::map_io(region.chunks(), &listing.snapshots, |m| {
+        read_permissions(region, &m.id)
+    })?;
+    let mut out = Vec::new();
+    let mut damaged = listing.damaged;
+    for (meta, p) in listing.snapshots.into_iter().zip(perms) {
+        let permissions = match p {
+            Ok(p) => p,
+            Err(e) => {
+                damaged.push(e);
+                continue;
+            }
+        };
+        let v = SnapshotView { meta, permissions };
+        let shown = v.can_restore(caller)
+            && filter.owner.as_ref().is_none_or(|o| &v.meta.owner == o)
+            && match &filter.restorable_by {
+                None => true,
+                Some(Grantee::All) => v.permissions.is_public(),
+                Some(Grantee::Account(a)) => v.can_restore(a),
+            };
+        if shown {
+            out.push(v);
+        }
+    }
+    Ok((out, damaged))
+}
