@@ -170,10 +170,26 @@ fn delta_restore_clears_blocks_that_are_zero_in_the_snapshot_case(env: &Env) {
     let t = fs::OpenOptions::new().write(true).open(&target).unwrap();
     t.write_all_at(&random_bytes(2, 70_000), 2 * MIB).unwrap();
     t.set_len(5 * MIB).unwrap();
+    // The target is larger: --delta would cut it, so it asks first and
+    // changes nothing.
+    let before = fs::read(&target).unwrap();
+    let err = env.fails(
+        &[
+            "volume",
+            "restore",
+            "--delta",
+            &snap,
+            target.to_str().unwrap(),
+        ],
+        5,
+    );
+    assert!(err.contains("cut it") && err.contains("--force"), "{err}");
+    assert!(fs::read(&target).unwrap() == before);
     let r = env.json(&[
         "volume",
         "restore",
         "--delta",
+        "--force",
         &snap,
         target.to_str().unwrap(),
     ]);
@@ -204,7 +220,10 @@ fn loop_devices_snapshot_and_restore() {
     let Some(dst) = attach_loop(&dst_img) else {
         return;
     };
-    let r = env.json(&["volume", "restore", &snap, &dst.0]);
+    // An existing device is overwritten only with --force.
+    let err = env.fails(&["volume", "restore", &snap, &dst.0], 5);
+    assert!(err.contains("--force"), "{err}");
+    let r = env.json(&["volume", "restore", &snap, &dst.0, "--force"]);
     assert_eq!(r["BlocksWritten"], IMAGE_SIZE / (512 * 1024));
     assert_same(&dst.path(), &imgs.v1);
 
@@ -226,10 +245,50 @@ fn loop_devices_snapshot_and_restore() {
     let Some(small) = attach_loop(&small_img) else {
         return;
     };
-    let err = env.fails(&["volume", "restore", &snap, &small.0], 5);
+    let err = env.fails(&["volume", "restore", &snap, &small.0, "--force"], 5);
     assert!(err.contains("needs") && err.contains(&small.0), "{err}");
     drop(small);
     assert!(fs::read(&small_img).unwrap().iter().all(|&b| b == 0xab));
+
+    // A mounted device is refused even with --force (O_EXCL), and its file
+    // system survives.
+    let mounted_img = env.path("mounted.img");
+    sparse_copy(&imgs.v2, &mounted_img);
+    let Some(mounted) = attach_loop(&mounted_img) else {
+        return;
+    };
+    let mnt = env.path("mnt");
+    fs::create_dir(&mnt).unwrap();
+    sh_ok(&format!("mount -o ro {} '{}'", mounted.0, mnt.display()));
+    let err = env.fails(&["volume", "restore", &snap, &mounted.0, "--force"], 5);
+    let err2 = env.fails(&["volume", "restore", &snap, &mounted.0, "--delta"], 5);
+    sh_ok(&format!("umount '{}'", mnt.display()));
+    assert!(err.contains("in use") && err.contains(&mounted.0), "{err}");
+    assert!(err2.contains("in use"), "{err2}");
+    drop(mounted);
+    assert_same(&mounted_img, &imgs.v2);
+
+    // A device larger than the snapshot: --delta leaves its tail, so it
+    // asks for --force.
+    let big_img = env.path("big.img");
+    fs::write(
+        &big_img,
+        vec![0xcdu8; IMAGE_SIZE as usize + 8 * MIB as usize],
+    )
+    .unwrap();
+    let Some(big) = attach_loop(&big_img) else {
+        return;
+    };
+    let err = env.fails(&["volume", "restore", "--delta", &snap, &big.0], 5);
+    assert!(
+        err.contains("left as they are") && err.contains("--force"),
+        "{err}"
+    );
+    env.ok(&["volume", "restore", "--delta", &snap, &big.0, "--force"]);
+    drop(big);
+    let bytes = fs::read(&big_img).unwrap();
+    assert!(bytes[..IMAGE_SIZE as usize] == fs::read(&imgs.v1).unwrap()[..]);
+    assert!(bytes[IMAGE_SIZE as usize..].iter().all(|&b| b == 0xcd));
 }
 
 #[test]
@@ -291,7 +350,14 @@ fn corrupt_chunk_stops_restore_naming_chunk_snapshot_and_offset() {
     let t2 = env.path("t2.img");
     fs::write(&t2, b"").unwrap();
     let err = env.fails(
-        &["volume", "restore", "--delta", &snap, t2.to_str().unwrap()],
+        &[
+            "volume",
+            "restore",
+            "--delta",
+            "--force",
+            &snap,
+            t2.to_str().unwrap(),
+        ],
         4,
     );
     assert!(err.contains(&chunk[..12]), "{err}");
@@ -363,7 +429,7 @@ fn bad_inputs_fail_cleanly_and_change_nothing() {
     assert!(err.contains("--force"), "{err}");
     let err = env.fails(&["volume", "restore", &snap, "new.img", "--size", "1M"], 2);
     assert!(err.contains("smaller"), "{err}");
-    let err = env.fails(&["volume", "restore", "--delta", &snap, "absent.img"], 2);
+    let err = env.fails(&["volume", "restore", "--delta", &snap, "absent.img"], 3);
     assert!(err.contains("absent.img"), "{err}");
     let err = env.fails(
         &[
@@ -514,14 +580,24 @@ fn frozen_v1_formats_still_read() {
         env.store().display(),
         fixture.join("store").display()
     ));
-    let list = env.json(&["snapshot", "list"]);
+    // Its snapshot belongs to account 123456789012, not to the region's
+    // default owner: private to it, as every snapshot without permissions.
+    let mine = ["--account", "123456789012"];
+    let list = env.json(&["snapshot", "list", mine[0], mine[1]]);
     let snaps = list["Snapshots"].as_array().unwrap();
     assert_eq!(snaps.len(), 1);
     let snap = id(&snaps[0]);
     let v = env.json(&["store", "verify"]);
     assert_eq!(v["Clean"], true, "{v}");
     let out = env.path("fixture.img");
-    env.ok(&["volume", "restore", &snap, out.to_str().unwrap()]);
+    env.ok(&[
+        "volume",
+        "restore",
+        &snap,
+        out.to_str().unwrap(),
+        mine[0],
+        mine[1],
+    ]);
     assert_same(&out, &fixture.join("volume.img"));
 }
 
@@ -536,6 +612,13 @@ fn help_documents_exit_codes_and_global_flags_go_anywhere() {
     let a = env.ok(&["--json", "store", "stats"]);
     let b = env.ok(&["store", "stats", "--json"]);
     assert_eq!(a, b);
+    // Only `region add` (or the default region) creates a region: a typo
+    // is exit 3 naming the regions there are, and creates nothing.
+    let err = env.fails(&["store", "stats", "--region", "eu-wset-1"], 3);
+    assert!(err.contains("eu-wset-1") && err.contains("local"), "{err}");
+    assert!(!env.store().join("eu-wset-1").exists());
+    env.ok(&["region", "add", "eu-west-1"]);
+    env.fails(&["region", "add", "eu-west-1"], 2);
     let other = env.json(&["store", "stats", "--region", "eu-west-1"]);
     assert_eq!(other["Region"], "eu-west-1");
     assert!(env.store().join("eu-west-1/store.json").exists());

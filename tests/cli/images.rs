@@ -380,6 +380,20 @@ fn launch_permissions_guard_describe_launch_copy_and_changes_case(env: &Env) {
             .status
             .success()
     );
+    // Launching needs no snapshot permission, copying does (EC2's rule for
+    // shared AMIs): read permission on every snapshot behind the image.
+    let desc = env.json(&["image", "describe", &a]);
+    let snap_a = desc["Images"][0]["BlockDeviceMappings"][0]["Ebs"]["SnapshotId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let err = fails_as(&["image", "copy", &a, "--to-region", "r2"], OTHER, 6);
+    assert!(
+        err.contains(&snap_a) && err.contains("snapshot permissions"),
+        "{err}"
+    );
+    fails_as(&["volume", "restore", &snap_a, &inst("v.img")], OTHER, 6);
+    env.ok(&["snapshot", "permissions", &snap_a, "--add", OTHER]);
     let copy = run_as(&["image", "copy", &a, "--to-region", "r2", "--json"], OTHER);
     assert!(
         copy.status.success(),
@@ -506,7 +520,7 @@ fn mapping_and_name_rules_each_have_a_clear_error() {
             &[m("/dev/xvda", "snap-0123456789abcdef0")],
             &[],
         ),
-        2,
+        3,
     );
     assert!(err.contains("does not exist in region local"), "{err}");
     let err = fails(
@@ -542,7 +556,7 @@ fn mapping_and_name_rules_each_have_a_clear_error() {
             "--map",
             "/dev/xvda=missing.img",
         ],
-        2,
+        3,
     );
     assert!(err.contains("missing.img"), "{err}");
     assert_eq!(

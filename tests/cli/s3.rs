@@ -131,6 +131,7 @@ fn copy_image_between_backends_moves_only_missing_chunks() {
         "s3-b",
         "--to-region",
         "eu-west-1",
+        "--create-region",
     ]);
     assert_eq!(c3["ChunksCopied"], c1["ChunksCopied"]);
     assert_image_restores(&env, c3["ImageId"].as_str().unwrap(), "eu-west-1", &vol);

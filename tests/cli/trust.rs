@@ -128,9 +128,11 @@ fn sigkill_at_many_points_never_leaves_an_inconsistent_store() {
     // image copy to another region.
     let list = env.json(&["image", "list"]);
     let ami = list["Images"][0]["ImageId"].as_str().unwrap().to_string();
+    env.ok(&["region", "add", "probe"]);
     let t = timed(&env, &["image", "copy", &ami, "--to-region", "probe"]);
     for (i, at) in kill_points(t, 6).into_iter().enumerate() {
         let region = format!("copy-{i}");
+        env.ok(&["region", "add", &region]);
         let args = [
             "image",
             "copy",

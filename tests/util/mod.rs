@@ -61,7 +61,7 @@ macro_rules! on_each_backend {
         mod $name {
             #[test]
             fn local() {
-                super::$case(&crate::util::Env::new());
+                super::$case(&crate::util::Env::with_test_regions());
             }
             #[test]
             fn s3() {
@@ -82,6 +82,16 @@ impl Env {
                 .unwrap(),
             s3: None,
         }
+    }
+
+    /// A local world where every test region exists (`region add`), as
+    /// they do on the S3 server in [`Env::s3`].
+    pub fn with_test_regions() -> Env {
+        let env = Env::new();
+        for region in TEST_REGIONS.iter().filter(|r| **r != "local") {
+            env.ok(&["region", "add", region]);
+        }
+        env
     }
 
     /// A world with the S3 test server at hand under its own prefix, its
