@@ -517,7 +517,9 @@ pub fn reusable(store: &dyn ChunkStore, id: &ChunkId, since: Option<SystemTime>)
     for _ in 0..=MAX_DEPTH {
         match store.changed_at(&current)? {
             None => return Ok(false),
-            Some(t) if since.is_none_or(|s| t > s) => return sound_or_quarantined(store, id),
+            // `>=`: file and object times are coarse (a clock tick, a
+            // second on S3), so a change in the tick of the commit counts.
+            Some(t) if since.is_none_or(|s| t >= s) => return sound_or_quarantined(store, id),
             Some(_) => {}
         }
         if store.atomic_puts() {

@@ -6,6 +6,8 @@ mod util;
 
 #[path = "cli/images.rs"]
 mod images;
+#[path = "cli/misuse.rs"]
+mod misuse;
 #[path = "cli/s3.rs"]
 mod s3;
 #[path = "cli/trust.rs"]
