@@ -73,8 +73,9 @@ pub trait Backend: Send + Sync {
     /// Takes the region's catalog lock, exclusive: held while an image's
     /// state or permissions, a snapshot's permissions, or the set of
     /// images and snapshots is read, checked and changed, so concurrent
-    /// changes never lose one another. Independent of the region lock
-    /// (taken first when both are needed); waits like it.
+    /// changes never lose one another. Independent of the region lock:
+    /// whoever holds both holds the region lock shared, and gc (its only
+    /// exclusive taker) never takes this one, so they cannot deadlock.
     fn catalog_lock(&self, purpose: &str) -> Result<RegionLock>;
     /// Unreferenced chunks written after this instant may belong to a
     /// snapshot still being written and are kept by gc; `None` when the

@@ -352,6 +352,42 @@ pub fn decode(id: &ChunkId, stored: &[u8]) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Whether a chunk that a parent snapshot names can be named again by a
+/// new snapshot without reading it: it and every base of its delta chain
+/// are stored and unchanged since `since` (when the parent was committed,
+/// by the store's clock; `None` when unknown). Chunks never change once
+/// written, so one changed later (an edited byte, a rewrite) is read back
+/// and verified instead, and a corrupt one is moved aside. A store with
+/// atomic puts (S3) answers from one listing and its delta bases are not
+/// walked: there `store verify --repair` moves aside every delta whose
+/// chain is broken together with the broken base.
+pub fn reusable(store: &dyn ChunkStore, id: &ChunkId, since: Option<SystemTime>) -> Result<bool> {
+    let mut current = *id;
+    for _ in 0..=MAX_DEPTH {
+        match store.changed_at(&current)? {
+            None => return Ok(false),
+            // `>=`: file and object times are coarse (a clock tick, a
+            // second on S3), so a change in the tick of the commit counts.
+            Some(t) if since.is_none_or(|s| t >= s) => return sound_or_quarantined(store, id),
+            Some(_) => {}
+        }
+        if store.atomic_puts() {
+            return Ok(true);
+        }
+        let head = match store.get_head(&current, DELTA_HEADER_LEN) {
+            Ok(h) => h,
+            Err(Error::MissingChunk { .. }) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        match base_of(&head) {
+            Some(b) => current = b.id,
+            None => return Ok(true),
+        }
+    }
+    // Deeper than any chain blocksnap writes: let a full read decide.
+    sound_or_quarantined(store, id)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -501,40 +537,4 @@ mod tests {
         let err = load_into(&store, &ib, &mut Vec::new()).unwrap_err();
         assert!(err.to_string().contains(&ia.short()), "{err}");
     }
-}
-
-/// Whether a chunk that a parent snapshot names can be named again by a
-/// new snapshot without reading it: it and every base of its delta chain
-/// are stored and unchanged since `since` (when the parent was committed,
-/// by the store's clock; `None` when unknown). Chunks never change once
-/// written, so one changed later (an edited byte, a rewrite) is read back
-/// and verified instead, and a corrupt one is moved aside. A store with
-/// atomic puts (S3) answers from one listing and its delta bases are not
-/// walked: there `store verify --repair` moves aside every delta whose
-/// chain is broken together with the broken base.
-pub fn reusable(store: &dyn ChunkStore, id: &ChunkId, since: Option<SystemTime>) -> Result<bool> {
-    let mut current = *id;
-    for _ in 0..=MAX_DEPTH {
-        match store.changed_at(&current)? {
-            None => return Ok(false),
-            // `>=`: file and object times are coarse (a clock tick, a
-            // second on S3), so a change in the tick of the commit counts.
-            Some(t) if since.is_none_or(|s| t >= s) => return sound_or_quarantined(store, id),
-            Some(_) => {}
-        }
-        if store.atomic_puts() {
-            return Ok(true);
-        }
-        let head = match store.get_head(&current, DELTA_HEADER_LEN) {
-            Ok(h) => h,
-            Err(Error::MissingChunk { .. }) => return Ok(false),
-            Err(e) => return Err(e),
-        };
-        match base_of(&head) {
-            Some(b) => current = b.id,
-            None => return Ok(true),
-        }
-    }
-    // Deeper than any chain blocksnap writes: let a full read decide.
-    sound_or_quarantined(store, id)
 }

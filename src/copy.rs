@@ -174,7 +174,7 @@ pub fn copy_image(
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
     let mut renamed: HashMap<SnapshotId, SnapshotId> = HashMap::new();
-    let mut report_snaps = Vec::new();
+    let mut report_snaps: Vec<CopiedSnapshot> = Vec::new();
     for m in &manifests {
         let new_id = SnapshotId::random();
         let mut meta = m.meta.clone();
@@ -208,7 +208,12 @@ pub fn copy_image(
             meta,
             blocks: m.blocks.clone(),
         };
-        dst.write_snapshot(&copy)?;
+        if let Err(e) = dst.write_snapshot(&copy) {
+            for s in &report_snaps {
+                let _ = dst.delete_snapshot(&s.copy);
+            }
+            return Err(e);
+        }
         renamed.insert(m.meta.id.clone(), new_id.clone());
         report_snaps.push(CopiedSnapshot {
             source: m.meta.id.clone(),
@@ -240,7 +245,17 @@ pub fn copy_image(
         source_image_id: Some(ami.clone()),
         source_region: Some(src.name().to_string()),
     };
-    let image = image::register(dst, &ropts, mappings)?;
+    // A registration that fails (another image took the name meanwhile)
+    // leaves no stray snapshot copies behind.
+    let image = match image::register(dst, &ropts, mappings) {
+        Ok(image) => image,
+        Err(e) => {
+            for s in &report_snaps {
+                let _ = dst.delete_snapshot(&s.copy);
+            }
+            return Err(e);
+        }
+    };
     Ok(CopyReport {
         image,
         snapshots: report_snaps,

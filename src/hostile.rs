@@ -89,6 +89,7 @@ fn image_decoders_survive_the_corpus() {
         let _ = image::decode_image(b, p);
         let _ = image::decode_permissions(b, p);
         let _ = image::decode_state(b, p);
+        let _ = crate::access::decode(b, p);
     });
 }
 
@@ -118,6 +119,9 @@ fn seeds_decode_cleanly() {
         instance::decode(&b, p).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     }
     let images = corpus("image_manifest");
+    assert!(images.iter().any(|(path, b)| {
+        path.to_string_lossy().ends_with(".permissions.json") && crate::access::decode(b, p).is_ok()
+    }));
     assert!(images.iter().any(|(path, b)| {
         path.to_string_lossy().ends_with(".launch.json") && image::decode_permissions(b, p).is_ok()
     }));

@@ -1,4 +1,5 @@
-//! Image manifests, launch permissions and image state files.
+//! Image manifests, launch permissions, image state files and snapshot
+//! permissions (the same envelope).
 #![no_main]
 use std::path::Path;
 
@@ -10,4 +11,5 @@ fuzz_target!(|data: &[u8]| {
     let _ = image::decode_image(data, p);
     let _ = image::decode_permissions(data, p);
     let _ = image::decode_state(data, p);
+    let _ = blocksnap::access::decode(data, p);
 });
