@@ -13,7 +13,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::id::{AccountId, SnapshotId};
-use crate::image::{Grantee, LaunchPermission, PermissionChange, decode_envelope, encode_envelope};
+use crate::image::{
+    Grantee, Grants, LaunchPermission, PermissionChange, decode_envelope, encode_envelope,
+};
 use crate::manifest::SnapshotMeta;
 use crate::region::Region;
 use crate::sys::LockMode;
@@ -28,17 +30,12 @@ pub struct CreateVolumePermissions {
     pub create_volume_permissions: Vec<LaunchPermission>,
 }
 
-impl CreateVolumePermissions {
-    pub fn is_public(&self) -> bool {
-        self.create_volume_permissions
-            .iter()
-            .any(|p| matches!(p, LaunchPermission::Group(g) if g == "all"))
+impl Grants for CreateVolumePermissions {
+    fn grants(&self) -> &[LaunchPermission] {
+        &self.create_volume_permissions
     }
-
-    pub fn lists(&self, account: &AccountId) -> bool {
-        self.create_volume_permissions
-            .iter()
-            .any(|p| matches!(p, LaunchPermission::Account(a) if a == account))
+    fn grants_mut(&mut self) -> &mut Vec<LaunchPermission> {
+        &mut self.create_volume_permissions
     }
 }
 
@@ -139,32 +136,12 @@ pub fn modify(
     let _catalog = region.catalog_lock("snapshot permissions")?;
     let v = view(region, id)?;
     v.require_owner(caller, "change the permissions of")?;
-    let mut perms = if change.reset {
-        CreateVolumePermissions::default()
-    } else {
-        v.permissions
-    };
-    for g in &change.remove {
-        let p = grant(g);
-        perms.create_volume_permissions.retain(|q| *q != p);
-    }
-    for g in &change.add {
-        let p = grant(g);
-        if !perms.create_volume_permissions.contains(&p) {
-            perms.create_volume_permissions.push(p);
-        }
-    }
+    let mut perms = v.permissions;
+    perms.apply(change);
     region
         .backend()
         .replace(&permissions_key(id), &encode_envelope(FORMAT, &perms))?;
     Ok(perms)
-}
-
-fn grant(g: &Grantee) -> LaunchPermission {
-    match g {
-        Grantee::Account(a) => LaunchPermission::Account(a.clone()),
-        Grantee::All => LaunchPermission::Group("all".into()),
-    }
 }
 
 /// Deletes snapshot `id`; owner only (DeleteSnapshot). Refused while a

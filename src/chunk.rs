@@ -352,6 +352,21 @@ pub fn decode(id: &ChunkId, stored: &[u8]) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Whether a chunk written at `t` changed after a commit at `since`. A
+/// file's ctime ticks in milliseconds, so a change in the commit's own tick
+/// counts (`>=`: the few chunks written in that tick are read back). S3's
+/// Last-Modified has whole seconds, and counting the commit's second would
+/// read back every chunk uploaded in it; there only a later second counts,
+/// so an overwrite in the very second of the commit goes unseen until
+/// `store verify`.
+fn changed_after(store: &dyn ChunkStore, t: SystemTime, since: SystemTime) -> bool {
+    if store.atomic_puts() {
+        t > since
+    } else {
+        t >= since
+    }
+}
+
 /// Whether a chunk that a parent snapshot names can be named again by a
 /// new snapshot without reading it: it and every base of its delta chain
 /// are stored and unchanged since `since` (when the parent was committed,
@@ -366,9 +381,9 @@ pub fn reusable(store: &dyn ChunkStore, id: &ChunkId, since: Option<SystemTime>)
     for _ in 0..=MAX_DEPTH {
         match store.changed_at(&current)? {
             None => return Ok(false),
-            // `>=`: file and object times are coarse (a clock tick, a
-            // second on S3), so a change in the tick of the commit counts.
-            Some(t) if since.is_none_or(|s| t >= s) => return sound_or_quarantined(store, id),
+            Some(t) if since.is_none_or(|s| changed_after(store, t, s)) => {
+                return sound_or_quarantined(store, id);
+            }
             Some(_) => {}
         }
         if store.atomic_puts() {

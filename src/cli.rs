@@ -175,15 +175,8 @@ pub enum ImageCmd {
     /// Change who may launch an image; owner only [ModifyImageAttribute launchPermission]
     Permissions {
         image: String,
-        /// ACCOUNT or `all` (public) (repeatable)
-        #[arg(long, value_name = "ACCOUNT|all")]
-        add: Vec<String>,
-        /// ACCOUNT or `all` (repeatable)
-        #[arg(long, value_name = "ACCOUNT|all")]
-        remove: Vec<String>,
-        /// Back to owner only
-        #[arg(long)]
-        reset: bool,
+        #[command(flatten)]
+        change: PermissionArgs,
     },
     /// Copy an image and its snapshots to another region [CopyImage]
     Copy {
@@ -225,6 +218,20 @@ pub enum ImageCmd {
         #[arg(long)]
         delete_associated_snapshots: bool,
     },
+}
+
+/// Who to grant or revoke, for an image's or a snapshot's permissions.
+#[derive(Args, Debug)]
+pub struct PermissionArgs {
+    /// ACCOUNT or `all` (public) (repeatable)
+    #[arg(long, value_name = "ACCOUNT|all")]
+    pub add: Vec<String>,
+    /// ACCOUNT or `all` (repeatable)
+    #[arg(long, value_name = "ACCOUNT|all")]
+    pub remove: Vec<String>,
+    /// Back to owner only
+    #[arg(long)]
+    pub reset: bool,
 }
 
 #[derive(Args, Debug)]
@@ -315,15 +322,8 @@ pub enum SnapshotCmd {
     /// Change who may restore a snapshot; owner only [ModifySnapshotAttribute createVolumePermission]
     Permissions {
         snapshot: String,
-        /// ACCOUNT or `all` (public) (repeatable)
-        #[arg(long, value_name = "ACCOUNT|all")]
-        add: Vec<String>,
-        /// ACCOUNT or `all` (repeatable)
-        #[arg(long, value_name = "ACCOUNT|all")]
-        remove: Vec<String>,
-        /// Back to owner only
-        #[arg(long)]
-        reset: bool,
+        #[command(flatten)]
+        change: PermissionArgs,
     },
     /// Show one snapshot [DescribeSnapshots --snapshot-ids]
     Describe { snapshot: String },
@@ -711,14 +711,9 @@ fn snapshot_cmd(
             crate::image_cli::print_grants(out, id.as_str(), "SnapshotId", &v.permissions, grants);
             Ok(0)
         }
-        SnapshotCmd::Permissions {
-            snapshot,
-            add,
-            remove,
-            reset,
-        } => {
+        SnapshotCmd::Permissions { snapshot, change } => {
             let id = parse_snapshot(&snapshot)?;
-            let change = crate::image_cli::permission_change(&add, &remove, reset)?;
+            let change = crate::image_cli::permission_change(&change)?;
             let perms = access::modify(region, &id, caller, &change)?;
             let grants = &perms.create_volume_permissions;
             crate::image_cli::print_grants(out, id.as_str(), "SnapshotId", &perms, grants);

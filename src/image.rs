@@ -188,17 +188,51 @@ pub struct LaunchPermissions {
     pub launch_permissions: Vec<LaunchPermission>,
 }
 
-impl LaunchPermissions {
-    pub fn is_public(&self) -> bool {
-        self.launch_permissions
+/// A list of grants in EC2's shape: an image's launch permissions, a
+/// snapshot's create-volume permissions.
+pub trait Grants {
+    fn grants(&self) -> &[LaunchPermission];
+    fn grants_mut(&mut self) -> &mut Vec<LaunchPermission>;
+
+    /// Granted to `all`.
+    fn is_public(&self) -> bool {
+        self.grants()
             .iter()
             .any(|p| matches!(p, LaunchPermission::Group(g) if g == "all"))
     }
 
-    pub fn lists(&self, account: &AccountId) -> bool {
-        self.launch_permissions
+    /// Granted to `account` by name.
+    fn lists(&self, account: &AccountId) -> bool {
+        self.grants()
             .iter()
             .any(|p| matches!(p, LaunchPermission::Account(a) if a == account))
+    }
+
+    /// Applies `--reset`, then `--remove`, then `--add`.
+    fn apply(&mut self, change: &PermissionChange) {
+        let list = self.grants_mut();
+        if change.reset {
+            list.clear();
+        }
+        for g in &change.remove {
+            let p = g.permission();
+            list.retain(|q| *q != p);
+        }
+        for g in &change.add {
+            let p = g.permission();
+            if !list.contains(&p) {
+                list.push(p);
+            }
+        }
+    }
+}
+
+impl Grants for LaunchPermissions {
+    fn grants(&self) -> &[LaunchPermission] {
+        &self.launch_permissions
+    }
+    fn grants_mut(&mut self) -> &mut Vec<LaunchPermission> {
+        &mut self.launch_permissions
     }
 }
 
@@ -221,7 +255,7 @@ impl FromStr for Grantee {
 }
 
 impl Grantee {
-    fn permission(&self) -> LaunchPermission {
+    pub fn permission(&self) -> LaunchPermission {
         match self {
             Grantee::Account(a) => LaunchPermission::Account(a.clone()),
             Grantee::All => LaunchPermission::Group("all".into()),
@@ -699,21 +733,8 @@ pub fn modify_permissions(
     let _catalog = region.catalog_lock("image permissions")?;
     let view = read(region, id)?;
     view.require_owner(caller, "change launch permissions of")?;
-    let mut perms = if change.reset {
-        LaunchPermissions::default()
-    } else {
-        view.permissions
-    };
-    for g in &change.remove {
-        let p = g.permission();
-        perms.launch_permissions.retain(|q| *q != p);
-    }
-    for g in &change.add {
-        let p = g.permission();
-        if !perms.launch_permissions.contains(&p) {
-            perms.launch_permissions.push(p);
-        }
-    }
+    let mut perms = view.permissions;
+    perms.apply(change);
     write_permissions(region, id, &perms)?;
     Ok(perms)
 }

@@ -9,7 +9,9 @@ use anyhow::Result;
 use serde_json::{Value, json};
 
 use blocksnap::copy::{self, CopyOptions};
-use blocksnap::image::{self, DeviceName, Grantee, ImageView, PermissionChange, RegisterOptions};
+use blocksnap::image::{
+    self, DeviceName, Grantee, Grants, ImageView, PermissionChange, RegisterOptions,
+};
 use blocksnap::image_create::{self, ImageCreateOptions, MapSource, MapSpec};
 use blocksnap::instance::{self, LaunchOptions};
 use blocksnap::{AccountId, Error, ImageId, Region};
@@ -291,14 +293,9 @@ pub fn run(
             print_permissions(out, &id, &v.permissions);
             Ok(0)
         }
-        ImageCmd::Permissions {
-            image: id,
-            add,
-            remove,
-            reset,
-        } => {
+        ImageCmd::Permissions { image: id, change } => {
             let id = parse_image(&id)?;
-            let change = permission_change(&add, &remove, reset)?;
+            let change = permission_change(&change)?;
             let perms = image::modify_permissions(region, &id, &caller, &change)?;
             print_permissions(out, &id, &perms);
             Ok(0)
@@ -554,11 +551,8 @@ fn print_image(v: &ImageView) {
 }
 
 /// `--add`, `--remove` and `--reset` of a permissions command.
-pub fn permission_change(
-    add: &[String],
-    remove: &[String],
-    reset: bool,
-) -> Result<PermissionChange> {
+pub fn permission_change(args: &crate::cli::PermissionArgs) -> Result<PermissionChange> {
+    let (add, remove, reset) = (&args.add, &args.remove, args.reset);
     if add.is_empty() && remove.is_empty() && !reset {
         return Err(Error::InvalidArgument(
             "say what to change: --add, --remove or --reset".into(),

@@ -38,6 +38,11 @@ fn an_incremental_on_a_damaged_parent_stores_the_block_again_case(env: &Env) {
     fs::write(&vol, random_bytes(21, 4 * MIB as usize)).unwrap();
     let e1 = id(&env.snapshot(&vol, &[]));
 
+    // S3 stamps objects in whole seconds, and a chunk changed in the very
+    // second its snapshot was committed is not told apart (README).
+    if env.s3.is_some() {
+        std::thread::sleep(Duration::from_millis(1100));
+    }
     // A flipped byte in one of E1's chunks; the volume is unchanged.
     let key = chunk_key_of(env, &e1, 2, "local");
     let mut bytes = env.read_stored("local", &key);

@@ -303,7 +303,8 @@ impl Env {
         files.sort();
         files
             .into_iter()
-            .filter(|p| p.file_name().unwrap() != "lock")
+            // Lock files hold who last took them, not state.
+            .filter(|p| !p.file_name().unwrap().to_string_lossy().ends_with("lock"))
             .map(|p| {
                 let b = fs::read(&p).unwrap();
                 (p, b)
