@@ -213,6 +213,14 @@ pub fn remove(store_root: &Path, name: &str) -> Result<RegionDef> {
 
 fn remove_locked(store_root: &Path, name: &str) -> Result<RegionDef> {
     let mut regions = read_file(store_root)?;
+    let local = store_root.join(name);
+    if !regions.contains_key(name) && local.join("store.json").exists() {
+        return Err(Error::InvalidArgument(format!(
+            "region {name} is a local directory ({}): blocksnap never deletes a region's data; \
+             remove the directory yourself if you mean to",
+            local.display()
+        )));
+    }
     let def = regions.remove(name).ok_or_else(|| {
         Error::NotFound(format!(
             "region {name} is not defined on an object store: `blocksnap region list` shows the regions"

@@ -90,6 +90,7 @@ pub fn restore_in(
         )));
     }
     volume::check_size(target, size)?;
+    refuse_store_paths(region, target)?;
     let job = Job {
         store: region.chunks(),
         manifest: &m,
@@ -485,6 +486,30 @@ fn write_sparse(file: &File, path: &Path, data: &[u8], offset: u64) -> Result<()
         file.write_all_at(&data[start..end], offset + start as u64)
             .ctx("write", path)?;
         start = end;
+    }
+    Ok(())
+}
+
+/// Refuses a target inside the region's own directory: a careless
+/// `--force` there would overwrite a chunk or manifest.
+fn refuse_store_paths(region: &Region, target: &Path) -> Result<()> {
+    let Some(root) = region.backend().local_root() else {
+        return Ok(());
+    };
+    let dir = target
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let (Ok(root), Ok(dir)) = (fs::canonicalize(root), fs::canonicalize(dir)) else {
+        return Ok(());
+    };
+    if dir.starts_with(&root) {
+        return Err(Error::InvalidArgument(format!(
+            "target {} is inside region {}'s store ({}): restore somewhere else",
+            target.display(),
+            region.name(),
+            root.display()
+        )));
     }
     Ok(())
 }

@@ -809,6 +809,32 @@ fn a_typo_in_a_region_creates_nothing() {
     ]);
     assert!(copy["ImageId"].as_str().is_some());
     env.ok(&["snapshot", "list", "--region", "eu-west-1"]);
+    // `region remove` forgets definitions and never deletes a local region.
+    let err = env.fails(&["region", "remove", "eu-west-1"], 2);
+    assert!(err.contains("never deletes"), "{err}");
+    assert!(env.store().join("eu-west-1/store.json").exists());
+}
+
+#[test]
+fn a_restore_into_the_store_itself_is_refused() {
+    let env = Env::new();
+    let vol = env.path("vol.img");
+    fs::write(&vol, random_bytes(36, MIB as usize)).unwrap();
+    let snap = id(&env.snapshot(&vol, &[]));
+    let manifest = env.store().join("local/snapshots").join(&snap);
+    let before = fs::read(&manifest).unwrap();
+    let err = env.fails(&["volume", "restore", &snap, s(&manifest), "--force"], 2);
+    assert!(err.contains("inside region local"), "{err}");
+    assert!(fs::read(&manifest).unwrap() == before);
+    env.fails(
+        &[
+            "volume",
+            "restore",
+            &snap,
+            s(&env.store().join("local/x.img")),
+        ],
+        2,
+    );
 }
 
 #[test]
