@@ -58,6 +58,8 @@ fresh_region() {
     if [ "$kind" = s3 ]; then
         "$bin" -q region add "$name" "s3://$BLOCKSNAP_TEST_S3_BUCKET/$name-$RANDOM$RANDOM" \
             --endpoint "$ENDPOINT" --allow-http >/dev/null
+    else
+        "$bin" -q region add "$name" >/dev/null
     fi
 }
 
