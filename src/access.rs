@@ -120,9 +120,32 @@ pub fn readable(
     caller: &AccountId,
     action: &'static str,
 ) -> Result<SnapshotMeta> {
-    let v = view(region, id)?;
+    let meta = region.read_snapshot_meta(id)?;
+    if &meta.owner == caller {
+        // The owner needs no permission file, nor a readable one.
+        return Ok(meta);
+    }
+    let v = SnapshotView {
+        permissions: read_permissions(region, id)?,
+        meta,
+    };
     v.require_restore(caller, action)?;
     Ok(v.meta)
+}
+
+/// Fails unless `caller` owns snapshot `id` (its manifest says so; the
+/// permission file is not needed).
+fn require_owner(
+    region: &Region,
+    id: &SnapshotId,
+    caller: &AccountId,
+    action: &'static str,
+) -> Result<()> {
+    SnapshotView {
+        meta: region.read_snapshot_meta(id)?,
+        permissions: CreateVolumePermissions::default(),
+    }
+    .require_owner(caller, action)
 }
 
 /// Changes create-volume permissions; owner only (ModifySnapshotAttribute).
@@ -134,9 +157,13 @@ pub fn modify(
     change: &PermissionChange,
 ) -> Result<CreateVolumePermissions> {
     let _catalog = region.catalog_lock("snapshot permissions")?;
-    let v = view(region, id)?;
-    v.require_owner(caller, "change the permissions of")?;
-    let mut perms = v.permissions;
+    require_owner(region, id, caller, "change the permissions of")?;
+    // `--reset` needs nothing from the old file, so it also mends a damaged one.
+    let mut perms = if change.reset {
+        CreateVolumePermissions::default()
+    } else {
+        read_permissions(region, id)?
+    };
     perms.apply(change);
     region
         .backend()
@@ -150,7 +177,7 @@ pub fn modify(
 pub fn delete(region: &Region, id: &SnapshotId, caller: &AccountId) -> Result<()> {
     let _catalog = region.catalog_lock("snapshot delete")?;
     let _lock = region.lock(LockMode::Shared, "snapshot delete")?;
-    view(region, id)?.require_owner(caller, "delete")?;
+    require_owner(region, id, caller, "delete")?;
     crate::image::check_snapshot_unused(region, id)?;
     region.delete_snapshot(id)
 }
@@ -181,13 +208,12 @@ pub fn list(
     let mut out = Vec::new();
     let mut damaged = listing.damaged;
     for (meta, p) in listing.snapshots.into_iter().zip(perms) {
-        let permissions = match p {
-            Ok(p) => p,
-            Err(e) => {
-                damaged.push(e);
-                continue;
-            }
-        };
+        // A damaged permission file grants nothing; the owner still sees
+        // the snapshot, and the damage is reported beside the listing.
+        let permissions = p.unwrap_or_else(|e| {
+            damaged.push(e);
+            CreateVolumePermissions::default()
+        });
         let v = SnapshotView { meta, permissions };
         let shown = v.can_restore(caller)
             && filter.owner.as_ref().is_none_or(|o| &v.meta.owner == o)

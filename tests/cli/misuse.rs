@@ -263,6 +263,27 @@ fn snapshots_are_private_to_their_owner_until_shared_case(env: &Env) {
     assert!(theirs.get("ParentSnapshotId").is_none(), "{theirs}");
     assert_eq!(theirs["OwnerId"], OTHER);
 
+    // A damaged permission file grants nothing, and does not lock the
+    // owner out.
+    env.ok(&["snapshot", "permissions", &snap, "--add", OTHER]);
+    let key = format!("snapshot-permissions/{snap}.json");
+    let mut bytes = env.read_stored("local", &key);
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x20;
+    env.write_stored("local", &key, &bytes);
+    let err = fails_as(
+        OTHER,
+        &["volume", "restore", &snap, s(&env.path("o2.img"))],
+        4,
+    );
+    assert!(
+        err.contains("snapshot permissions") && err.contains("damaged"),
+        "{err}"
+    );
+    env.ok(&["snapshot", "describe", &snap]);
+    assert!(!listed(OTHER, &[]).contains(&snap));
+    env.ok(&["snapshot", "permissions", &snap, "--reset"]);
+
     // Only the owner deletes, and the permissions go with it.
     env.ok(&["snapshot", "delete", &snap]);
     env.fails(&["snapshot", "describe", &snap], 3);
