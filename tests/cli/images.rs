@@ -11,10 +11,6 @@ const OTHER: &str = "111111111111";
 const THIRD: &str = "222222222222";
 const GIB: u64 = 1 << 30;
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 fn ami(v: &Value) -> String {
     v["ImageId"].as_str().unwrap().to_string()
 }

@@ -15,10 +15,6 @@ use crate::util::*;
 const OTHER: &str = "111111111111";
 const THIRD: &str = "222222222222";
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 /// The chunk key of the block at `index` of snapshot `snap`.
 fn chunk_key_of(env: &Env, snap: &str, index: usize, region: &str) -> String {
     let blocks = env.json(&["snapshot", "blocks", snap, "--region", region]);

@@ -18,10 +18,6 @@ use serde_json::Value;
 
 use crate::util::*;
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 fn image_volume(env: &Env) -> PathBuf {
     let src = env.path("src");
     fs::create_dir_all(&src).unwrap();

@@ -12,10 +12,6 @@ use serde_json::Value;
 
 use crate::util::*;
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 /// Wall time of one uninterrupted run.
 fn timed(env: &Env, args: &[&str]) -> Duration {
     let t = Instant::now();

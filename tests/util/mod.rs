@@ -325,6 +325,11 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
+/// A path as the `&str` an argument list takes.
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
 pub fn id(v: &Value) -> String {
     v["SnapshotId"].as_str().unwrap().to_string()
 }
