@@ -180,6 +180,19 @@ pub fn verify_and_repair(
         }
     }
     if only.is_none() {
+        // Snapshot permission files: readable (a damaged one grants
+        // nothing, so it is damage to report).
+        for name in region.backend().list("snapshot-permissions")? {
+            let Some(id) = name
+                .strip_suffix(".json")
+                .and_then(|n| n.parse::<SnapshotId>().ok())
+            else {
+                continue;
+            };
+            if let Err(e) = crate::access::read_permissions(region, &id) {
+                report.damaged_manifests.push(e.to_string());
+            }
+        }
         // Image manifests: readable, and every snapshot a registered image
         // maps still there.
         let images = crate::image::list(region)?;

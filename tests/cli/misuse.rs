@@ -278,6 +278,9 @@ fn snapshots_are_private_to_their_owner_until_shared_case(env: &Env) {
     );
     env.ok(&["snapshot", "describe", &snap]);
     assert!(!listed(OTHER, &[]).contains(&snap));
+    let v = env.run(&["store", "verify", "--json"]);
+    assert_eq!(v.status.code(), Some(4), "{v:?}");
+    assert!(String::from_utf8_lossy(&v.stdout).contains("snapshot permissions"));
     env.ok(&["snapshot", "permissions", &snap, "--reset"]);
 
     // Only the owner deletes, and the permissions go with it.
