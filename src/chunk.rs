@@ -223,11 +223,25 @@ fn checked_raw_len(id: &ChunkId, stored: &[u8]) -> Result<usize> {
     if &stored[..4] != CHUNK_MAGIC {
         return Err(corrupt("bad magic".into()));
     }
+    if stored[4] > CHUNK_VERSION {
+        return Err(Error::NewerChunk {
+            chunk: *id,
+            detail: format!("chunk format version {}", stored[4]),
+        });
+    }
     if stored[4] != CHUNK_VERSION {
         return Err(corrupt(format!(
-            "unknown chunk format version {}",
+            "chunk format version {} was never written",
             stored[4]
         )));
+    }
+    if stored[5] > Codec::ZstdDelta as u8 {
+        // A codec added later must come with a version bump; a reader
+        // still never calls an unknown codec damage.
+        return Err(Error::NewerChunk {
+            chunk: *id,
+            detail: format!("codec {}", stored[5]),
+        });
     }
     let raw_len = u32::from_le_bytes(stored[8..12].try_into().expect("4 bytes")) as usize;
     if raw_len > MAX_RAW_LEN {
@@ -406,6 +420,30 @@ pub fn reusable(store: &dyn ChunkStore, id: &ChunkId, since: Option<SystemTime>)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_newer_version_or_codec_is_not_damage_and_an_older_version_is() {
+        let raw = vec![7u8; 4096];
+        let id = ChunkId::of(&raw);
+        let good = encode(&raw).unwrap();
+        let with = |at: usize, v: u8| {
+            let mut b = good.clone();
+            b[at] = v;
+            decode_into(&id, &b, &mut Vec::new()).unwrap_err()
+        };
+        for (at, v) in [
+            (4, CHUNK_VERSION + 1),
+            (5, Codec::ZstdDelta as u8 + 1),
+            (5, 255),
+        ] {
+            let e = with(at, v);
+            assert!(matches!(e, Error::NewerChunk { .. }), "{e}");
+            assert!(e.to_string().contains("newer blocksnap"), "{e}");
+        }
+        let e = with(4, 0);
+        assert!(matches!(e, Error::CorruptChunk { .. }), "{e}");
+        assert!(!e.to_string().contains("upgrade"), "{e}");
+    }
 
     #[test]
     fn compressible_round_trip() {

@@ -96,6 +96,14 @@ pub enum Error {
     #[error("chunk {} is corrupt: {reason}", chunk.short())]
     CorruptChunk { chunk: ChunkId, reason: String },
 
+    /// A chunk in a format or codec this blocksnap does not know: not
+    /// damage, so never moved aside.
+    #[error(
+        "chunk {} was written by a newer blocksnap ({detail}): upgrade blocksnap to read it",
+        chunk.short()
+    )]
+    NewerChunk { chunk: ChunkId, detail: String },
+
     #[error("chunk {} is missing from the store", chunk.short())]
     MissingChunk { chunk: ChunkId },
 
@@ -118,7 +126,11 @@ pub enum Error {
         reason: String,
     },
 
-    #[error("{what} {} uses format version {found}, this blocksnap reads up to {supported}: upgrade blocksnap", path.display())]
+    #[error(
+        "{what} {} was written by a newer blocksnap (format version {found}; this one reads up \
+         to {supported}): upgrade blocksnap to use it",
+        path.display()
+    )]
     UnsupportedVersion {
         what: &'static str,
         path: PathBuf,
@@ -238,7 +250,8 @@ impl Error {
             Error::Io { .. }
             | Error::NoSpace { .. }
             | Error::VolumeShrank { .. }
-            | Error::UnsupportedVersion { .. } => ErrorKind::Other,
+            | Error::UnsupportedVersion { .. }
+            | Error::NewerChunk { .. } => ErrorKind::Other,
             Error::Remote { kind, .. } => *kind,
         }
     }
@@ -261,12 +274,33 @@ pub(crate) fn check_format(
             reason: format!("format is {format:?}, expected {expected:?}"),
         });
     }
-    if version != supported {
+    check_version(what, path, version, supported)
+}
+
+/// A format version newer than this blocksnap reads is "written by a newer
+/// blocksnap"; an older one that no reader here knows is damage, never a
+/// reason to upgrade.
+pub(crate) fn check_version(
+    what: &'static str,
+    path: &Path,
+    version: u32,
+    supported: u32,
+) -> Result<()> {
+    if version > supported {
         return Err(Error::UnsupportedVersion {
             what,
             path: path.to_path_buf(),
             found: version,
             supported,
+        });
+    }
+    if version != supported {
+        return Err(Error::CorruptFile {
+            what,
+            path: path.to_path_buf(),
+            reason: format!(
+                "format version {version} was never written (this is version {supported})"
+            ),
         });
     }
     Ok(())

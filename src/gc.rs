@@ -116,6 +116,9 @@ pub struct VerifyReport {
     pub damaged_manifests: Vec<String>,
     pub missing_chunks: Vec<BadChunk>,
     pub corrupt_chunks: Vec<BadChunk>,
+    /// Chunks in a format or codec this blocksnap does not know (written
+    /// by a newer one): reported, never moved aside.
+    pub newer_chunks: Vec<BadChunk>,
     /// Stored chunks no snapshot names (reclaimed by gc; not an error).
     pub orphan_chunks: u64,
     /// Corrupt chunks moved aside by `repair`.
@@ -129,6 +132,7 @@ impl VerifyReport {
         self.damaged_manifests.is_empty()
             && self.missing_chunks.is_empty()
             && self.corrupt_chunks.iter().all(|b| b.used_by.is_none())
+            && self.newer_chunks.iter().all(|b| b.used_by.is_none())
     }
 }
 
@@ -269,6 +273,11 @@ pub fn verify_and_repair(
         report.chunks_checked += 1;
         match r {
             Ok(n) => report.bytes_checked += n,
+            Err(e @ Error::NewerChunk { .. }) => report.newer_chunks.push(BadChunk {
+                chunk: c,
+                used_by: needed.get(&c).cloned(),
+                problem: e.to_string(),
+            }),
             Err(e) => report.corrupt_chunks.push(BadChunk {
                 chunk: c,
                 used_by: needed.get(&c).cloned(),
@@ -284,5 +293,6 @@ pub fn verify_and_repair(
     }
     report.missing_chunks.sort_by_key(|b| b.chunk);
     report.corrupt_chunks.sort_by_key(|b| b.chunk);
+    report.newer_chunks.sort_by_key(|b| b.chunk);
     Ok(report)
 }

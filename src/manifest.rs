@@ -286,14 +286,7 @@ impl Header {
         }
         let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().expect("4 bytes"));
         let version = u32_at(8);
-        if version != MANIFEST_VERSION {
-            return Err(Error::UnsupportedVersion {
-                what: "snapshot manifest",
-                path: path.to_path_buf(),
-                found: version,
-                supported: MANIFEST_VERSION,
-            });
-        }
+        crate::error::check_version("snapshot manifest", path, version, MANIFEST_VERSION)?;
         let meta_len = u32_at(12);
         let blocks_len = u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes"));
         if meta_len > MAX_META_LEN {

@@ -304,6 +304,7 @@ impl Out {
                 "DamagedManifests": r.damaged_manifests,
                 "MissingChunks": r.missing_chunks.iter().map(bad).collect::<Vec<_>>(),
                 "CorruptChunks": r.corrupt_chunks.iter().map(bad).collect::<Vec<_>>(),
+                "NewerChunks": r.newer_chunks.iter().map(bad).collect::<Vec<_>>(),
                 "OrphanChunks": r.orphan_chunks,
                 "Quarantined": r.quarantined,
             }));
@@ -314,6 +315,7 @@ impl Out {
         for (what, list) in [
             ("missing", &r.missing_chunks),
             ("corrupt", &r.corrupt_chunks),
+            ("unreadable", &r.newer_chunks),
         ] {
             for b in list {
                 match &b.used_by {
@@ -332,7 +334,7 @@ impl Out {
             );
         }
         println!(
-            "{}: {} snapshots, {} images, {} chunks ({}) checked; {} damaged manifests, {} missing, {} corrupt, {} orphan chunks",
+            "{}: {} snapshots, {} images, {} chunks ({}) checked; {} damaged manifests, {} missing, {} corrupt, {} from a newer blocksnap, {} orphan chunks",
             if r.is_clean() { "clean" } else { "DAMAGED" },
             r.snapshots_checked,
             r.images_checked,
@@ -341,6 +343,7 @@ impl Out {
             r.damaged_manifests.len(),
             r.missing_chunks.len(),
             r.corrupt_chunks.len(),
+            r.newer_chunks.len(),
             r.orphan_chunks
         );
     }

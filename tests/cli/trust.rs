@@ -546,3 +546,53 @@ fn every_kind_of_damage_is_found_by_verify_and_refused_by_restore() {
         serde_json::json!([{"FirstBlock": 1, "LastBlock": 1, "Offset": 65536, "Length": 65536}])
     );
 }
+
+#[test]
+fn formats_from_a_newer_blocksnap_are_never_called_damage() {
+    let env = Env::new();
+    let vol = env.path("vol.img");
+    fs::write(&vol, random_bytes(40, 2 * MIB as usize)).unwrap();
+    let snap = id(&env.snapshot(&vol, &[]));
+    let blocks = env.json(&["snapshot", "blocks", &snap]);
+    let digest = blocks["Blocks"][0]["Checksum"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let chunk = env
+        .store()
+        .join("local/chunks")
+        .join(&digest[..4])
+        .join(&digest);
+
+    // A chunk in a later format version: reported as such, and `--repair`
+    // leaves it where it is.
+    let mut bytes = fs::read(&chunk).unwrap();
+    bytes[4] = 2;
+    fs::write(&chunk, &bytes).unwrap();
+    let out = env.run(&["store", "verify", "--repair", "--json"]);
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["NewerChunks"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(v["CorruptChunks"].as_array().unwrap().len(), 0, "{v}");
+    assert_eq!(v["Quarantined"], 0, "{v}");
+    assert!(chunk.exists());
+    let err = env.fails(&["volume", "restore", &snap, s(&env.path("r.img"))], 1);
+    assert!(
+        err.contains("newer blocksnap") && err.contains("upgrade"),
+        "{err}"
+    );
+
+    // A manifest of a later version says "upgrade"; version 0 never
+    // existed, so it is damage.
+    let manifest = env.store().join("local/snapshots").join(&snap);
+    let original = fs::read(&manifest).unwrap();
+    for (version, says) in [(2u32, "newer blocksnap"), (0, "never written")] {
+        let mut m = original.clone();
+        m[8..12].copy_from_slice(&version.to_le_bytes());
+        fs::write(&manifest, &m).unwrap();
+        let out = env.run(&["snapshot", "describe", &snap]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "version {version}: {err}");
+        assert_eq!(err.contains("upgrade"), version == 2, "{err}");
+    }
+}
