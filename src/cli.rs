@@ -395,7 +395,11 @@ pub enum StoreCmd {
         threads: usize,
     },
     /// Delete chunks no snapshot needs, and leftovers of interrupted writes
-    Gc,
+    Gc {
+        /// Also delete the corrupt chunks `store verify --repair` moved aside (.bad)
+        #[arg(long)]
+        purge_quarantine: bool,
+    },
     /// Count snapshots, chunks and bytes stored
     Stats,
 }
@@ -600,8 +604,8 @@ pub fn run(cli: Cli) -> Result<u8> {
             out.verify(&report);
             Ok(if report.is_clean() { 0 } else { 4 })
         }
-        Command::Store(StoreCmd::Gc) => {
-            let report = gc::gc(&region)?;
+        Command::Store(StoreCmd::Gc { purge_quarantine }) => {
+            let report = gc::gc(&region, purge_quarantine)?;
             out.gc(&report);
             Ok(0)
         }

@@ -114,6 +114,12 @@ impl ChunkStore for FaultyStore {
     fn quarantine(&self, id: &ChunkId) -> Result<()> {
         self.inner.quarantine(id)
     }
+    fn quarantined(&self) -> Result<Vec<crate::store::StoredChunk>> {
+        self.inner.quarantined()
+    }
+    fn purge_quarantined(&self) -> Result<u64> {
+        self.inner.purge_quarantined()
+    }
 }
 
 fn open(store_root: &Path) -> Region {

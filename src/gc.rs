@@ -26,10 +26,15 @@ pub struct GcReport {
     pub chunks_removed: u64,
     pub bytes_removed: u64,
     pub temp_files_removed: u64,
+    /// Chunks moved aside by `verify --repair`, kept for inspection.
+    pub quarantined_kept: u64,
+    /// Quarantined chunks deleted (`--purge-quarantine`).
+    pub quarantined_removed: u64,
 }
 
-/// Deletes every chunk no snapshot names, and leftover temporary files.
-pub fn gc(region: &Region) -> Result<GcReport> {
+/// Deletes every chunk no snapshot names, and leftover temporary files;
+/// with `purge_quarantine`, also the chunks `verify --repair` moved aside.
+pub fn gc(region: &Region, purge_quarantine: bool) -> Result<GcReport> {
     let lock = region.lock(LockMode::Exclusive, "store gc")?;
     let cutoff = region.backend().gc_cutoff(&lock)?;
     let mut report = GcReport::default();
@@ -54,6 +59,11 @@ pub fn gc(region: &Region) -> Result<GcReport> {
         }
     }
     report.temp_files_removed = store.remove_leftovers()? + region.backend().remove_leftovers()?;
+    if purge_quarantine {
+        report.quarantined_removed = store.purge_quarantined()?;
+    } else {
+        report.quarantined_kept = store.quarantined()?.len() as u64;
+    }
     Ok(report)
 }
 
@@ -123,6 +133,8 @@ pub struct VerifyReport {
     pub orphan_chunks: u64,
     /// Corrupt chunks moved aside by `repair`.
     pub quarantined: u64,
+    /// Chunks moved aside earlier and still kept (`.bad`).
+    pub quarantine_held: u64,
 }
 
 impl VerifyReport {
@@ -294,5 +306,6 @@ pub fn verify_and_repair(
     report.missing_chunks.sort_by_key(|b| b.chunk);
     report.corrupt_chunks.sort_by_key(|b| b.chunk);
     report.newer_chunks.sort_by_key(|b| b.chunk);
+    report.quarantine_held = store.quarantined()?.len() as u64;
     Ok(report)
 }

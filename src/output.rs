@@ -307,6 +307,7 @@ impl Out {
                 "NewerChunks": r.newer_chunks.iter().map(bad).collect::<Vec<_>>(),
                 "OrphanChunks": r.orphan_chunks,
                 "Quarantined": r.quarantined,
+                "QuarantineHeld": r.quarantine_held,
             }));
         }
         for m in &r.damaged_manifests {
@@ -331,6 +332,12 @@ impl Out {
             println!(
                 "moved {} corrupt chunks aside (.bad); snapshot the same data again to store them anew",
                 r.quarantined
+            );
+        }
+        if r.quarantine_held > 0 {
+            println!(
+                "{} quarantined chunks kept aside (.bad): `blocksnap store gc --purge-quarantine` deletes them",
+                r.quarantine_held
             );
         }
         println!(
@@ -428,6 +435,8 @@ impl Out {
                 "ChunksRemoved": r.chunks_removed,
                 "BytesRemoved": r.bytes_removed,
                 "TempFilesRemoved": r.temp_files_removed,
+                "QuarantinedKept": r.quarantined_kept,
+                "QuarantinedRemoved": r.quarantined_removed,
             }));
         }
         println!(
@@ -438,6 +447,18 @@ impl Out {
             human(r.bytes_removed),
             r.temp_files_removed
         );
+        if r.quarantined_removed > 0 {
+            println!(
+                "removed {} quarantined chunks (.bad)",
+                r.quarantined_removed
+            );
+        }
+        if r.quarantined_kept > 0 {
+            println!(
+                "kept {} quarantined chunks (.bad): `blocksnap store gc --purge-quarantine` deletes them",
+                r.quarantined_kept
+            );
+        }
     }
 
     pub fn stats(&self, s: &Stats) {
@@ -449,6 +470,8 @@ impl Out {
                 "Snapshots": s.snapshots,
                 "Chunks": s.chunks,
                 "StoredBytes": s.stored_bytes,
+                "QuarantinedChunks": s.quarantined,
+                "QuarantinedBytes": s.quarantined_bytes,
             }));
         }
         println!("region {} at {} (owner {})", s.region, s.root, s.owner);
@@ -458,6 +481,13 @@ impl Out {
             s.chunks,
             human(s.stored_bytes)
         );
+        if s.quarantined > 0 {
+            println!(
+                "{} quarantined chunks ({}) kept aside: `blocksnap store gc --purge-quarantine` deletes them",
+                s.quarantined,
+                human(s.quarantined_bytes)
+            );
+        }
     }
 }
 
@@ -468,12 +498,15 @@ pub struct Stats {
     snapshots: u64,
     chunks: u64,
     stored_bytes: u64,
+    quarantined: u64,
+    quarantined_bytes: u64,
 }
 
 impl Stats {
     pub fn collect(region: &Region) -> blocksnap::Result<Stats> {
         let chunks = region.chunks().list_stored()?;
         let stored_bytes = chunks.iter().map(|c| c.size).sum();
+        let bad = region.chunks().quarantined()?;
         Ok(Stats {
             region: region.name().to_string(),
             owner: region.info().owner.to_string(),
@@ -481,6 +514,8 @@ impl Stats {
             snapshots: region.snapshot_ids()?.len() as u64,
             chunks: chunks.len() as u64,
             stored_bytes,
+            quarantined: bad.len() as u64,
+            quarantined_bytes: bad.iter().map(|c| c.size).sum(),
         })
     }
 }

@@ -864,6 +864,35 @@ impl ChunkStore for S3ChunkStore {
         true
     }
 
+    fn quarantined(&self) -> Result<Vec<StoredChunk>> {
+        Ok(self
+            .s3
+            .list_meta("chunks")?
+            .iter()
+            .filter_map(|m| {
+                let id = m.location.filename()?.strip_suffix(".bad")?.parse().ok()?;
+                Some(StoredChunk {
+                    id,
+                    size: m.size,
+                    written: Some(modified(m)),
+                })
+            })
+            .collect())
+    }
+
+    fn purge_quarantined(&self) -> Result<u64> {
+        let mut removed = 0;
+        for c in self.quarantined()? {
+            let key = format!("{}.bad", chunk_key(&c.id));
+            Requests::add(&self.s3.requests.delete);
+            match self.s3.block_on(self.s3.store.delete(&self.s3.path(&key))) {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => removed += 1,
+                Err(e) => return Err(self.s3.error("delete", &key, e)),
+            }
+        }
+        Ok(removed)
+    }
+
     /// From one listing of `chunks/`, which carries each object's write
     /// time; a chunk this process uploaded counts as unchanged.
     fn changed_at(&self, id: &ChunkId) -> Result<Option<SystemTime>> {

@@ -60,6 +60,15 @@ pub trait ChunkStore: Send + Sync {
     fn quarantine(&self, id: &ChunkId) -> Result<()> {
         self.remove(id)
     }
+    /// Chunks moved aside by [`ChunkStore::quarantine`] and still kept
+    /// (`<id>.bad`), with their stored sizes.
+    fn quarantined(&self) -> Result<Vec<StoredChunk>> {
+        Ok(Vec::new())
+    }
+    /// Deletes every quarantined chunk; returns how many there were.
+    fn purge_quarantined(&self) -> Result<u64> {
+        Ok(0)
+    }
     /// Every stored chunk with its stored size and, where the store keeps
     /// one, the time it was written. A chunk removed meanwhile is left out.
     fn list_stored(&self) -> Result<Vec<StoredChunk>> {
@@ -120,6 +129,23 @@ impl LocalChunkStore {
     pub fn path_of(&self, id: &ChunkId) -> PathBuf {
         let hex = id.to_hex();
         self.root.join(&hex[..4]).join(hex)
+    }
+
+    /// Calls `f` with each quarantined chunk (`<64 hex>.bad`) and its path.
+    fn for_each_quarantined(&self, mut f: impl FnMut(ChunkId, &Path) -> Result<()>) -> Result<()> {
+        for_each_entry(&self.root, |sub| {
+            for_each_entry(&sub, |file| {
+                let id = file
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.strip_suffix(".bad"))
+                    .and_then(|n| n.parse().ok());
+                match id {
+                    Some(id) => f(id, &file),
+                    None => Ok(()),
+                }
+            })
+        })
     }
 
     fn remove_temp_files(&self) -> Result<u64> {
@@ -238,6 +264,30 @@ impl ChunkStore for LocalChunkStore {
 
     fn remove_leftovers(&self) -> Result<u64> {
         self.remove_temp_files()
+    }
+
+    fn quarantined(&self) -> Result<Vec<StoredChunk>> {
+        let mut out = Vec::new();
+        self.for_each_quarantined(|id, path| {
+            let size = fs::symlink_metadata(path).ctx("stat", path)?.len();
+            out.push(StoredChunk {
+                id,
+                size,
+                written: None,
+            });
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    fn purge_quarantined(&self) -> Result<u64> {
+        let mut removed = 0;
+        self.for_each_quarantined(|_, path| {
+            fs::remove_file(path).ctx("remove quarantined chunk", path)?;
+            removed += 1;
+            Ok(())
+        })?;
+        Ok(removed)
     }
 
     fn changed_at(&self, id: &ChunkId) -> Result<Option<SystemTime>> {

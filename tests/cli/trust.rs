@@ -596,3 +596,44 @@ fn formats_from_a_newer_blocksnap_are_never_called_damage() {
         assert_eq!(err.contains("upgrade"), version == 2, "{err}");
     }
 }
+
+on_each_backend!(
+    quarantined_chunks_are_counted_and_purged_on_request,
+    quarantined_chunks_are_counted_and_purged_on_request_case
+);
+fn quarantined_chunks_are_counted_and_purged_on_request_case(env: &Env) {
+    let vol = env.path("vol.img");
+    fs::write(&vol, random_bytes(41, 2 * MIB as usize)).unwrap();
+    let snap = id(&env.snapshot(&vol, &[]));
+    let blocks = env.json(&["snapshot", "blocks", &snap]);
+    let digest = blocks["Blocks"][1]["Checksum"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let key = format!("chunks/{}/{digest}", &digest[..4]);
+    let mut bytes = env.read_stored("local", &key);
+    bytes[40] ^= 0x04;
+    env.write_stored("local", &key, &bytes);
+    let out = env.run(&["store", "verify", "--repair", "--json"]);
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["Quarantined"], 1, "{v}");
+    assert_eq!(v["QuarantineHeld"], 1, "{v}");
+
+    let stats = env.json(&["store", "stats"]);
+    assert_eq!(stats["QuarantinedChunks"], 1, "{stats}");
+    assert_eq!(stats["QuarantinedBytes"], bytes.len() as u64, "{stats}");
+    // gc keeps them for inspection unless asked.
+    let gc = env.json(&["store", "gc"]);
+    assert_eq!(gc["QuarantinedKept"], 1, "{gc}");
+    assert_eq!(env.json(&["store", "stats"])["QuarantinedChunks"], 1);
+    let gc = env.json(&["store", "gc", "--purge-quarantine"]);
+    assert_eq!(gc["QuarantinedRemoved"], 1, "{gc}");
+    let stats = env.json(&["store", "stats"]);
+    assert_eq!(stats["QuarantinedChunks"], 0, "{stats}");
+    // The healing snapshot stores the block again.
+    let healed = env.snapshot(&vol, &[]);
+    assert_eq!(healed["Stats"]["NewChunks"], 1, "{healed}");
+    let v = env.json(&["store", "verify"]);
+    assert_eq!(v["Clean"], true, "{v}");
+}
