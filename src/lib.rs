@@ -73,6 +73,9 @@
 //!
 //! The library never prints; progress goes through [`progress::Progress`].
 
+// Only `sys` (wrappers over Linux calls std lacks) may use `unsafe`.
+#![deny(unsafe_code)]
+
 pub mod access;
 pub mod backend;
 pub mod chunk;

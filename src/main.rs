@@ -1,6 +1,8 @@
 //! The `blocksnap` binary: parses the command line, runs it, prints the
 //! result, and maps failures to exit codes.
 
+#![deny(unsafe_code)]
+
 mod cli;
 mod image_cli;
 mod output;

@@ -4,12 +4,40 @@
 //! `&File` and plain integers, and turns the C return convention into an
 //! `io::Result`, so callers never touch raw pointers.
 
+#![allow(unsafe_code)]
+
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 
 /// `_IOR(0x12, 114, u64)`: the size of a block device in bytes.
-const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+const BLKGETSIZE64: libc::c_ulong = ior(0x12, 114, std::mem::size_of::<u64>());
+
+/// `_IOR(ty, nr, size)` as the kernel's `ioctl.h` computes it: the read
+/// direction (2) above a 14-bit size, except on powerpc, mips and sparc,
+/// whose size field is 13 bits wide.
+const fn ior(ty: u32, nr: u32, size: usize) -> libc::c_ulong {
+    #[cfg(any(
+        target_arch = "powerpc",
+        target_arch = "powerpc64",
+        target_arch = "mips",
+        target_arch = "mips64",
+        target_arch = "sparc",
+        target_arch = "sparc64"
+    ))]
+    const DIR_SHIFT: u32 = 29;
+    #[cfg(not(any(
+        target_arch = "powerpc",
+        target_arch = "powerpc64",
+        target_arch = "mips",
+        target_arch = "mips64",
+        target_arch = "sparc",
+        target_arch = "sparc64"
+    )))]
+    const DIR_SHIFT: u32 = 30;
+    const READ: u32 = 2;
+    ((READ << DIR_SHIFT) | ((size as u32) << 16) | (ty << 8) | nr) as libc::c_ulong
+}
 
 /// Size in bytes of the block device behind `file`.
 pub fn block_device_size(file: &File) -> io::Result<u64> {
@@ -202,4 +230,14 @@ pub fn set_blocking(file: &File) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    fn blkgetsize64_is_the_kernels_number() {
+        // From <linux/fs.h> on x86_64 and aarch64.
+        assert_eq!(super::BLKGETSIZE64, 0x8008_1272);
+    }
 }
