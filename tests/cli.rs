@@ -572,6 +572,52 @@ fn delete_and_gc_reclaim_only_unshared_chunks_case(env: &Env) {
 }
 
 #[test]
+fn frozen_formats_of_every_kind_still_read() {
+    // testdata/v1-all-formats: every file kind, chunks of every codec (a
+    // delta among them), image files, snapshot permissions, instance.json.
+    let env = Env::new();
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/v1-all-formats");
+    sh_ok(&format!(
+        "mkdir -p '{0}' && cp -r '{1}' '{0}/local' && cp -r '{2}' '{3}'",
+        env.store().display(),
+        fixture.join("store").display(),
+        fixture.join("instance").display(),
+        env.path("inst").display()
+    ));
+    let owner = ["--account", "244203064162"];
+    let (full, incr, ami) = (
+        "snap-719fcfabbdb7f4a87",
+        "snap-c8e322a722e2962bd",
+        "ami-782d1b9366d3a512b",
+    );
+    let v = env.json(&["store", "verify"]);
+    assert_eq!(v["Clean"], true, "{v}");
+    assert_eq!(v["ChunksChecked"], 5, "{v}");
+    for (snap, volume) in [(full, "volume-v1.img"), (incr, "volume-v2.img")] {
+        let out = env.path(&format!("{snap}.img"));
+        env.ok(&["volume", "restore", snap, s(&out), owner[0], owner[1]]);
+        assert_same(&out, &fixture.join(volume));
+    }
+    let d = env.json(&["snapshot", "describe", incr, owner[0], owner[1]]);
+    assert_eq!(d["Snapshots"][0]["ParentSnapshotId"], full);
+    let p = env.json(&["snapshot", "describe-permissions", incr, owner[0], owner[1]]);
+    assert_eq!(
+        p["CreateVolumePermissions"],
+        serde_json::json!([{"UserId": "222222222222"}])
+    );
+    let img = env.json(&["image", "describe", ami, owner[0], owner[1]]);
+    assert_eq!(img["Images"][0]["Name"], "frozen");
+    assert_eq!(
+        img["Images"][0]["DeprecationTime"], "2030-01-01T00:00:00Z",
+        "{img}"
+    );
+    let lp = env.json(&["image", "describe-permissions", ami, owner[0], owner[1]]);
+    assert_eq!(lp["LaunchPermissions"].as_array().unwrap().len(), 2, "{lp}");
+    let inst = env.json(&["instance", "describe", s(&env.path("inst"))]);
+    assert_eq!(inst["Instances"][0]["ImageId"], ami, "{inst}");
+}
+
+#[test]
 fn frozen_v1_formats_still_read() {
     // testdata/v1 is a region written by the first release; it must keep
     // restoring to the same bytes.
