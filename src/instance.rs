@@ -22,6 +22,11 @@ use crate::store::{Durability, read_bounded, write_atomic};
 pub const RUNNING: &str = "running";
 pub const TERMINATED: &str = "terminated";
 const INSTANCE_FILE: &str = "instance.json";
+/// Format name and version `instance.json` declares (frozen: do not
+/// modify). Files written before these fields existed carry neither and
+/// are read as version 1.
+pub const INSTANCE_FORMAT: &str = "blocksnap-instance";
+pub const INSTANCE_VERSION: u32 = 1;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
@@ -51,6 +56,11 @@ pub struct InstanceDevice {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct Instance {
+    /// [`INSTANCE_FORMAT`]; `None` in files from before it was written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u32>,
     pub instance_id: InstanceId,
     pub image_id: ImageId,
     pub region: String,
@@ -83,6 +93,14 @@ pub fn decode(bytes: &[u8], path: &Path) -> Result<Instance> {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
+    crate::error::check_format(
+        "instance description",
+        path,
+        inst.format.as_deref().unwrap_or(INSTANCE_FORMAT),
+        INSTANCE_FORMAT,
+        inst.version.unwrap_or(INSTANCE_VERSION),
+        INSTANCE_VERSION,
+    )?;
     for d in &inst.block_device_mappings {
         // A file name only: never a path that leaves the directory.
         if d.volume_file.is_empty() || d.volume_file.contains('/') || d.volume_file.starts_with('.')
@@ -217,6 +235,8 @@ pub fn launch(
         return Err(e);
     }
     let inst = Instance {
+        format: Some(INSTANCE_FORMAT.into()),
+        version: Some(INSTANCE_VERSION),
         instance_id: InstanceId::random(),
         image_id: ami.clone(),
         region: region.name().to_string(),
@@ -275,4 +295,32 @@ pub fn terminate(dir: &Path) -> Result<TerminateReport> {
         deleted: report_deleted,
         kept,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instance_json_declares_its_format_and_older_files_still_read() {
+        let legacy = include_bytes!("../testdata/v1-all-formats/instance/instance.json");
+        let p = Path::new("instance.json");
+        let inst = decode(legacy, p).unwrap();
+        assert_eq!(inst.format, None);
+        let mut current = inst.clone();
+        current.format = Some(INSTANCE_FORMAT.into());
+        current.version = Some(INSTANCE_VERSION);
+        let json = serde_json::to_vec(&current).unwrap();
+        assert!(
+            String::from_utf8_lossy(&json)
+                .starts_with(r#"{"Format":"blocksnap-instance","Version":1,"#)
+        );
+        assert_eq!(decode(&json, p).unwrap(), current);
+        current.version = Some(2);
+        let e = decode(&serde_json::to_vec(&current).unwrap(), p).unwrap_err();
+        assert!(e.to_string().contains("newer blocksnap"), "{e}");
+        current.version = Some(0);
+        let e = decode(&serde_json::to_vec(&current).unwrap(), p).unwrap_err();
+        assert!(matches!(e, Error::CorruptFile { .. }), "{e}");
+    }
 }
