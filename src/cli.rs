@@ -24,7 +24,8 @@ Exit codes:
      device, volume over 64 TiB
   3  not found: volume, snapshot, image, instance or region does not exist
   4  integrity: a chunk or manifest is corrupt, truncated or missing
-  5  conflict: target exists, differs in size or is too small, device in use,
+  5  conflict: already exists (region, image name), target exists, differs in
+     size or is too small, device in use,
      store locked, image deregistered, snapshot in use by an image
   6  permission: the account may not use or change that image or snapshot";
 
@@ -686,7 +687,7 @@ fn snapshot_cmd(
             for e in &damaged {
                 eprintln!("blocksnap: warning: {e}: run `blocksnap store verify`");
             }
-            let source = volume.map(|v| absolute(&v));
+            let source = volume.map(|v| blocksnap::volume::source_path(&v));
             let snaps: Vec<_> = views
                 .into_iter()
                 .map(|v| v.meta)
@@ -741,14 +742,6 @@ fn snapshot_cmd(
             Ok(0)
         }
     }
-}
-
-/// The path as `snapshot create` records it.
-fn absolute(p: &Path) -> String {
-    std::fs::canonicalize(p)
-        .unwrap_or_else(|_| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()))
-        .to_string_lossy()
-        .into_owned()
 }
 
 /// Exit code and one-line message for a failure.

@@ -72,6 +72,11 @@ pub enum Error {
     #[error("{0}")]
     InvalidArgument(String),
 
+    /// What a command would create exists already (a region, an image
+    /// name, an object id); the message names it.
+    #[error("{0}")]
+    AlreadyExists(String),
+
     /// Something named on the command line does not exist (a mapped
     /// snapshot or volume, an instance, a region); the message names it.
     #[error("{0}")]
@@ -241,6 +246,7 @@ impl Error {
             | Error::BadChunkInSnapshot { .. }
             | Error::CorruptFile { .. } => ErrorKind::Integrity,
             Error::TargetExists(_)
+            | Error::AlreadyExists(_)
             | Error::DeviceBusy(_)
             | Error::TargetSizeDiffers { .. }
             | Error::TargetTooSmall { .. }

@@ -618,7 +618,7 @@ pub(crate) fn write_new(region: &Region, image: &Image) -> Result<()> {
         &encode_envelope(IMAGE_FORMAT, image),
     )?;
     if !created {
-        return Err(Error::InvalidImage(format!(
+        return Err(Error::AlreadyExists(format!(
             "image {} already exists",
             image.image_id
         )));
@@ -645,7 +645,7 @@ pub fn check_name_free(region: &Region, owner: &AccountId, name: &str) -> Result
             && v.image.name == name
             && v.state.state == ImageState::Available
         {
-            return Err(Error::InvalidImage(format!(
+            return Err(Error::AlreadyExists(format!(
                 "account {owner} already has an image named {name:?} ({}) in region {}: pick another name",
                 v.image.image_id,
                 region.name()

@@ -162,7 +162,7 @@ impl Out {
                 .collect();
             return self.print(json!({
                 "SnapshotId": m.meta.id.as_str(),
-                "VolumeSize": gib(m.meta.volume_size),
+                "VolumeSize": blocksnap::image::gib_for(m.meta.volume_size),
                 "VolumeSizeBytes": m.meta.volume_size,
                 "BlockSize": m.meta.block_size,
                 "Blocks": blocks,
@@ -192,7 +192,7 @@ impl Out {
                 "FirstSnapshotId": a.meta.id.as_str(),
                 "SecondSnapshotId": b.meta.id.as_str(),
                 "BlockSize": a.meta.block_size,
-                "VolumeSize": gib(b.meta.volume_size),
+                "VolumeSize": blocksnap::image::gib_for(b.meta.volume_size),
                 "VolumeSizeBytes": b.meta.volume_size,
                 "ChangedBlocks": blocks,
             }));
@@ -227,7 +227,7 @@ impl Out {
             return self.print(json!({
                 "SnapshotId": r.snapshot.as_str(),
                 "Target": r.target.display().to_string(),
-                "Size": gib(r.target_size),
+                "Size": blocksnap::image::gib_for(r.target_size),
                 "SizeBytes": r.target_size,
                 "Delta": r.delta,
                 "BlocksWritten": r.blocks_written,
@@ -558,7 +558,7 @@ fn snapshot_json(m: &SnapshotMeta) -> Value {
     let s = &m.stats;
     let mut doc = json!({
         "SnapshotId": m.id.as_str(),
-        "VolumeSize": gib(m.volume_size),
+        "VolumeSize": blocksnap::image::gib_for(m.volume_size),
         "VolumeSizeBytes": m.volume_size,
         "BlockSize": m.block_size,
         "StartTime": humantime::format_rfc3339_millis(m.created()).to_string(),
@@ -588,11 +588,6 @@ fn snapshot_json(m: &SnapshotMeta) -> Value {
 
 fn checksum(b: &Block) -> Option<String> {
     b.chunk().map(|c| c.to_hex())
-}
-
-/// Size in whole GiB, rounded up, as EC2 reports volume sizes.
-pub fn gib(bytes: u64) -> u64 {
-    bytes.div_ceil(1 << 30)
 }
 
 /// `1.50 GiB`-style sizes.

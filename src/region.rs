@@ -243,7 +243,7 @@ impl Region {
         self.chunks.sync()?;
         let key = Self::snapshot_key(&m.meta.id);
         if !self.backend.create(&key, &m.encode())? {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::AlreadyExists(format!(
                 "snapshot {} already exists in region {}: snapshot ids never repeat, so this is a \
                  copy of a snapshot that is already there",
                 m.meta.id,

@@ -169,13 +169,13 @@ fn add_locked(store_root: &Path, name: &str, def: RegionDef) -> Result<()> {
     }
     let mut regions = read_file(store_root)?;
     if let Some(old) = regions.get(name) {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::AlreadyExists(format!(
             "region {name} is already defined ({}): remove it first with `blocksnap region remove {name}`",
             old.url
         )));
     }
     if store_root.join(name).join("store.json").exists() {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::AlreadyExists(format!(
             "region {name} already exists as the local directory {}: pick another name",
             store_root.join(name).display()
         )));
@@ -190,13 +190,13 @@ pub fn add_local(store_root: &Path, name: &str) -> Result<crate::region::Region>
     crate::region::validate_region_name(name)?;
     locked(store_root, || {
         if let Some(def) = read_file(store_root)?.get(name) {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::AlreadyExists(format!(
                 "region {name} is already defined ({})",
                 def.url
             )));
         }
         if store_root.join(name).join("store.json").exists() {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::AlreadyExists(format!(
                 "region {name} already exists as {}",
                 store_root.join(name).display()
             )));

@@ -113,10 +113,7 @@ pub fn create(
 ) -> Result<SnapshotMeta> {
     validate_labels(&opts.description, &opts.tags)?;
     let volume = Volume::open(path)?;
-    let source = std::fs::canonicalize(path)
-        .unwrap_or_else(|_| path.to_path_buf())
-        .to_string_lossy()
-        .into_owned();
+    let source = crate::volume::source_path(path);
     let _lock = region.lock(LockMode::Shared, "snapshot create")?;
     let owner = opts
         .owner

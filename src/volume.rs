@@ -93,6 +93,17 @@ fn stamp(file: &File, path: &Path) -> Result<(u64, Option<std::time::SystemTime>
     Ok((m.len(), m.modified().ok()))
 }
 
+/// How a snapshot records the volume at `path`: absolute, symlinks
+/// resolved where the path exists, so `--volume` filters and the default
+/// parent match however the path was written.
+pub fn source_path(path: &Path) -> String {
+    std::fs::canonicalize(path)
+        .or_else(|_| std::path::absolute(path))
+        .unwrap_or_else(|_| path.to_path_buf())
+        .to_string_lossy()
+        .into_owned()
+}
+
 /// The largest volume blocksnap takes: EBS's limit (io2 Block Express),
 /// 64 TiB. The block list of a snapshot is held in memory, 33 bytes a
 /// block: 4.1 GiB at this size with 512 KiB blocks.

@@ -666,7 +666,7 @@ fn help_documents_exit_codes_and_global_flags_go_anywhere() {
     assert!(err.contains("eu-wset-1") && err.contains("local"), "{err}");
     assert!(!env.store().join("eu-wset-1").exists());
     env.ok(&["region", "add", "eu-west-1"]);
-    env.fails(&["region", "add", "eu-west-1"], 2);
+    env.fails(&["region", "add", "eu-west-1"], 5);
     let other = env.json(&["store", "stats", "--region", "eu-west-1"]);
     assert_eq!(other["Region"], "eu-west-1");
     assert!(env.store().join("eu-west-1/store.json").exists());

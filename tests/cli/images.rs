@@ -570,7 +570,7 @@ fn mapping_and_name_rules_each_have_a_clear_error() {
     .iter()
     .map(String::as_str)
     .collect::<Vec<_>>());
-    let err = fails(reg("good name", &[m("/dev/xvda", &snap)], &[]), 2);
+    let err = fails(reg("good name", &[m("/dev/xvda", &snap)], &[]), 5);
     assert!(err.contains("already has an image named"), "{err}");
     // Another account cannot back its image with someone else's snapshot.
     let err = fails(

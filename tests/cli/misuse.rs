@@ -783,6 +783,7 @@ fn the_readmes_exit_code_table_is_true() {
         ),
         (3, strings(&["region", "remove", "no-such-region"])),
         (5, strings(&["volume", "restore", &snap, s(&vol)])),
+        (5, strings(&["region", "add", "local"])),
         (
             6,
             strings(&["snapshot", "describe", &snap, "--account", OTHER]),

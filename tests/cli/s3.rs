@@ -327,7 +327,7 @@ fn wrong_or_missing_credentials_and_a_missing_bucket_are_clear_errors() {
             "--endpoint",
             &server.endpoint,
         ],
-        2,
+        5,
     );
     assert!(err.contains("already defined"), "{err}");
 }
