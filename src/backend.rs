@@ -18,23 +18,10 @@ use crate::store::{
 };
 use crate::sys::{self, LockMode};
 
-/// How long a command waits for a conflicting lock before giving up;
-/// `BLOCKSNAP_LOCK_WAIT` (seconds) overrides it.
-const LOCK_WAIT: Duration = Duration::from_secs(60);
-
+/// How long a command waits for a conflicting lock before giving up
+/// (`BLOCKSNAP_LOCK_WAIT`, see [`crate::settings`]).
 pub(crate) fn lock_wait() -> Duration {
-    env_number("BLOCKSNAP_LOCK_WAIT")
-        .map(Duration::from_secs_f64)
-        .unwrap_or(LOCK_WAIT)
-}
-
-/// A numeric setting from the environment: a finite number `>= 0`, or
-/// `None` when unset or not one.
-pub(crate) fn env_number(name: &str) -> Option<f64> {
-    std::env::var(name)
-        .ok()
-        .and_then(|s| s.parse::<f64>().ok())
-        .filter(|n| n.is_finite() && *n >= 0.0)
+    crate::settings::get().lock_wait
 }
 
 /// A region's storage. Implementations are shared by worker threads.

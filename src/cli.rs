@@ -524,6 +524,9 @@ pub fn run(cli: Cli) -> Result<u8> {
         .as_deref()
         .map(str::parse::<AccountId>)
         .transpose()?;
+    // Tuning variables are parsed once, here: a bad value is a usage error.
+    let settings = blocksnap::settings::Settings::from_vars(|n| std::env::var(n).ok())?;
+    blocksnap::settings::install(settings);
     let root = store_root(g)?;
     let out = Out::new(g.json, g.quiet);
     let command = match cli.command {

@@ -97,6 +97,7 @@ pub mod region;
 pub mod regions;
 pub mod restore;
 pub mod s3;
+pub mod settings;
 pub mod snapshot;
 pub mod store;
 mod sys;

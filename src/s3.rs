@@ -10,7 +10,7 @@
 //! A chunk is one PUT, atomic on every S3 store: it is either wholly there
 //! or absent, so a chunk found in the store is trusted without reading it
 //! back. Chunk uploads run on a small async runtime, up to
-//! `BLOCKSNAP_S3_INFLIGHT` (default [`DEFAULT_INFLIGHT`]) at once, while
+//! `BLOCKSNAP_S3_INFLIGHT` (default 32, see [`crate::settings`]) at once, while
 //! the pipeline goes on hashing; `sync` waits for all of them and reports
 //! the first failure. Manifests, image manifests and `store.json` are
 //! created with `If-None-Match: *` (put-if-absent) and never overwritten,
@@ -62,28 +62,19 @@ use object_store::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{Backend, RegionLock, env_number, holder_note, lock_wait};
+use crate::backend::{Backend, RegionLock, holder_note, lock_wait};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::id::{ChunkId, random_id};
 use crate::regions::{RegionDef, S3Url};
 use crate::store::{ChunkStore, StoredChunk};
 use crate::sys::LockMode;
 
-/// Uploads in flight at once when `BLOCKSNAP_S3_INFLIGHT` is not set.
-pub const DEFAULT_INFLIGHT: usize = 32;
 /// Existence questions answered by HEAD before listing every chunk once.
 pub const HEAD_BUDGET: usize = 256;
-const DEFAULT_LOCK_STALE: Duration = Duration::from_secs(300);
 
-/// A setting that must be positive.
-fn env_positive(name: &str) -> Option<f64> {
-    env_number(name).filter(|n| *n > 0.0)
-}
-
+/// Age at which a lock object belongs to a dead process (settings).
 fn lock_stale() -> Duration {
-    env_positive("BLOCKSNAP_S3_LOCK_STALE")
-        .map(Duration::from_secs_f64)
-        .unwrap_or(DEFAULT_LOCK_STALE)
+    crate::settings::get().s3_lock_stale
 }
 
 /// Requests sent, by kind; printed at exit with `BLOCKSNAP_S3_TRACE=1`.
@@ -115,7 +106,7 @@ struct S3 {
 
 impl Drop for S3 {
     fn drop(&mut self) {
-        if std::env::var_os("BLOCKSNAP_S3_TRACE").is_some() {
+        if crate::settings::get().s3_trace {
             let r = &self.requests;
             let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
             eprintln!(
@@ -316,11 +307,9 @@ impl S3Backend {
             });
         };
         let endpoint = def.endpoint.clone().or_else(|| var("AWS_ENDPOINT"));
-        let timeout = env_positive("BLOCKSNAP_S3_TIMEOUT").unwrap_or(60.0);
-        let retries = std::env::var("BLOCKSNAP_S3_RETRIES")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(6);
+        let settings = crate::settings::get();
+        let timeout = settings.s3_timeout.as_secs_f64();
+        let retries = settings.s3_retries;
         let mut builder = AmazonS3Builder::new()
             .with_bucket_name(&url.bucket)
             .with_access_key_id(key)
@@ -360,10 +349,7 @@ impl S3Backend {
             .enable_all()
             .build()
             .ctx("start the S3 client", std::path::Path::new("tokio"))?;
-        let inflight = env_positive("BLOCKSNAP_S3_INFLIGHT")
-            .map(|n| n as usize)
-            .unwrap_or(DEFAULT_INFLIGHT)
-            .max(1);
+        let inflight = settings.s3_inflight.max(1);
         Ok(S3Backend {
             s3: Arc::new(S3 {
                 requests: Arc::default(),
@@ -480,9 +466,7 @@ impl Backend for S3Backend {
     }
 
     fn gc_cutoff(&self, lock: &RegionLock) -> Result<Option<SystemTime>> {
-        let grace = env_number("BLOCKSNAP_S3_GC_GRACE")
-            .map(Duration::from_secs_f64)
-            .unwrap_or_else(lock_stale);
+        let grace = crate::settings::get().gc_grace();
         Ok(lock.since.map(|t| t - grace))
     }
 

@@ -921,3 +921,24 @@ fn an_instance_or_image_with_an_impossible_volume_size_is_refused() {
         4,
     );
 }
+
+#[test]
+fn a_malformed_setting_is_a_usage_error_naming_it() {
+    let env = Env::new();
+    for (name, value) in [
+        ("BLOCKSNAP_LOCK_WAIT", "soon"),
+        ("BLOCKSNAP_S3_INFLIGHT", "0"),
+        ("BLOCKSNAP_S3_RETRIES", "-1"),
+    ] {
+        let out = env
+            .command(&["snapshot", "list"])
+            .env(name, value)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}={value}: {err}");
+        assert!(err.contains(name) && err.contains(value), "{err}");
+    }
+    // Nothing was created: the settings are checked before the store is used.
+    assert!(!env.store().exists());
+}

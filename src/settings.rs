@@ -1,0 +1,192 @@
+//! Tuning settings (`BLOCKSNAP_*`), as one typed value.
+//!
+//! The library never reads the environment for them: the binary parses
+//! every variable once at start ([`Settings::from_vars`]), where a
+//! malformed value is a usage error naming the variable, and installs the
+//! result with [`install`]. Library code reads [`get`]; a program that
+//! installs nothing gets the defaults.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+/// Every tuning setting, with its default.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// How long a command waits for a conflicting lock
+    /// (`BLOCKSNAP_LOCK_WAIT`, seconds, >= 0).
+    pub lock_wait: Duration,
+    /// S3 requests in flight (`BLOCKSNAP_S3_INFLIGHT`, >= 1).
+    pub s3_inflight: usize,
+    /// Seconds before an S3 request is abandoned and retried
+    /// (`BLOCKSNAP_S3_TIMEOUT`, > 0).
+    pub s3_timeout: Duration,
+    /// Retries of a failed S3 request (`BLOCKSNAP_S3_RETRIES`, >= 0).
+    pub s3_retries: usize,
+    /// Age at which a lock object belongs to a dead process
+    /// (`BLOCKSNAP_S3_LOCK_STALE`, seconds, > 0).
+    pub s3_lock_stale: Duration,
+    /// Unreferenced chunks younger than this before gc's lock are kept
+    /// (`BLOCKSNAP_S3_GC_GRACE`, seconds, >= 0; default: the stale age).
+    pub s3_gc_grace: Option<Duration>,
+    /// Print the S3 requests a command sent (`BLOCKSNAP_S3_TRACE`, set).
+    pub s3_trace: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            lock_wait: Duration::from_secs(60),
+            s3_inflight: 32,
+            s3_timeout: Duration::from_secs(60),
+            s3_retries: 6,
+            s3_lock_stale: Duration::from_secs(300),
+            s3_gc_grace: None,
+            s3_trace: false,
+        }
+    }
+}
+
+/// The variables [`Settings::from_vars`] reads.
+pub const VARIABLES: [&str; 7] = [
+    "BLOCKSNAP_LOCK_WAIT",
+    "BLOCKSNAP_S3_INFLIGHT",
+    "BLOCKSNAP_S3_TIMEOUT",
+    "BLOCKSNAP_S3_RETRIES",
+    "BLOCKSNAP_S3_LOCK_STALE",
+    "BLOCKSNAP_S3_GC_GRACE",
+    "BLOCKSNAP_S3_TRACE",
+];
+
+impl Settings {
+    /// Settings from variables looked up by `var` (the environment, in the
+    /// binary); an unset or empty variable keeps its default.
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Settings> {
+        let mut s = Settings::default();
+        let get = |name: &str| var(name).filter(|v| !v.is_empty());
+        let seconds = |name: &str, positive: bool| -> Result<Option<Duration>> {
+            let Some(v) = get(name) else { return Ok(None) };
+            match v.trim().parse::<f64>() {
+                Ok(n) if n.is_finite() && (n > 0.0 || (!positive && n == 0.0)) => {
+                    Ok(Some(Duration::from_secs_f64(n)))
+                }
+                _ => Err(bad(
+                    name,
+                    &v,
+                    if positive {
+                        "a number of seconds above 0"
+                    } else {
+                        "a number of seconds, 0 or more"
+                    },
+                )),
+            }
+        };
+        let count = |name: &str, min: usize| -> Result<Option<usize>> {
+            let Some(v) = get(name) else { return Ok(None) };
+            match v.trim().parse::<usize>() {
+                Ok(n) if n >= min => Ok(Some(n)),
+                _ => Err(bad(
+                    name,
+                    &v,
+                    if min == 0 {
+                        "a whole number, 0 or more"
+                    } else {
+                        "a whole number, 1 or more"
+                    },
+                )),
+            }
+        };
+        if let Some(d) = seconds("BLOCKSNAP_LOCK_WAIT", false)? {
+            s.lock_wait = d;
+        }
+        if let Some(n) = count("BLOCKSNAP_S3_INFLIGHT", 1)? {
+            s.s3_inflight = n;
+        }
+        if let Some(d) = seconds("BLOCKSNAP_S3_TIMEOUT", true)? {
+            s.s3_timeout = d;
+        }
+        if let Some(n) = count("BLOCKSNAP_S3_RETRIES", 0)? {
+            s.s3_retries = n;
+        }
+        if let Some(d) = seconds("BLOCKSNAP_S3_LOCK_STALE", true)? {
+            s.s3_lock_stale = d;
+        }
+        s.s3_gc_grace = seconds("BLOCKSNAP_S3_GC_GRACE", false)?;
+        s.s3_trace = var("BLOCKSNAP_S3_TRACE").is_some();
+        Ok(s)
+    }
+
+    /// How long gc keeps unreferenced S3 chunks written before its lock.
+    pub fn gc_grace(&self) -> Duration {
+        self.s3_gc_grace.unwrap_or(self.s3_lock_stale)
+    }
+}
+
+fn bad(name: &str, value: &str, expected: &str) -> Error {
+    Error::InvalidArgument(format!(
+        "{name}={value:?} is not {expected}: fix or unset it"
+    ))
+}
+
+static SETTINGS: OnceLock<Settings> = OnceLock::new();
+
+/// Installs the settings for this process; the first call wins.
+pub fn install(settings: Settings) {
+    let _ = SETTINGS.set(settings);
+}
+
+/// The installed settings, or the defaults.
+pub fn get() -> &'static Settings {
+    SETTINGS.get_or_init(Settings::default)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn from(pairs: &[(&str, &str)]) -> Result<Settings> {
+        Settings::from_vars(|n| {
+            pairs
+                .iter()
+                .find(|(k, _)| *k == n)
+                .map(|(_, v)| v.to_string())
+        })
+    }
+
+    #[test]
+    fn defaults_and_values() {
+        assert_eq!(from(&[]).unwrap(), Settings::default());
+        let s = from(&[
+            ("BLOCKSNAP_LOCK_WAIT", "0"),
+            ("BLOCKSNAP_S3_INFLIGHT", "8"),
+            ("BLOCKSNAP_S3_RETRIES", "0"),
+            ("BLOCKSNAP_S3_LOCK_STALE", "2.5"),
+            ("BLOCKSNAP_S3_TRACE", "1"),
+        ])
+        .unwrap();
+        assert_eq!(s.lock_wait, Duration::ZERO);
+        assert_eq!(s.s3_inflight, 8);
+        assert_eq!(s.s3_retries, 0);
+        assert_eq!(s.gc_grace(), Duration::from_millis(2500));
+        assert!(s.s3_trace);
+    }
+
+    #[test]
+    fn a_malformed_value_names_its_variable() {
+        for (name, value) in [
+            ("BLOCKSNAP_LOCK_WAIT", "soon"),
+            ("BLOCKSNAP_LOCK_WAIT", "-1"),
+            ("BLOCKSNAP_S3_INFLIGHT", "0"),
+            ("BLOCKSNAP_S3_INFLIGHT", "2.5"),
+            ("BLOCKSNAP_S3_TIMEOUT", "0"),
+            ("BLOCKSNAP_S3_RETRIES", "many"),
+            ("BLOCKSNAP_S3_LOCK_STALE", "inf"),
+            ("BLOCKSNAP_S3_GC_GRACE", "NaN"),
+        ] {
+            let e = from(&[(name, value)]).unwrap_err();
+            assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+            assert!(e.to_string().contains(name), "{e}");
+        }
+    }
+}
