@@ -321,14 +321,14 @@ impl SmallFs {
         match out {
             Ok(o) if o.status.success() => Some(SmallFs(path)),
             Ok(o) => {
-                eprintln!(
-                    "SKIP: cannot mount a tmpfs: {}",
+                skip(format!(
+                    "cannot mount a tmpfs: {}",
                     String::from_utf8_lossy(&o.stderr).trim()
-                );
+                ));
                 None
             }
             Err(e) => {
-                eprintln!("SKIP: mount not runnable: {e}");
+                skip(format!("mount not runnable: {e}"));
                 None
             }
         }

@@ -99,9 +99,9 @@ impl Env {
     /// reason) when no server is configured.
     pub fn with_s3_server() -> Option<Env> {
         let Some(server) = S3Server::from_env() else {
-            eprintln!(
-                "SKIP: no S3 server configured (BLOCKSNAP_TEST_S3_ENDPOINT); \
-                 `.ci/run` starts one with scripts/s3-server.sh"
+            skip(
+                "no S3 server configured (BLOCKSNAP_TEST_S3_ENDPOINT); \
+                 `.ci/run` starts one with scripts/s3-server.sh",
             );
             return None;
         };
@@ -512,6 +512,16 @@ fn build_images() -> Images {
 
 /// Attaches `img` to a free loop device; `None` (with the reason printed)
 /// where this machine cannot.
+/// Skips a test whose prerequisite is missing, saying why; where every
+/// prerequisite must be there (`BLOCKSNAP_TEST_NO_SKIP`, set by `.ci/run`),
+/// a skip is a failure instead.
+pub fn skip(reason: impl std::fmt::Display) {
+    if std::env::var_os("BLOCKSNAP_TEST_NO_SKIP").is_some() {
+        panic!("would skip ({reason}), but BLOCKSNAP_TEST_NO_SKIP says every prerequisite is here");
+    }
+    eprintln!("SKIP: {reason}");
+}
+
 pub fn attach_loop(img: &Path) -> Option<LoopDev> {
     let out = Command::new("losetup")
         .args(["-f", "--show"])
@@ -522,14 +532,14 @@ pub fn attach_loop(img: &Path) -> Option<LoopDev> {
             String::from_utf8(o.stdout).unwrap().trim().to_string(),
         )),
         Ok(o) => {
-            eprintln!(
-                "SKIP: cannot attach a loop device: {}",
+            skip(format!(
+                "cannot attach a loop device: {}",
                 String::from_utf8_lossy(&o.stderr).trim()
-            );
+            ));
             None
         }
         Err(e) => {
-            eprintln!("SKIP: losetup not runnable: {e}");
+            skip(format!("losetup not runnable: {e}"));
             None
         }
     }
