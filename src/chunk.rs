@@ -160,7 +160,7 @@ fn load_chain(
         decode_into(id, &stored, out)?;
         return Ok(0);
     };
-    let corrupt = |reason: String| Error::CorruptChunk { chunk: *id, reason };
+    let corrupt = Error::corrupt_chunk(*id);
     if bases_left == 0 || base.depth == 0 || base.depth > MAX_DEPTH {
         return Err(corrupt(format!(
             "delta chain deeper than {MAX_DEPTH} (depth {})",
@@ -190,7 +190,7 @@ fn load_chain(
 
 fn decode_delta(id: &ChunkId, stored: &[u8], base_raw: &[u8], out: &mut Vec<u8>) -> Result<()> {
     use zstd::zstd_safe::DCtx;
-    let corrupt = |reason: String| Error::CorruptChunk { chunk: *id, reason };
+    let corrupt = Error::corrupt_chunk(*id);
     let raw_len = checked_raw_len(id, stored)?;
     let mut dctx = DCtx::create();
     dctx.ref_prefix(base_raw)
@@ -213,7 +213,7 @@ fn decode_delta(id: &ChunkId, stored: &[u8], base_raw: &[u8], out: &mut Vec<u8>)
 
 /// Checks magic, version and the raw length bound; returns the raw length.
 fn checked_raw_len(id: &ChunkId, stored: &[u8]) -> Result<usize> {
-    let corrupt = |reason: String| Error::CorruptChunk { chunk: *id, reason };
+    let corrupt = Error::corrupt_chunk(*id);
     if stored.len() < HEADER_LEN {
         return Err(corrupt(format!(
             "{} bytes is shorter than a chunk header",
@@ -314,7 +314,7 @@ pub fn encode(raw: &[u8]) -> Result<Vec<u8>> {
 /// to `id`. `out` is cleared first; its capacity is reused. A delta chunk
 /// needs its base: use [`load_into`].
 pub fn decode_into(id: &ChunkId, stored: &[u8], out: &mut Vec<u8>) -> Result<()> {
-    let corrupt = |reason: String| Error::CorruptChunk { chunk: *id, reason };
+    let corrupt = Error::corrupt_chunk(*id);
     let raw_len = checked_raw_len(id, stored)?;
     let payload = &stored[HEADER_LEN..];
     out.clear();

@@ -225,6 +225,22 @@ pub enum Error {
 }
 
 impl Error {
+    /// "`what` `path` is damaged: reason", for a decoder to call with each
+    /// reason it finds.
+    pub(crate) fn corrupt_file(what: &'static str, path: &Path) -> impl Fn(String) -> Error {
+        let path = path.to_path_buf();
+        move |reason| Error::CorruptFile {
+            what,
+            path: path.clone(),
+            reason,
+        }
+    }
+
+    /// "chunk … is corrupt: reason", likewise.
+    pub(crate) fn corrupt_chunk(chunk: ChunkId) -> impl Fn(String) -> Error {
+        move |reason| Error::CorruptChunk { chunk, reason }
+    }
+
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::InvalidId { .. }

@@ -500,11 +500,7 @@ pub(crate) fn decode_envelope<T: DeserializeOwned>(
     what: &'static str,
     path: &Path,
 ) -> Result<T> {
-    let corrupt = |reason: String| Error::CorruptFile {
-        what,
-        path: path.to_path_buf(),
-        reason,
-    };
+    let corrupt = Error::corrupt_file(what, path);
     let env: Envelope =
         serde_json::from_slice(bytes).map_err(|e| corrupt(format!("not valid JSON ({e})")))?;
     check_format(what, path, &env.format, format, env.version, FORMAT_VERSION)?;

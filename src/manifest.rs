@@ -191,11 +191,7 @@ impl Manifest {
     pub fn decode(bytes: &[u8], path: &Path) -> Result<Manifest> {
         let parsed = Header::parse(bytes, path, bytes.len() as u64)?;
         let meta = parsed.meta(bytes, path)?;
-        let corrupt = |reason: String| Error::CorruptFile {
-            what: "snapshot manifest",
-            path: path.to_path_buf(),
-            reason,
-        };
+        let corrupt = Error::corrupt_file("snapshot manifest", path);
         let start = HEADER_LEN + parsed.meta_len as usize;
         let raw = &bytes[start..];
         if blake3::hash(raw).as_bytes() != &parsed.blocks_checksum {
@@ -270,11 +266,7 @@ impl Header {
     /// Checks magic, version and lengths. `bytes` is at least the header
     /// (the whole file, or its meta prefix); `file_len` the file's length.
     fn parse(bytes: &[u8], path: &Path, file_len: u64) -> Result<Header> {
-        let corrupt = |reason: String| Error::CorruptFile {
-            what: "snapshot manifest",
-            path: path.to_path_buf(),
-            reason,
-        };
+        let corrupt = Error::corrupt_file("snapshot manifest", path);
         if bytes.len() < HEADER_LEN {
             return Err(corrupt(format!(
                 "truncated: {} bytes, shorter than the {HEADER_LEN}-byte header",
@@ -316,11 +308,7 @@ impl Header {
     }
 
     fn meta(&self, bytes: &[u8], path: &Path) -> Result<SnapshotMeta> {
-        let corrupt = |reason: String| Error::CorruptFile {
-            what: "snapshot manifest",
-            path: path.to_path_buf(),
-            reason,
-        };
+        let corrupt = Error::corrupt_file("snapshot manifest", path);
         let meta = &bytes[HEADER_LEN..HEADER_LEN + self.meta_len as usize];
         if header_checksum(&bytes[..24], meta) != self.header_checksum {
             return Err(corrupt("header checksum mismatch".into()));

@@ -326,11 +326,7 @@ fn store_account(store_root: &Path) -> Result<AccountId> {
 
 /// Decodes a `store.json` for region `name`; `path` names it in errors.
 pub fn decode_store_info(bytes: &[u8], path: &Path, name: &str) -> Result<StoreInfo> {
-    let corrupt = |reason: String| Error::CorruptFile {
-        what: "store description",
-        path: path.to_path_buf(),
-        reason,
-    };
+    let corrupt = Error::corrupt_file("store description", path);
     if bytes.len() as u64 > MAX_STORE_JSON {
         return Err(corrupt(format!("larger than {MAX_STORE_JSON} bytes")));
     }

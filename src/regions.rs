@@ -86,11 +86,7 @@ fn read_file(store_root: &Path) -> Result<BTreeMap<String, RegionDef>> {
     let Some(bytes) = read_bounded(&path, "region definitions", MAX_LEN)? else {
         return Ok(BTreeMap::new());
     };
-    let corrupt = |reason: String| Error::CorruptFile {
-        what: "region definitions",
-        path: path.clone(),
-        reason,
-    };
+    let corrupt = Error::corrupt_file("region definitions", &path);
     let file: RegionsFile = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
     let what = "region definitions";
     check_format(what, &path, &file.format, FORMAT, file.version, VERSION)?;

@@ -605,8 +605,7 @@ impl Drop for S3Lock {
 // ---- chunks ----
 
 fn chunk_key(id: &ChunkId) -> String {
-    let hex = id.to_hex();
-    format!("chunks/{}/{hex}", &hex[..4])
+    format!("chunks/{}", crate::store::chunk_name(id))
 }
 
 #[derive(Default)]

@@ -127,8 +127,7 @@ impl LocalChunkStore {
     }
 
     pub fn path_of(&self, id: &ChunkId) -> PathBuf {
-        let hex = id.to_hex();
-        self.root.join(&hex[..4]).join(hex)
+        self.root.join(chunk_name(id))
     }
 
     /// Calls `f` with each quarantined chunk (`<64 hex>.bad`) and its path.
@@ -311,6 +310,13 @@ impl ChunkStore for LocalChunkStore {
         }
         sync_dir(path.parent().expect("chunk paths have a parent"))
     }
+}
+
+/// Where a chunk lives under a region's `chunks/`, on every backend:
+/// `<first 4 hex>/<64 hex>` (frozen: the store layout).
+pub(crate) fn chunk_name(id: &ChunkId) -> String {
+    let hex = id.to_hex();
+    format!("{}/{hex}", &hex[..4])
 }
 
 /// A file's status-change time: set by the kernel on every write, rename
