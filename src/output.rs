@@ -334,12 +334,7 @@ impl Out {
                 r.quarantined
             );
         }
-        if r.quarantine_held > 0 {
-            println!(
-                "{} quarantined chunks kept aside (.bad): `blocksnap store gc --purge-quarantine` deletes them",
-                r.quarantine_held
-            );
-        }
+        quarantine_hint("kept aside", r.quarantine_held);
         println!(
             "{}: {} snapshots, {} images, {} chunks ({}) checked; {} damaged manifests, {} missing, {} corrupt, {} from a newer blocksnap, {} orphan chunks",
             if r.is_clean() { "clean" } else { "DAMAGED" },
@@ -453,12 +448,7 @@ impl Out {
                 r.quarantined_removed
             );
         }
-        if r.quarantined_kept > 0 {
-            println!(
-                "kept {} quarantined chunks (.bad): `blocksnap store gc --purge-quarantine` deletes them",
-                r.quarantined_kept
-            );
-        }
+        quarantine_hint("kept", r.quarantined_kept);
     }
 
     pub fn stats(&self, s: &Stats) {
@@ -481,13 +471,19 @@ impl Out {
             s.chunks,
             human(s.stored_bytes)
         );
-        if s.quarantined > 0 {
-            println!(
-                "{} quarantined chunks ({}) kept aside: `blocksnap store gc --purge-quarantine` deletes them",
-                s.quarantined,
-                human(s.quarantined_bytes)
-            );
-        }
+        quarantine_hint(
+            &format!("({}) kept aside", human(s.quarantined_bytes)),
+            s.quarantined,
+        );
+    }
+}
+
+/// Tells how many quarantined chunks remain and how to delete them.
+fn quarantine_hint(state: &str, count: u64) {
+    if count > 0 {
+        println!(
+            "{count} quarantined chunks (.bad) {state}: `blocksnap store gc --purge-quarantine` deletes them"
+        );
     }
 }
 

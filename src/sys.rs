@@ -17,24 +17,18 @@ const BLKGETSIZE64: libc::c_ulong = ior(0x12, 114, std::mem::size_of::<u64>());
 /// direction (2) above a 14-bit size, except on powerpc, mips and sparc,
 /// whose size field is 13 bits wide.
 const fn ior(ty: u32, nr: u32, size: usize) -> libc::c_ulong {
-    #[cfg(any(
+    const DIR_SHIFT: u32 = if cfg!(any(
         target_arch = "powerpc",
         target_arch = "powerpc64",
         target_arch = "mips",
         target_arch = "mips64",
         target_arch = "sparc",
         target_arch = "sparc64"
-    ))]
-    const DIR_SHIFT: u32 = 29;
-    #[cfg(not(any(
-        target_arch = "powerpc",
-        target_arch = "powerpc64",
-        target_arch = "mips",
-        target_arch = "mips64",
-        target_arch = "sparc",
-        target_arch = "sparc64"
-    )))]
-    const DIR_SHIFT: u32 = 30;
+    )) {
+        29
+    } else {
+        30
+    };
     const READ: u32 = 2;
     ((READ << DIR_SHIFT) | ((size as u32) << 16) | (ty << 8) | nr) as libc::c_ulong
 }

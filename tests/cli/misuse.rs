@@ -15,16 +15,6 @@ use crate::util::*;
 const OTHER: &str = "111111111111";
 const THIRD: &str = "222222222222";
 
-/// The chunk key of the block at `index` of snapshot `snap`.
-fn chunk_key_of(env: &Env, snap: &str, index: usize, region: &str) -> String {
-    let blocks = env.json(&["snapshot", "blocks", snap, "--region", region]);
-    let digest = blocks["Blocks"][index]["Checksum"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no digest for block {index}: {}", blocks["Blocks"][index]))
-        .to_string();
-    format!("chunks/{}/{digest}", &digest[..4])
-}
-
 on_each_backend!(
     an_incremental_on_a_damaged_parent_stores_the_block_again,
     an_incremental_on_a_damaged_parent_stores_the_block_again_case
@@ -40,7 +30,7 @@ fn an_incremental_on_a_damaged_parent_stores_the_block_again_case(env: &Env) {
         std::thread::sleep(Duration::from_millis(1100));
     }
     // A flipped byte in one of E1's chunks; the volume is unchanged.
-    let key = chunk_key_of(env, &e1, 2, "local");
+    let key = env.chunk_key(&e1, 2, "local");
     let mut bytes = env.read_stored("local", &key);
     let last = bytes.len() - 1;
     bytes[last] ^= 0xff;
@@ -57,7 +47,7 @@ fn an_incremental_on_a_damaged_parent_stores_the_block_again_case(env: &Env) {
 
     // After `store verify --repair` moved a chunk aside, the next default
     // snapshot writes it again: the README's healing procedure heals.
-    let key = chunk_key_of(env, &e1, 5, "local");
+    let key = env.chunk_key(&e1, 5, "local");
     let mut bytes = env.read_stored("local", &key);
     bytes[20] ^= 0x01;
     env.write_stored("local", &key, &bytes);
@@ -94,7 +84,7 @@ fn an_image_from_an_instance_on_a_damaged_parent_stores_the_block_again() {
         .to_string();
     let inst = env.path("inst");
     env.ok(&["instance", "launch", &ami, s(&inst)]);
-    let key = chunk_key_of(&env, &snap, 1, "local");
+    let key = env.chunk_key(&snap, 1, "local");
     let mut bytes = env.read_stored("local", &key);
     bytes[30] ^= 0x10;
     env.write_stored("local", &key, &bytes);
@@ -792,7 +782,7 @@ fn the_readmes_exit_code_table_is_true() {
     for (code, args) in cases {
         env.fails(&args.iter().map(String::as_str).collect::<Vec<_>>(), code);
     }
-    let chunk = chunk_key_of(&env, &snap, 0, "local");
+    let chunk = env.chunk_key(&snap, 0, "local");
     fs::write(env.store().join("local").join(&chunk), b"garbage").unwrap();
     env.fails(&["volume", "restore", &snap, "y.img"], 4);
 }

@@ -553,16 +553,10 @@ fn formats_from_a_newer_blocksnap_are_never_called_damage() {
     let vol = env.path("vol.img");
     fs::write(&vol, random_bytes(40, 2 * MIB as usize)).unwrap();
     let snap = id(&env.snapshot(&vol, &[]));
-    let blocks = env.json(&["snapshot", "blocks", &snap]);
-    let digest = blocks["Blocks"][0]["Checksum"]
-        .as_str()
-        .unwrap()
-        .to_string();
     let chunk = env
         .store()
-        .join("local/chunks")
-        .join(&digest[..4])
-        .join(&digest);
+        .join("local")
+        .join(env.chunk_key(&snap, 0, "local"));
 
     // A chunk in a later format version: reported as such, and `--repair`
     // leaves it where it is.
@@ -605,12 +599,7 @@ fn quarantined_chunks_are_counted_and_purged_on_request_case(env: &Env) {
     let vol = env.path("vol.img");
     fs::write(&vol, random_bytes(41, 2 * MIB as usize)).unwrap();
     let snap = id(&env.snapshot(&vol, &[]));
-    let blocks = env.json(&["snapshot", "blocks", &snap]);
-    let digest = blocks["Blocks"][1]["Checksum"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let key = format!("chunks/{}/{digest}", &digest[..4]);
+    let key = env.chunk_key(&snap, 1, "local");
     let mut bytes = env.read_stored("local", &key);
     bytes[40] ^= 0x04;
     env.write_stored("local", &key, &bytes);

@@ -288,6 +288,17 @@ impl Env {
         stderr
     }
 
+    /// The store key (`chunks/<4 hex>/<64 hex>`) of the chunk holding block
+    /// `index` of snapshot `snap` in `region`.
+    pub fn chunk_key(&self, snap: &str, index: usize, region: &str) -> String {
+        let blocks = self.json(&["snapshot", "blocks", snap, "--region", region]);
+        let digest = blocks["Blocks"][index]["Checksum"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no digest for block {index}: {}", blocks["Blocks"][index]))
+            .to_string();
+        format!("chunks/{}/{digest}", &digest[..4])
+    }
+
     /// Creates a snapshot and returns its JSON.
     pub fn snapshot(&self, volume: &Path, extra: &[&str]) -> Value {
         let mut args = vec!["snapshot", "create", volume.to_str().unwrap()];
