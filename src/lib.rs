@@ -19,7 +19,9 @@
 //! local backend) -> [`manifest`] (the snapshot format) -> [`snapshot`]
 //! (create, compare) -> [`restore`] -> [`image`] (AMI manifests, launch
 //! permissions, deregistration), [`image_create`], [`instance`] (launch,
-//! terminate) and [`copy`] (between regions) -> [`gc`] (gc and verify).
+//! terminate) and [`copy`] (between regions) -> [`gc`] (gc and verify);
+//! [`access`] decides who may use a snapshot, and [`settings`] holds the
+//! tuning values the binary parses once.
 //! [`region`] ties a region together over a [`backend::Backend`]: a local
 //! directory, or a prefix of an S3 bucket ([`s3`], defined in
 //! [`regions`]).
