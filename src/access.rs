@@ -74,41 +74,32 @@ impl SnapshotView {
             || self.permissions.is_public()
             || self.permissions.lists(account)
     }
-
-    pub fn require_restore(&self, account: &AccountId, action: &'static str) -> Result<()> {
-        if self.can_restore(account) {
-            return Ok(());
-        }
-        Err(Error::SnapshotNotPermitted {
-            account: account.clone(),
-            action,
-            snapshot: self.meta.id.clone(),
-            hint: format!(
-                "it is private; its owner can share it with `blocksnap snapshot permissions {} --add {account}`",
-                self.meta.id
-            ),
-        })
-    }
-
-    pub fn require_owner(&self, account: &AccountId, action: &'static str) -> Result<()> {
-        if &self.meta.owner == account {
-            return Ok(());
-        }
-        Err(Error::SnapshotNotPermitted {
-            account: account.clone(),
-            action,
-            snapshot: self.meta.id.clone(),
-            hint: format!("only its owner, account {}, may", self.meta.owner),
-        })
-    }
 }
 
-/// Reads snapshot `id`'s meta and permissions.
-pub fn view(region: &Region, id: &SnapshotId) -> Result<SnapshotView> {
-    Ok(SnapshotView {
-        meta: region.read_snapshot_meta(id)?,
-        permissions: read_permissions(region, id)?,
+/// Fails unless `caller` owns the snapshot `meta` describes (the manifest
+/// says so; no permission file is needed).
+pub fn require_owner(meta: &SnapshotMeta, caller: &AccountId, action: &'static str) -> Result<()> {
+    if &meta.owner == caller {
+        return Ok(());
+    }
+    Err(Error::SnapshotNotPermitted {
+        account: caller.clone(),
+        action,
+        snapshot: meta.id.clone(),
+        hint: format!("only its owner, account {}, may", meta.owner),
     })
+}
+
+/// Snapshot `id`'s meta, if `caller` owns it.
+pub fn owned(
+    region: &Region,
+    id: &SnapshotId,
+    caller: &AccountId,
+    action: &'static str,
+) -> Result<SnapshotMeta> {
+    let meta = region.read_snapshot_meta(id)?;
+    require_owner(&meta, caller, action)?;
+    Ok(meta)
 }
 
 /// Snapshot `id`'s meta, if `caller` may `action` it (restore, verify,
@@ -121,31 +112,35 @@ pub fn readable(
     action: &'static str,
 ) -> Result<SnapshotMeta> {
     let meta = region.read_snapshot_meta(id)?;
-    if &meta.owner == caller {
-        // The owner needs no permission file, nor a readable one.
-        return Ok(meta);
-    }
-    let v = SnapshotView {
-        permissions: read_permissions(region, id)?,
-        meta,
-    };
-    v.require_restore(caller, action)?;
-    Ok(v.meta)
+    check_readable(region, &meta, caller, action)?;
+    Ok(meta)
 }
 
-/// Fails unless `caller` owns snapshot `id` (its manifest says so; the
-/// permission file is not needed).
-fn require_owner(
+/// Fails unless `caller` may `action` the snapshot `meta` describes (for a
+/// caller that has read the manifest already).
+pub fn check_readable(
     region: &Region,
-    id: &SnapshotId,
+    meta: &SnapshotMeta,
     caller: &AccountId,
     action: &'static str,
 ) -> Result<()> {
-    SnapshotView {
-        meta: region.read_snapshot_meta(id)?,
-        permissions: CreateVolumePermissions::default(),
+    if &meta.owner == caller {
+        // The owner needs no permission file, nor a readable one.
+        return Ok(());
     }
-    .require_owner(caller, action)
+    let permissions = read_permissions(region, &meta.id)?;
+    if permissions.is_public() || permissions.lists(caller) {
+        return Ok(());
+    }
+    Err(Error::SnapshotNotPermitted {
+        account: caller.clone(),
+        action,
+        snapshot: meta.id.clone(),
+        hint: format!(
+            "it is private; its owner can share it with `blocksnap snapshot permissions {} --add {caller}`",
+            meta.id
+        ),
+    })
 }
 
 /// Changes create-volume permissions; owner only (ModifySnapshotAttribute).
@@ -157,7 +152,7 @@ pub fn modify(
     change: &PermissionChange,
 ) -> Result<CreateVolumePermissions> {
     let _catalog = region.catalog_lock("snapshot permissions")?;
-    require_owner(region, id, caller, "change the permissions of")?;
+    owned(region, id, caller, "change the permissions of")?;
     // `--reset` needs nothing from the old file, so it also mends a damaged one.
     let mut perms = if change.reset {
         CreateVolumePermissions::default()
@@ -177,7 +172,7 @@ pub fn modify(
 pub fn delete(region: &Region, id: &SnapshotId, caller: &AccountId) -> Result<()> {
     let _catalog = region.catalog_lock("snapshot delete")?;
     let _lock = region.lock(LockMode::Shared, "snapshot delete")?;
-    require_owner(region, id, caller, "delete")?;
+    owned(region, id, caller, "delete")?;
     crate::image::check_snapshot_unused(region, id)?;
     region.delete_snapshot(id)
 }
@@ -202,8 +197,14 @@ pub fn list(
     filter: &ListFilter,
 ) -> Result<(Vec<SnapshotView>, Vec<Error>)> {
     let listing = region.list_snapshots()?;
+    // The caller's own snapshots need their permissions read only to
+    // answer `--restorable-by`.
     let perms = crate::chunker::map_io(region.chunks(), &listing.snapshots, |m| {
-        read_permissions(region, &m.id)
+        if &m.owner == caller && filter.restorable_by.is_none() {
+            Ok(CreateVolumePermissions::default())
+        } else {
+            read_permissions(region, &m.id)
+        }
     })?;
     let mut out = Vec::new();
     let mut damaged = listing.damaged;

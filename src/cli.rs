@@ -705,18 +705,17 @@ fn snapshot_cmd(
             Ok(0)
         }
         SnapshotCmd::Blocks { snapshot } => {
-            let id = parse_snapshot(&snapshot)?;
-            access::readable(region, &id, caller, "list the blocks of")?;
-            let m = region.read_snapshot(&id)?;
+            let m = region.read_snapshot(&parse_snapshot(&snapshot)?)?;
+            access::check_readable(region, &m.meta, caller, "list the blocks of")?;
             out.blocks(&m);
             Ok(0)
         }
         SnapshotCmd::DescribePermissions { snapshot } => {
             let id = parse_snapshot(&snapshot)?;
-            let v = access::view(region, &id)?;
-            v.require_owner(caller, "see the permissions of")?;
-            let grants = &v.permissions.create_volume_permissions;
-            crate::image_cli::print_grants(out, id.as_str(), "SnapshotId", &v.permissions, grants);
+            access::owned(region, &id, caller, "see the permissions of")?;
+            let perms = access::read_permissions(region, &id)?;
+            let grants = &perms.create_volume_permissions;
+            crate::image_cli::print_grants(out, id.as_str(), "SnapshotId", &perms, grants);
             Ok(0)
         }
         SnapshotCmd::Permissions { snapshot, change } => {
@@ -728,12 +727,11 @@ fn snapshot_cmd(
             Ok(0)
         }
         SnapshotCmd::ChangedBlocks { first, second } => {
-            let (first, second) = (parse_snapshot(&first)?, parse_snapshot(&second)?);
-            for id in [&first, &second] {
-                access::readable(region, id, caller, "compare")?;
+            let a = region.read_snapshot(&parse_snapshot(&first)?)?;
+            let b = region.read_snapshot(&parse_snapshot(&second)?)?;
+            for m in [&a, &b] {
+                access::check_readable(region, &m.meta, caller, "compare")?;
             }
-            let a = region.read_snapshot(&first)?;
-            let b = region.read_snapshot(&second)?;
             let changed = snapshot::changed_blocks(&a, &b)?;
             out.changed_blocks(&a, &b, &changed);
             Ok(0)

@@ -45,6 +45,14 @@ pub struct CopyReport {
     pub bytes_present: u64,
 }
 
+/// Deletes the snapshot copies a failed copy made, and returns its error.
+fn discard(dst: &Region, made: &[CopiedSnapshot], e: Error) -> Error {
+    for s in made {
+        let _ = dst.delete_snapshot(&s.copy);
+    }
+    e
+}
+
 /// Copies `ami` from `src` to `dst`. Allowed to its owner and to accounts
 /// with launch permission; the copy belongs to the caller.
 pub fn copy_image(
@@ -209,10 +217,7 @@ pub fn copy_image(
             blocks: m.blocks.clone(),
         };
         if let Err(e) = dst.write_snapshot(&copy) {
-            for s in &report_snaps {
-                let _ = dst.delete_snapshot(&s.copy);
-            }
-            return Err(e);
+            return Err(discard(dst, &report_snaps, e));
         }
         renamed.insert(m.meta.id.clone(), new_id.clone());
         report_snaps.push(CopiedSnapshot {
@@ -247,15 +252,8 @@ pub fn copy_image(
     };
     // A registration that fails (another image took the name meanwhile)
     // leaves no stray snapshot copies behind.
-    let image = match image::register(dst, &ropts, mappings) {
-        Ok(image) => image,
-        Err(e) => {
-            for s in &report_snaps {
-                let _ = dst.delete_snapshot(&s.copy);
-            }
-            return Err(e);
-        }
-    };
+    let image =
+        image::register(dst, &ropts, mappings).map_err(|e| discard(dst, &report_snaps, e))?;
     Ok(CopyReport {
         image,
         snapshots: report_snaps,

@@ -364,6 +364,11 @@ pub fn gib_for(bytes: u64) -> u64 {
     bytes.div_ceil(GIB).max(1)
 }
 
+/// Whether `gib` is a volume size EBS allows: 1 to [`MAX_VOLUME_GIB`].
+pub fn volume_gib_allowed(gib: u64) -> bool {
+    (1..=MAX_VOLUME_GIB).contains(&gib)
+}
+
 /// Checks a mapping's volume size: at least 1 GiB and the GiB that hold
 /// `source` (a snapshot or volume of `bytes`), at most [`MAX_VOLUME_GIB`].
 pub fn validate_volume_size(dev: &DeviceName, gib: u64, source: &str, bytes: u64) -> Result<()> {

@@ -111,10 +111,8 @@ pub fn decode(bytes: &[u8], path: &Path) -> Result<Instance> {
                 reason: format!("volume file {:?} is not a plain file name", d.volume_file),
             });
         }
-    }
-    for d in &inst.block_device_mappings {
         if let InstanceVolume::Ebs(e) = &d.volume
-            && (e.volume_size == 0 || e.volume_size > image::MAX_VOLUME_GIB)
+            && !image::volume_gib_allowed(e.volume_size)
         {
             return Err(Error::CorruptFile {
                 what: "instance description",
@@ -178,7 +176,7 @@ pub fn launch(
         let volume_file = format!("{}.img", m.device_name.basename());
         let volume = match &m.target {
             MappingTarget::Ebs(e) => {
-                if e.volume_size == 0 || e.volume_size > image::MAX_VOLUME_GIB {
+                if !image::volume_gib_allowed(e.volume_size) {
                     // Only an edited manifest holds such a size: never wrap it.
                     return Err(Error::InvalidImage(format!(
                         "{ami} maps {} with a volume size of {} GiB, outside 1-{} GiB: the image \

@@ -14,6 +14,7 @@ use crate::backend::{Backend, LocalBackend, RegionLock};
 use crate::error::{Error, IoContext, Result, check_format};
 use crate::id::{AccountId, SnapshotId};
 use crate::manifest::{self, Manifest, SnapshotMeta};
+use crate::regions::RegionDef;
 use crate::store::ChunkStore;
 use crate::sys::LockMode;
 
@@ -66,7 +67,14 @@ impl Region {
     /// Creates the region on first use.
     pub fn open_or_create(store_root: &Path, name: &str) -> Result<Region> {
         validate_region_name(name)?;
-        let backend: Box<dyn Backend> = match crate::regions::lookup(store_root, name)? {
+        let def = crate::regions::lookup(store_root, name)?;
+        Region::open_defined(store_root, name, def)
+    }
+
+    /// Opens region `name`: on the object store `def` names, or the
+    /// directory `<store_root>/<name>`.
+    fn open_defined(store_root: &Path, name: &str, def: Option<RegionDef>) -> Result<Region> {
+        let backend: Box<dyn Backend> = match def {
             Some(def) => Box::new(crate::s3::S3Backend::connect(name, &def)?),
             None => Box::new(LocalBackend::new(store_root.join(name))),
         };
@@ -79,9 +87,8 @@ impl Region {
     /// regions there are; nothing is created.
     pub fn open(store_root: &Path, name: &str) -> Result<Region> {
         validate_region_name(name)?;
-        let exists = crate::regions::lookup(store_root, name)?.is_some()
-            || store_root.join(name).join("store.json").exists();
-        if !exists {
+        let def = crate::regions::lookup(store_root, name)?;
+        if def.is_none() && !store_root.join(name).join("store.json").exists() {
             let mut known = crate::regions::local(store_root)?;
             known.extend(crate::regions::defined(store_root)?.into_keys());
             known.sort();
@@ -96,7 +103,7 @@ impl Region {
                 store_root.display()
             )));
         }
-        Region::open_or_create(store_root, name)
+        Region::open_defined(store_root, name, def)
     }
 
     /// Opens (creating on first use) region `name` kept by `backend`; a new

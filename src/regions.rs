@@ -164,6 +164,17 @@ fn add_locked(store_root: &Path, name: &str, def: RegionDef) -> Result<()> {
         )));
     }
     let mut regions = read_file(store_root)?;
+    refuse_taken(store_root, &regions, name)?;
+    regions.insert(name.to_string(), def);
+    write_file(store_root, regions)
+}
+
+/// Fails if `name` is taken: defined in `regions`, or a local region.
+fn refuse_taken(
+    store_root: &Path,
+    regions: &BTreeMap<String, RegionDef>,
+    name: &str,
+) -> Result<()> {
     if let Some(old) = regions.get(name) {
         return Err(Error::AlreadyExists(format!(
             "region {name} is already defined ({}): remove it first with `blocksnap region remove {name}`",
@@ -176,8 +187,7 @@ fn add_locked(store_root: &Path, name: &str, def: RegionDef) -> Result<()> {
             store_root.join(name).display()
         )));
     }
-    regions.insert(name.to_string(), def);
-    write_file(store_root, regions)
+    Ok(())
 }
 
 /// Creates local region `name`, the directory `<store>/name`. Refuses a
@@ -185,18 +195,7 @@ fn add_locked(store_root: &Path, name: &str, def: RegionDef) -> Result<()> {
 pub fn add_local(store_root: &Path, name: &str) -> Result<crate::region::Region> {
     crate::region::validate_region_name(name)?;
     locked(store_root, || {
-        if let Some(def) = read_file(store_root)?.get(name) {
-            return Err(Error::AlreadyExists(format!(
-                "region {name} is already defined ({})",
-                def.url
-            )));
-        }
-        if store_root.join(name).join("store.json").exists() {
-            return Err(Error::AlreadyExists(format!(
-                "region {name} already exists as {}",
-                store_root.join(name).display()
-            )));
-        }
+        refuse_taken(store_root, &read_file(store_root)?, name)?;
         crate::region::Region::open_or_create(store_root, name)
     })
 }

@@ -46,7 +46,7 @@
 //! lock lapsed (a paused process) does not lose the chunks it uploaded.
 //! gc also deletes lock objects that went stale (their holders died).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -620,10 +620,9 @@ struct Uploads {
 /// Chunks as objects `chunks/<4 hex>/<64 hex>`.
 pub struct S3ChunkStore {
     s3: Arc<S3>,
-    /// Every chunk known to be stored, once listed.
-    index: Mutex<Option<HashSet<ChunkId>>>,
-    /// When each listed chunk was written, once asked (one listing).
-    times: Mutex<Option<HashMap<ChunkId, SystemTime>>>,
+    /// Every chunk known to be stored, once listed, with when it was
+    /// written (`UNIX_EPOCH` for one this process uploaded).
+    index: Mutex<Option<HashMap<ChunkId, SystemTime>>>,
     heads: AtomicUsize,
     uploads: Arc<Mutex<Uploads>>,
     permits: Arc<tokio::sync::Semaphore>,
@@ -635,7 +634,6 @@ impl S3ChunkStore {
             permits: Arc::new(tokio::sync::Semaphore::new(s3.inflight)),
             s3,
             index: Mutex::new(None),
-            times: Mutex::new(None),
             heads: AtomicUsize::new(0),
             uploads: Arc::default(),
         }
@@ -669,6 +667,24 @@ impl S3ChunkStore {
     }
 }
 
+impl S3ChunkStore {
+    /// When chunk `id` was written, from the index (listing `chunks/` once
+    /// when there is none yet, while other workers wait for it); `None`
+    /// when it is not stored.
+    fn indexed(&self, id: &ChunkId) -> Result<Option<SystemTime>> {
+        let mut index = self.index.lock().expect("index lock");
+        if index.is_none() {
+            let listed = self.listed()?.into_iter();
+            *index = Some(
+                listed
+                    .map(|c| (c.id, c.written.unwrap_or(SystemTime::UNIX_EPOCH)))
+                    .collect(),
+            );
+        }
+        Ok(index.as_ref().and_then(|i| i.get(id)).copied())
+    }
+}
+
 impl ChunkStore for S3ChunkStore {
     fn has(&self, id: &ChunkId) -> Result<bool> {
         if self
@@ -681,17 +697,13 @@ impl ChunkStore for S3ChunkStore {
             return Ok(true);
         }
         if let Some(index) = &*self.index.lock().expect("index lock") {
-            return Ok(index.contains(id));
+            return Ok(index.contains_key(id));
         }
         if self.heads.fetch_add(1, Ordering::Relaxed) < HEAD_BUDGET {
             return Ok(self.s3.get_range(&chunk_key(id), 0)?.is_some());
         }
         // One listing, while the other workers wait for it.
-        let mut index = self.index.lock().expect("index lock");
-        if index.is_none() {
-            *index = Some(self.listed()?.into_iter().map(|c| c.id).collect());
-        }
-        Ok(index.as_ref().is_some_and(|i| i.contains(id)))
+        Ok(self.indexed(id)?.is_some())
     }
 
     /// Callers ask [`ChunkStore::has`] first (snapshot and copy do), so
@@ -701,7 +713,7 @@ impl ChunkStore for S3ChunkStore {
     fn put(&self, id: &ChunkId, data: &[u8]) -> Result<bool> {
         self.failed()?;
         let indexed = self.index.lock().expect("index lock");
-        if indexed.as_ref().is_some_and(|i| i.contains(id)) {
+        if indexed.as_ref().is_some_and(|i| i.contains_key(id)) {
             return Ok(false);
         }
         drop(indexed);
@@ -747,7 +759,7 @@ impl ChunkStore for S3ChunkStore {
         });
         self.uploads.lock().expect("uploads lock").tasks.push(task);
         if let Some(index) = &mut *self.index.lock().expect("index lock") {
-            index.insert(id);
+            index.insert(id, SystemTime::UNIX_EPOCH);
         }
         Ok(true)
     }
@@ -796,9 +808,6 @@ impl ChunkStore for S3ChunkStore {
         if let Some(index) = &mut *self.index.lock().expect("index lock") {
             index.remove(id);
         }
-        if let Some(times) = &mut *self.times.lock().expect("times lock") {
-            times.remove(id);
-        }
         Ok(())
     }
 
@@ -836,9 +845,6 @@ impl ChunkStore for S3ChunkStore {
         }
         if let Some(index) = &mut *self.index.lock().expect("index lock") {
             index.remove(id);
-        }
-        if let Some(times) = &mut *self.times.lock().expect("times lock") {
-            times.remove(id);
         }
         Ok(())
     }
@@ -888,30 +894,7 @@ impl ChunkStore for S3ChunkStore {
         if uploading {
             return Ok(Some(SystemTime::UNIX_EPOCH));
         }
-        let mut times = self.times.lock().expect("times lock");
-        if times.is_none() {
-            let listed = self.listed()?;
-            let mut index = self.index.lock().expect("index lock");
-            if index.is_none() {
-                *index = Some(listed.iter().map(|c| c.id).collect());
-            }
-            let map = listed
-                .into_iter()
-                .map(|c| (c.id, c.written.unwrap_or(SystemTime::UNIX_EPOCH)))
-                .collect();
-            *times = Some(map);
-        }
-        if let Some(t) = times.as_ref().and_then(|m| m.get(id)) {
-            return Ok(Some(*t));
-        }
-        drop(times);
-        let put_here = self
-            .index
-            .lock()
-            .expect("index lock")
-            .as_ref()
-            .is_some_and(|i| i.contains(id));
-        Ok(put_here.then_some(SystemTime::UNIX_EPOCH))
+        self.indexed(id)
     }
 
     fn io_parallelism(&self) -> usize {

@@ -130,37 +130,37 @@ impl LocalChunkStore {
         self.root.join(chunk_name(id))
     }
 
-    /// Calls `f` with each quarantined chunk (`<64 hex>.bad`) and its path.
-    fn for_each_quarantined(&self, mut f: impl FnMut(ChunkId, &Path) -> Result<()>) -> Result<()> {
+    /// Calls `f` with the name and path of every file under
+    /// `chunks/<4 hex>/`: chunks, quarantined chunks, temporary files.
+    fn for_each_file(&self, mut f: impl FnMut(&str, &Path) -> Result<()>) -> Result<()> {
         for_each_entry(&self.root, |sub| {
             for_each_entry(&sub, |file| {
-                let id = file
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .and_then(|n| n.strip_suffix(".bad"))
-                    .and_then(|n| n.parse().ok());
-                match id {
-                    Some(id) => f(id, &file),
+                match file.file_name().and_then(|n| n.to_str()) {
+                    Some(name) => f(name, &file),
                     None => Ok(()),
                 }
             })
         })
     }
 
+    /// Calls `f` with each quarantined chunk (`<64 hex>.bad`) and its path.
+    fn for_each_quarantined(&self, mut f: impl FnMut(ChunkId, &Path) -> Result<()>) -> Result<()> {
+        self.for_each_file(|name, path| {
+            match name.strip_suffix(".bad").and_then(|n| n.parse().ok()) {
+                Some(id) => f(id, path),
+                None => Ok(()),
+            }
+        })
+    }
+
     fn remove_temp_files(&self) -> Result<u64> {
         let mut removed = 0;
-        for_each_entry(&self.root, |sub| {
-            for_each_entry(&sub, |file| {
-                if file
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(is_temp_name)
-                {
-                    fs::remove_file(&file).ctx("remove temporary file", &file)?;
-                    removed += 1;
-                }
-                Ok(())
-            })
+        self.for_each_file(|name, path| {
+            if is_temp_name(name) {
+                fs::remove_file(path).ctx("remove temporary file", path)?;
+                removed += 1;
+            }
+            Ok(())
         })?;
         Ok(removed)
     }
@@ -218,17 +218,9 @@ impl ChunkStore for LocalChunkStore {
 
     fn list(&self) -> Result<Vec<ChunkId>> {
         let mut ids = Vec::new();
-        for_each_entry(&self.root, |sub| {
-            for_each_entry(&sub, |file| {
-                if let Some(id) = file
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .and_then(|n| n.parse().ok())
-                {
-                    ids.push(id);
-                }
-                Ok(())
-            })
+        self.for_each_file(|name, _| {
+            ids.extend(name.parse::<ChunkId>().ok());
+            Ok(())
         })?;
         Ok(ids)
     }
