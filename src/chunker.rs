@@ -38,8 +38,16 @@ pub struct BlockPos {
     pub len: usize,
 }
 
+/// The most worker threads a command takes (`--threads`).
+pub const MAX_THREADS: usize = 1024;
+
 /// A thread pool of `threads` workers, or one per core when 0.
 pub fn thread_pool(threads: usize) -> Result<rayon::ThreadPool> {
+    if threads > MAX_THREADS {
+        return Err(crate::error::Error::InvalidArgument(format!(
+            "{threads} worker threads asked for: give at most {MAX_THREADS} (0 means one per core)"
+        )));
+    }
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .thread_name(|i| format!("blocksnap-{i}"))

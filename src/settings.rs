@@ -17,12 +17,13 @@ pub struct Settings {
     /// How long a command waits for a conflicting lock
     /// (`BLOCKSNAP_LOCK_WAIT`, seconds, >= 0).
     pub lock_wait: Duration,
-    /// S3 requests in flight (`BLOCKSNAP_S3_INFLIGHT`, >= 1).
+    /// S3 requests in flight (`BLOCKSNAP_S3_INFLIGHT`, 1 to 1024: each
+    /// holds a worker thread and its buffers).
     pub s3_inflight: usize,
     /// Seconds before an S3 request is abandoned and retried
     /// (`BLOCKSNAP_S3_TIMEOUT`, > 0).
     pub s3_timeout: Duration,
-    /// Retries of a failed S3 request (`BLOCKSNAP_S3_RETRIES`, >= 0).
+    /// Retries of a failed S3 request (`BLOCKSNAP_S3_RETRIES`, 0 to 100).
     pub s3_retries: usize,
     /// Age at which a lock object belongs to a dead process
     /// (`BLOCKSNAP_S3_LOCK_STALE`, seconds, > 0).
@@ -33,6 +34,9 @@ pub struct Settings {
     /// Print the S3 requests a command sent (`BLOCKSNAP_S3_TRACE`, set).
     pub s3_trace: bool,
 }
+
+/// The longest duration a setting takes (about 31 years).
+const MAX_SECONDS: Duration = Duration::from_secs(1_000_000_000);
 
 impl Default for Settings {
     fn default() -> Self {
@@ -48,17 +52,6 @@ impl Default for Settings {
     }
 }
 
-/// The variables [`Settings::from_vars`] reads.
-pub const VARIABLES: [&str; 7] = [
-    "BLOCKSNAP_LOCK_WAIT",
-    "BLOCKSNAP_S3_INFLIGHT",
-    "BLOCKSNAP_S3_TIMEOUT",
-    "BLOCKSNAP_S3_RETRIES",
-    "BLOCKSNAP_S3_LOCK_STALE",
-    "BLOCKSNAP_S3_GC_GRACE",
-    "BLOCKSNAP_S3_TRACE",
-];
-
 impl Settings {
     /// Settings from variables looked up by `var` (the environment, in the
     /// binary); an unset or empty variable keeps its default.
@@ -67,46 +60,43 @@ impl Settings {
         let get = |name: &str| var(name).filter(|v| !v.is_empty());
         let seconds = |name: &str, positive: bool| -> Result<Option<Duration>> {
             let Some(v) = get(name) else { return Ok(None) };
-            match v.trim().parse::<f64>() {
-                Ok(n) if n.is_finite() && (n > 0.0 || (!positive && n == 0.0)) => {
-                    Ok(Some(Duration::from_secs_f64(n)))
-                }
+            let parsed = v.trim().parse::<f64>().ok();
+            match parsed.and_then(|n| Duration::try_from_secs_f64(n).ok()) {
+                // Bounded so that times computed from it (a lock's
+                // staleness, gc's grace) cannot overflow.
+                Some(d) if (!positive || !d.is_zero()) && d <= MAX_SECONDS => Ok(Some(d)),
                 _ => Err(bad(
                     name,
                     &v,
                     if positive {
-                        "a number of seconds above 0"
+                        "a number of seconds above 0, at most 1e9"
                     } else {
-                        "a number of seconds, 0 or more"
+                        "a number of seconds from 0 to 1e9"
                     },
                 )),
             }
         };
-        let count = |name: &str, min: usize| -> Result<Option<usize>> {
+        let count = |name: &str, range: std::ops::RangeInclusive<usize>| -> Result<Option<usize>> {
             let Some(v) = get(name) else { return Ok(None) };
             match v.trim().parse::<usize>() {
-                Ok(n) if n >= min => Ok(Some(n)),
-                _ => Err(bad(
-                    name,
-                    &v,
-                    if min == 0 {
-                        "a whole number, 0 or more"
-                    } else {
-                        "a whole number, 1 or more"
-                    },
-                )),
+                Ok(n) if range.contains(&n) => Ok(Some(n)),
+                _ => {
+                    let expected =
+                        format!("a whole number from {} to {}", range.start(), range.end());
+                    Err(bad(name, &v, &expected))
+                }
             }
         };
         if let Some(d) = seconds("BLOCKSNAP_LOCK_WAIT", false)? {
             s.lock_wait = d;
         }
-        if let Some(n) = count("BLOCKSNAP_S3_INFLIGHT", 1)? {
+        if let Some(n) = count("BLOCKSNAP_S3_INFLIGHT", 1..=1024)? {
             s.s3_inflight = n;
         }
         if let Some(d) = seconds("BLOCKSNAP_S3_TIMEOUT", true)? {
             s.s3_timeout = d;
         }
-        if let Some(n) = count("BLOCKSNAP_S3_RETRIES", 0)? {
+        if let Some(n) = count("BLOCKSNAP_S3_RETRIES", 0..=100)? {
             s.s3_retries = n;
         }
         if let Some(d) = seconds("BLOCKSNAP_S3_LOCK_STALE", true)? {
@@ -179,10 +169,14 @@ mod tests {
             ("BLOCKSNAP_LOCK_WAIT", "-1"),
             ("BLOCKSNAP_S3_INFLIGHT", "0"),
             ("BLOCKSNAP_S3_INFLIGHT", "2.5"),
+            ("BLOCKSNAP_S3_INFLIGHT", "100000000"),
             ("BLOCKSNAP_S3_TIMEOUT", "0"),
             ("BLOCKSNAP_S3_RETRIES", "many"),
             ("BLOCKSNAP_S3_LOCK_STALE", "inf"),
             ("BLOCKSNAP_S3_GC_GRACE", "NaN"),
+            ("BLOCKSNAP_LOCK_WAIT", "1e300"),
+            ("BLOCKSNAP_S3_LOCK_STALE", "1e10"),
+            ("BLOCKSNAP_S3_TIMEOUT", "1e-12"),
         ] {
             let e = from(&[(name, value)]).unwrap_err();
             assert!(matches!(e, Error::InvalidArgument(_)), "{e}");

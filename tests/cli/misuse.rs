@@ -652,6 +652,19 @@ fn volumes_beyond_64_tib_are_refused_without_allocating() {
         2,
     );
     assert!(err.contains("64 TiB"), "{err}");
+    // A careless thread count is refused, not attempted.
+    let err = env.fails(
+        &[
+            "volume",
+            "restore",
+            &snap,
+            s(&env.path("t.img")),
+            "--threads",
+            "100000",
+        ],
+        2,
+    );
+    assert!(err.contains("at most 1024"), "{err}");
 }
 
 #[test]
