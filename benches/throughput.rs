@@ -9,10 +9,12 @@ use std::time::Duration;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 
+use blocksnap::format::chunk;
+use blocksnap::ops::restore::{self, RestoreOptions};
+use blocksnap::ops::snapshot::{self, CreateOptions, ParentChoice};
 use blocksnap::progress::NoProgress;
-use blocksnap::restore::{self, RestoreOptions};
-use blocksnap::snapshot::{self, CreateOptions, ParentChoice};
-use blocksnap::{ChunkId, Region, chunk, volume};
+use blocksnap::volume::io as volume;
+use blocksnap::{ChunkId, Region};
 
 const BLOCK: usize = 512 << 10;
 const IMAGE: usize = 64 << 20;

@@ -62,12 +62,8 @@ pub enum Error {
     )]
     VolumeShrank { path: PathBuf, offset: u64 },
 
-    #[error("invalid {kind} {input:?}: expected {expected}")]
-    InvalidId {
-        kind: &'static str,
-        input: String,
-        expected: &'static str,
-    },
+    #[error(transparent)]
+    InvalidId(#[from] crate::id::InvalidId),
 
     #[error("{0}")]
     InvalidArgument(String),
@@ -243,7 +239,7 @@ impl Error {
 
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::InvalidId { .. }
+            Error::InvalidId(_)
             | Error::InvalidArgument(_)
             | Error::BlockSizeMismatch { .. }
             | Error::InvalidImage(_)
@@ -277,55 +273,6 @@ impl Error {
             Error::Remote { kind, .. } => *kind,
         }
     }
-}
-
-/// Checks the `format` name and `version` a JSON file declares against
-/// what this blocksnap reads.
-pub(crate) fn check_format(
-    what: &'static str,
-    path: &Path,
-    format: &str,
-    expected: &str,
-    version: u32,
-    supported: u32,
-) -> Result<()> {
-    if format != expected {
-        return Err(Error::CorruptFile {
-            what,
-            path: path.to_path_buf(),
-            reason: format!("format is {format:?}, expected {expected:?}"),
-        });
-    }
-    check_version(what, path, version, supported)
-}
-
-/// A format version newer than this blocksnap reads is "written by a newer
-/// blocksnap"; an older one that no reader here knows is damage, never a
-/// reason to upgrade.
-pub(crate) fn check_version(
-    what: &'static str,
-    path: &Path,
-    version: u32,
-    supported: u32,
-) -> Result<()> {
-    if version > supported {
-        return Err(Error::UnsupportedVersion {
-            what,
-            path: path.to_path_buf(),
-            found: version,
-            supported,
-        });
-    }
-    if version != supported {
-        return Err(Error::CorruptFile {
-            what,
-            path: path.to_path_buf(),
-            reason: format!(
-                "format version {version} was never written (this is version {supported})"
-            ),
-        });
-    }
-    Ok(())
 }
 
 /// Attaches the operation and path to an `io::Error`.

@@ -5,7 +5,16 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+/// A string that is not a valid id of its kind.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {kind} {input:?}: expected {expected}")]
+pub struct InvalidId {
+    pub kind: &'static str,
+    pub input: String,
+    pub expected: &'static str,
+}
+
+type Result<T> = std::result::Result<T, InvalidId>;
 
 /// Name of a chunk: the BLAKE3-256 digest of the raw block bytes.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -40,12 +49,12 @@ impl fmt::Debug for ChunkId {
 }
 
 impl FromStr for ChunkId {
-    type Err = Error;
+    type Err = InvalidId;
 
     fn from_str(s: &str) -> Result<Self> {
         let bytes = unhex(s)
             .filter(|b| b.len() == 32)
-            .ok_or_else(|| Error::InvalidId {
+            .ok_or_else(|| InvalidId {
                 kind: "chunk id",
                 input: s.to_string(),
                 expected: "64 lowercase hex digits",
@@ -92,8 +101,8 @@ macro_rules! string_newtype {
         }
 
         impl TryFrom<String> for $name {
-            type Error = $crate::error::Error;
-            fn try_from(s: String) -> $crate::error::Result<Self> {
+            type Error = <$name as std::str::FromStr>::Err;
+            fn try_from(s: String) -> std::result::Result<Self, Self::Error> {
                 s.parse()
             }
         }
@@ -134,13 +143,13 @@ macro_rules! prefixed_id {
         }
 
         impl FromStr for $name {
-            type Err = Error;
+            type Err = InvalidId;
 
             fn from_str(s: &str) -> Result<Self> {
                 if is_prefixed_id(s, $prefix) {
                     Ok($name(s.to_string()))
                 } else {
-                    Err(Error::InvalidId {
+                    Err(InvalidId {
                         kind: $kind,
                         input: s.to_string(),
                         expected: concat!($prefix, "- followed by 17 lowercase hex digits, e.g. ", $example),
@@ -182,13 +191,13 @@ impl AccountId {
 }
 
 impl FromStr for AccountId {
-    type Err = Error;
+    type Err = InvalidId;
 
     fn from_str(s: &str) -> Result<Self> {
         if s.len() == 12 && s.bytes().all(|b| b.is_ascii_digit()) {
             Ok(AccountId(s.to_string()))
         } else {
-            Err(Error::InvalidId {
+            Err(InvalidId {
                 kind: "account id",
                 input: s.to_string(),
                 expected: "12 decimal digits, e.g. 123456789012",

@@ -13,18 +13,38 @@
 //! snapshot manifest ──▶ restore (parallel fetch, decompress, verify, pwrite)
 //! ```
 //!
-//! The modules follow it: [`volume`] (size, holes, reads) -> [`chunker`]
-//! (blocks, zero detection, parallel hashing) -> [`chunk`] (the stored
-//! form of one block) -> [`store`] (the [`store::ChunkStore`] trait and the
-//! local backend) -> [`manifest`] (the snapshot format) -> [`snapshot`]
-//! (create, compare) -> [`restore`] -> [`image`] (AMI manifests, launch
-//! permissions, deregistration), [`image_create`], [`instance`] (launch,
-//! terminate) and [`copy`] (between regions) -> [`gc`] (gc and verify);
-//! [`access`] decides who may use a snapshot, and [`settings`] holds the
-//! tuning values the binary parses once.
-//! [`region`] ties a region together over a [`backend::Backend`]: a local
-//! directory, or a prefix of an S3 bucket ([`s3`], defined in
-//! [`regions`]).
+//! # Rooms
+//!
+//! ```text
+//! cli (the binary)      parse, dispatch, print; exit codes
+//!   image/              AMIs and instances, built out of snapshot operations
+//!   ops/                operations on a region's snapshots, one file each
+//!   region/             a region over a backend (local, s3/): catalog, images, permissions
+//!   store/  volume/     chunks (trait, local, chains, pools) | the disk being read or written
+//!   format/             every byte layout and its version: pure encode/decode
+//! error id progress settings sys   the foundation every room may use
+//! ```
+//!
+//! - [`format`]: chunk, snapshot manifest, JSON envelope, image files,
+//!   `store.json`, `regions.json`, `instance.json`; the never-modify rule.
+//! - [`store`]: the [`store::chunk_store::ChunkStore`] trait, the local
+//!   chunk store, delta-chain loading, worker pools, file helpers.
+//! - [`volume`]: opening, sizing and reading volumes; cutting them into
+//!   blocks and hashing them in parallel.
+//! - [`region`]: [`Region`] over a [`region::backend::Backend`], region
+//!   definitions, the S3 backend, image and permission files.
+//! - [`ops`]: snapshot, restore, volume verify, gc, store verify, access.
+//! - [`image`]: image rules, register/deregister, create, instances, copy.
+//! - Foundation: [`error`], [`id`], [`progress`], [`settings`] (the tuning
+//!   values the binary parses once), `sys` (the only `unsafe`).
+//!
+//! **Arrows point down.** A module may use the rooms below its own and
+//! the foundation, and files of its own room that do not use it back: the
+//! order is `image` → `ops` → `region` → `store` | `volume` → `format` →
+//! foundation (`store` and `volume` are side by side and do not use each
+//! other). A folder's `mod.rs` only declares its files, so no file is
+//! reached through it. `scripts/check-layout.py` draws every file's
+//! imports and fails on a cycle or an upward arrow; CI runs it.
 //!
 //! # Block states
 //!
@@ -39,7 +59,7 @@
 //! A local region has a `lock` file taken with `flock(2)`; a region on an
 //! object store has lock objects with the same shared/exclusive meaning
 //! (the protocol, and how gc stays safe beside writers on other machines,
-//! is in [`s3`]). Writers (snapshot
+//! is in [`region::s3`]). Writers (snapshot
 //! create, image create, image copy), readers (volume restore, volume
 //! verify, store verify, instance launch) and snapshot delete hold it
 //! shared; `store gc` holds it exclusive:
@@ -63,12 +83,12 @@
 //! # Durability
 //!
 //! A chunk is written to a temporary name and renamed, with no fsync of its
-//! own. Before a snapshot manifest is written, [`store::ChunkStore::sync`]
+//! own. Before a snapshot manifest is written, [`store::chunk_store::ChunkStore::sync`]
 //! (one `syncfs(2)` for the local store) makes every chunk durable,
 //! including chunks another process wrote that this one found and reused.
 //! A crash before that flush may leave a chunk missing or partial under its
 //! final name, but no manifest names it; a later snapshot verifies any
-//! chunk it finds before relying on it ([`chunk::present_and_sound`]) and
+//! chunk it finds before relying on it ([`store::chain::present_and_sound`]) and
 //! rewrites a damaged one. The manifest is then written to a temporary
 //! name, fsynced and renamed, and its directory fsynced: the rename is the
 //! commit point.
@@ -78,35 +98,20 @@
 // Only `sys` (wrappers over Linux calls std lacks) may use `unsafe`.
 #![deny(unsafe_code)]
 
-pub mod access;
-pub mod backend;
-pub mod chunk;
-pub mod chunker;
-pub mod copy;
 pub mod error;
-#[cfg(test)]
-mod faults;
-pub mod gc;
-#[cfg(test)]
-mod hostile;
+pub mod format;
 pub mod id;
 pub mod image;
-pub mod image_create;
-pub mod instance;
-pub mod manifest;
+pub mod ops;
 pub mod progress;
 pub mod region;
-pub mod regions;
-pub mod restore;
-pub mod s3;
 pub mod settings;
-pub mod snapshot;
 pub mod store;
 mod sys;
 pub mod volume;
 
 pub use error::{Error, ErrorKind, Result};
+pub use format::manifest::{Block, Manifest, SnapshotMeta, SnapshotStats, Tag};
 pub use id::{AccountId, ChunkId, ImageId, InstanceId, SnapshotId};
-pub use manifest::{Block, Manifest, SnapshotMeta, SnapshotStats, Tag};
-pub use region::Region;
+pub use region::catalog::Region;
 pub use sys::{LockMode, default_sigpipe};

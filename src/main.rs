@@ -4,8 +4,6 @@
 #![deny(unsafe_code)]
 
 mod cli;
-mod image_cli;
-mod output;
 
 use std::process::ExitCode;
 
@@ -13,11 +11,11 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     blocksnap::default_sigpipe();
-    let args = cli::Cli::parse();
-    match cli::run(args) {
+    let args = cli::app::Cli::parse();
+    match cli::app::run(args) {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
-            let (code, message) = cli::describe_error(&err);
+            let (code, message) = cli::exit::describe_error(&err);
             eprintln!("blocksnap: error: {message}");
             ExitCode::from(code)
         }

@@ -1,7 +1,8 @@
 //! Chunk decoding: any bytes, any name. Must return, never panic or
 //! allocate past the 8 MiB raw-length bound.
 #![no_main]
-use blocksnap::{ChunkId, chunk};
+use blocksnap::ChunkId;
+use blocksnap::format::chunk;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -3,7 +3,7 @@
 #![no_main]
 use std::path::Path;
 
-use blocksnap::image;
+use blocksnap::format::image;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -11,5 +11,5 @@ fuzz_target!(|data: &[u8]| {
     let _ = image::decode_image(data, p);
     let _ = image::decode_permissions(data, p);
     let _ = image::decode_state(data, p);
-    let _ = blocksnap::access::decode(data, p);
+    let _ = image::decode_snapshot_permissions(data, p);
 });

@@ -2,7 +2,7 @@
 #![no_main]
 use std::path::Path;
 
-use blocksnap::instance;
+use blocksnap::format::instance;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -2,9 +2,9 @@
 #![no_main]
 use std::path::Path;
 
-use blocksnap::region;
+use blocksnap::format::region;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = region::decode_store_info(data, Path::new("fuzz"), "local");
+    let _ = region::decode_region_info(data, Path::new("fuzz"), "local");
 });

@@ -1,0 +1,146 @@
+//! The command line: global options, the nouns, and the dispatch from a
+//! parsed command to its noun.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use blocksnap::{AccountId, Error, Region};
+
+use crate::cli::image::ImageCmd;
+use crate::cli::instance::InstanceCmd;
+use crate::cli::output::Out;
+use crate::cli::region::RegionCmd;
+use crate::cli::snapshot::SnapshotCmd;
+use crate::cli::store::StoreCmd;
+use crate::cli::volume::VolumeCmd;
+use crate::cli::{exit, image, instance, region, snapshot, store, volume};
+
+/// The region used without `--region`: the only one created on first use.
+const DEFAULT_REGION: &str = "local";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "blocksnap",
+    version,
+    about = "Block-level incremental snapshots of disk images and block devices",
+    after_help = exit::EXIT_CODES
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug)]
+pub struct Global {
+    /// Store directory [default: $XDG_DATA_HOME/blocksnap or ~/.local/share/blocksnap]
+    #[arg(long, global = true, env = "BLOCKSNAP_STORE", value_name = "DIR")]
+    pub store: Option<PathBuf>,
+    /// Region: a sub-directory of the store, or one defined with `region add`
+    #[arg(
+        long,
+        global = true,
+        env = "BLOCKSNAP_REGION",
+        default_value = DEFAULT_REGION,
+        value_name = "NAME"
+    )]
+    pub region: String,
+    /// Account acting (12 digits) [default: the region's owner]
+    #[arg(long, global = true, env = "BLOCKSNAP_ACCOUNT", value_name = "ID")]
+    pub account: Option<String>,
+    /// Print one JSON document in AWS CLI shapes
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// No progress bar
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create, list, inspect and delete snapshots [CreateSnapshot, DescribeSnapshots, ...]
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
+    /// Restore snapshots to files and block devices [CreateVolume]
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+    /// Images (AMIs): create, register, list, share, copy, deregister [CreateImage, ...]
+    #[command(subcommand)]
+    Image(ImageCmd),
+    /// Launch and terminate instances from images [RunInstances, TerminateInstances]
+    #[command(subcommand)]
+    Instance(InstanceCmd),
+    /// Maintain the store: verify, gc, stats
+    #[command(subcommand)]
+    Store(StoreCmd),
+    /// Define regions on S3-compatible object stores [DescribeRegions]
+    #[command(subcommand)]
+    Region(RegionCmd),
+}
+
+/// The store root: `--store`, `$BLOCKSNAP_STORE`, or a per-user directory.
+fn store_root(global: &Global) -> Result<PathBuf> {
+    if let Some(p) = &global.store {
+        return Ok(p.clone());
+    }
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(d).join("blocksnap"));
+    }
+    match std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        Some(h) => Ok(PathBuf::from(h).join(".local/share/blocksnap")),
+        None => Err(Error::InvalidArgument(
+            "no store given and $HOME is not set: pass --store DIR".into(),
+        )
+        .into()),
+    }
+}
+
+/// Runs a parsed command line; the returned number is the exit code.
+pub fn run(cli: Cli) -> Result<u8> {
+    let g = &cli.global;
+    let account = g
+        .account
+        .as_deref()
+        .map(str::parse::<AccountId>)
+        .transpose()?;
+    // Tuning variables are parsed once, here: a bad value is a usage error.
+    let settings = blocksnap::settings::Settings::from_vars(|n| std::env::var(n).ok())?;
+    blocksnap::settings::install(settings);
+    let root = store_root(g)?;
+    let out = Out::new(g.json, g.quiet);
+    let command = match cli.command {
+        // Region definitions work without opening a region.
+        Command::Region(cmd) => return region::run(&root, &out, cmd),
+        other => other,
+    };
+    // Only the default region is created on first use; any other must
+    // exist (`region add`), so a typo is an error, not a new empty region.
+    let opened = if g.region == DEFAULT_REGION {
+        Region::open_or_create(&root, &g.region)
+    } else {
+        Region::open(&root, &g.region)
+    };
+    let region = opened.with_context(|| {
+        format!(
+            "cannot open region {} of store {}",
+            g.region,
+            root.display()
+        )
+    })?;
+    // Leaving out --account acts as the region's default owner.
+    let caller = account
+        .clone()
+        .unwrap_or_else(|| region.info().owner.clone());
+    match command {
+        Command::Snapshot(cmd) => snapshot::run(&region, &out, account, &caller, cmd),
+        Command::Image(cmd) => image::run(&root, &region, &out, caller, cmd),
+        Command::Instance(cmd) => instance::run(&region, &out, caller, cmd),
+        Command::Volume(cmd) => volume::run(&region, &out, &caller, cmd),
+        Command::Store(cmd) => store::run(&region, &out, cmd),
+        // Handled above, before a region is opened.
+        Command::Region(_) => unreachable!("region commands return early"),
+    }
+}

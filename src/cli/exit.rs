@@ -1,0 +1,46 @@
+//! Exit codes: what each failure maps to, and the message printed.
+
+use blocksnap::{Error, ErrorKind};
+
+pub const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  failure (I/O error, unreadable volume, anything not below)
+  2  usage error: bad argument, malformed id, wrong block size, not a file or
+     device, volume over 64 TiB
+  3  not found: volume, snapshot, image, instance or region does not exist
+  4  integrity: a chunk or manifest is corrupt, truncated or missing
+  5  conflict: already exists (region, image name), target exists, differs in
+     size or is too small, device in use,
+     store locked, image deregistered, snapshot in use by an image
+  6  permission: the account may not use or change that image or snapshot";
+
+pub fn describe_error(err: &anyhow::Error) -> (u8, String) {
+    let code = match err
+        .chain()
+        .find_map(|e| e.downcast_ref::<Error>())
+        .map(Error::kind)
+    {
+        Some(ErrorKind::Usage) => 2,
+        Some(ErrorKind::NotFound) => 3,
+        Some(ErrorKind::Integrity) => 4,
+        Some(ErrorKind::Conflict) => 5,
+        Some(ErrorKind::Permission) => 6,
+        Some(ErrorKind::Other) | None => 1,
+    };
+    // Library errors already carry their cause in the message; context
+    // added here comes first.
+    let mut parts: Vec<String> = Vec::new();
+    for e in err.chain() {
+        let s = e.to_string();
+        if parts.last().is_some_and(|prev| prev.contains(&s)) {
+            continue;
+        }
+        let lib = e.downcast_ref::<Error>().is_some();
+        parts.push(s);
+        if lib {
+            break;
+        }
+    }
+    (code, parts.join(": "))
+}

@@ -1,0 +1,602 @@
+//! What the binary prints: short text for people, or with `--json` one
+//! document in the AWS CLI's shapes and key names; and the progress bar.
+
+use std::io::IsTerminal;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{Value, json};
+
+use blocksnap::format::image::LaunchPermission;
+use blocksnap::format::manifest::{Block, Manifest, SnapshotMeta};
+use blocksnap::format::regions::RegionDef;
+use blocksnap::id::hex;
+use blocksnap::ops::check::{BadChunk, RegionStats, VerifyReport};
+use blocksnap::ops::gc::GcReport;
+use blocksnap::ops::restore::RestoreReport;
+use blocksnap::ops::snapshot::ChangedBlock;
+use blocksnap::ops::verify::VolumeCheck;
+use blocksnap::progress::Progress;
+use blocksnap::{Region, SnapshotId};
+
+pub struct Out {
+    pub json: bool,
+    bars: bool,
+}
+
+impl Out {
+    pub fn new(json: bool, quiet: bool) -> Self {
+        Out {
+            json,
+            bars: !json && !quiet && std::io::stderr().is_terminal(),
+        }
+    }
+
+    /// A progress bar on a terminal; nothing when piped, quiet or `--json`.
+    pub fn progress(&self) -> Bar {
+        Bar(self.bars.then(|| {
+            let pb = ProgressBar::new(0);
+            pb.set_style(
+                ProgressStyle::with_template(
+                    "{msg} [{bar:24}] {bytes}/{total_bytes} {binary_bytes_per_sec} {eta}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+            pb
+        }))
+    }
+
+    pub fn print(&self, doc: Value) {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&doc).expect("json serializes")
+        );
+    }
+
+    pub fn snapshot_created(&self, m: &SnapshotMeta) {
+        if self.json {
+            return self.print(snapshot_json(m));
+        }
+        let s = &m.stats;
+        match &m.parent {
+            Some(p) => println!(
+                "{} created from {} (incremental, parent {p})",
+                m.id, m.source
+            ),
+            None => println!("{} created from {} (full)", m.id, m.source),
+        }
+        println!(
+            "  volume {} in {} blocks of {}: {} data, {} zero, {} hole",
+            human(m.volume_size),
+            m.block_count(),
+            human(m.block_size as u64),
+            s.data_blocks,
+            s.zero_blocks,
+            s.hole_blocks
+        );
+        println!(
+            "  stored {} new chunks: {} of blocks in {}; reused {} ({} blocks unchanged from the parent)",
+            s.new_chunks,
+            human(s.new_bytes_raw),
+            human(s.new_bytes_stored),
+            human(s.reused_bytes),
+            s.unchanged_blocks
+        );
+    }
+
+    pub fn snapshot_list(&self, snaps: &[SnapshotMeta]) {
+        if self.json {
+            return self.print(
+                json!({ "Snapshots": snaps.iter().map(snapshot_json).collect::<Vec<_>>() }),
+            );
+        }
+        if snaps.is_empty() {
+            println!("no snapshots");
+            return;
+        }
+        println!(
+            "{:<22} {:<20} {:>10} {:>10} {:<22} source",
+            "snapshot", "started", "size", "new", "parent"
+        );
+        for m in snaps {
+            println!(
+                "{:<22} {:<20} {:>10} {:>10} {:<22} {}",
+                m.id.as_str(),
+                humantime::format_rfc3339_seconds(m.created()).to_string(),
+                human(m.volume_size),
+                human(m.stats.new_bytes_stored),
+                m.parent.as_ref().map(SnapshotId::as_str).unwrap_or("-"),
+                m.source
+            );
+        }
+    }
+
+    pub fn snapshot_describe(&self, m: &SnapshotMeta) {
+        if self.json {
+            return self.print(json!({ "Snapshots": [snapshot_json(m)] }));
+        }
+        let s = &m.stats;
+        let tags: Vec<String> = m
+            .tags
+            .iter()
+            .map(|t| format!("{}={}", t.key, t.value))
+            .collect();
+        println!("SnapshotId        {}", m.id);
+        println!(
+            "StartTime         {}",
+            humantime::format_rfc3339_seconds(m.created())
+        );
+        println!("State             completed");
+        println!("OwnerId           {}", m.owner);
+        println!("Source            {}", m.source);
+        println!(
+            "VolumeSize        {} ({} bytes)",
+            human(m.volume_size),
+            m.volume_size
+        );
+        println!("BlockSize         {}", human(m.block_size as u64));
+        println!(
+            "Parent            {}",
+            m.parent.as_ref().map(SnapshotId::as_str).unwrap_or("-")
+        );
+        println!("Description       {}", m.description);
+        println!("Tags              {}", tags.join(", "));
+        println!("RootDigest        {}", hex(&m.root_digest));
+        println!(
+            "Blocks            {} data, {} zero, {} hole ({} unchanged from parent)",
+            s.data_blocks, s.zero_blocks, s.hole_blocks, s.unchanged_blocks
+        );
+        println!(
+            "New to the store  {} chunks, {} raw, {} stored",
+            s.new_chunks,
+            human(s.new_bytes_raw),
+            human(s.new_bytes_stored)
+        );
+        println!("Reused            {}", human(s.reused_bytes));
+    }
+
+    pub fn blocks(&self, m: &Manifest) {
+        if self.json {
+            let blocks: Vec<Value> = m
+                .blocks
+                .iter()
+                .enumerate()
+                .map(|(i, b)| json!({ "BlockIndex": i, "State": b.state_name(), "Checksum": checksum(b) }))
+                .collect();
+            return self.print(json!({
+                "SnapshotId": m.meta.id.as_str(),
+                "VolumeSize": blocksnap::format::image::gib_for(m.meta.volume_size),
+                "VolumeSizeBytes": m.meta.volume_size,
+                "BlockSize": m.meta.block_size,
+                "Blocks": blocks,
+            }));
+        }
+        let mut out = String::new();
+        for (i, b) in m.blocks.iter().enumerate() {
+            let digest = b.chunk().map(|c| c.to_hex()).unwrap_or_else(|| "-".into());
+            out.push_str(&format!("{i:>10} {:<5} {digest}\n", b.state_name()));
+        }
+        print!("{out}");
+    }
+
+    pub fn changed_blocks(&self, a: &Manifest, b: &Manifest, changed: &[ChangedBlock]) {
+        if self.json {
+            let blocks: Vec<Value> = changed
+                .iter()
+                .map(|c| {
+                    json!({
+                        "BlockIndex": c.index,
+                        "FirstBlockChecksum": c.first.as_ref().and_then(checksum),
+                        "SecondBlockChecksum": c.second.as_ref().and_then(checksum),
+                    })
+                })
+                .collect();
+            return self.print(json!({
+                "FirstSnapshotId": a.meta.id.as_str(),
+                "SecondSnapshotId": b.meta.id.as_str(),
+                "BlockSize": a.meta.block_size,
+                "VolumeSize": blocksnap::format::image::gib_for(b.meta.volume_size),
+                "VolumeSizeBytes": b.meta.volume_size,
+                "ChangedBlocks": blocks,
+            }));
+        }
+        let mut out = String::new();
+        for c in changed {
+            let state = |b: &Option<Block>| b.map(|b| b.state_name()).unwrap_or("none");
+            out.push_str(&format!(
+                "{:>10} {} -> {}\n",
+                c.index,
+                state(&c.first),
+                state(&c.second)
+            ));
+        }
+        print!("{out}");
+        eprintln!(
+            "{} of {} blocks differ",
+            changed.len(),
+            a.blocks.len().max(b.blocks.len())
+        );
+    }
+
+    pub fn deleted(&self, id: &SnapshotId) {
+        if self.json {
+            return self.print(json!({ "SnapshotId": id.as_str(), "Deleted": true }));
+        }
+        println!("{id} deleted; run `blocksnap store gc` to reclaim chunks no other snapshot uses");
+    }
+
+    pub fn restore(&self, r: &RestoreReport) {
+        if self.json {
+            return self.print(json!({
+                "SnapshotId": r.snapshot.as_str(),
+                "Target": r.target.display().to_string(),
+                "Size": blocksnap::format::image::gib_for(r.target_size),
+                "SizeBytes": r.target_size,
+                "Delta": r.delta,
+                "BlocksWritten": r.blocks_written,
+                "BlocksSkipped": r.blocks_skipped,
+                "BytesWritten": r.bytes_written,
+            }));
+        }
+        println!(
+            "{} restored to {} ({}): {} blocks written ({}), {} skipped",
+            r.snapshot,
+            r.target.display(),
+            human(r.target_size),
+            r.blocks_written,
+            human(r.bytes_written),
+            r.blocks_skipped
+        );
+    }
+
+    pub fn volume_check(&self, c: &VolumeCheck) {
+        if self.json {
+            return self.print(json!({
+                "SnapshotId": c.snapshot.as_str(),
+                "Target": c.target.display().to_string(),
+                "Matches": c.matches(),
+                "BlocksChecked": c.blocks_checked,
+                "DifferingBlocks": c.differing_blocks,
+                "DifferingRanges": c.differing.iter().map(|r| json!({
+                    "FirstBlock": r.first_block, "LastBlock": r.last_block, "Offset": r.offset, "Length": r.len,
+                })).collect::<Vec<_>>(),
+            }));
+        }
+        for r in &c.differing {
+            println!(
+                "differs: blocks {}-{} (bytes {}..{})",
+                r.first_block,
+                r.last_block,
+                r.offset,
+                r.offset + r.len
+            );
+        }
+        if c.matches() {
+            println!(
+                "{} matches {} ({} blocks)",
+                c.target.display(),
+                c.snapshot,
+                c.blocks_checked
+            );
+        } else {
+            println!(
+                "{} DIFFERS from {}: {} of {} blocks in {} ranges",
+                c.target.display(),
+                c.snapshot,
+                c.differing_blocks,
+                c.blocks_checked,
+                c.differing.len()
+            );
+        }
+    }
+
+    pub fn verify(&self, r: &VerifyReport) {
+        let bad = |b: &BadChunk| match &b.used_by {
+            Some(u) => {
+                json!({ "ChunkId": b.chunk.to_hex(), "SnapshotId": u.snapshot.as_str(), "Offset": u.offset, "Problem": b.problem })
+            }
+            None => json!({ "ChunkId": b.chunk.to_hex(), "Problem": b.problem }),
+        };
+        if self.json {
+            return self.print(json!({
+                "Clean": r.is_clean(),
+                "SnapshotsChecked": r.snapshots_checked,
+                "ImagesChecked": r.images_checked,
+                "ChunksChecked": r.chunks_checked,
+                "BytesChecked": r.bytes_checked,
+                "DamagedManifests": r.damaged_manifests,
+                "MissingChunks": r.missing_chunks.iter().map(bad).collect::<Vec<_>>(),
+                "CorruptChunks": r.corrupt_chunks.iter().map(bad).collect::<Vec<_>>(),
+                "NewerChunks": r.newer_chunks.iter().map(bad).collect::<Vec<_>>(),
+                "OrphanChunks": r.orphan_chunks,
+                "Quarantined": r.quarantined,
+                "QuarantineHeld": r.quarantine_held,
+            }));
+        }
+        for m in &r.damaged_manifests {
+            println!("damaged manifest: {m}");
+        }
+        for (what, list) in [
+            ("missing", &r.missing_chunks),
+            ("corrupt", &r.corrupt_chunks),
+            ("unreadable", &r.newer_chunks),
+        ] {
+            for b in list {
+                match &b.used_by {
+                    Some(u) => println!(
+                        "{what} chunk {} (needed by {} at offset {}): {}",
+                        b.chunk, u.snapshot, u.offset, b.problem
+                    ),
+                    None => println!("{what} chunk {} (unused): {}", b.chunk, b.problem),
+                }
+            }
+        }
+        if r.quarantined > 0 {
+            println!(
+                "moved {} corrupt chunks aside (.bad); snapshot the same data again to store them anew",
+                r.quarantined
+            );
+        }
+        quarantine_hint("kept aside", r.quarantine_held);
+        println!(
+            "{}: {} snapshots, {} images, {} chunks ({}) checked; {} damaged manifests, {} missing, {} corrupt, {} from a newer blocksnap, {} orphan chunks",
+            if r.is_clean() { "clean" } else { "DAMAGED" },
+            r.snapshots_checked,
+            r.images_checked,
+            r.chunks_checked,
+            human(r.bytes_checked),
+            r.damaged_manifests.len(),
+            r.missing_chunks.len(),
+            r.corrupt_chunks.len(),
+            r.newer_chunks.len(),
+            r.orphan_chunks
+        );
+    }
+
+    pub fn region_added(&self, name: &str, def: &RegionDef, region: &Region) {
+        if self.json {
+            return self.print(json!({
+                "RegionName": name,
+                "Location": def.url,
+                "Endpoint": def.endpoint,
+                "OwnerId": region.info().owner.as_str(),
+            }));
+        }
+        println!(
+            "region {name}: {} ({}), owner {}",
+            def.url,
+            def.endpoint.as_deref().unwrap_or("AWS S3"),
+            region.info().owner
+        );
+    }
+
+    pub fn local_region_added(&self, name: &str, region: &Region) {
+        if self.json {
+            return self.print(json!({
+                "RegionName": name,
+                "Location": region.location(),
+                "OwnerId": region.info().owner.as_str(),
+            }));
+        }
+        println!(
+            "region {name}: {}, owner {}",
+            region.location(),
+            region.info().owner
+        );
+    }
+
+    pub fn region_list(
+        &self,
+        root: &std::path::Path,
+        local: &[String],
+        defined: &std::collections::BTreeMap<String, RegionDef>,
+    ) {
+        let mut rows: Vec<(String, &str, String, Option<String>)> = local
+            .iter()
+            .map(|n| (n.clone(), "local", root.join(n).display().to_string(), None))
+            .collect();
+        rows.extend(
+            defined
+                .iter()
+                .map(|(n, d)| (n.clone(), "s3", d.url.clone(), d.endpoint.clone())),
+        );
+        rows.sort();
+        if self.json {
+            let regions: Vec<Value> = rows
+                .iter()
+                .map(|(n, kind, loc, ep)| {
+                    json!({"RegionName": n, "Backend": kind, "Location": loc, "Endpoint": ep})
+                })
+                .collect();
+            return self.print(json!({ "Regions": regions }));
+        }
+        for (n, kind, loc, ep) in rows {
+            match ep {
+                Some(ep) => println!("{n:<20} {kind:<6} {loc} ({ep})"),
+                None => println!("{n:<20} {kind:<6} {loc}"),
+            }
+        }
+    }
+
+    pub fn region_removed(&self, name: &str, def: &RegionDef) {
+        if self.json {
+            return self.print(json!({"RegionName": name, "Location": def.url}));
+        }
+        println!("region {name} forgotten; its data stays at {}", def.url);
+    }
+
+    pub fn gc(&self, r: &GcReport) {
+        if self.json {
+            return self.print(json!({
+                "Snapshots": r.snapshots,
+                "ChunksKept": r.chunks_kept,
+                "ChunksRemoved": r.chunks_removed,
+                "BytesRemoved": r.bytes_removed,
+                "TempFilesRemoved": r.temp_files_removed,
+                "QuarantinedKept": r.quarantined_kept,
+                "QuarantinedRemoved": r.quarantined_removed,
+            }));
+        }
+        println!(
+            "gc: {} snapshots, {} chunks kept, {} removed ({}), {} temporary files removed",
+            r.snapshots,
+            r.chunks_kept,
+            r.chunks_removed,
+            human(r.bytes_removed),
+            r.temp_files_removed
+        );
+        if r.quarantined_removed > 0 {
+            println!(
+                "removed {} quarantined chunks (.bad)",
+                r.quarantined_removed
+            );
+        }
+        quarantine_hint("kept", r.quarantined_kept);
+    }
+
+    pub fn stats(&self, s: &RegionStats) {
+        if self.json {
+            return self.print(json!({
+                "Region": s.region,
+                "OwnerId": s.owner,
+                "Root": s.root,
+                "Snapshots": s.snapshots,
+                "Chunks": s.chunks,
+                "StoredBytes": s.stored_bytes,
+                "QuarantinedChunks": s.quarantined,
+                "QuarantinedBytes": s.quarantined_bytes,
+            }));
+        }
+        println!("region {} at {} (owner {})", s.region, s.root, s.owner);
+        println!(
+            "{} snapshots, {} chunks, {} stored",
+            s.snapshots,
+            s.chunks,
+            human(s.stored_bytes)
+        );
+        quarantine_hint(
+            &format!("({}) kept aside", human(s.quarantined_bytes)),
+            s.quarantined,
+        );
+    }
+}
+
+/// Tells how many quarantined chunks remain and how to delete them.
+fn quarantine_hint(state: &str, count: u64) {
+    if count > 0 {
+        println!(
+            "{count} quarantined chunks (.bad) {state}: `blocksnap store gc --purge-quarantine` deletes them"
+        );
+    }
+}
+
+/// The progress bar, or nothing.
+pub struct Bar(Option<ProgressBar>);
+
+impl Bar {
+    pub fn done(&self) {
+        if let Some(pb) = &self.0 {
+            pb.finish_and_clear();
+        }
+    }
+}
+
+impl Progress for Bar {
+    fn start(&self, label: &str, total: u64) {
+        if let Some(pb) = &self.0 {
+            pb.set_message(label.to_string());
+            pb.set_length(total);
+            pb.set_position(0);
+        }
+    }
+
+    fn advance(&self, bytes: u64) {
+        if let Some(pb) = &self.0 {
+            pb.inc(bytes);
+        }
+    }
+
+    fn warn(&self, message: &str) {
+        match &self.0 {
+            Some(pb) => pb.suspend(|| eprintln!("blocksnap: warning: {message}")),
+            None => eprintln!("blocksnap: warning: {message}"),
+        }
+    }
+}
+
+fn snapshot_json(m: &SnapshotMeta) -> Value {
+    let s = &m.stats;
+    let mut doc = json!({
+        "SnapshotId": m.id.as_str(),
+        "VolumeSize": blocksnap::format::image::gib_for(m.volume_size),
+        "VolumeSizeBytes": m.volume_size,
+        "BlockSize": m.block_size,
+        "StartTime": humantime::format_rfc3339_millis(m.created()).to_string(),
+        "State": "completed",
+        "Progress": "100%",
+        "OwnerId": m.owner.as_str(),
+        "Description": m.description,
+        "Tags": m.tags.iter().map(|t| json!({ "Key": t.key, "Value": t.value })).collect::<Vec<_>>(),
+        "SourcePath": m.source,
+        "RootDigest": hex(&m.root_digest),
+        "Stats": {
+            "DataBlocks": s.data_blocks,
+            "ZeroBlocks": s.zero_blocks,
+            "HoleBlocks": s.hole_blocks,
+            "UnchangedBlocks": s.unchanged_blocks,
+            "NewChunks": s.new_chunks,
+            "NewBytesRaw": s.new_bytes_raw,
+            "NewBytesStored": s.new_bytes_stored,
+            "ReusedBytes": s.reused_bytes,
+        },
+    });
+    if let Some(p) = &m.parent {
+        doc["ParentSnapshotId"] = json!(p.as_str());
+    }
+    doc
+}
+
+fn checksum(b: &Block) -> Option<String> {
+    b.chunk().map(|c| c.to_hex())
+}
+
+/// `1.50 GiB`-style sizes.
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.2} {}", UNITS[u])
+    }
+}
+
+/// Prints the grants of an image's or a snapshot's permissions.
+pub fn print_grants(
+    out: &Out,
+    id: &str,
+    id_key: &str,
+    doc: &impl serde::Serialize,
+    grants: &[LaunchPermission],
+) {
+    if out.json {
+        let mut doc = serde_json::to_value(doc).expect("permissions serialize");
+        doc[id_key] = json!(id);
+        out.print(doc);
+        return;
+    }
+    if grants.is_empty() {
+        println!("{id}: owner only");
+    }
+    for p in grants {
+        match p {
+            LaunchPermission::Account(a) => println!("{id}: account {a}"),
+            LaunchPermission::Group(g) => println!("{id}: group {g} (public)"),
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! Parsers of command-line values: ids, sizes, tags, accounts and
+//! permission changes.
+
+use anyhow::Result;
+use clap::Args;
+
+use blocksnap::format::manifest::Tag;
+use blocksnap::region::permissions::{Grantee, PermissionChange};
+use blocksnap::{AccountId, Error, ImageId, SnapshotId};
+
+pub fn parse_snapshot(s: &str) -> Result<SnapshotId> {
+    Ok(s.parse::<SnapshotId>()?)
+}
+
+/// Parses `123`, `64K`, `512KiB`, `20G`, `1T` (powers of 1024).
+pub fn parse_size(s: &str, what: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let shift = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => u32::MAX,
+    };
+    num.parse::<u64>()
+        .ok()
+        .filter(|_| shift != u32::MAX)
+        .and_then(|n| n.checked_mul(1u64 << shift.min(40)))
+        .ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "{what} {s:?} is not a size: use bytes or a K, M, G or T suffix, e.g. 512K"
+            ))
+            .into()
+        })
+}
+
+pub fn parse_tag(s: &str) -> Result<Tag> {
+    match s.split_once('=') {
+        Some((k, v)) => Ok(Tag {
+            key: k.to_string(),
+            value: v.to_string(),
+        }),
+        None => Err(Error::InvalidArgument(format!("tag {s:?} is not KEY=VALUE")).into()),
+    }
+}
+
+pub fn parse_image(s: &str) -> Result<ImageId> {
+    Ok(s.parse::<ImageId>()?)
+}
+
+#[derive(Args, Debug)]
+pub struct PermissionArgs {
+    /// ACCOUNT or `all` (public) (repeatable)
+    #[arg(long, value_name = "ACCOUNT|all")]
+    pub add: Vec<String>,
+    /// ACCOUNT or `all` (repeatable)
+    #[arg(long, value_name = "ACCOUNT|all")]
+    pub remove: Vec<String>,
+    /// Back to owner only
+    #[arg(long)]
+    pub reset: bool,
+}
+
+/// `--add`, `--remove` and `--reset` of a permissions command.
+pub fn permission_change(args: &PermissionArgs) -> Result<PermissionChange> {
+    let (add, remove, reset) = (&args.add, &args.remove, args.reset);
+    if add.is_empty() && remove.is_empty() && !reset {
+        return Err(Error::InvalidArgument(
+            "say what to change: --add, --remove or --reset".into(),
+        )
+        .into());
+    }
+    Ok(PermissionChange {
+        add: add.iter().map(|a| a.parse()).collect::<Result<_, _>>()?,
+        remove: remove.iter().map(|a| a.parse()).collect::<Result<_, _>>()?,
+        reset,
+    })
+}
+
+/// `self` or an account id.
+pub fn account_or_self(s: &str, caller: &AccountId) -> Result<AccountId> {
+    if s == "self" {
+        Ok(caller.clone())
+    } else {
+        Ok(s.parse()?)
+    }
+}
+
+/// `self`, `all` or an account id.
+pub fn grantee_or_self(s: &str, caller: &AccountId) -> Result<Grantee> {
+    match s {
+        "self" => Ok(Grantee::Account(caller.clone())),
+        other => Ok(other.parse()?),
+    }
+}

@@ -1,0 +1,202 @@
+//! `snapshot`: create, list, describe, compare, share and delete
+//! snapshots.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Subcommand;
+
+use blocksnap::format::manifest;
+use blocksnap::ops::snapshot::{self, CreateOptions, ParentChoice};
+use blocksnap::{AccountId, Region};
+
+use crate::cli::output::{Out, print_grants};
+use crate::cli::parse::{
+    PermissionArgs, account_or_self, grantee_or_self, parse_size, parse_snapshot, parse_tag,
+    permission_change,
+};
+
+#[derive(Subcommand, Debug)]
+pub enum SnapshotCmd {
+    /// Snapshot a raw image file or block device [CreateSnapshot]
+    ///
+    /// The first snapshot of a volume stores every non-zero block; later
+    /// ones are incremental against the newest snapshot of the same path
+    /// (or --parent) and store only blocks the store lacks.
+    Create {
+        /// Image file or block device (e.g. disk.img, /dev/loop3)
+        volume: PathBuf,
+        /// Snapshot to be incremental against [default: newest of this volume]
+        #[arg(long, value_name = "SNAP", conflicts_with = "no_parent")]
+        parent: Option<String>,
+        /// Take a full snapshot, with no parent
+        #[arg(long)]
+        no_parent: bool,
+        /// Block size, a power of two from 64K to 8M [default: the parent's, or 512K]
+        #[arg(long, value_name = "SIZE")]
+        block_size: Option<String>,
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Tag as KEY=VALUE (repeatable)
+        #[arg(long = "tag", value_name = "KEY=VALUE")]
+        tags: Vec<String>,
+        /// Worker threads [default: one per core]
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Store changed blocks whole, never as deltas against the parent's
+        #[arg(long)]
+        no_delta: bool,
+    },
+    /// List the snapshots you may restore (yours, shared with you, public), oldest first [DescribeSnapshots]
+    List {
+        /// Only snapshots of this volume path
+        #[arg(long, value_name = "PATH")]
+        volume: Option<PathBuf>,
+        /// Only snapshots owned by `self` or an account
+        #[arg(long, value_name = "self|ACCOUNT")]
+        owner: Option<String>,
+        /// Only snapshots `self`, `all` (public) or an account may restore
+        #[arg(long, value_name = "self|all|ACCOUNT")]
+        restorable_by: Option<String>,
+    },
+    /// Show who may restore a snapshot; owner only [DescribeSnapshotAttribute createVolumePermission]
+    DescribePermissions { snapshot: String },
+    /// Change who may restore a snapshot; owner only [ModifySnapshotAttribute createVolumePermission]
+    Permissions {
+        snapshot: String,
+        #[command(flatten)]
+        change: PermissionArgs,
+    },
+    /// Show one snapshot [DescribeSnapshots --snapshot-ids]
+    Describe { snapshot: String },
+    /// List every block with its state and digest [ListSnapshotBlocks]
+    Blocks { snapshot: String },
+    /// Blocks whose content differs between two snapshots, from the manifests alone [ListChangedBlocks]
+    ChangedBlocks { first: String, second: String },
+    /// Delete a snapshot; its chunks are reclaimed by `store gc` [DeleteSnapshot]
+    Delete { snapshot: String },
+}
+
+pub fn run(
+    region: &Region,
+    out: &Out,
+    account: Option<AccountId>,
+    caller: &AccountId,
+    cmd: SnapshotCmd,
+) -> Result<u8> {
+    use blocksnap::ops::access;
+    match cmd {
+        SnapshotCmd::Create {
+            volume,
+            parent,
+            no_parent,
+            block_size,
+            description,
+            tags,
+            threads,
+            no_delta,
+        } => {
+            let parent = match (parent, no_parent) {
+                (Some(p), _) => {
+                    let id = parse_snapshot(&p)?;
+                    access::readable(region, &id, caller, "take as a parent")?;
+                    ParentChoice::Explicit(id)
+                }
+                (None, true) => ParentChoice::None,
+                (None, false) => ParentChoice::Latest,
+            };
+            let block_size = block_size
+                .as_deref()
+                .map(|s| {
+                    parse_size(s, "--block-size")
+                        .and_then(|n| Ok(manifest::validate_block_size(n)?))
+                })
+                .transpose()?;
+            let opts = CreateOptions {
+                parent,
+                block_size,
+                description,
+                tags: tags.iter().map(|t| parse_tag(t)).collect::<Result<_>>()?,
+                owner: account,
+                threads,
+                delta: !no_delta,
+            };
+            let bar = out.progress();
+            let meta = snapshot::create(region, &volume, &opts, &bar)?;
+            bar.done();
+            out.snapshot_created(&meta);
+            Ok(0)
+        }
+        SnapshotCmd::List {
+            volume,
+            owner,
+            restorable_by,
+        } => {
+            let filter = access::ListFilter {
+                owner: owner
+                    .as_deref()
+                    .map(|s| account_or_self(s, caller))
+                    .transpose()?,
+                restorable_by: restorable_by
+                    .as_deref()
+                    .map(|s| grantee_or_self(s, caller))
+                    .transpose()?,
+            };
+            let (views, damaged) = access::list(region, caller, &filter)?;
+            for e in &damaged {
+                eprintln!("blocksnap: warning: {e}: run `blocksnap store verify`");
+            }
+            let source = volume.map(|v| blocksnap::volume::io::source_path(&v));
+            let snaps: Vec<_> = views
+                .into_iter()
+                .map(|v| v.meta)
+                .filter(|m| source.as_ref().is_none_or(|s| &m.source == s))
+                .collect();
+            out.snapshot_list(&snaps);
+            Ok(0)
+        }
+        SnapshotCmd::Describe { snapshot } => {
+            let meta = access::readable(region, &parse_snapshot(&snapshot)?, caller, "describe")?;
+            out.snapshot_describe(&meta);
+            Ok(0)
+        }
+        SnapshotCmd::Blocks { snapshot } => {
+            let m = region.read_snapshot(&parse_snapshot(&snapshot)?)?;
+            access::check_readable(region, &m.meta, caller, "list the blocks of")?;
+            out.blocks(&m);
+            Ok(0)
+        }
+        SnapshotCmd::DescribePermissions { snapshot } => {
+            let id = parse_snapshot(&snapshot)?;
+            access::owned(region, &id, caller, "see the permissions of")?;
+            let perms = blocksnap::region::permissions::read(region, &id)?;
+            let grants = &perms.create_volume_permissions;
+            print_grants(out, id.as_str(), "SnapshotId", &perms, grants);
+            Ok(0)
+        }
+        SnapshotCmd::Permissions { snapshot, change } => {
+            let id = parse_snapshot(&snapshot)?;
+            let change = permission_change(&change)?;
+            let perms = access::modify(region, &id, caller, &change)?;
+            let grants = &perms.create_volume_permissions;
+            print_grants(out, id.as_str(), "SnapshotId", &perms, grants);
+            Ok(0)
+        }
+        SnapshotCmd::ChangedBlocks { first, second } => {
+            let a = region.read_snapshot(&parse_snapshot(&first)?)?;
+            let b = region.read_snapshot(&parse_snapshot(&second)?)?;
+            for m in [&a, &b] {
+                access::check_readable(region, &m.meta, caller, "compare")?;
+            }
+            let changed = snapshot::changed_blocks(&a, &b)?;
+            out.changed_blocks(&a, &b, &changed);
+            Ok(0)
+        }
+        SnapshotCmd::Delete { snapshot } => {
+            let id = parse_snapshot(&snapshot)?;
+            access::delete(region, &id, caller)?;
+            out.deleted(&id);
+            Ok(0)
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! `volume`: restore a snapshot into a file or device, verify a volume
+//! against a snapshot.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Subcommand;
+
+use blocksnap::AccountId;
+use blocksnap::Region;
+use blocksnap::ops::access::readable;
+use blocksnap::ops::restore::{self, RestoreOptions};
+use blocksnap::ops::verify::verify_volume;
+
+use crate::cli::output::Out;
+use crate::cli::parse::{parse_size, parse_snapshot};
+
+#[derive(Subcommand, Debug)]
+pub enum VolumeCmd {
+    /// Compare a volume (file or device) with a snapshot without restoring;
+    /// exits 4 and lists the differing block ranges if they differ
+    Verify {
+        snapshot: String,
+        target: PathBuf,
+        /// Worker threads [default: one per core]
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
+    /// Restore a snapshot into a new file, over a file, or onto a block device [CreateVolume]
+    ///
+    /// A new file target is written under a temporary name and renamed
+    /// into place when complete; it is sparse where the snapshot has zero
+    /// or hole blocks. --delta and block-device targets are written in
+    /// place: an interrupted restore leaves them partly written, and a
+    /// rerun with --delta finishes the job.
+    Restore {
+        snapshot: String,
+        /// File or block device to restore into
+        target: PathBuf,
+        /// Replace an existing file or overwrite a block device; with
+        /// --delta, accept a target whose size differs from the snapshot's
+        #[arg(long)]
+        force: bool,
+        /// Update an existing file or device in place, writing only blocks that differ
+        #[arg(long)]
+        delta: bool,
+        /// Size of the restored volume (e.g. 20G); at least the snapshot's size
+        #[arg(long, value_name = "BYTES")]
+        size: Option<String>,
+        /// The block device already reads as zeros: skip writing zero blocks
+        #[arg(long)]
+        assume_zeroed: bool,
+        /// Worker threads [default: one per core]
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
+}
+
+pub fn run(region: &Region, out: &Out, caller: &AccountId, cmd: VolumeCmd) -> Result<u8> {
+    match cmd {
+        VolumeCmd::Verify {
+            snapshot,
+            target,
+            threads,
+        } => {
+            let id = parse_snapshot(&snapshot)?;
+            readable(region, &id, caller, "verify a volume against")?;
+            let bar = out.progress();
+            let check = verify_volume(region, &id, &target, threads, &bar)?;
+            bar.done();
+            out.volume_check(&check);
+            Ok(if check.matches() { 0 } else { 4 })
+        }
+        VolumeCmd::Restore {
+            snapshot,
+            target,
+            force,
+            delta,
+            size,
+            assume_zeroed,
+            threads,
+        } => {
+            let id = parse_snapshot(&snapshot)?;
+            let opts = RestoreOptions {
+                force,
+                delta,
+                size: size
+                    .as_deref()
+                    .map(|s| parse_size(s, "--size"))
+                    .transpose()?,
+                assume_zeroed,
+                threads,
+            };
+            readable(region, &id, caller, "restore")?;
+            let bar = out.progress();
+            let report = restore::restore(region, &id, &target, &opts, &bar)?;
+            bar.done();
+            out.restore(&report);
+            Ok(0)
+        }
+    }
+}

@@ -1,0 +1,378 @@
+//! The chunk format: how one block's bytes are stored.
+//!
+//! ```text
+//! offset  size  field
+//! 0       4     magic "BSCK"              (frozen: do not modify)
+//! 4       1     format version = 1
+//! 5       1     codec: 0 = raw, 1 = zstd, 2 = zstd delta
+//! 6       2     reserved, zero
+//! 8       4     raw length, u32 little-endian (<= 8 MiB)
+//! 12      ..    payload (codecs 0 and 1)
+//!
+//! codec 2 only:
+//! 12      32    base: the chunk id this one is a delta against
+//! 44      1     depth: 1 + the base's depth (plain chunks have depth 0), <= 3
+//! 45      3     reserved, zero
+//! 48      ..    payload: a zstd frame compressed with the base's raw bytes
+//!               as its reference prefix
+//! ```
+//!
+//! A changed block is usually its parent's block with a few writes in it;
+//! stored as a zstd delta against the parent's chunk it costs about the
+//! bytes that changed instead of the whole block. Chains are bounded: a
+//! block whose base is already at depth 3 is stored plain.
+//!
+//! A chunk is named by the BLAKE3-256 of its raw bytes; [`decode_into`]
+//! and `store::chain::load_into` check the name before they return a single byte.
+
+use std::cell::RefCell;
+
+use crate::error::{Error, Result};
+use crate::id::ChunkId;
+
+pub const CHUNK_MAGIC: &[u8; 4] = b"BSCK";
+pub const CHUNK_VERSION: u8 = 1;
+pub const HEADER_LEN: usize = 12;
+pub const DELTA_HEADER_LEN: usize = 48;
+/// The longest chain of deltas: a restore decodes at most this many bases.
+pub const MAX_DEPTH: u8 = 3;
+/// The largest block size, so the largest raw chunk.
+pub const MAX_RAW_LEN: usize = 8 << 20;
+/// zstd level used for new chunks: the fastest, see README (Speed).
+pub const ZSTD_LEVEL: i32 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Codec {
+    Raw = 0,
+    Zstd = 1,
+    ZstdDelta = 2,
+}
+
+/// The chunk a delta chunk is decoded against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Base {
+    pub id: ChunkId,
+    /// This chunk's depth: 1 + the base's.
+    pub depth: u8,
+}
+
+/// The base of a stored delta chunk, from its first [`DELTA_HEADER_LEN`]
+/// bytes; `None` for a plain chunk or bytes that are not a delta header.
+pub fn base_of(head: &[u8]) -> Option<Base> {
+    if head.len() < DELTA_HEADER_LEN
+        || &head[..4] != CHUNK_MAGIC
+        || head[5] != Codec::ZstdDelta as u8
+    {
+        return None;
+    }
+    Some(Base {
+        id: ChunkId(head[12..44].try_into().expect("32 bytes")),
+        depth: head[44],
+    })
+}
+
+/// Encodes `raw` as a delta against `base_raw` (the bytes of chunk `base`,
+/// at depth `base_depth`). `None` when the chain would be too long or the
+/// delta is not smaller than `limit` bytes.
+pub fn encode_delta(
+    raw: &[u8],
+    base: &ChunkId,
+    base_raw: &[u8],
+    base_depth: u8,
+    limit: usize,
+) -> Option<Vec<u8>> {
+    use zstd::zstd_safe::{CCtx, CParameter};
+    if base_depth >= MAX_DEPTH || raw.len() > MAX_RAW_LEN {
+        return None;
+    }
+    // The matches sit one block back, in the prefix: the window must reach
+    // them and the hash table must keep a position per prefix offset.
+    let span = (base_raw.len() + raw.len()).max(1 << 10);
+    let window_log = (usize::BITS - (span - 1).leading_zeros()).clamp(10, 27);
+    let mut cctx = CCtx::create();
+    cctx.set_parameter(CParameter::CompressionLevel(ZSTD_LEVEL))
+        .ok()?;
+    cctx.set_parameter(CParameter::WindowLog(window_log)).ok()?;
+    cctx.set_parameter(CParameter::HashLog((window_log - 4).min(24)))
+        .ok()?;
+    cctx.ref_prefix(base_raw).ok()?;
+    let budget = limit.saturating_sub(DELTA_HEADER_LEN).min(raw.len());
+    let mut payload = Vec::with_capacity(budget);
+    let n = cctx.compress2(&mut payload, raw).ok()?;
+    if DELTA_HEADER_LEN + n >= limit {
+        return None;
+    }
+    let mut out = Vec::with_capacity(DELTA_HEADER_LEN + n);
+    push_header(&mut out, Codec::ZstdDelta, raw.len());
+    out.extend_from_slice(&base.0);
+    out.extend_from_slice(&[base_depth + 1, 0, 0, 0]);
+    out.extend_from_slice(&payload[..n]);
+    Some(out)
+}
+
+/// Decodes the codec-2 chunk `stored` over its base's raw bytes and
+/// checks the result against the name `id`.
+pub fn decode_delta(id: &ChunkId, stored: &[u8], base_raw: &[u8], out: &mut Vec<u8>) -> Result<()> {
+    use zstd::zstd_safe::DCtx;
+    let corrupt = Error::corrupt_chunk(*id);
+    let raw_len = checked_raw_len(id, stored)?;
+    let mut dctx = DCtx::create();
+    dctx.ref_prefix(base_raw)
+        .map_err(|c| corrupt(format!("zstd: {}", zstd::zstd_safe::get_error_name(c))))?;
+    out.clear();
+    out.reserve(raw_len);
+    let n = dctx
+        .decompress(&mut *out, &stored[DELTA_HEADER_LEN..])
+        .map_err(|c| corrupt(format!("zstd: {}", zstd::zstd_safe::get_error_name(c))))?;
+    if n != raw_len {
+        return Err(corrupt(format!(
+            "decompressed to {n} bytes, header says {raw_len}"
+        )));
+    }
+    if ChunkId::of(out) != *id {
+        return Err(corrupt("its bytes do not match its BLAKE3 name".into()));
+    }
+    Ok(())
+}
+
+/// Checks magic, version and the raw length bound; returns the raw length.
+fn checked_raw_len(id: &ChunkId, stored: &[u8]) -> Result<usize> {
+    let corrupt = Error::corrupt_chunk(*id);
+    if stored.len() < HEADER_LEN {
+        return Err(corrupt(format!(
+            "{} bytes is shorter than a chunk header",
+            stored.len()
+        )));
+    }
+    if &stored[..4] != CHUNK_MAGIC {
+        return Err(corrupt("bad magic".into()));
+    }
+    if stored[4] > CHUNK_VERSION {
+        return Err(Error::NewerChunk {
+            chunk: *id,
+            detail: format!("chunk format version {}", stored[4]),
+        });
+    }
+    if stored[4] != CHUNK_VERSION {
+        return Err(corrupt(format!(
+            "chunk format version {} was never written",
+            stored[4]
+        )));
+    }
+    if stored[5] > Codec::ZstdDelta as u8 {
+        // A codec added later must come with a version bump; a reader
+        // still never calls an unknown codec damage.
+        return Err(Error::NewerChunk {
+            chunk: *id,
+            detail: format!("codec {}", stored[5]),
+        });
+    }
+    let raw_len = u32::from_le_bytes(stored[8..12].try_into().expect("4 bytes")) as usize;
+    if raw_len > MAX_RAW_LEN {
+        return Err(corrupt(format!(
+            "raw length {raw_len} exceeds the {MAX_RAW_LEN}-byte limit"
+        )));
+    }
+    if stored[5] == Codec::ZstdDelta as u8 && stored.len() < DELTA_HEADER_LEN {
+        return Err(corrupt(format!(
+            "{} bytes is shorter than a delta chunk header",
+            stored.len()
+        )));
+    }
+    Ok(raw_len)
+}
+
+thread_local! {
+    static COMPRESSOR: RefCell<Option<(zstd::bulk::Compressor<'static>, Vec<u8>)>> = const { RefCell::new(None) };
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+}
+
+fn push_header(out: &mut Vec<u8>, codec: Codec, raw_len: usize) {
+    out.extend_from_slice(CHUNK_MAGIC);
+    out.push(CHUNK_VERSION);
+    out.push(codec as u8);
+    out.extend_from_slice(&[0, 0]);
+    out.extend_from_slice(&(raw_len as u32).to_le_bytes());
+}
+
+/// Encodes `raw` as a stored chunk: zstd when that is smaller, raw otherwise.
+pub fn encode(raw: &[u8]) -> Result<Vec<u8>> {
+    assert!(
+        raw.len() <= MAX_RAW_LEN,
+        "block larger than the largest block size"
+    );
+    // Compress into a per-thread scratch buffer no larger than the raw
+    // block: output that does not fit is not worth storing compressed,
+    // and nothing is zero-filled.
+    let compressed = COMPRESSOR
+        .with(|cell| -> std::io::Result<Option<Vec<u8>>> {
+            let mut slot = cell.borrow_mut();
+            if slot.is_none() {
+                *slot = Some((zstd::bulk::Compressor::new(ZSTD_LEVEL)?, Vec::new()));
+            }
+            let (c, scratch) = slot.as_mut().expect("compressor was just created");
+            scratch.clear();
+            scratch.reserve(raw.len());
+            match c.compress_to_buffer(raw, scratch) {
+                Ok(n) if n < raw.len() => {
+                    let mut out = Vec::with_capacity(HEADER_LEN + n);
+                    push_header(&mut out, Codec::Zstd, raw.len());
+                    out.extend_from_slice(&scratch[..n]);
+                    Ok(Some(out))
+                }
+                _ => Ok(None),
+            }
+        })
+        // No compression context (out of memory): store the block raw.
+        .unwrap_or(None);
+    let out = compressed.unwrap_or_else(|| {
+        let mut out = Vec::with_capacity(HEADER_LEN + raw.len());
+        push_header(&mut out, Codec::Raw, raw.len());
+        out.extend_from_slice(raw);
+        out
+    });
+    Ok(out)
+}
+
+/// Decodes a stored plain chunk into `out` and checks that its bytes hash
+/// to `id`. `out` is cleared first; its capacity is reused. A delta chunk
+/// needs its base: use `store::chain::load_into`.
+pub fn decode_into(id: &ChunkId, stored: &[u8], out: &mut Vec<u8>) -> Result<()> {
+    let corrupt = Error::corrupt_chunk(*id);
+    let raw_len = checked_raw_len(id, stored)?;
+    let payload = &stored[HEADER_LEN..];
+    out.clear();
+    match stored[5] {
+        c if c == Codec::Raw as u8 => {
+            if payload.len() != raw_len {
+                return Err(corrupt(format!(
+                    "raw payload is {} bytes, header says {raw_len}",
+                    payload.len()
+                )));
+            }
+            out.extend_from_slice(payload);
+        }
+        c if c == Codec::Zstd as u8 => {
+            out.reserve(raw_len);
+            let n = DECOMPRESSOR
+                .with(|cell| -> std::io::Result<usize> {
+                    let mut slot = cell.borrow_mut();
+                    if slot.is_none() {
+                        *slot = Some(zstd::bulk::Decompressor::new()?);
+                    }
+                    let d = slot.as_mut().expect("decompressor was just created");
+                    d.decompress_to_buffer(payload, &mut *out)
+                })
+                .map_err(|e| corrupt(format!("zstd: {e}")))?;
+            if n != raw_len {
+                return Err(corrupt(format!(
+                    "decompressed to {n} bytes, header says {raw_len}"
+                )));
+            }
+        }
+        c if c == Codec::ZstdDelta as u8 => {
+            return Err(corrupt(
+                "a delta chunk decodes only with its base (see load_into)".into(),
+            ));
+        }
+        other => return Err(corrupt(format!("unknown codec {other}"))),
+    }
+    if ChunkId::of(out) != *id {
+        return Err(corrupt("its bytes do not match its BLAKE3 name".into()));
+    }
+    Ok(())
+}
+
+/// [`decode_into`] a fresh buffer.
+pub fn decode(id: &ChunkId, stored: &[u8]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    decode_into(id, stored, &mut out)?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_newer_version_or_codec_is_not_damage_and_an_older_version_is() {
+        let raw = vec![7u8; 4096];
+        let id = ChunkId::of(&raw);
+        let good = encode(&raw).unwrap();
+        let with = |at: usize, v: u8| {
+            let mut b = good.clone();
+            b[at] = v;
+            decode_into(&id, &b, &mut Vec::new()).unwrap_err()
+        };
+        for (at, v) in [
+            (4, CHUNK_VERSION + 1),
+            (5, Codec::ZstdDelta as u8 + 1),
+            (5, 255),
+        ] {
+            let e = with(at, v);
+            assert!(matches!(e, Error::NewerChunk { .. }), "{e}");
+            assert!(e.to_string().contains("newer blocksnap"), "{e}");
+        }
+        let e = with(4, 0);
+        assert!(matches!(e, Error::CorruptChunk { .. }), "{e}");
+        assert!(!e.to_string().contains("upgrade"), "{e}");
+    }
+
+    #[test]
+    fn compressible_round_trip() {
+        let raw: Vec<u8> = b"hello block world "
+            .iter()
+            .cycle()
+            .take(512 << 10)
+            .copied()
+            .collect();
+        let id = ChunkId::of(&raw);
+        let stored = encode(&raw).unwrap();
+        assert_eq!(stored[5], Codec::Zstd as u8);
+        assert!(stored.len() < raw.len() / 10);
+        assert_eq!(decode(&id, &stored).unwrap(), raw);
+    }
+
+    #[test]
+    fn incompressible_is_stored_raw() {
+        let mut raw = vec![0u8; 64 << 10];
+        getrandom::fill(&mut raw).unwrap();
+        let id = ChunkId::of(&raw);
+        let stored = encode(&raw).unwrap();
+        assert_eq!(stored[5], Codec::Raw as u8);
+        assert_eq!(stored.len(), HEADER_LEN + raw.len());
+        assert_eq!(decode(&id, &stored).unwrap(), raw);
+    }
+
+    #[test]
+    fn any_flipped_byte_is_detected() {
+        let raw: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let id = ChunkId::of(&raw);
+        let stored = encode(&raw).unwrap();
+        for pos in [0, 4, 5, 8, HEADER_LEN, stored.len() / 2, stored.len() - 1] {
+            let mut bad = stored.clone();
+            bad[pos] ^= 0x40;
+            let err = decode(&id, &bad).unwrap_err();
+            // A version or codec byte that flips upwards reads as a newer
+            // format: still refused, but never moved aside by a repair.
+            let newer = pos == 4 || pos == 5;
+            assert!(
+                matches!(err, Error::CorruptChunk { .. })
+                    || (newer && matches!(err, Error::NewerChunk { .. })),
+                "byte {pos}: {err}"
+            );
+        }
+        assert!(decode(&id, &stored[..stored.len() - 1]).is_err());
+        assert!(decode(&id, &stored[..5]).is_err());
+    }
+
+    #[test]
+    fn absurd_raw_length_is_rejected_before_allocating() {
+        let mut bad = Vec::from(&CHUNK_MAGIC[..]);
+        bad.extend_from_slice(&[1, 1, 0, 0]);
+        bad.extend_from_slice(&u32::MAX.to_le_bytes());
+        let err = decode(&ChunkId([0; 32]), &bad).unwrap_err();
+        assert!(err.to_string().contains("exceeds"), "{err}");
+    }
+}

@@ -1,0 +1,91 @@
+//! The JSON envelope of image files, snapshot permission files and other
+//! small records: `{"Format", "Version", "Checksum", "Body"}`, whose
+//! checksum is the BLAKE3 of the body's exact bytes, so an edited or
+//! truncated file is reported, never used.
+
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::error::{Error, Result};
+
+/// The envelope version (frozen: a new meaning is a new version).
+pub const VERSION: u32 = 1;
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct Envelope<'a> {
+    format: String,
+    version: u32,
+    checksum: String,
+    #[serde(borrow)]
+    body: &'a RawValue,
+}
+
+pub fn encode<T: Serialize>(format: &str, body: &T) -> Vec<u8> {
+    let body = serde_json::to_string_pretty(body).expect("image data serializes");
+    let checksum = blake3::hash(body.as_bytes()).to_hex().to_string();
+    let raw = RawValue::from_string(body).expect("serde_json output is valid JSON");
+    let mut out = serde_json::to_vec_pretty(&Envelope {
+        format: format.into(),
+        version: VERSION,
+        checksum,
+        body: &raw,
+    })
+    .expect("envelope serializes");
+    out.push(b'\n');
+    out
+}
+
+pub fn decode<T: DeserializeOwned>(
+    bytes: &[u8],
+    format: &str,
+    what: &'static str,
+    path: &Path,
+) -> Result<T> {
+    let corrupt = Error::corrupt_file(what, path);
+    let env: Envelope =
+        serde_json::from_slice(bytes).map_err(|e| corrupt(format!("not valid JSON ({e})")))?;
+    super::check_format(what, path, &env.format, format, env.version, VERSION)?;
+    if blake3::hash(env.body.get().as_bytes()).to_hex().as_str() != env.checksum {
+        return Err(corrupt(
+            "checksum mismatch: the file was edited or damaged".into(),
+        ));
+    }
+    serde_json::from_str(env.body.get()).map_err(|e| corrupt(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::image::{IMAGE_FORMAT, LAUNCH_FORMAT, LaunchPermission, LaunchPermissions};
+
+    #[test]
+    fn envelope_detects_edits_and_truncation() {
+        let perms = LaunchPermissions {
+            launch_permissions: vec![LaunchPermission::Account("123456789012".parse().unwrap())],
+        };
+        let bytes = encode(LAUNCH_FORMAT, &perms);
+        let p = Path::new("x.launch.json");
+        let back: LaunchPermissions =
+            decode(&bytes, LAUNCH_FORMAT, "launch permissions", p).unwrap();
+        assert_eq!(back, perms);
+        let text = String::from_utf8(bytes.clone()).unwrap();
+        let edited = text.replace("123456789012", "999999999999");
+        let err =
+            decode::<LaunchPermissions>(edited.as_bytes(), LAUNCH_FORMAT, "launch permissions", p)
+                .unwrap_err();
+        assert!(err.to_string().contains("checksum"), "{err}");
+        let err = decode::<LaunchPermissions>(
+            &bytes[..bytes.len() / 2],
+            LAUNCH_FORMAT,
+            "launch permissions",
+            p,
+        )
+        .unwrap_err();
+        assert!(matches!(err, Error::CorruptFile { .. }), "{err}");
+        assert!(decode::<LaunchPermissions>(&bytes, IMAGE_FORMAT, "image manifest", p).is_err());
+    }
+}

@@ -1,0 +1,496 @@
+//! The snapshot manifest: what a snapshot is, and its on-disk format.
+//!
+//! ```text
+//! offset  size       field
+//! 0       8          magic "BSNAPMAN"            (frozen: do not modify)
+//! 8       4          format version = 1, u32 LE
+//! 12      4          meta length M, u32 LE (<= 1 MiB)
+//! 16      8          blocks length B, u64 LE
+//! 24      32         BLAKE3 of bytes 0..24 followed by the meta bytes
+//! 56      32         BLAKE3 of the blocks bytes
+//! 88      M          meta: SnapshotMeta in postcard
+//! 88+M    B          blocks: one entry per block, in order:
+//!                      0x00 hole | 0x01 zero | 0x02 + 32-byte chunk id
+//! ```
+//!
+//! The two checksums let `snapshot list` read and trust the meta without
+//! reading the block list. A file whose length is not exactly `88 + M + B`
+//! is truncated (or has trailing bytes) and is rejected.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::id::{AccountId, ChunkId, SnapshotId};
+
+pub const MANIFEST_MAGIC: &[u8; 8] = b"BSNAPMAN";
+pub const MANIFEST_VERSION: u32 = 1;
+pub const HEADER_LEN: usize = 88;
+pub const MAX_META_LEN: u32 = 1 << 20;
+/// The largest manifest read: a 64 TiB volume of 4 KiB data blocks, the
+/// most blocks a volume can have (33 bytes each).
+pub const MAX_MANIFEST_LEN: u64 = HEADER_LEN as u64 + MAX_META_LEN as u64 + 33 * (1 << 34);
+
+/// What one block of a volume held when it was snapshotted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Block {
+    /// Unallocated in a sparse file: never read, reads back as zeros.
+    Hole,
+    /// Allocated, but every byte is zero: stored as a state, not a chunk.
+    Zero,
+    /// Anything else: the chunk holding its bytes.
+    Data(ChunkId),
+}
+
+impl Block {
+    pub fn chunk(&self) -> Option<&ChunkId> {
+        match self {
+            Block::Data(id) => Some(id),
+            _ => None,
+        }
+    }
+
+    pub fn state_name(&self) -> &'static str {
+        match self {
+            Block::Hole => "hole",
+            Block::Zero => "zero",
+            Block::Data(_) => "data",
+        }
+    }
+
+    /// Whether two blocks hold the same bytes (holes and zeros do).
+    pub fn same_content(&self, other: &Block) -> bool {
+        match (self, other) {
+            (Block::Data(a), Block::Data(b)) => a == b,
+            (Block::Data(_), _) | (_, Block::Data(_)) => false,
+            _ => true,
+        }
+    }
+}
+
+/// A tag. Field names matter only to JSON (EC2's `Key`/`Value`); postcard
+/// encodes fields by position.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct Tag {
+    pub key: String,
+    pub value: String,
+}
+
+/// Counts recorded when a snapshot is created.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotStats {
+    pub data_blocks: u64,
+    pub zero_blocks: u64,
+    pub hole_blocks: u64,
+    /// Data blocks whose digest equals the parent's at the same index.
+    pub unchanged_blocks: u64,
+    /// Chunks this snapshot added to the store.
+    pub new_chunks: u64,
+    /// Raw bytes of the chunks this snapshot added.
+    pub new_bytes_raw: u64,
+    /// Bytes those chunks take in the store (after compression).
+    pub new_bytes_stored: u64,
+    /// Raw bytes of data blocks whose chunk was already stored.
+    pub reused_bytes: u64,
+}
+
+/// Everything about a snapshot but its block list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotMeta {
+    pub id: SnapshotId,
+    pub parent: Option<SnapshotId>,
+    pub owner: AccountId,
+    pub volume_size: u64,
+    pub block_size: u32,
+    /// Creation time, nanoseconds since the Unix epoch.
+    pub created_ns: u64,
+    pub description: String,
+    pub tags: Vec<Tag>,
+    /// The volume it was taken from, as an absolute path.
+    pub source: String,
+    /// BLAKE3 over the ordered block digests, holes and zeros alike as 32
+    /// zero bytes: equal for any two snapshots of the same bytes.
+    pub root_digest: [u8; 32],
+    pub stats: SnapshotStats,
+}
+
+impl SnapshotMeta {
+    pub fn block_count(&self) -> u64 {
+        block_count(self.volume_size, self.block_size)
+    }
+
+    pub fn created(&self) -> std::time::SystemTime {
+        std::time::UNIX_EPOCH + std::time::Duration::from_nanos(self.created_ns)
+    }
+}
+
+/// A whole snapshot manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Manifest {
+    pub meta: SnapshotMeta,
+    pub blocks: Vec<Block>,
+}
+
+pub fn block_count(volume_size: u64, block_size: u32) -> u64 {
+    volume_size.div_ceil(block_size as u64)
+}
+
+/// The root digest of an ordered block list.
+pub fn root_digest(blocks: &[Block]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    for b in blocks {
+        match b {
+            Block::Data(id) => h.update(&id.0),
+            _ => h.update(&[0u8; 32]),
+        };
+    }
+    *h.finalize().as_bytes()
+}
+
+const TAG_HOLE: u8 = 0;
+const TAG_ZERO: u8 = 1;
+const TAG_DATA: u8 = 2;
+
+fn header_checksum(header24: &[u8], meta: &[u8]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(header24);
+    h.update(meta);
+    *h.finalize().as_bytes()
+}
+
+impl Manifest {
+    pub fn encode(&self) -> Vec<u8> {
+        let meta = postcard::to_allocvec(&self.meta).expect("snapshot meta always serializes");
+        let mut blocks = Vec::with_capacity(self.blocks.len() * 33);
+        for b in &self.blocks {
+            match b {
+                Block::Hole => blocks.push(TAG_HOLE),
+                Block::Zero => blocks.push(TAG_ZERO),
+                Block::Data(id) => {
+                    blocks.push(TAG_DATA);
+                    blocks.extend_from_slice(&id.0);
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(HEADER_LEN + meta.len() + blocks.len());
+        out.extend_from_slice(MANIFEST_MAGIC);
+        out.extend_from_slice(&MANIFEST_VERSION.to_le_bytes());
+        out.extend_from_slice(&(meta.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(blocks.len() as u64).to_le_bytes());
+        let hc = header_checksum(&out[..24], &meta);
+        out.extend_from_slice(&hc);
+        out.extend_from_slice(blake3::hash(&blocks).as_bytes());
+        out.extend_from_slice(&meta);
+        out.extend_from_slice(&blocks);
+        out
+    }
+
+    /// Decodes a whole manifest file. `path` only names it in errors.
+    pub fn decode(bytes: &[u8], path: &Path) -> Result<Manifest> {
+        let parsed = Header::parse(bytes, path, bytes.len() as u64)?;
+        let meta = parsed.meta(bytes, path)?;
+        let corrupt = Error::corrupt_file("snapshot manifest", path);
+        let start = HEADER_LEN + parsed.meta_len as usize;
+        let raw = &bytes[start..];
+        if blake3::hash(raw).as_bytes() != &parsed.blocks_checksum {
+            return Err(corrupt("block list checksum mismatch".into()));
+        }
+        let expected = meta.block_count();
+        // Each entry takes at least one byte, so `raw.len()` bounds the count.
+        if expected > raw.len() as u64 {
+            return Err(corrupt(format!(
+                "{expected} blocks cannot fit in {} bytes",
+                raw.len()
+            )));
+        }
+        let mut blocks = Vec::with_capacity(expected as usize);
+        let mut pos = 0;
+        while pos < raw.len() {
+            let tag = raw[pos];
+            pos += 1;
+            blocks.push(match tag {
+                TAG_HOLE => Block::Hole,
+                TAG_ZERO => Block::Zero,
+                TAG_DATA => {
+                    let Some(id) = raw.get(pos..pos + 32) else {
+                        return Err(corrupt("block list ends inside a chunk id".into()));
+                    };
+                    pos += 32;
+                    Block::Data(ChunkId(id.try_into().expect("32 bytes")))
+                }
+                other => {
+                    return Err(corrupt(format!(
+                        "unknown block tag {other} at entry {}",
+                        blocks.len()
+                    )));
+                }
+            });
+        }
+        if blocks.len() as u64 != expected {
+            return Err(corrupt(format!(
+                "{} block entries for a {}-byte volume of {}-byte blocks (expected {expected})",
+                blocks.len(),
+                meta.volume_size,
+                meta.block_size
+            )));
+        }
+        Ok(Manifest { meta, blocks })
+    }
+
+    /// Decodes only the meta from the first bytes of a manifest file whose
+    /// total length is `file_len`.
+    pub fn decode_meta(prefix: &[u8], path: &Path, file_len: u64) -> Result<SnapshotMeta> {
+        Header::parse(prefix, path, file_len)?.meta(prefix, path)
+    }
+
+    /// How many leading bytes [`Manifest::decode_meta`] needs, from the
+    /// first [`HEADER_LEN`] bytes; `None` if those are not a manifest header.
+    pub fn meta_prefix_len(header: &[u8]) -> Option<usize> {
+        if header.len() < HEADER_LEN || &header[..8] != MANIFEST_MAGIC {
+            return None;
+        }
+        let meta_len = u32::from_le_bytes(header[12..16].try_into().ok()?);
+        (meta_len <= MAX_META_LEN).then_some(HEADER_LEN + meta_len as usize)
+    }
+}
+
+struct Header {
+    meta_len: u32,
+    header_checksum: [u8; 32],
+    blocks_checksum: [u8; 32],
+}
+
+impl Header {
+    /// Checks magic, version and lengths. `bytes` is at least the header
+    /// (the whole file, or its meta prefix); `file_len` the file's length.
+    fn parse(bytes: &[u8], path: &Path, file_len: u64) -> Result<Header> {
+        let corrupt = Error::corrupt_file("snapshot manifest", path);
+        if bytes.len() < HEADER_LEN {
+            return Err(corrupt(format!(
+                "truncated: {} bytes, shorter than the {HEADER_LEN}-byte header",
+                bytes.len()
+            )));
+        }
+        if &bytes[..8] != MANIFEST_MAGIC {
+            return Err(corrupt("not a snapshot manifest (bad magic)".into()));
+        }
+        let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().expect("4 bytes"));
+        let version = u32_at(8);
+        crate::format::check_version("snapshot manifest", path, version, MANIFEST_VERSION)?;
+        let meta_len = u32_at(12);
+        let blocks_len = u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes"));
+        if meta_len > MAX_META_LEN {
+            return Err(corrupt(format!(
+                "meta length {meta_len} exceeds {MAX_META_LEN}"
+            )));
+        }
+        let total = (HEADER_LEN as u64)
+            .checked_add(meta_len as u64)
+            .and_then(|t| t.checked_add(blocks_len))
+            .ok_or_else(|| corrupt("lengths overflow".into()))?;
+        if total != file_len {
+            return Err(corrupt(if file_len < total {
+                format!("truncated: {file_len} of {total} bytes")
+            } else {
+                format!("{} unexpected bytes after the end", file_len - total)
+            }));
+        }
+        if (bytes.len() as u64) < HEADER_LEN as u64 + meta_len as u64 {
+            return Err(corrupt("truncated inside the meta".into()));
+        }
+        Ok(Header {
+            meta_len,
+            header_checksum: bytes[24..56].try_into().expect("32 bytes"),
+            blocks_checksum: bytes[56..88].try_into().expect("32 bytes"),
+        })
+    }
+
+    fn meta(&self, bytes: &[u8], path: &Path) -> Result<SnapshotMeta> {
+        let corrupt = Error::corrupt_file("snapshot manifest", path);
+        let meta = &bytes[HEADER_LEN..HEADER_LEN + self.meta_len as usize];
+        if header_checksum(&bytes[..24], meta) != self.header_checksum {
+            return Err(corrupt("header checksum mismatch".into()));
+        }
+        let meta: SnapshotMeta =
+            postcard::from_bytes(meta).map_err(|e| corrupt(format!("meta: {e}")))?;
+        if !meta.block_size.is_power_of_two()
+            || meta.block_size < MIN_BLOCK_SIZE
+            || meta.block_size > MAX_BLOCK_SIZE
+        {
+            return Err(corrupt(format!(
+                "block size {} out of range",
+                meta.block_size
+            )));
+        }
+        Ok(meta)
+    }
+}
+
+pub const MIN_BLOCK_SIZE: u32 = 64 << 10;
+pub const MAX_BLOCK_SIZE: u32 = 8 << 20;
+pub const DEFAULT_BLOCK_SIZE: u32 = 512 << 10;
+
+/// Checks a requested block size: a power of two from 64 KiB to 8 MiB.
+pub fn validate_block_size(bs: u64) -> Result<u32> {
+    if bs.is_power_of_two() && (MIN_BLOCK_SIZE as u64..=MAX_BLOCK_SIZE as u64).contains(&bs) {
+        Ok(bs as u32)
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "block size {bs} is not allowed: use a power of two from 65536 (64 KiB) to 8388608 (8 MiB)"
+        )))
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn sample() -> Manifest {
+        let blocks = vec![
+            Block::Data(ChunkId::of(b"a")),
+            Block::Zero,
+            Block::Hole,
+            Block::Data(ChunkId::of(b"b")),
+            Block::Data(ChunkId::of(b"a")),
+        ];
+        let meta = SnapshotMeta {
+            id: "snap-0123456789abcdef0".parse().unwrap(),
+            parent: Some("snap-00000000000000001".parse().unwrap()),
+            owner: "123456789012".parse().unwrap(),
+            volume_size: 4 * 65536 + 100,
+            block_size: 65536,
+            created_ns: 1_700_000_000_123_456_789,
+            description: "golden disk".into(),
+            tags: vec![Tag {
+                key: "env".into(),
+                value: "bench".into(),
+            }],
+            source: "/images/disk.img".into(),
+            root_digest: root_digest(&blocks),
+            stats: SnapshotStats {
+                data_blocks: 3,
+                zero_blocks: 1,
+                hole_blocks: 1,
+                unchanged_blocks: 1,
+                new_chunks: 2,
+                new_bytes_raw: 131072,
+                new_bytes_stored: 4000,
+                reused_bytes: 65536,
+            },
+        };
+        Manifest { meta, blocks }
+    }
+
+    #[test]
+    fn round_trip() {
+        let m = sample();
+        let bytes = m.encode();
+        let p = Path::new("m");
+        assert_eq!(Manifest::decode(&bytes, p).unwrap(), m);
+        let n = Manifest::meta_prefix_len(&bytes[..HEADER_LEN]).unwrap();
+        assert_eq!(
+            Manifest::decode_meta(&bytes[..n], p, bytes.len() as u64).unwrap(),
+            m.meta
+        );
+    }
+
+    #[test]
+    fn truncation_and_flips_are_detected() {
+        let bytes = sample().encode();
+        let p = Path::new("m");
+        for len in [0, 10, HEADER_LEN, HEADER_LEN + 5, bytes.len() - 1] {
+            let err = Manifest::decode(&bytes[..len], p).unwrap_err();
+            assert!(err.to_string().contains("truncated"), "len {len}: {err}");
+        }
+        for pos in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[pos] ^= 1;
+            assert!(Manifest::decode(&bad, p).is_err(), "flip at {pos} accepted");
+        }
+        let mut long = bytes.clone();
+        long.push(0);
+        assert!(Manifest::decode(&long, p).is_err());
+    }
+
+    #[test]
+    fn block_states_compare_by_content() {
+        let a = Block::Data(ChunkId::of(b"a"));
+        assert!(Block::Hole.same_content(&Block::Zero));
+        assert!(a.same_content(&a));
+        assert!(!a.same_content(&Block::Zero));
+        assert!(!Block::Hole.same_content(&a));
+        let with_holes = [a, Block::Hole];
+        let with_zeros = [a, Block::Zero];
+        assert_eq!(root_digest(&with_holes), root_digest(&with_zeros));
+        assert_ne!(root_digest(&with_holes), root_digest(&[Block::Zero, a]));
+    }
+
+    #[test]
+    fn block_sizes() {
+        assert_eq!(validate_block_size(512 << 10).unwrap(), 512 << 10);
+        for bad in [0, 4096, 3 << 20, 16 << 20, 100_000] {
+            assert!(validate_block_size(bad).is_err(), "{bad}");
+        }
+        assert_eq!(block_count(0, 65536), 0);
+        assert_eq!(block_count(65537, 65536), 2);
+    }
+}
+
+#[cfg(test)]
+mod frozen {
+    use super::*;
+    use crate::format::chunk;
+
+    const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/v1");
+
+    /// The first released formats: a manifest and its chunks written by
+    /// blocksnap 0.1 must decode forever.
+    #[test]
+    fn v1_manifest_and_chunks_decode() {
+        let path = Path::new(FIXTURE).join("store/snapshots/snap-3e2e387c701c15658");
+        let bytes = std::fs::read(&path).unwrap();
+        let m = Manifest::decode(&bytes, &path).unwrap();
+        assert_eq!(m.meta.id.as_str(), "snap-3e2e387c701c15658");
+        assert_eq!(m.meta.parent, None);
+        assert_eq!(m.meta.owner.as_str(), "123456789012");
+        assert_eq!(m.meta.block_size, 65536);
+        assert_eq!(m.meta.volume_size, 4 * 65536 + 3000);
+        assert_eq!(m.meta.description, "v1 fixture");
+        assert_eq!(
+            m.meta.tags,
+            vec![Tag {
+                key: "format".into(),
+                value: "v1".into()
+            }]
+        );
+        assert_eq!(m.meta.stats.data_blocks, 3);
+        assert_eq!(m.meta.stats.new_chunks, 3);
+        let states: Vec<_> = m.blocks.iter().map(Block::state_name).collect();
+        assert_eq!(states, ["data", "zero", "hole", "data", "data"]);
+        assert_eq!(m.meta.root_digest, root_digest(&m.blocks));
+        assert_eq!(
+            m.encode(),
+            bytes,
+            "re-encoding changed the bytes of a frozen format"
+        );
+
+        let volume = std::fs::read(Path::new(FIXTURE).join("volume.img")).unwrap();
+        for (i, b) in m.blocks.iter().enumerate() {
+            if let Block::Data(id) = b {
+                let hex = id.to_hex();
+                let stored = std::fs::read(
+                    Path::new(FIXTURE)
+                        .join("store/chunks")
+                        .join(&hex[..4])
+                        .join(&hex),
+                )
+                .unwrap();
+                let raw = chunk::decode(id, &stored).unwrap();
+                let start = i * 65536;
+                assert_eq!(raw, &volume[start..(start + 65536).min(volume.len())]);
+            }
+        }
+    }
+}

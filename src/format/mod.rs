@@ -1,0 +1,83 @@
+//! Every byte layout blocksnap writes, each with its name or magic and
+//! version: pure encode and decode, no I/O. The fuzz targets depend on
+//! this room alone.
+//!
+//! | file                                     | format (magic or name)                  | version | module         |
+//! |------------------------------------------|-----------------------------------------|---------|----------------|
+//! | `chunks/<4 hex>/<64 hex>`                | `BSCK`, codecs 0 raw, 1 zstd, 2 delta   | 1       | [`chunk`]      |
+//! | `snapshots/<snap>`                       | `BSNAPMAN`                              | 1       | [`manifest`]   |
+//! | `images/<ami>.json`                      | `blocksnap-image` ([`envelope`])        | 1       | [`image`]      |
+//! | `images/<ami>.launch.json`               | `blocksnap-launch-permissions`          | 1       | [`image`]      |
+//! | `images/<ami>.state.json`                | `blocksnap-image-state`                 | 1       | [`image`]      |
+//! | `snapshot-permissions/<snap>.json`       | `blocksnap-create-volume-permissions`   | 1       | [`image`]      |
+//! | `store.json` (a region's root)           | `blocksnap-region`                      | 1       | [`region`]     |
+//! | `regions.json` (the store's root)        | `blocksnap-regions`                     | 1       | [`regions`]    |
+//! | `instance.json` (an instance directory)  | `blocksnap-instance` (absent: 1)        | 1       | [`instance`]   |
+//!
+//! # The rule: never modify, only add
+//!
+//! A released layout is frozen. A new codec, field or meaning is a new
+//! version (a new chunk codec is a new chunk version too), and
+//! `testdata/` keeps a fixture of every released version, decoded by a
+//! test. A reader that meets a version or codec newer than it knows says
+//! "written by a newer blocksnap: upgrade" ([`check_version`],
+//! `Error::NewerChunk`), never "corrupt", and `store verify --repair`
+//! never moves aside a chunk it cannot understand. A version older than
+//! the reader's that was never written is damage, never a reason to
+//! upgrade.
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+
+pub mod chunk;
+pub mod envelope;
+pub mod image;
+pub mod instance;
+pub mod manifest;
+pub mod region;
+pub mod regions;
+
+/// Checks the `format` name and `version` a JSON file declares against
+/// what this blocksnap reads.
+pub fn check_format(
+    what: &'static str,
+    path: &Path,
+    format: &str,
+    expected: &str,
+    version: u32,
+    supported: u32,
+) -> Result<()> {
+    if format != expected {
+        return Err(Error::CorruptFile {
+            what,
+            path: path.to_path_buf(),
+            reason: format!("format is {format:?}, expected {expected:?}"),
+        });
+    }
+    check_version(what, path, version, supported)
+}
+
+/// A format version newer than this blocksnap reads is "written by a newer
+/// blocksnap"; an older one that no reader here knows is damage, never a
+/// reason to upgrade.
+pub fn check_version(what: &'static str, path: &Path, version: u32, supported: u32) -> Result<()> {
+    if version > supported {
+        return Err(Error::UnsupportedVersion {
+            what,
+            path: path.to_path_buf(),
+            found: version,
+            supported,
+        });
+    }
+    if version != supported {
+        return Err(Error::CorruptFile {
+            what,
+            path: path.to_path_buf(),
+            reason: format!(
+                "format version {version} was never written (this is version {supported})"
+            ),
+        });
+    }
+    Ok(())
+}

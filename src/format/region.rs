@@ -1,0 +1,55 @@
+//! `store.json` in a region's root: the region's name, its default owner
+//! and when it was created.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::format::check_format;
+use crate::id::AccountId;
+
+pub const STORE_FORMAT: &str = "blocksnap-region";
+pub const STORE_VERSION: u32 = 1;
+pub const MAX_STORE_JSON: u64 = 64 << 10;
+/// Contents of `store.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegionInfo {
+    pub format: String,
+    pub version: u32,
+    pub region: String,
+    /// The default account: owner of what is created without `--account`.
+    pub owner: AccountId,
+    pub created: String,
+}
+
+/// Decodes a `store.json` for region `name`; `path` names it in errors.
+pub fn decode_region_info(bytes: &[u8], path: &Path, name: &str) -> Result<RegionInfo> {
+    let corrupt = Error::corrupt_file("store description", path);
+    if bytes.len() as u64 > MAX_STORE_JSON {
+        return Err(corrupt(format!("larger than {MAX_STORE_JSON} bytes")));
+    }
+    let info: RegionInfo = serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
+    let (format, version) = (&info.format, info.version);
+    check_format(
+        "store description",
+        path,
+        format,
+        STORE_FORMAT,
+        version,
+        STORE_VERSION,
+    )?;
+    if info.region != name {
+        return Err(corrupt(format!(
+            "it names region {:?}, but is opened as {name:?}: a region keeps its name, so \
+             open it (or define it with `region add`) as {:?}",
+            info.region, info.region
+        )));
+    }
+    Ok(info)
+}
+
+/// Encodes `store.json`.
+pub fn encode_region_info(info: &RegionInfo) -> Vec<u8> {
+    serde_json::to_vec_pretty(info).expect("region info serializes")
+}

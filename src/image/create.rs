@@ -1,0 +1,397 @@
+//! `image create` (CreateImage): snapshot volumes (given as files and
+//! devices, or the volumes of a launched instance) and register an image of
+//! them.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::format::image::{
+    BlockDeviceMapping, DeviceName, EbsMapping, Image, MappingTarget, gib_for,
+};
+use crate::format::instance::{InstanceVolume, RUNNING};
+use crate::format::manifest::{SnapshotMeta, Tag};
+use crate::id::{AccountId, ImageId, SnapshotId};
+use crate::image::ops::{self, RegisterOptions};
+use crate::image::{instance, rules};
+use crate::ops::snapshot::{self, CreateOptions, ParentChoice};
+use crate::progress::Progress;
+use crate::region::catalog::Region;
+use crate::volume::io::Volume;
+
+/// What a `--map DEVICE=VALUE` names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MapSource {
+    /// A volume to snapshot.
+    Volume(PathBuf),
+    /// An existing snapshot.
+    Snapshot(SnapshotId),
+    /// `none`: the device is suppressed.
+    NoDevice,
+    /// `ephemeralN`.
+    Ephemeral(String),
+}
+
+impl MapSource {
+    /// `none`, `ephemeralN`, `snap-…`, or a path.
+    pub fn parse(value: &str) -> Result<MapSource> {
+        Ok(if value == "none" {
+            MapSource::NoDevice
+        } else if value.starts_with("ephemeral") {
+            MapSource::Ephemeral(value.to_string())
+        } else if value.starts_with("snap-") {
+            MapSource::Snapshot(value.parse()?)
+        } else {
+            MapSource::Volume(PathBuf::from(value))
+        })
+    }
+}
+
+/// One `--map DEVICE=VALUE`.
+#[derive(Debug, Clone)]
+pub struct MapSpec {
+    pub device: DeviceName,
+    pub source: MapSource,
+}
+
+impl MapSpec {
+    /// Parses `DEVICE=VALUE`.
+    pub fn parse(s: &str) -> Result<MapSpec> {
+        let (dev, value) = s.split_once('=').ok_or_else(|| {
+            Error::InvalidImage(format!(
+                "mapping {s:?} is not DEVICE=VALUE: e.g. /dev/xvda=root.img, /dev/xvdb=snap-…, /dev/xvdc=none, /dev/xvdd=ephemeral0"
+            ))
+        })?;
+        Ok(MapSpec {
+            device: dev.parse()?,
+            source: MapSource::parse(value)?,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ImageCreateOptions {
+    pub name: String,
+    pub description: String,
+    pub architecture: Option<String>,
+    /// Default: the first mapped device.
+    pub root_device: Option<DeviceName>,
+    pub tags: Vec<Tag>,
+    /// GiB per device; default: the smallest that holds the snapshot.
+    pub volume_sizes: HashMap<DeviceName, u64>,
+    /// Devices whose volumes survive `instance terminate`.
+    pub keep_on_termination: Vec<DeviceName>,
+    pub owner: AccountId,
+    pub threads: usize,
+}
+
+impl ImageCreateOptions {
+    /// The size of `dev`'s volume: as given, or the GiB that hold `bytes`.
+    fn volume_gib(&self, dev: &DeviceName, bytes: u64) -> u64 {
+        self.volume_sizes
+            .get(dev)
+            .copied()
+            .unwrap_or(gib_for(bytes))
+    }
+
+    fn register_options(
+        &self,
+        root_device: DeviceName,
+        image_id: Option<ImageId>,
+    ) -> RegisterOptions {
+        RegisterOptions {
+            name: self.name.clone(),
+            description: self.description.clone(),
+            architecture: self.architecture.clone(),
+            root_device,
+            tags: self.tags.clone(),
+            owner: self.owner.clone(),
+            image_id,
+            source_image_id: None,
+            source_region: None,
+        }
+    }
+}
+
+/// What `image create` did: the image and each new snapshot.
+#[derive(Debug, Clone)]
+pub struct ImageCreateReport {
+    pub image: Image,
+    pub snapshots: Vec<CreatedSnapshot>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CreatedSnapshot {
+    pub device: DeviceName,
+    pub snapshot: SnapshotMeta,
+}
+
+/// One device of the image to be: how to get its mapping.
+enum Plan {
+    Snapshot {
+        path: PathBuf,
+        parent: ParentChoice,
+        keep: bool,
+    },
+    Ready(MappingTarget),
+}
+
+/// Snapshots the volumes named by `maps` and registers an image of them.
+pub fn create_from_volumes(
+    region: &Region,
+    maps: &[MapSpec],
+    opts: &ImageCreateOptions,
+    progress: &dyn Progress,
+) -> Result<ImageCreateReport> {
+    let plans = maps
+        .iter()
+        .map(|m| Ok((m.device.clone(), plan(region, m, opts)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let root = root_device(maps, opts)?;
+    snapshot_and_register(region, &root, plans, opts, "CreateImage", progress)
+}
+
+/// Registers an image of existing snapshots, `none` and `ephemeralN`
+/// mappings (RegisterImage): nothing is snapshotted, so a volume is
+/// refused.
+pub fn register_maps(
+    region: &Region,
+    maps: &[MapSpec],
+    opts: &ImageCreateOptions,
+) -> Result<Image> {
+    let mut mappings = Vec::new();
+    for m in maps {
+        if let MapSource::Volume(path) = &m.source {
+            return Err(Error::InvalidImage(format!(
+                "{}={}: register maps snapshots (snap-…), none or ephemeralN; use `image create` to snapshot a volume",
+                m.device,
+                path.display()
+            )));
+        }
+        let Plan::Ready(target) = plan(region, m, opts)? else {
+            unreachable!("only a volume is snapshotted");
+        };
+        mappings.push(BlockDeviceMapping {
+            device_name: m.device.clone(),
+            target,
+        });
+    }
+    let ropts = opts.register_options(root_device(maps, opts)?, None);
+    ops::register(region, &ropts, mappings)
+}
+
+/// How device `m` gets its mapping: a volume to snapshot, or one ready.
+fn plan(region: &Region, m: &MapSpec, opts: &ImageCreateOptions) -> Result<Plan> {
+    let keep = opts.keep_on_termination.contains(&m.device);
+    Ok(match &m.source {
+        MapSource::Volume(path) => Plan::Snapshot {
+            path: path.clone(),
+            parent: ParentChoice::Latest,
+            keep,
+        },
+        MapSource::Snapshot(id) => {
+            let meta = region.read_snapshot_meta(id).map_err(|e| match e {
+                Error::SnapshotNotFound { .. } => Error::NotFound(format!(
+                    "{} maps {id}, which does not exist in region {}",
+                    m.device,
+                    region.name()
+                )),
+                other => other,
+            })?;
+            Plan::Ready(MappingTarget::Ebs(EbsMapping {
+                snapshot_id: id.clone(),
+                volume_size: opts.volume_gib(&m.device, meta.volume_size),
+                delete_on_termination: !keep,
+            }))
+        }
+        MapSource::NoDevice => Plan::Ready(MappingTarget::NoDevice(String::new())),
+        MapSource::Ephemeral(v) => Plan::Ready(MappingTarget::VirtualName(v.clone())),
+    })
+}
+
+/// `--root-device`, or the first mapped device.
+fn root_device(maps: &[MapSpec], opts: &ImageCreateOptions) -> Result<DeviceName> {
+    match &opts.root_device {
+        Some(r) => Ok(r.clone()),
+        None => maps
+            .first()
+            .map(|m| m.device.clone())
+            .ok_or_else(|| Error::InvalidImage("an image needs at least one --map".into())),
+    }
+}
+
+/// Snapshots every EBS volume of the instance in `dir`, each incremental
+/// against the snapshot it was launched from, and registers an image with
+/// the same device names and root device.
+pub fn create_from_instance(
+    region: &Region,
+    dir: &Path,
+    opts: &ImageCreateOptions,
+    progress: &dyn Progress,
+) -> Result<ImageCreateReport> {
+    let inst = instance::read(dir)?;
+    if inst.region != region.name() {
+        return Err(Error::InvalidInstance(format!(
+            "instance {} was launched in region {}: pass --region {}",
+            inst.instance_id, inst.region, inst.region
+        )));
+    }
+    if inst.state != RUNNING {
+        return Err(Error::InvalidInstance(format!(
+            "instance {} is {}: its volumes are gone",
+            inst.instance_id, inst.state
+        )));
+    }
+    let mut plans = Vec::new();
+    for d in &inst.block_device_mappings {
+        let plan = match &d.volume {
+            InstanceVolume::Ebs(e) => Plan::Snapshot {
+                path: dir.join(&d.volume_file),
+                parent: if region.has_snapshot(&e.snapshot_id)? {
+                    ParentChoice::Explicit(e.snapshot_id.clone())
+                } else {
+                    // Its source snapshot was deleted: fall back to the
+                    // newest snapshot of the same volume file, if any.
+                    ParentChoice::Latest
+                },
+                keep: !e.delete_on_termination,
+            },
+            InstanceVolume::VirtualName(v) => Plan::Ready(MappingTarget::VirtualName(v.clone())),
+        };
+        plans.push((d.device_name.clone(), plan));
+    }
+    let root = opts
+        .root_device
+        .clone()
+        .unwrap_or(inst.root_device_name.clone());
+    let call = format!("CreateImage({})", inst.instance_id);
+    snapshot_and_register(region, &root, plans, opts, &call, progress)
+}
+
+fn snapshot_and_register(
+    region: &Region,
+    root: &DeviceName,
+    plans: Vec<(DeviceName, Plan)>,
+    opts: &ImageCreateOptions,
+    call: &str,
+    progress: &dyn Progress,
+) -> Result<ImageCreateReport> {
+    // Everything that can be checked before snapshotting is, so a bad
+    // name or mapping leaves no stray snapshots behind.
+    rules::validate_name(&opts.name)?;
+    snapshot::validate_labels(&opts.description, &opts.tags)?;
+    if let Some(a) = &opts.architecture {
+        rules::validate_architecture(a)?;
+    }
+    rules::check_name_free(region, &opts.owner, &opts.name)?;
+    for (i, (dev, _)) in plans.iter().enumerate() {
+        if plans[..i].iter().any(|(d, _)| d == dev) {
+            return Err(Error::InvalidImage(format!(
+                "device {dev} is mapped twice: map each device once"
+            )));
+        }
+    }
+    match plans.iter().find(|(d, _)| d == root) {
+        None => {
+            return Err(Error::InvalidImage(format!(
+                "root device {root} is not among the mappings: map it, or pick another with --root-device"
+            )));
+        }
+        Some((_, Plan::Ready(MappingTarget::NoDevice(_) | MappingTarget::VirtualName(_)))) => {
+            return Err(Error::InvalidImage(format!(
+                "root device {root} must map a snapshot, not a no-device or ephemeral volume"
+            )));
+        }
+        Some(_) => {}
+    }
+    for dev in opts.volume_sizes.keys() {
+        if !plans.iter().any(|(d, _)| d == dev) {
+            return Err(Error::InvalidImage(format!(
+                "--volume-size names {dev}, which is not mapped"
+            )));
+        }
+    }
+    for (dev, plan) in &plans {
+        let given = opts.volume_sizes.get(dev).copied();
+        match plan {
+            Plan::Snapshot { path, .. } => {
+                let volume = Volume::open(path).map_err(|e| match e {
+                    Error::VolumeNotFound(p) => {
+                        Error::NotFound(format!("{dev}: volume {} does not exist", p.display()))
+                    }
+                    other => other,
+                })?;
+                if let Some(gib) = given {
+                    let source = format!("volume {}", path.display());
+                    rules::validate_volume_size(dev, gib, &source, volume.size())?;
+                }
+            }
+            Plan::Ready(MappingTarget::Ebs(e)) => {
+                let meta = region.read_snapshot_meta(&e.snapshot_id)?;
+                let source = e.snapshot_id.to_string();
+                rules::validate_volume_size(dev, e.volume_size, &source, meta.volume_size)?;
+            }
+            Plan::Ready(MappingTarget::VirtualName(v)) => rules::validate_virtual_name(dev, v)?,
+            Plan::Ready(MappingTarget::NoDevice(_)) => {}
+        }
+    }
+
+    // From here on, a failure deletes the snapshots this call took.
+    let mut created = Vec::new();
+    let result = take_and_register(region, root, plans, opts, call, progress, &mut created);
+    if result.is_err() {
+        for c in &created {
+            let _ = region.delete_snapshot(&c.snapshot.id);
+        }
+    }
+    let image = result?;
+    Ok(ImageCreateReport {
+        image,
+        snapshots: created,
+    })
+}
+
+fn take_and_register(
+    region: &Region,
+    root: &DeviceName,
+    plans: Vec<(DeviceName, Plan)>,
+    opts: &ImageCreateOptions,
+    call: &str,
+    progress: &dyn Progress,
+    created: &mut Vec<CreatedSnapshot>,
+) -> Result<Image> {
+    let image_id = ImageId::random();
+    let mut mappings = Vec::new();
+    for (dev, plan) in plans {
+        let target = match plan {
+            Plan::Ready(t) => t,
+            Plan::Snapshot { path, parent, keep } => {
+                let copts = CreateOptions {
+                    parent,
+                    block_size: None,
+                    description: format!("Created by {call} for {image_id} ({dev})"),
+                    owner: Some(opts.owner.clone()),
+                    threads: opts.threads,
+                    ..CreateOptions::default()
+                };
+                let meta = snapshot::create(region, &path, &copts, progress)?;
+                let t = MappingTarget::Ebs(EbsMapping {
+                    snapshot_id: meta.id.clone(),
+                    volume_size: opts.volume_gib(&dev, meta.volume_size),
+                    delete_on_termination: !keep,
+                });
+                created.push(CreatedSnapshot {
+                    device: dev.clone(),
+                    snapshot: meta,
+                });
+                t
+            }
+        };
+        mappings.push(BlockDeviceMapping {
+            device_name: dev,
+            target,
+        });
+    }
+    let ropts = opts.register_options(root.clone(), Some(image_id));
+    ops::register(region, &ropts, mappings)
+}

@@ -1,0 +1,192 @@
+//! Registering images, changing their permissions and deprecation, and
+//! deregistering them (RegisterImage, ModifyImageAttribute,
+//! EnableImageDeprecation, DeregisterImage).
+
+use std::time::SystemTime;
+
+use crate::error::{Error, Result};
+use crate::format::image::{
+    BlockDeviceMapping, DeviceName, Image, ImageState, LaunchPermissions, StateRecord,
+};
+use crate::format::manifest::Tag;
+use crate::id::{AccountId, ImageId, SnapshotId};
+use crate::image::rules::{
+    check_name_free, host_architecture, validate_architecture, validate_mappings, validate_name,
+};
+use crate::ops::snapshot::validate_labels;
+use crate::region::catalog::Region;
+use crate::region::images::{
+    ImageView, list, read, users_of, write_new, write_permissions, write_state,
+};
+use crate::region::permissions::{Grants, PermissionChange};
+
+/// Reads an image that `caller` may `action` (launch, copy): it must be
+/// available and theirs, shared with them, or public.
+pub fn read_launchable(
+    region: &Region,
+    id: &ImageId,
+    caller: &AccountId,
+    action: &'static str,
+) -> Result<ImageView> {
+    let view = read(region, id)?;
+    view.require_launch(caller, action)?;
+    view.require_available()?;
+    Ok(view)
+}
+
+/// What `register` needs beyond the mappings.
+#[derive(Debug, Clone)]
+pub struct RegisterOptions {
+    pub name: String,
+    pub description: String,
+    pub architecture: Option<String>,
+    pub root_device: DeviceName,
+    pub tags: Vec<Tag>,
+    pub owner: AccountId,
+    /// Minted before snapshots are taken, so they can name it.
+    pub image_id: Option<ImageId>,
+    pub source_image_id: Option<ImageId>,
+    pub source_region: Option<String>,
+}
+
+/// Validates and registers an image from existing snapshots (RegisterImage).
+pub fn register(
+    region: &Region,
+    opts: &RegisterOptions,
+    mappings: Vec<BlockDeviceMapping>,
+) -> Result<Image> {
+    validate_name(&opts.name)?;
+    validate_labels(&opts.description, &opts.tags)?;
+    let architecture = opts
+        .architecture
+        .clone()
+        .unwrap_or_else(|| host_architecture().to_string());
+    validate_architecture(&architecture)?;
+    // Under the catalog lock, two registrations of one name cannot both
+    // pass the name check, and a snapshot cannot be deleted between the
+    // mapping check and the write.
+    let _catalog = region.catalog_lock("image register")?;
+    check_name_free(region, &opts.owner, &opts.name)?;
+    let metas = validate_mappings(region, &opts.root_device, &mappings)?;
+    for meta in &metas {
+        if meta.owner != opts.owner {
+            return Err(Error::InvalidImage(format!(
+                "snapshot {} belongs to account {}, not {}: only your own snapshots can back your image",
+                meta.id, meta.owner, opts.owner
+            )));
+        }
+    }
+    let image = Image {
+        image_id: opts.image_id.clone().unwrap_or_else(ImageId::random),
+        name: opts.name.clone(),
+        description: opts.description.clone(),
+        architecture,
+        root_device_name: opts.root_device.clone(),
+        root_device_type: "ebs".into(),
+        block_device_mappings: mappings,
+        owner_id: opts.owner.clone(),
+        creation_date: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        tags: opts.tags.clone(),
+        source_image_id: opts.source_image_id.clone(),
+        source_region: opts.source_region.clone(),
+    };
+    write_new(region, &image)?;
+    Ok(image)
+}
+
+/// Changes launch permissions; owner only. The manifest is untouched.
+pub fn modify_permissions(
+    region: &Region,
+    id: &ImageId,
+    caller: &AccountId,
+    change: &PermissionChange,
+) -> Result<LaunchPermissions> {
+    let _catalog = region.catalog_lock("image permissions")?;
+    let view = read(region, id)?;
+    view.require_owner(caller, "change launch permissions of")?;
+    let mut perms = view.permissions;
+    perms.apply(change);
+    write_permissions(region, id, &perms)?;
+    Ok(perms)
+}
+
+/// Sets or clears the deprecation time; owner only (EnableImageDeprecation).
+pub fn set_deprecation(
+    region: &Region,
+    id: &ImageId,
+    caller: &AccountId,
+    at: Option<SystemTime>,
+) -> Result<StateRecord> {
+    let _catalog = region.catalog_lock("image deprecate")?;
+    let view = read(region, id)?;
+    view.require_owner(caller, "deprecate")?;
+    let state = StateRecord {
+        deprecation_time: at.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+        ..view.state
+    };
+    write_state(region, id, &state)?;
+    Ok(state)
+}
+
+/// Result of a deregistration.
+#[derive(Debug, Clone, Default)]
+pub struct DeregisterReport {
+    pub deleted_snapshots: Vec<SnapshotId>,
+    /// Snapshots kept because another registered image uses them.
+    pub kept_snapshots: Vec<KeptSnapshot>,
+}
+
+#[derive(Debug, Clone)]
+pub struct KeptSnapshot {
+    pub snapshot: SnapshotId,
+    pub used_by: ImageId,
+}
+
+/// Deregisters an image; owner only (DeregisterImage). With
+/// `delete_snapshots`, deletes its snapshots that no other registered
+/// image uses.
+pub fn deregister(
+    region: &Region,
+    id: &ImageId,
+    caller: &AccountId,
+    delete_snapshots: bool,
+) -> Result<DeregisterReport> {
+    let _catalog = region.catalog_lock("image deregister")?;
+    let view = read(region, id)?;
+    view.require_owner(caller, "deregister")?;
+    view.require_available()?;
+    write_state(
+        region,
+        id,
+        &StateRecord {
+            state: ImageState::Deregistered,
+            ..view.state.clone()
+        },
+    )?;
+    let mut report = DeregisterReport::default();
+    if delete_snapshots {
+        let _lock = region.lock(crate::LockMode::Shared, "image deregister")?;
+        let others = list(region)?.images;
+        let mut seen = Vec::new();
+        for snap in view.image.snapshot_ids() {
+            if seen.contains(&snap) {
+                continue;
+            }
+            seen.push(snap);
+            match users_of(&others, snap).into_iter().find(|o| o != id) {
+                Some(user) => report.kept_snapshots.push(KeptSnapshot {
+                    snapshot: snap.clone(),
+                    used_by: user,
+                }),
+                None => {
+                    match region.delete_snapshot(snap) {
+                        Ok(()) | Err(Error::SnapshotNotFound { .. }) => {}
+                        Err(e) => return Err(e),
+                    }
+                    report.deleted_snapshots.push(snap.clone());
+                }
+            }
+        }
+    }
+    Ok(report)
+}

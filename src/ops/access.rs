@@ -1,0 +1,188 @@
+//! Who may use a snapshot, as EC2 decides it: a snapshot belongs to the
+//! account that created it and is private by default; its owner grants
+//! **create-volume permission** to accounts, or to `all` (public)
+//! [ModifySnapshotAttribute]. Restoring, verifying a volume against it,
+//! describing it and listing its blocks need ownership or that permission;
+//! deleting it and changing its permissions are the owner's alone.
+//!
+//! Permissions live beside the manifest, which never changes, in
+//! `snapshot-permissions/<snap-id>.json` (the image files' checksummed JSON
+//! envelope); a snapshot without that file is private.
+
+use crate::error::{Error, Result};
+use crate::format::image::CreateVolumePermissions;
+use crate::format::manifest::SnapshotMeta;
+use crate::id::{AccountId, SnapshotId};
+use crate::region::catalog::Region;
+use crate::region::images::check_snapshot_unused;
+use crate::region::permissions::{self, Grantee, Grants, PermissionChange};
+use crate::store::pool::map_io;
+use crate::sys::LockMode;
+
+/// A snapshot's meta with its permissions.
+#[derive(Debug, Clone)]
+pub struct SnapshotView {
+    pub meta: SnapshotMeta,
+    pub permissions: CreateVolumePermissions,
+}
+
+impl SnapshotView {
+    /// Whether `account` may restore (and so see) the snapshot.
+    pub fn can_restore(&self, account: &AccountId) -> bool {
+        &self.meta.owner == account
+            || self.permissions.is_public()
+            || self.permissions.lists(account)
+    }
+}
+
+/// Fails unless `caller` owns the snapshot `meta` describes (the manifest
+/// says so; no permission file is needed).
+pub fn require_owner(meta: &SnapshotMeta, caller: &AccountId, action: &'static str) -> Result<()> {
+    if &meta.owner == caller {
+        return Ok(());
+    }
+    Err(Error::SnapshotNotPermitted {
+        account: caller.clone(),
+        action,
+        snapshot: meta.id.clone(),
+        hint: format!("only its owner, account {}, may", meta.owner),
+    })
+}
+
+/// Snapshot `id`'s meta, if `caller` owns it.
+pub fn owned(
+    region: &Region,
+    id: &SnapshotId,
+    caller: &AccountId,
+    action: &'static str,
+) -> Result<SnapshotMeta> {
+    let meta = region.read_snapshot_meta(id)?;
+    require_owner(&meta, caller, action)?;
+    Ok(meta)
+}
+
+/// Snapshot `id`'s meta, if `caller` may `action` it (restore, verify,
+/// describe, list the blocks of): the owner, a listed account, or anyone
+/// when public.
+pub fn readable(
+    region: &Region,
+    id: &SnapshotId,
+    caller: &AccountId,
+    action: &'static str,
+) -> Result<SnapshotMeta> {
+    let meta = region.read_snapshot_meta(id)?;
+    check_readable(region, &meta, caller, action)?;
+    Ok(meta)
+}
+
+/// Fails unless `caller` may `action` the snapshot `meta` describes (for a
+/// caller that has read the manifest already).
+pub fn check_readable(
+    region: &Region,
+    meta: &SnapshotMeta,
+    caller: &AccountId,
+    action: &'static str,
+) -> Result<()> {
+    if &meta.owner == caller {
+        // The owner needs no permission file, nor a readable one.
+        return Ok(());
+    }
+    let permissions = permissions::read(region, &meta.id)?;
+    if permissions.is_public() || permissions.lists(caller) {
+        return Ok(());
+    }
+    Err(Error::SnapshotNotPermitted {
+        account: caller.clone(),
+        action,
+        snapshot: meta.id.clone(),
+        hint: format!(
+            "it is private; its owner can share it with `blocksnap snapshot permissions {} --add {caller}`",
+            meta.id
+        ),
+    })
+}
+
+/// Changes create-volume permissions; owner only (ModifySnapshotAttribute).
+/// Under the catalog lock, so concurrent changes never lose one another.
+pub fn modify(
+    region: &Region,
+    id: &SnapshotId,
+    caller: &AccountId,
+    change: &PermissionChange,
+) -> Result<CreateVolumePermissions> {
+    let _catalog = region.catalog_lock("snapshot permissions")?;
+    owned(region, id, caller, "change the permissions of")?;
+    // `--reset` needs nothing from the old file, so it also mends a damaged one.
+    let mut perms = if change.reset {
+        CreateVolumePermissions::default()
+    } else {
+        permissions::read(region, id)?
+    };
+    perms.apply(change);
+    permissions::write(region, id, &perms)?;
+    Ok(perms)
+}
+
+/// Deletes snapshot `id`; owner only (DeleteSnapshot). Refused while a
+/// registered image uses it. Under the catalog lock, so an image cannot be
+/// registered on it meanwhile; its chunks stay until `store gc`.
+pub fn delete(region: &Region, id: &SnapshotId, caller: &AccountId) -> Result<()> {
+    let _catalog = region.catalog_lock("snapshot delete")?;
+    let _lock = region.lock(LockMode::Shared, "snapshot delete")?;
+    owned(region, id, caller, "delete")?;
+    check_snapshot_unused(region, id)?;
+    region.delete_snapshot(id)
+}
+
+/// Which snapshots `snapshot list` shows, as DescribeSnapshots filters
+/// them.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    /// `--owner`: only snapshots of this account.
+    pub owner: Option<AccountId>,
+    /// `--restorable-by`: only snapshots this account (or, with
+    /// [`Grantee::All`], everyone) may restore.
+    pub restorable_by: Option<Grantee>,
+}
+
+/// The snapshots `caller` may see (its own, those shared with it, public
+/// ones), narrowed by `filter`; oldest first. Damaged manifests are
+/// returned beside them.
+pub fn list(
+    region: &Region,
+    caller: &AccountId,
+    filter: &ListFilter,
+) -> Result<(Vec<SnapshotView>, Vec<Error>)> {
+    let listing = region.list_snapshots()?;
+    // The caller's own snapshots need their permissions read only to
+    // answer `--restorable-by`.
+    let perms = map_io(region.chunks(), &listing.snapshots, |m| {
+        if &m.owner == caller && filter.restorable_by.is_none() {
+            Ok(CreateVolumePermissions::default())
+        } else {
+            permissions::read(region, &m.id)
+        }
+    })?;
+    let mut out = Vec::new();
+    let mut damaged = listing.damaged;
+    for (meta, p) in listing.snapshots.into_iter().zip(perms) {
+        // A damaged permission file grants nothing; the owner still sees
+        // the snapshot, and the damage is reported beside the listing.
+        let permissions = p.unwrap_or_else(|e| {
+            damaged.push(e);
+            CreateVolumePermissions::default()
+        });
+        let v = SnapshotView { meta, permissions };
+        let shown = v.can_restore(caller)
+            && filter.owner.as_ref().is_none_or(|o| &v.meta.owner == o)
+            && match &filter.restorable_by {
+                None => true,
+                Some(Grantee::All) => v.permissions.is_public(),
+                Some(Grantee::Account(a)) => v.can_restore(a),
+            };
+        if shown {
+            out.push(v);
+        }
+    }
+    Ok((out, damaged))
+}

@@ -1,0 +1,253 @@
+//! `store verify`: every manifest, image and permission file of a region
+//! read back, every chunk decompressed and re-hashed; with `--repair`,
+//! corrupt chunks moved aside.
+
+use std::collections::HashSet;
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::format::image::ImageState;
+use crate::id::{ChunkId, SnapshotId};
+use crate::progress::Progress;
+use crate::region::catalog::Region;
+use crate::region::{images, permissions};
+use crate::store::chain::{load_into, walk_bases};
+use crate::store::pool::{Work, thread_pool_for};
+use crate::sys::LockMode;
+
+/// Where a chunk is used: one snapshot and the volume offset of its first
+/// block with that chunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkUse {
+    pub snapshot: SnapshotId,
+    pub offset: u64,
+}
+
+/// A chunk that is missing or does not verify.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadChunk {
+    pub chunk: ChunkId,
+    /// `None` for a chunk no snapshot needs.
+    pub used_by: Option<ChunkUse>,
+    pub problem: String,
+}
+
+#[derive(Debug, Default)]
+pub struct VerifyReport {
+    pub snapshots_checked: u64,
+    pub images_checked: u64,
+    pub chunks_checked: u64,
+    pub bytes_checked: u64,
+    /// Manifests that did not read back (message per manifest).
+    pub damaged_manifests: Vec<String>,
+    pub missing_chunks: Vec<BadChunk>,
+    pub corrupt_chunks: Vec<BadChunk>,
+    /// Chunks in a format or codec this blocksnap does not know (written
+    /// by a newer one): reported, never moved aside.
+    pub newer_chunks: Vec<BadChunk>,
+    /// Stored chunks no snapshot names (reclaimed by gc; not an error).
+    pub orphan_chunks: u64,
+    /// Corrupt chunks moved aside by `repair`.
+    pub quarantined: u64,
+    /// Chunks moved aside earlier and still kept (`.bad`).
+    pub quarantine_held: u64,
+}
+
+impl VerifyReport {
+    /// Nothing that a snapshot needs is wrong. A corrupt chunk no snapshot
+    /// uses is reported but harms nothing.
+    pub fn is_clean(&self) -> bool {
+        self.damaged_manifests.is_empty()
+            && self.missing_chunks.is_empty()
+            && self.corrupt_chunks.iter().all(|b| b.used_by.is_none())
+            && self.newer_chunks.iter().all(|b| b.used_by.is_none())
+    }
+}
+
+/// Checks every manifest and every stored chunk (decompress and re-hash in
+/// parallel). With `only`, checks that snapshot and the chunks it names.
+pub fn verify(
+    region: &Region,
+    only: Option<&SnapshotId>,
+    threads: usize,
+    progress: &dyn Progress,
+) -> Result<VerifyReport> {
+    verify_and_repair(region, only, threads, false, progress)
+}
+
+/// [`verify`], and with `repair` move every corrupt chunk aside
+/// (`<chunk>.bad`): the snapshots that need it stay unrestorable until a
+/// new snapshot of the same data stores the chunk again.
+pub fn verify_and_repair(
+    region: &Region,
+    only: Option<&SnapshotId>,
+    threads: usize,
+    repair: bool,
+    progress: &dyn Progress,
+) -> Result<VerifyReport> {
+    let _lock = region.lock(LockMode::Shared, "store verify")?;
+    let mut report = VerifyReport::default();
+    // Chunk -> first (snapshot, offset) that needs it.
+    let mut needed: std::collections::HashMap<ChunkId, ChunkUse> = Default::default();
+    let ids = match only {
+        Some(id) => vec![id.clone()],
+        None => region.snapshot_ids()?,
+    };
+    for id in ids {
+        match region.read_snapshot(&id) {
+            Ok(m) => {
+                let bs = m.meta.block_size as u64;
+                for (i, b) in m.blocks.iter().enumerate() {
+                    if let Some(c) = b.chunk() {
+                        needed.entry(*c).or_insert_with(|| ChunkUse {
+                            snapshot: id.clone(),
+                            offset: i as u64 * bs,
+                        });
+                    }
+                }
+                report.snapshots_checked += 1;
+            }
+            Err(e @ Error::SnapshotNotFound { .. }) if only.is_some() => return Err(e),
+            Err(e) => report.damaged_manifests.push(e.to_string()),
+        }
+    }
+    if only.is_none() {
+        // Snapshot permission files: readable (a damaged one grants
+        // nothing, so it is damage to report).
+        for id in permissions::listed(region)? {
+            if let Err(e) = permissions::read(region, &id) {
+                report.damaged_manifests.push(e.to_string());
+            }
+        }
+        // Image manifests: readable, and every snapshot a registered image
+        // maps still there.
+        let images = images::list(region)?;
+        report
+            .damaged_manifests
+            .extend(images.damaged.iter().map(|e| e.to_string()));
+        for v in &images.images {
+            report.images_checked += 1;
+            if v.state.state != ImageState::Available {
+                continue;
+            }
+            for m in &v.image.block_device_mappings {
+                if let Some(e) = m.ebs()
+                    && !region.has_snapshot(&e.snapshot_id)?
+                {
+                    report.damaged_manifests.push(format!(
+                        "image {} maps {} to {}, which is missing from region {}",
+                        v.image.image_id,
+                        m.device_name,
+                        e.snapshot_id,
+                        region.name()
+                    ));
+                }
+            }
+        }
+    }
+    let store = region.chunks();
+    let present: HashSet<ChunkId> = store.list()?.into_iter().collect();
+    // Bases of needed delta chunks are needed too, by the same snapshot.
+    let roots: Vec<ChunkId> = needed.keys().copied().collect();
+    walk_bases(store, roots, |dependent, base| {
+        if needed.contains_key(&base) {
+            return false;
+        }
+        let used = needed[dependent].clone();
+        needed.insert(base, used);
+        true
+    })?;
+    let to_check: Vec<ChunkId> = match only {
+        Some(_) => needed
+            .keys()
+            .filter(|c| present.contains(c))
+            .copied()
+            .collect(),
+        None => present.iter().copied().collect(),
+    };
+    for (c, used) in &needed {
+        if !present.contains(c) {
+            report.missing_chunks.push(BadChunk {
+                chunk: *c,
+                used_by: Some(used.clone()),
+                problem: "missing from the store".into(),
+            });
+        }
+    }
+    if only.is_none() {
+        report.orphan_chunks = present.iter().filter(|c| !needed.contains_key(c)).count() as u64;
+    }
+
+    let pool = thread_pool_for(region.chunks(), threads, Work::Fetch)?;
+    progress.start("verify", to_check.len() as u64);
+    let results: Vec<(ChunkId, Result<u64>)> = pool.install(|| {
+        to_check
+            .par_iter()
+            .map_init(Vec::new, |buf, c| {
+                let r = load_into(store, c, buf).map(|_| buf.len() as u64);
+                progress.advance(1);
+                (*c, r)
+            })
+            .collect()
+    });
+    progress.finish();
+    for (c, r) in results {
+        report.chunks_checked += 1;
+        match r {
+            Ok(n) => report.bytes_checked += n,
+            Err(e @ Error::NewerChunk { .. }) => report.newer_chunks.push(BadChunk {
+                chunk: c,
+                used_by: needed.get(&c).cloned(),
+                problem: e.to_string(),
+            }),
+            Err(e) => report.corrupt_chunks.push(BadChunk {
+                chunk: c,
+                used_by: needed.get(&c).cloned(),
+                problem: e.to_string(),
+            }),
+        }
+    }
+    if repair {
+        for bad in &report.corrupt_chunks {
+            store.quarantine(&bad.chunk)?;
+            report.quarantined += 1;
+        }
+    }
+    report.missing_chunks.sort_by_key(|b| b.chunk);
+    report.corrupt_chunks.sort_by_key(|b| b.chunk);
+    report.newer_chunks.sort_by_key(|b| b.chunk);
+    report.quarantine_held = store.quarantined()?.len() as u64;
+    Ok(report)
+}
+
+/// What `store stats` counts in a region.
+#[derive(Debug, Clone)]
+pub struct RegionStats {
+    pub region: String,
+    pub owner: String,
+    /// Where the region lives: a directory or an `s3://` URL.
+    pub root: String,
+    pub snapshots: u64,
+    pub chunks: u64,
+    pub stored_bytes: u64,
+    pub quarantined: u64,
+    pub quarantined_bytes: u64,
+}
+
+/// Counts a region's snapshots, chunks, stored bytes and quarantined
+/// chunks.
+pub fn stats(region: &Region) -> Result<RegionStats> {
+    let chunks = region.chunks().list_stored()?;
+    let bad = region.chunks().quarantined()?;
+    Ok(RegionStats {
+        region: region.name().to_string(),
+        owner: region.info().owner.to_string(),
+        root: region.location(),
+        snapshots: region.snapshot_ids()?.len() as u64,
+        chunks: chunks.len() as u64,
+        stored_bytes: chunks.iter().map(|c| c.size).sum(),
+        quarantined: bad.len() as u64,
+        quarantined_bytes: bad.iter().map(|c| c.size).sum(),
+    })
+}

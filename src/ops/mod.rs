@@ -1,0 +1,15 @@
+//! Operations on the snapshots of a region, one file each: [`snapshot`]
+//! (create, compare), [`restore`] (restore a volume), [`verify`] (verify a
+//! volume against a snapshot), [`gc`] (`store gc`), [`check`]
+//! (`store verify`), and [`access`] (who may use a snapshot: restore,
+//! describe, delete, share).
+//!
+//! Uses `region`, `store`, `volume`, `format` and the foundation; the
+//! image room above builds on these.
+
+pub mod access;
+pub mod check;
+pub mod gc;
+pub mod restore;
+pub mod snapshot;
+pub mod verify;

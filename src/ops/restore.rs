@@ -1,0 +1,482 @@
+//! `volume restore`: snapshot -> verified blocks -> target file or device.
+//!
+//! Planning looks at the target (new file, existing file, block device,
+//! delta) and decides which blocks to write; execution fetches, decodes,
+//! verifies and `pwrite`s them on the worker pool.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+
+use crate::error::{Error, IoContext, Result};
+use crate::format::manifest::{Block, Manifest};
+use crate::id::{ChunkId, SnapshotId};
+use crate::ops::verify::holds;
+use crate::progress::Progress;
+use crate::region::catalog::Region;
+use crate::store::chain::load_into;
+use crate::store::chunk_store::ChunkStore;
+use crate::store::files::{sync_dir, temp_path_for};
+use crate::store::pool::{Work, thread_pool_for};
+use crate::sys::{self, LockMode};
+use crate::volume::blocks::{BlockPos, scan};
+use crate::volume::io::{self as volume, Volume, VolumeKind, is_zero};
+
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    /// Replace an existing file target.
+    pub force: bool,
+    /// Update an existing target in place, writing only differing blocks.
+    pub delta: bool,
+    /// Size of the restored volume; at least the snapshot's size.
+    pub size: Option<u64>,
+    /// A block-device target already reads as zeros: skip zero blocks.
+    pub assume_zeroed: bool,
+    /// Worker threads; 0 means one per core.
+    pub threads: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreReport {
+    pub snapshot: SnapshotId,
+    pub target: PathBuf,
+    pub target_size: u64,
+    pub delta: bool,
+    /// Blocks written to the target (data, or zeros over stale data).
+    pub blocks_written: u64,
+    /// Blocks left as they were: equal already (delta), or zero on a
+    /// sparse file or a zeroed device.
+    pub blocks_skipped: u64,
+    pub bytes_written: u64,
+}
+
+/// Granularity at which zero runs inside a data block are left as holes in
+/// a new file target.
+const SPARSE_PAGE: usize = 4096;
+
+/// Restores snapshot `id` of `region` to `target`.
+pub fn restore(
+    region: &Region,
+    id: &SnapshotId,
+    target: &Path,
+    opts: &RestoreOptions,
+    progress: &dyn Progress,
+) -> Result<RestoreReport> {
+    let pool = thread_pool_for(region.chunks(), opts.threads, Work::Fetch)?;
+    progress.start("restore", region.read_snapshot_meta(id)?.volume_size);
+    let report = restore_in(region, id, target, opts, &pool, progress)?;
+    progress.finish();
+    Ok(report)
+}
+
+/// [`restore`] on a caller's pool (`opts.threads` is ignored), reporting
+/// progress without starting or finishing a phase: several restores can
+/// share one pool and one progress bar.
+pub fn restore_in(
+    region: &Region,
+    id: &SnapshotId,
+    target: &Path,
+    opts: &RestoreOptions,
+    pool: &rayon::ThreadPool,
+    progress: &dyn Progress,
+) -> Result<RestoreReport> {
+    let _lock = region.lock(LockMode::Shared, "volume restore")?;
+    let m = region.read_snapshot(id)?;
+    let snap_size = m.meta.volume_size;
+    let size = opts.size.unwrap_or(snap_size);
+    if size < snap_size {
+        return Err(Error::InvalidArgument(format!(
+            "--size {size} is smaller than {id}'s volume of {snap_size} bytes: give at least {snap_size}"
+        )));
+    }
+    volume::check_size(target, size)?;
+    refuse_store_paths(region, target)?;
+    let job = Job {
+        store: region.chunks(),
+        manifest: &m,
+        pool,
+        progress,
+    };
+
+    let existing = match fs::metadata(target) {
+        Ok(md) => Some(md.file_type()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).ctx("stat restore target", target),
+    };
+    let mut report = RestoreReport {
+        snapshot: id.clone(),
+        target: target.to_path_buf(),
+        target_size: size,
+        delta: opts.delta,
+        blocks_written: 0,
+        blocks_skipped: 0,
+        bytes_written: 0,
+    };
+    match existing {
+        None if opts.delta => {
+            return Err(Error::NotFound(format!(
+                "--delta target {} does not exist: drop --delta to restore into a new file",
+                target.display()
+            )));
+        }
+        Some(ft) if ft.is_block_device() => {
+            if !opts.delta && !opts.force {
+                return Err(Error::TargetExists(target.to_path_buf()));
+            }
+            let file = open_device(target)?;
+            let (_, dev_size) = volume::probe(&file, target)?;
+            if dev_size > size && !opts.force {
+                return Err(Error::TargetSizeDiffers {
+                    path: target.to_path_buf(),
+                    size: dev_size,
+                    snapshot: id.clone(),
+                    needed: size,
+                    outcome: format!(
+                        "bytes {size} to {dev_size} of the device would be left as they are; pass \
+                         --force to go ahead"
+                    ),
+                });
+            }
+            if dev_size < size {
+                return Err(Error::TargetTooSmall {
+                    path: target.to_path_buf(),
+                    size: dev_size,
+                    needed: size,
+                    snapshot: id.clone(),
+                });
+            }
+            report.target_size = dev_size;
+            if opts.delta {
+                job.delta(target, &file, VolumeKind::BlockDevice, &mut report)?;
+            } else {
+                job.full(&file, target, !opts.assume_zeroed, &mut report)?;
+            }
+            file.sync_all().ctx("flush", target)?;
+        }
+        Some(ft) if ft.is_file() && opts.delta => {
+            let file = volume::open_rw(target)?;
+            let file_size = file.metadata().ctx("stat restore target", target)?.len();
+            if file_size != size && opts.size.is_none() && !opts.force {
+                let outcome = if file_size > size {
+                    format!(
+                        "--delta would cut it to {size} bytes, dropping its last {} bytes; pass \
+                         --force to do so, or --size {file_size} to keep its size",
+                        file_size - size
+                    )
+                } else {
+                    format!(
+                        "--delta would grow it to {size} bytes; pass --force to do so, or --size \
+                         to choose the size"
+                    )
+                };
+                return Err(Error::TargetSizeDiffers {
+                    path: target.to_path_buf(),
+                    size: file_size,
+                    snapshot: id.clone(),
+                    needed: size,
+                    outcome,
+                });
+            }
+            // Shrinking drops stale bytes past the end; growing adds a hole.
+            file.set_len(snap_size).ctx("resize", target)?;
+            file.set_len(size).ctx("resize", target)?;
+            job.delta(target, &file, VolumeKind::File, &mut report)?;
+            file.sync_all().ctx("flush", target)?;
+        }
+        Some(ft) if ft.is_file() && !opts.force => {
+            return Err(Error::TargetExists(target.to_path_buf()));
+        }
+        Some(ft) if !ft.is_file() => return Err(Error::NotAVolume(target.to_path_buf())),
+        _ => {
+            // A new file: written under a temporary name and renamed into
+            // place only when complete.
+            let tmp = TempFile::create(target)?;
+            tmp.file.set_len(size).ctx("size", &tmp.path)?;
+            job.full(&tmp.file, &tmp.path, false, &mut report)?;
+            // Without --force, a file that appeared at the target meanwhile
+            // is never replaced.
+            tmp.commit(target, opts.force)?;
+        }
+    }
+    Ok(report)
+}
+
+struct Job<'a> {
+    store: &'a dyn ChunkStore,
+    manifest: &'a Manifest,
+    pool: &'a rayon::ThreadPool,
+    progress: &'a dyn Progress,
+}
+
+impl Job<'_> {
+    fn block_pos(&self, index: usize) -> BlockPos {
+        let bs = self.manifest.meta.block_size as u64;
+        let offset = index as u64 * bs;
+        BlockPos {
+            index: index as u64,
+            offset,
+            len: (self.manifest.meta.volume_size - offset).min(bs) as usize,
+        }
+    }
+
+    /// Fetches, decodes and verifies the chunk of the block at `pos` into `buf`.
+    fn fetch(&self, id: &ChunkId, pos: BlockPos, buf: &mut Vec<u8>) -> Result<()> {
+        let problem = |e: Error| match e {
+            Error::MissingChunk { .. } => "is missing from the store".to_string(),
+            Error::CorruptChunk { reason, .. } => format!("is corrupt ({reason})"),
+            other => other.to_string(),
+        };
+        let bad = |problem: String| Error::BadChunkInSnapshot {
+            chunk: *id,
+            snapshot: self.manifest.meta.id.clone(),
+            offset: pos.offset,
+            problem,
+        };
+        match load_into(self.store, id, buf) {
+            Ok(_) if buf.len() == pos.len => Ok(()),
+            Ok(_) => Err(bad(format!(
+                "holds {} bytes for a {}-byte block",
+                buf.len(),
+                pos.len
+            ))),
+            Err(e @ (Error::MissingChunk { .. } | Error::CorruptChunk { .. })) => {
+                Err(bad(problem(e)))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Writes every block into a target whose current content is ignored:
+    /// data blocks always, zero and hole blocks only with `write_zeros`.
+    fn full(
+        &self,
+        file: &File,
+        path: &Path,
+        write_zeros: bool,
+        report: &mut RestoreReport,
+    ) -> Result<()> {
+        let sparse = !write_zeros;
+        let work: Vec<usize> = (0..self.manifest.blocks.len())
+            .filter(|&i| write_zeros || matches!(self.manifest.blocks[i], Block::Data(_)))
+            .collect();
+        let zeros = vec![
+            0u8;
+            if write_zeros {
+                self.manifest.meta.block_size as usize
+            } else {
+                0
+            }
+        ];
+        // Workers fetch and decode in parallel but take turns writing:
+        // concurrent buffered writes to one file contend on its inode lock
+        // and burn CPU spinning on it.
+        let writer = std::sync::Mutex::new(());
+        let bytes: u64 = self.pool.install(|| {
+            work.par_iter()
+                .map_init(Vec::new, |buf, &i| {
+                    let pos = self.block_pos(i);
+                    let written = match &self.manifest.blocks[i] {
+                        Block::Data(id) => {
+                            self.fetch(id, pos, buf)?;
+                            let _turn = writer.lock().unwrap_or_else(|p| p.into_inner());
+                            if sparse {
+                                write_sparse(file, path, buf, pos.offset)?;
+                            } else {
+                                file.write_all_at(buf, pos.offset).ctx("write", path)?;
+                            }
+                            pos.len as u64
+                        }
+                        Block::Zero | Block::Hole => {
+                            let _turn = writer.lock().unwrap_or_else(|p| p.into_inner());
+                            file.write_all_at(&zeros[..pos.len], pos.offset)
+                                .ctx("write", path)?;
+                            pos.len as u64
+                        }
+                    };
+                    sys::start_writeback(file, pos.offset, pos.len as u64);
+                    self.progress.advance(pos.len as u64);
+                    Ok::<u64, Error>(written)
+                })
+                .try_reduce(|| 0, |a, b| Ok(a + b))
+        })?;
+        report.blocks_written = work.len() as u64;
+        report.blocks_skipped = (self.manifest.blocks.len() - work.len()) as u64;
+        report.bytes_written = bytes;
+        Ok(())
+    }
+
+    /// Hashes each target block and rewrites only those that differ.
+    fn delta(
+        &self,
+        path: &Path,
+        file: &File,
+        kind: VolumeKind,
+        report: &mut RestoreReport,
+    ) -> Result<()> {
+        let reader = Volume::open(path)?;
+        let snap_size = self.manifest.meta.volume_size;
+        let zeros = vec![0u8; self.manifest.meta.block_size as usize];
+        let mut written = 0u64;
+        let mut bytes = 0u64;
+        scan(
+            &reader,
+            snap_size,
+            self.manifest.meta.block_size,
+            self.pool,
+            self.progress,
+            |pos, content| -> Result<u64> {
+                let want = &self.manifest.blocks[pos.index as usize];
+                if holds(want, &content) {
+                    return Ok(0);
+                }
+                match want {
+                    Block::Data(id) => {
+                        let mut buf = Vec::new();
+                        self.fetch(id, pos, &mut buf)?;
+                        file.write_all_at(&buf, pos.offset).ctx("write", path)?;
+                        Ok(pos.len as u64)
+                    }
+                    Block::Zero | Block::Hole => {
+                        let punched = kind == VolumeKind::File
+                            && sys::punch_hole(file, pos.offset, pos.len as u64).is_ok();
+                        if !punched {
+                            file.write_all_at(&zeros[..pos.len], pos.offset)
+                                .ctx("write", path)?;
+                        }
+                        Ok(pos.len as u64)
+                    }
+                }
+            },
+            |_, n| {
+                if n > 0 {
+                    written += 1;
+                    bytes += n;
+                }
+                Ok(())
+            },
+        )?;
+        report.blocks_written = written;
+        report.blocks_skipped = self.manifest.blocks.len() as u64 - written;
+        report.bytes_written = bytes;
+        Ok(())
+    }
+}
+
+/// Writes `data` at `offset`, skipping 4 KiB pages that are all zeros, so a
+/// freshly sized file stays sparse where the source was.
+fn write_sparse(file: &File, path: &Path, data: &[u8], offset: u64) -> Result<()> {
+    let mut start = 0;
+    while start < data.len() {
+        // Skip zero pages.
+        while start < data.len() && is_zero(&data[start..(start + SPARSE_PAGE).min(data.len())]) {
+            start += SPARSE_PAGE;
+        }
+        if start >= data.len() {
+            break;
+        }
+        let mut end = start;
+        while end < data.len() && !is_zero(&data[end..(end + SPARSE_PAGE).min(data.len())]) {
+            end += SPARSE_PAGE;
+        }
+        let end = end.min(data.len());
+        file.write_all_at(&data[start..end], offset + start as u64)
+            .ctx("write", path)?;
+        start = end;
+    }
+    Ok(())
+}
+
+/// Refuses a target inside the region's own directory: a careless
+/// `--force` there would overwrite a chunk or manifest.
+fn refuse_store_paths(region: &Region, target: &Path) -> Result<()> {
+    let Some(root) = region.backend().local_root() else {
+        return Ok(());
+    };
+    let dir = target
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let (Ok(root), Ok(dir)) = (fs::canonicalize(root), fs::canonicalize(dir)) else {
+        return Ok(());
+    };
+    if dir.starts_with(&root) {
+        return Err(Error::InvalidArgument(format!(
+            "target {} is inside region {}'s store ({}): restore somewhere else",
+            target.display(),
+            region.name(),
+            root.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Opens a block device for writing with `O_EXCL`: the kernel refuses a
+/// device that is mounted or claimed by another exclusive opener.
+fn open_device(path: &Path) -> Result<File> {
+    match sys::open_nonblocking(path, true, true) {
+        Ok(f) => {
+            sys::set_blocking(&f).ctx("open for writing", path)?;
+            Ok(f)
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            Err(Error::DeviceBusy(path.to_path_buf()))
+        }
+        Err(e) => Err(e).ctx("open for writing", path),
+    }
+}
+
+/// A file being restored under a temporary name; removed unless committed.
+struct TempFile {
+    path: PathBuf,
+    file: File,
+    committed: bool,
+}
+
+impl TempFile {
+    fn create(target: &Path) -> Result<TempFile> {
+        let path = temp_path_for(target);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .ctx("create", &path)?;
+        Ok(TempFile {
+            path,
+            file,
+            committed: false,
+        })
+    }
+
+    fn commit(mut self, target: &Path, replace: bool) -> Result<()> {
+        self.file.sync_all().ctx("flush", &self.path)?;
+        if replace {
+            fs::rename(&self.path, target).ctx("rename into place", target)?;
+        } else {
+            match sys::rename_noreplace(&self.path, target) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    return Err(Error::TargetExists(target.to_path_buf()));
+                }
+                Err(e) => return Err(e).ctx("rename into place", target),
+            }
+        }
+        self.committed = true;
+        let parent = target
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        sync_dir(parent)
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}

@@ -1,0 +1,341 @@
+//! `snapshot create`: volume -> blocks -> chunks -> manifest, and the
+//! manifest-only queries.
+
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::error::{Error, Result};
+use crate::format::chunk;
+use crate::format::manifest::{self, Block, Manifest, SnapshotMeta, SnapshotStats, Tag};
+use crate::id::{AccountId, ChunkId, SnapshotId};
+use crate::progress::Progress;
+use crate::region::catalog::Region;
+use crate::store::chain;
+use crate::store::chunk_store::ChunkStore;
+use crate::store::pool;
+use crate::sys::LockMode;
+use crate::volume::blocks::{self, Content};
+use crate::volume::io::{Volume, VolumeKind, source_path};
+
+/// Which snapshot a new one is incremental against.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ParentChoice {
+    /// The newest snapshot of the same source path, if any.
+    #[default]
+    Latest,
+    /// A full snapshot: no parent.
+    None,
+    Explicit(SnapshotId),
+}
+
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    pub parent: ParentChoice,
+    /// `None`: the parent's block size, or the default for a first snapshot.
+    pub block_size: Option<u32>,
+    pub description: String,
+    pub tags: Vec<Tag>,
+    /// `None`: the region's default owner.
+    pub owner: Option<AccountId>,
+    /// Worker threads; 0 means one per core.
+    pub threads: usize,
+    /// Store a changed block as a zstd delta against the parent's block
+    /// when that is much smaller (see `chunk`).
+    pub delta: bool,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            parent: ParentChoice::Latest,
+            block_size: None,
+            description: String::new(),
+            tags: Vec::new(),
+            owner: None,
+            threads: 0,
+            delta: true,
+        }
+    }
+}
+
+const MAX_DESCRIPTION: usize = 255;
+const MAX_TAG_KEY: usize = 128;
+const MAX_TAG_VALUE: usize = 256;
+const MAX_TAGS: usize = 50;
+
+/// Checks description and tags against EC2's limits.
+pub fn validate_labels(description: &str, tags: &[Tag]) -> Result<()> {
+    let bad = |m: String| Err(Error::InvalidArgument(m));
+    if description.chars().count() > MAX_DESCRIPTION {
+        return bad(format!(
+            "description is longer than {MAX_DESCRIPTION} characters"
+        ));
+    }
+    if tags.len() > MAX_TAGS {
+        return bad(format!(
+            "{} tags given, at most {MAX_TAGS} allowed",
+            tags.len()
+        ));
+    }
+    for t in tags {
+        if t.key.is_empty() || t.key.chars().count() > MAX_TAG_KEY {
+            return bad(format!(
+                "tag key {:?} must be 1-{MAX_TAG_KEY} characters",
+                t.key
+            ));
+        }
+        if t.value.chars().count() > MAX_TAG_VALUE {
+            return bad(format!(
+                "tag value for {:?} is longer than {MAX_TAG_VALUE} characters",
+                t.key
+            ));
+        }
+        if tags.iter().filter(|o| o.key == t.key).count() > 1 {
+            return bad(format!("tag key {:?} is given twice", t.key));
+        }
+    }
+    Ok(())
+}
+
+/// What happened to one block during create.
+enum Outcome {
+    Hole,
+    Zero,
+    Unchanged(Block),
+    Known(Block, u64),
+    New { block: Block, raw: u64, stored: u64 },
+}
+
+/// Snapshots the volume at `path` into `region`.
+pub fn create(
+    region: &Region,
+    path: &Path,
+    opts: &CreateOptions,
+    progress: &dyn Progress,
+) -> Result<SnapshotMeta> {
+    validate_labels(&opts.description, &opts.tags)?;
+    let volume = Volume::open(path)?;
+    let source = source_path(path);
+    let _lock = region.lock(LockMode::Shared, "snapshot create")?;
+    let owner = opts
+        .owner
+        .clone()
+        .unwrap_or_else(|| region.info().owner.clone());
+
+    let parent = match &opts.parent {
+        ParentChoice::None => None,
+        ParentChoice::Explicit(id) => Some(region.read_snapshot(id)?),
+        ParentChoice::Latest => {
+            // Only the owner's own lineage: another account's snapshot of
+            // the same path is no parent of this one.
+            let latest = region
+                .list_snapshots()?
+                .snapshots
+                .into_iter()
+                .filter(|m| m.source == source && m.owner == owner)
+                .max_by_key(|m| m.created_ns);
+            match latest {
+                Some(m) => Some(region.read_snapshot(&m.id)?),
+                None => None,
+            }
+        }
+    };
+    let block_size = match (&parent, opts.block_size) {
+        (Some(p), Some(bs)) if p.meta.block_size != bs => {
+            return Err(Error::BlockSizeMismatch {
+                parent: p.meta.id.clone(),
+                parent_block_size: p.meta.block_size,
+                block_size: bs,
+            });
+        }
+        (Some(p), _) => p.meta.block_size,
+        (None, Some(bs)) => bs,
+        (None, None) => manifest::DEFAULT_BLOCK_SIZE,
+    };
+    manifest::validate_block_size(block_size as u64)?;
+    let parent_blocks: &[Block] = parent.as_ref().map(|p| p.blocks.as_slice()).unwrap_or(&[]);
+
+    let store = region.chunks();
+    let pool = pool::thread_pool_for(store, opts.threads, pool::Work::Compute)?;
+    let size = volume.size();
+    // Chunks the parent names are reused unread only if unchanged since
+    // it was committed (see `chain::reusable`).
+    let parent_committed = match &parent {
+        Some(p) => region.snapshot_committed_at(&p.meta.id)?,
+        None => None,
+    };
+    // Grown as blocks arrive: a huge sparse volume must not reserve its
+    // whole block list up front.
+    let mut blocks =
+        Vec::with_capacity(manifest::block_count(size, block_size).min(1 << 20) as usize);
+    let mut stats = SnapshotStats::default();
+
+    progress.start("snapshot", size);
+    blocks::scan(
+        &volume,
+        size,
+        block_size,
+        &pool,
+        progress,
+        |pos, content| {
+            Ok(match content {
+                Content::Hole => Outcome::Hole,
+                Content::Zero => Outcome::Zero,
+                Content::Data { bytes, id } => {
+                    let block = Block::Data(id);
+                    if parent_blocks.get(pos.index as usize) == Some(&block)
+                        && chain::reusable(store, &id, parent_committed)?
+                    {
+                        Outcome::Unchanged(block)
+                    } else if chain::present_and_sound(store, &id)? {
+                        Outcome::Known(block, bytes.len() as u64)
+                    } else {
+                        // A delta first: when it works, the block is not
+                        // compressed a second time.
+                        let delta = match parent_blocks.get(pos.index as usize) {
+                            Some(Block::Data(base)) if opts.delta => {
+                                delta_against(store, base, bytes)
+                            }
+                            _ => None,
+                        };
+                        let stored = match delta {
+                            Some(d) => d,
+                            None => chunk::encode(bytes)?,
+                        };
+                        if store.put(&id, &stored)? {
+                            Outcome::New {
+                                block,
+                                raw: bytes.len() as u64,
+                                stored: stored.len() as u64,
+                            }
+                        } else {
+                            Outcome::Known(block, bytes.len() as u64)
+                        }
+                    }
+                }
+            })
+        },
+        |pos, outcome| {
+            let block = match outcome {
+                Outcome::Hole => {
+                    stats.hole_blocks += 1;
+                    Block::Hole
+                }
+                Outcome::Zero => {
+                    stats.zero_blocks += 1;
+                    Block::Zero
+                }
+                Outcome::Unchanged(b) => {
+                    stats.data_blocks += 1;
+                    stats.unchanged_blocks += 1;
+                    stats.reused_bytes += pos.len as u64;
+                    b
+                }
+                Outcome::Known(b, raw) => {
+                    stats.data_blocks += 1;
+                    stats.reused_bytes += raw;
+                    b
+                }
+                Outcome::New { block, raw, stored } => {
+                    stats.data_blocks += 1;
+                    stats.new_chunks += 1;
+                    stats.new_bytes_raw += raw;
+                    stats.new_bytes_stored += stored;
+                    block
+                }
+            };
+            blocks.push(block);
+            Ok(())
+        },
+    )?;
+    progress.finish();
+    if volume.kind() == VolumeKind::File && volume.changed_since_open()? {
+        progress.warn(&format!(
+            "{} changed while it was read (its size or modification time moved): the snapshot \
+             may hold blocks from different moments; quiesce the writer (fsfreeze, a stopped VM, \
+             a read-only loop device or an LVM snapshot) and snapshot again for a consistent copy",
+            path.display()
+        ));
+    }
+
+    let created_ns = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let meta = SnapshotMeta {
+        id: SnapshotId::random(),
+        parent: parent.map(|p| p.meta.id),
+        owner,
+        volume_size: size,
+        block_size,
+        created_ns,
+        description: opts.description.clone(),
+        tags: opts.tags.clone(),
+        source,
+        root_digest: manifest::root_digest(&blocks),
+        stats,
+    };
+    let m = Manifest { meta, blocks };
+    region.write_snapshot(&m)?;
+    Ok(m.meta)
+}
+
+/// `raw` as a delta against the parent's chunk at the same index, when that
+/// chunk reads back and the delta is at most seven eighths of the raw
+/// block (deltas cost a restore one more decompression, so a small saving
+/// is not worth it; a block that compresses well alone is then stored
+/// plain). When the parent's chain is already as deep as allowed, the delta
+/// is taken against the chain's root, the plain chunk it started from,
+/// which keeps chains short on blocks that change in every snapshot.
+fn delta_against(store: &dyn ChunkStore, base: &ChunkId, raw: &[u8]) -> Option<Vec<u8>> {
+    let limit = raw.len() - raw.len() / 8;
+    let mut base_raw = Vec::new();
+    let depth = chain::load_into(store, base, &mut base_raw).ok()?;
+    if depth < chunk::MAX_DEPTH {
+        return chunk::encode_delta(raw, base, &base_raw, depth, limit);
+    }
+    let mut root = *base;
+    for _ in 0..chunk::MAX_DEPTH {
+        let head = store.get_head(&root, chunk::DELTA_HEADER_LEN).ok()?;
+        match chunk::base_of(&head) {
+            Some(b) => root = b.id,
+            None => break,
+        }
+    }
+    let depth = chain::load_into(store, &root, &mut base_raw).ok()?;
+    (depth == 0).then(|| chunk::encode_delta(raw, &root, &base_raw, 0, limit))?
+}
+
+/// A block that differs between two snapshots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangedBlock {
+    pub index: u64,
+    pub first: Option<Block>,
+    pub second: Option<Block>,
+}
+
+/// Blocks whose content differs between `a` and `b`, from the manifests
+/// alone. A block past the end of the shorter volume counts as changed
+/// unless the longer one holds zeros there.
+pub fn changed_blocks(a: &Manifest, b: &Manifest) -> Result<Vec<ChangedBlock>> {
+    if a.meta.block_size != b.meta.block_size {
+        return Err(Error::InvalidArgument(format!(
+            "{} uses {}-byte blocks and {} uses {}: only snapshots with the same block size compare",
+            a.meta.id, a.meta.block_size, b.meta.id, b.meta.block_size
+        )));
+    }
+    let n = a.blocks.len().max(b.blocks.len());
+    Ok((0..n)
+        .filter_map(|i| {
+            let (x, y) = (a.blocks.get(i), b.blocks.get(i));
+            let same = x
+                .unwrap_or(&Block::Hole)
+                .same_content(y.unwrap_or(&Block::Hole));
+            (!same).then(|| ChangedBlock {
+                index: i as u64,
+                first: x.copied(),
+                second: y.copied(),
+            })
+        })
+        .collect())
+}

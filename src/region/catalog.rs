@@ -1,0 +1,321 @@
+//! A region: one store (a directory, or a prefix of an S3 bucket) holding
+//! chunks, snapshot manifests and images, with `store.json` describing it.
+//! Which backend a region name resolves to is kept in `regions.json` at the
+//! store root (see [`super::defs`]); a name not defined there is a
+//! directory of the store root. The layout is in [`super::backend`].
+
+use std::fs;
+use std::path::Path;
+use std::time::SystemTime;
+
+use crate::error::{Error, IoContext, Result};
+use crate::format::manifest::{self, Manifest, SnapshotMeta};
+use crate::format::region::{
+    MAX_STORE_JSON, RegionInfo, STORE_FORMAT, STORE_VERSION, decode_region_info, encode_region_info,
+};
+use crate::format::regions::RegionDef;
+use crate::id::{AccountId, SnapshotId};
+use crate::region::backend::{Backend, LocalBackend, RegionLock, create_new_durable};
+use crate::region::defs;
+use crate::region::s3::backend::S3Backend;
+use crate::store::chunk_store::ChunkStore;
+use crate::store::pool::map_io;
+use crate::sys::LockMode;
+
+/// Where a snapshot's create-volume permissions live, beside its manifest.
+pub fn permissions_key(id: &SnapshotId) -> String {
+    format!("snapshot-permissions/{id}.json")
+}
+
+pub struct Region {
+    backend: Box<dyn Backend>,
+    info: RegionInfo,
+    chunks: Box<dyn ChunkStore>,
+}
+
+/// Snapshots found by [`Region::list_snapshots`], and manifests that could
+/// not be read.
+pub struct SnapshotListing {
+    pub snapshots: Vec<SnapshotMeta>,
+    pub damaged: Vec<Error>,
+}
+
+impl Region {
+    /// Opens region `name` of the store at `store_root`: the backend
+    /// `regions.json` defines for it, or the directory `<store_root>/<name>`.
+    /// Creates the region on first use.
+    pub fn open_or_create(store_root: &Path, name: &str) -> Result<Region> {
+        defs::validate_region_name(name)?;
+        let def = defs::lookup(store_root, name)?;
+        Region::open_defined(store_root, name, def)
+    }
+
+    /// Opens region `name`: on the object store `def` names, or the
+    /// directory `<store_root>/<name>`.
+    fn open_defined(store_root: &Path, name: &str, def: Option<RegionDef>) -> Result<Region> {
+        let backend: Box<dyn Backend> = match def {
+            Some(def) => Box::new(S3Backend::connect(name, &def)?),
+            None => Box::new(LocalBackend::new(store_root.join(name))),
+        };
+        Region::open_backend(backend, store_root, name)
+    }
+
+    /// Opens region `name` of the store at `store_root`, which must exist:
+    /// defined with `region add`, or a local region already created. A
+    /// name that is neither (a typo) is [`Error::NotFound`], listing the
+    /// regions there are; nothing is created.
+    pub fn open(store_root: &Path, name: &str) -> Result<Region> {
+        defs::validate_region_name(name)?;
+        let def = defs::lookup(store_root, name)?;
+        if def.is_none() && !store_root.join(name).join("store.json").exists() {
+            let mut known = defs::local(store_root)?;
+            known.extend(defs::defined(store_root)?.into_keys());
+            known.sort();
+            let known = if known.is_empty() {
+                "none yet".to_string()
+            } else {
+                known.join(", ")
+            };
+            return Err(Error::NotFound(format!(
+                "region {name} does not exist in store {} (regions: {known}): check the name, or \
+                 create it with `blocksnap region add {name}`",
+                store_root.display()
+            )));
+        }
+        Region::open_defined(store_root, name, def)
+    }
+
+    /// Opens (creating on first use) region `name` kept by `backend`; a new
+    /// region is owned by the store's default account.
+    pub fn open_backend(
+        backend: Box<dyn Backend>,
+        store_root: &Path,
+        name: &str,
+    ) -> Result<Region> {
+        let info = match backend.read("store.json", "store description", MAX_STORE_JSON)? {
+            Some(bytes) => decode_region_info(&bytes, &backend.locate("store.json"), name)?,
+            None => {
+                // A listing fails on a missing bucket, where a read only
+                // finds no object (and some servers create buckets on PUT).
+                backend.list("snapshots")?;
+                let info = RegionInfo {
+                    format: STORE_FORMAT.into(),
+                    version: STORE_VERSION,
+                    region: name.into(),
+                    owner: store_account(store_root)?,
+                    created: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+                };
+                let json = encode_region_info(&info);
+                // Two first commands racing: one creates it and both
+                // then read the same description.
+                backend.create("store.json", &json)?;
+                let bytes = backend
+                    .read("store.json", "store description", MAX_STORE_JSON)?
+                    .ok_or_else(|| Error::CorruptFile {
+                        what: "store description",
+                        path: backend.locate("store.json"),
+                        reason: "it vanished right after it was created".into(),
+                    })?;
+                decode_region_info(&bytes, &backend.locate("store.json"), name)?
+            }
+        };
+        Ok(Region {
+            chunks: backend.chunk_store(),
+            backend,
+            info,
+        })
+    }
+
+    /// The same region with its chunks kept by another [`ChunkStore`]
+    /// (another backend, or a fault-injecting one in tests).
+    pub fn with_chunk_store(self, chunks: Box<dyn ChunkStore>) -> Region {
+        Region { chunks, ..self }
+    }
+
+    /// Where the region lives: a directory or an `s3://` URL.
+    pub fn location(&self) -> String {
+        self.backend.location()
+    }
+
+    pub fn backend(&self) -> &dyn Backend {
+        self.backend.as_ref()
+    }
+
+    pub fn name(&self) -> &str {
+        &self.info.region
+    }
+
+    pub fn info(&self) -> &RegionInfo {
+        &self.info
+    }
+
+    pub fn chunks(&self) -> &dyn ChunkStore {
+        self.chunks.as_ref()
+    }
+
+    fn snapshot_key(id: &SnapshotId) -> String {
+        format!("snapshots/{id}")
+    }
+
+    fn not_found(&self, id: &SnapshotId) -> Error {
+        Error::SnapshotNotFound {
+            id: id.clone(),
+            region: self.name().to_string(),
+        }
+    }
+
+    pub fn has_snapshot(&self, id: &SnapshotId) -> Result<bool> {
+        Ok(self
+            .backend
+            .read_head(&Self::snapshot_key(id), 0)?
+            .is_some())
+    }
+
+    /// Reads and checks a whole snapshot manifest.
+    pub fn read_snapshot(&self, id: &SnapshotId) -> Result<Manifest> {
+        let key = Self::snapshot_key(id);
+        let path = self.backend.locate(&key);
+        let bytes = self
+            .backend
+            .read(&key, "snapshot manifest", manifest::MAX_MANIFEST_LEN)?
+            .ok_or_else(|| self.not_found(id))?;
+        let m = Manifest::decode(&bytes, &path)?;
+        self.check_name(&m.meta, id, &path)?;
+        Ok(m)
+    }
+
+    /// Reads and checks only the meta of a snapshot manifest.
+    pub fn read_snapshot_meta(&self, id: &SnapshotId) -> Result<SnapshotMeta> {
+        let key = Self::snapshot_key(id);
+        let path = self.backend.locate(&key);
+        let (mut head, file_len) = self
+            .backend
+            .read_head(&key, manifest::HEADER_LEN as u64)?
+            .ok_or_else(|| self.not_found(id))?;
+        if let Some(n) = Manifest::meta_prefix_len(&head)
+            && n > head.len()
+        {
+            head = self
+                .backend
+                .read_head(&key, n as u64)?
+                .ok_or_else(|| self.not_found(id))?
+                .0;
+        }
+        let meta = Manifest::decode_meta(&head, &path, file_len)?;
+        self.check_name(&meta, id, &path)?;
+        Ok(meta)
+    }
+
+    fn check_name(&self, meta: &SnapshotMeta, id: &SnapshotId, path: &Path) -> Result<()> {
+        if &meta.id != id {
+            return Err(Error::CorruptFile {
+                what: "snapshot manifest",
+                path: path.to_path_buf(),
+                reason: format!("it describes {} instead", meta.id),
+            });
+        }
+        Ok(())
+    }
+
+    /// When snapshot `id`'s manifest was committed, by the store's clock:
+    /// every chunk it names was written before then.
+    pub fn snapshot_committed_at(&self, id: &SnapshotId) -> Result<Option<SystemTime>> {
+        self.backend.changed_at(&Self::snapshot_key(id))
+    }
+
+    /// Commits a snapshot: chunks are made durable first, then the manifest
+    /// is created (never overwriting one). The snapshot exists from then on.
+    pub fn write_snapshot(&self, m: &Manifest) -> Result<()> {
+        self.chunks.sync()?;
+        let key = Self::snapshot_key(&m.meta.id);
+        if !self.backend.create(&key, &m.encode())? {
+            return Err(Error::AlreadyExists(format!(
+                "snapshot {} already exists in region {}: snapshot ids never repeat, so this is a \
+                 copy of a snapshot that is already there",
+                m.meta.id,
+                self.name()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Removes a snapshot manifest. Its chunks stay until `store gc`.
+    pub fn delete_snapshot(&self, id: &SnapshotId) -> Result<()> {
+        if self.backend.remove(&Self::snapshot_key(id))? {
+            self.backend.remove(&permissions_key(id))?;
+            Ok(())
+        } else {
+            Err(self.not_found(id))
+        }
+    }
+
+    /// Ids of every snapshot manifest present, sorted.
+    pub fn snapshot_ids(&self) -> Result<Vec<SnapshotId>> {
+        let mut ids: Vec<SnapshotId> = self
+            .backend
+            .list("snapshots")?
+            .iter()
+            .filter_map(|n| n.parse().ok())
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Every snapshot, oldest first.
+    pub fn list_snapshots(&self) -> Result<SnapshotListing> {
+        let mut listing = SnapshotListing {
+            snapshots: Vec::new(),
+            damaged: Vec::new(),
+        };
+        let ids = self.snapshot_ids()?;
+        let metas = map_io(self.chunks(), &ids, |id| self.read_snapshot_meta(id))?;
+        for meta in metas {
+            match meta {
+                Ok(m) => listing.snapshots.push(m),
+                // Removed between the listing and the read.
+                Err(Error::SnapshotNotFound { .. }) => {}
+                Err(e) => listing.damaged.push(e),
+            }
+        }
+        listing
+            .snapshots
+            .sort_by(|a, b| (a.created_ns, &a.id).cmp(&(b.created_ns, &b.id)));
+        Ok(listing)
+    }
+
+    /// Takes the catalog lock (see [`Backend::catalog_lock`]).
+    pub fn catalog_lock(&self, purpose: &str) -> Result<RegionLock> {
+        self.backend.catalog_lock(purpose)
+    }
+
+    /// Takes the region lock, waiting up to a minute for a conflicting one.
+    pub fn lock(&self, mode: LockMode, purpose: &str) -> Result<RegionLock> {
+        self.backend.lock(mode, purpose)
+    }
+}
+
+/// The store's default account, shared by all its regions: read from
+/// `<store>/account`, or created there on first use.
+fn store_account(store_root: &Path) -> Result<AccountId> {
+    let path = store_root.join("account");
+    if !path.exists() {
+        // Of racing first commands exactly one account wins and all read it.
+        create_new_durable(&path, format!("{}\n", AccountId::random()).as_bytes())?;
+    }
+    let text = fs::read_to_string(&path).ctx("read", &path)?;
+    text.trim().parse().map_err(|_| Error::CorruptFile {
+        what: "store account",
+        path: path.clone(),
+        reason: format!("{:?} is not a 12-digit account id", text.trim()),
+    })
+}
+
+/// Creates local region `name`, the directory `<store>/name`. Refuses a
+/// name already in use, by a definition or by a local region.
+pub fn add_local(store_root: &Path, name: &str) -> Result<Region> {
+    defs::validate_region_name(name)?;
+    defs::locked(store_root, || {
+        defs::refuse_taken(store_root, &defs::read_file(store_root)?, name)?;
+        Region::open_or_create(store_root, name)
+    })
+}

@@ -1,0 +1,321 @@
+//! Fault injection at the storage layer: a chunk store that fails the Nth
+//! operation, and that separates "written" from "durable" so a simulated
+//! crash loses or truncates every chunk put since the last `sync`. Every failure point
+//! of a snapshot is tried; after each, the store must hold no snapshot that
+//! names a chunk it lacks, and a retry must succeed and restore exactly.
+
+use std::collections::HashSet;
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use blocksnap::error::{Error, Result};
+use blocksnap::id::ChunkId;
+use blocksnap::ops::check;
+use blocksnap::ops::restore::{self, RestoreOptions};
+use blocksnap::ops::snapshot::{self, CreateOptions, ParentChoice};
+use blocksnap::progress::NoProgress;
+use blocksnap::region::catalog::Region;
+use blocksnap::store::chunk_store::{ChunkStore, StoredChunk};
+use blocksnap::store::local::LocalChunkStore;
+
+/// What a simulated power loss takes: chunk files whose names were not yet
+/// made durable by any `sync` (a `syncfs`, so shared by all stores).
+#[derive(Clone, Default)]
+struct Disk(Arc<Mutex<HashSet<ChunkId>>>);
+
+impl Disk {
+    /// Power loss: every chunk put since the last sync is lost, either
+    /// entirely or (its name durable, its data not) cut to half its length.
+    fn crash(&self, root: &Path) {
+        let store = LocalChunkStore::new(root.join("chunks"));
+        for (i, id) in self.0.lock().unwrap().drain().enumerate() {
+            let path = store.path_of(&id);
+            if i % 2 == 0 {
+                let _ = fs::remove_file(path);
+            } else if let Ok(bytes) = fs::read(&path) {
+                fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+            }
+        }
+    }
+}
+
+struct FaultyStore {
+    inner: LocalChunkStore,
+    ops: AtomicU64,
+    /// The operation (counting puts and syncs from 1) that fails; 0: none.
+    fail_at: u64,
+    disk: Disk,
+}
+
+impl FaultyStore {
+    fn new(region: &Region, fail_at: u64, disk: &Disk) -> Box<Self> {
+        Box::new(FaultyStore {
+            inner: LocalChunkStore::new(
+                region
+                    .backend()
+                    .local_root()
+                    .expect("a local region")
+                    .join("chunks"),
+            ),
+            ops: AtomicU64::new(0),
+            fail_at,
+            disk: disk.clone(),
+        })
+    }
+
+    fn tick(&self) -> Result<()> {
+        let n = self.ops.fetch_add(1, Ordering::SeqCst) + 1;
+        if n == self.fail_at {
+            return Err(Error::Io {
+                op: "write (injected fault)",
+                path: self.inner.root().to_path_buf(),
+                source: std::io::Error::other("injected"),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl ChunkStore for FaultyStore {
+    fn has(&self, id: &ChunkId) -> Result<bool> {
+        self.inner.has(id)
+    }
+    fn changed_at(&self, id: &ChunkId) -> Result<Option<std::time::SystemTime>> {
+        self.inner.changed_at(id)
+    }
+    fn put(&self, id: &ChunkId, data: &[u8]) -> Result<bool> {
+        self.tick()?;
+        let wrote = self.inner.put(id, data)?;
+        if wrote {
+            self.disk.0.lock().unwrap().insert(*id);
+        }
+        Ok(wrote)
+    }
+    fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        self.inner.get(id)
+    }
+    fn list(&self) -> Result<Vec<ChunkId>> {
+        self.inner.list()
+    }
+    fn remove(&self, id: &ChunkId) -> Result<()> {
+        self.inner.remove(id)
+    }
+    fn sync(&self) -> Result<()> {
+        self.tick()?;
+        self.inner.sync()?;
+        self.disk.0.lock().unwrap().clear();
+        Ok(())
+    }
+    fn size(&self, id: &ChunkId) -> Result<u64> {
+        self.inner.size(id)
+    }
+    fn quarantine(&self, id: &ChunkId) -> Result<()> {
+        self.inner.quarantine(id)
+    }
+    fn quarantined(&self) -> Result<Vec<StoredChunk>> {
+        self.inner.quarantined()
+    }
+    fn purge_quarantined(&self) -> Result<u64> {
+        self.inner.purge_quarantined()
+    }
+}
+
+fn open(store_root: &Path) -> Region {
+    Region::open_or_create(store_root, "local").unwrap()
+}
+
+/// Every manifest names only chunks that exist and verify.
+fn assert_consistent(store_root: &Path, context: &str) {
+    let report = check::verify(&open(store_root), None, 2, &NoProgress).unwrap();
+    assert!(report.is_clean(), "{context}: {report:?}");
+}
+
+fn assert_restores(region: &Region, meta: &blocksnap::SnapshotMeta, source: &Path, dir: &Path) {
+    let out = dir.join(format!("{}.img", meta.id));
+    restore::restore(
+        region,
+        &meta.id,
+        &out,
+        &RestoreOptions::default(),
+        &NoProgress,
+    )
+    .unwrap();
+    assert_eq!(fs::read(&out).unwrap(), fs::read(source).unwrap());
+    fs::remove_file(out).unwrap();
+}
+
+/// 2 MiB in 64 KiB blocks: text, random, zeros and a hole.
+fn volume(dir: &Path, seed: u8) -> std::path::PathBuf {
+    let path = dir.join(format!("v{seed}.img"));
+    let f = fs::File::create(&path).unwrap();
+    f.set_len(2 << 20).unwrap();
+    let text: Vec<u8> = (0..600_000u32)
+        .map(|i| b"log line "[i as usize % 9] ^ (i / 4096) as u8)
+        .collect();
+    f.write_all_at(&text, 0).unwrap();
+    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ seed as u64;
+    let random: Vec<u8> = (0..400_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    f.write_all_at(&random, 700_000).unwrap();
+    f.write_all_at(&vec![0u8; 200_000], 1_200_000).unwrap();
+    path
+}
+
+fn options() -> CreateOptions {
+    CreateOptions {
+        parent: ParentChoice::Latest,
+        block_size: Some(64 << 10),
+        threads: 2,
+        ..Default::default()
+    }
+}
+
+/// Store operations (puts and syncs) one snapshot of `vol` into an empty
+/// store takes.
+fn operations(vol: &Path) -> u64 {
+    let scratch = tempfile::tempdir().unwrap();
+    let region = open(scratch.path());
+    let disk = Disk::default();
+    let region = region.with_chunk_store(FaultyStore::new(&open(scratch.path()), 0, &disk));
+    snapshot::create(&region, vol, &options(), &NoProgress).unwrap();
+    region.chunks().list().unwrap().len() as u64 + 1
+}
+
+#[test]
+fn every_failure_point_of_a_snapshot_leaves_a_consistent_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_root = dir.path().join("store");
+    let v1 = volume(dir.path(), 1);
+    let v2 = volume(dir.path(), 2);
+    let total = operations(&v1).max(operations(&v2));
+    assert!(total > 10, "too few operations to be interesting: {total}");
+
+    let disk = Disk::default();
+    for vol in [&v1, &v2] {
+        for fail_at in 1..=total + 1 {
+            let plain = open(&store_root);
+            let before = plain.snapshot_ids().unwrap();
+            let region =
+                plain.with_chunk_store(FaultyStore::new(&open(&store_root), fail_at, &disk));
+            let result = snapshot::create(&region, vol, &options(), &NoProgress);
+            let after = region.snapshot_ids().unwrap();
+            match &result {
+                Err(_) => assert_eq!(
+                    after, before,
+                    "a failed snapshot left a manifest (fault at op {fail_at})"
+                ),
+                Ok(meta) => assert!(after.contains(&meta.id)),
+            }
+            assert_consistent(&store_root, &format!("fault at op {fail_at}"));
+        }
+    }
+    // Retrying with a healthy store works and restores exactly.
+    let region = open(&store_root);
+    for vol in [&v1, &v2] {
+        let meta = snapshot::create(&region, vol, &options(), &NoProgress).unwrap();
+        assert_restores(&region, &meta, vol, dir.path());
+    }
+}
+
+#[test]
+fn power_loss_after_any_fault_never_breaks_a_committed_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let v1 = volume(dir.path(), 3);
+    let total = operations(&v1);
+    for fail_at in 1..=total + 1 {
+        for retry_first in [false, true] {
+            let store_root = dir.path().join(format!("store-{fail_at}-{retry_first}"));
+            let disk = Disk::default();
+            // A snapshot fails part-way, leaving chunks written but not durable...
+            let region = open(&store_root).with_chunk_store(FaultyStore::new(
+                &open(&store_root),
+                fail_at,
+                &disk,
+            ));
+            let first = snapshot::create(&region, &v1, &options(), &NoProgress);
+            // ...optionally a second one deduplicates against them and commits...
+            let second = retry_first.then(|| {
+                let region = open(&store_root).with_chunk_store(FaultyStore::new(
+                    &open(&store_root),
+                    0,
+                    &disk,
+                ));
+                snapshot::create(&region, &v1, &options(), &NoProgress).unwrap()
+            });
+            // ...then the power fails.
+            disk.crash(open(&store_root).backend().local_root().unwrap());
+            let context = format!("fault at op {fail_at}, retry first: {retry_first}");
+            assert_consistent(&store_root, &context);
+            let region = open(&store_root);
+            for meta in first.iter().chain(second.iter()) {
+                assert_restores(&region, meta, &v1, dir.path());
+            }
+            // And a snapshot after the crash repairs what was lost.
+            let meta = snapshot::create(&region, &v1, &options(), &NoProgress).unwrap();
+            assert_restores(&region, &meta, &v1, dir.path());
+            assert_consistent(&store_root, &context);
+        }
+    }
+}
+
+/// Truncates the volume once a given number of bytes has been read.
+struct Shrinker<'a> {
+    path: &'a Path,
+    after: u64,
+    seen: AtomicU64,
+}
+
+impl blocksnap::progress::Progress for Shrinker<'_> {
+    fn advance(&self, bytes: u64) {
+        let before = self.seen.fetch_add(bytes, Ordering::SeqCst);
+        if before < self.after && before + bytes >= self.after {
+            fs::OpenOptions::new()
+                .write(true)
+                .open(self.path)
+                .unwrap()
+                .set_len(self.after)
+                .unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_volume_that_shrinks_while_read_is_a_clear_error_and_no_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_root = dir.path().join("store");
+    let vol = dir.path().join("shrinking.img");
+    let mut x = 1u64;
+    let data: Vec<u8> = (0..(64u64 << 20))
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (x >> 56) as u8
+        })
+        .collect();
+    fs::write(&vol, &data).unwrap();
+    let region = open(&store_root);
+    let shrink = Shrinker {
+        path: &vol,
+        after: 8 << 20,
+        seen: AtomicU64::new(0),
+    };
+    let opts = CreateOptions {
+        threads: 1,
+        ..options()
+    };
+    let err = snapshot::create(&region, &vol, &opts, &shrink).unwrap_err();
+    assert!(matches!(err, Error::VolumeShrank { .. }), "{err}");
+    assert!(err.to_string().contains("shrank"), "{err}");
+    assert!(region.snapshot_ids().unwrap().is_empty());
+    assert_consistent(&store_root, "after a shrinking volume");
+}

@@ -1,0 +1,21 @@
+//! The integration tests: one binary. The end-to-end modules run the real
+//! `blocksnap` binary on real ext4 images, loop devices, e2fsck, cmp and
+//! qemu-img; the library modules drive the public API directly.
+//!
+//! `BLOCKSNAP_TEST_NO_SKIP=1` (set by `.ci/run`) turns every skip into a
+//! failure; without it a missing prerequisite skips a test with its reason
+//! printed, and the S3 tests print one summary line of how many skipped.
+
+#[macro_use]
+mod util;
+
+// End to end, through the binary.
+mod basics; // snapshot, incremental, restore, verify, gc on each backend
+mod images; // images and instances: create, register, share, copy, launch
+mod misuse; // hostile and careless use: wrong order, races, bad input
+mod s3; // regions on an S3 server: locks, gc beside writers, requests
+mod trust; // damage found and refused; healing; newer formats never damage
+
+// The library, through its public API.
+mod faults; // a chunk store that fails or loses writes at every point
+mod hostile; // every decoder fed the fuzz corpus and its mutations
