@@ -1,10 +1,11 @@
-//! Tuning settings (`BLOCKSNAP_*`), as one typed value.
+//! Settings from the environment (`BLOCKSNAP_*` tuning, and the AWS
+//! credential variables an S3 region connects with), as one typed value.
 //!
-//! The library never reads the environment for them: the binary parses
-//! every variable once at start ([`Settings::from_vars`]), where a
-//! malformed value is a usage error naming the variable, and installs the
-//! result with [`install`]. Library code reads [`get`]; a program that
-//! installs nothing gets the defaults.
+//! The library never reads the environment: the binary parses every
+//! variable once at start ([`Settings::from_vars`]), where a malformed
+//! value is a usage error naming the variable, and installs the result
+//! with [`install`]. Library code reads [`get`]; a program that installs
+//! nothing gets the defaults (and no credentials).
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -33,6 +34,37 @@ pub struct Settings {
     pub s3_gc_grace: Option<Duration>,
     /// Print the S3 requests a command sent (`BLOCKSNAP_S3_TRACE`, set).
     pub s3_trace: bool,
+    /// What S3 regions connect with.
+    pub aws: AwsEnv,
+}
+
+/// The AWS variables an S3 region connects with. Never stored in the
+/// store; `Debug` does not show the secrets.
+#[derive(Clone, Default, PartialEq)]
+pub struct AwsEnv {
+    /// `AWS_ACCESS_KEY_ID`.
+    pub access_key_id: Option<String>,
+    /// `AWS_SECRET_ACCESS_KEY`.
+    pub secret_access_key: Option<String>,
+    /// `AWS_SESSION_TOKEN`.
+    pub session_token: Option<String>,
+    /// `AWS_REGION`.
+    pub region: Option<String>,
+    /// `AWS_ENDPOINT`: the endpoint of a region defined without one.
+    pub endpoint: Option<String>,
+}
+
+impl std::fmt::Debug for AwsEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown = |v: &Option<String>| v.as_ref().map(|_| "(set)");
+        f.debug_struct("AwsEnv")
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &shown(&self.secret_access_key))
+            .field("session_token", &shown(&self.session_token))
+            .field("region", &self.region)
+            .field("endpoint", &self.endpoint)
+            .finish()
+    }
 }
 
 /// The longest duration a setting takes (about 31 years).
@@ -48,6 +80,7 @@ impl Default for Settings {
             s3_lock_stale: Duration::from_secs(300),
             s3_gc_grace: None,
             s3_trace: false,
+            aws: AwsEnv::default(),
         }
     }
 }
@@ -104,6 +137,14 @@ impl Settings {
         }
         s.s3_gc_grace = seconds("BLOCKSNAP_S3_GC_GRACE", false)?;
         s.s3_trace = var("BLOCKSNAP_S3_TRACE").is_some();
+        let text = |name: &str| get(name).map(|v| v.to_string());
+        s.aws = AwsEnv {
+            access_key_id: text("AWS_ACCESS_KEY_ID"),
+            secret_access_key: text("AWS_SECRET_ACCESS_KEY"),
+            session_token: text("AWS_SESSION_TOKEN"),
+            region: text("AWS_REGION"),
+            endpoint: text("AWS_ENDPOINT"),
+        };
         Ok(s)
     }
 
@@ -160,6 +201,24 @@ mod tests {
         assert_eq!(s.s3_retries, 0);
         assert_eq!(s.gc_grace(), Duration::from_millis(2500));
         assert!(s.s3_trace);
+    }
+
+    #[test]
+    fn credentials_are_read_once_and_never_shown() {
+        let s = from(&[
+            ("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE"),
+            ("AWS_SECRET_ACCESS_KEY", "very-secret"),
+            ("AWS_REGION", ""),
+        ])
+        .unwrap();
+        assert_eq!(s.aws.access_key_id.as_deref(), Some("AKIDEXAMPLE"));
+        assert_eq!(s.aws.secret_access_key.as_deref(), Some("very-secret"));
+        assert_eq!(s.aws.region, None, "an empty variable is unset");
+        let shown = format!("{s:?}");
+        assert!(
+            shown.contains("AKIDEXAMPLE") && !shown.contains("very-secret"),
+            "{shown}"
+        );
     }
 
     #[test]

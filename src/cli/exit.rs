@@ -1,5 +1,6 @@
 //! Exit codes: what each failure maps to, and the message printed.
 
+use blocksnap::id::InvalidId;
 use blocksnap::{Error, ErrorKind};
 
 pub const EXIT_CODES: &str = "\
@@ -16,11 +17,13 @@ Exit codes:
   6  permission: the account may not use or change that image or snapshot";
 
 pub fn describe_error(err: &anyhow::Error) -> (u8, String) {
-    let code = match err
-        .chain()
-        .find_map(|e| e.downcast_ref::<Error>())
-        .map(Error::kind)
-    {
+    // A malformed id parsed here is a usage error like any other.
+    let kind = |e: &(dyn std::error::Error + 'static)| {
+        e.downcast_ref::<Error>()
+            .map(Error::kind)
+            .or_else(|| e.downcast_ref::<InvalidId>().map(|_| ErrorKind::Usage))
+    };
+    let code = match err.chain().find_map(kind) {
         Some(ErrorKind::Usage) => 2,
         Some(ErrorKind::NotFound) => 3,
         Some(ErrorKind::Integrity) => 4,
@@ -36,7 +39,7 @@ pub fn describe_error(err: &anyhow::Error) -> (u8, String) {
         if parts.last().is_some_and(|prev| prev.contains(&s)) {
             continue;
         }
-        let lib = e.downcast_ref::<Error>().is_some();
+        let lib = kind(e).is_some();
         parts.push(s);
         if lib {
             break;

@@ -56,36 +56,3 @@ pub fn decode<T: DeserializeOwned>(
     }
     serde_json::from_str(env.body.get()).map_err(|e| corrupt(e.to_string()))
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::format::image::{IMAGE_FORMAT, LAUNCH_FORMAT, LaunchPermission, LaunchPermissions};
-
-    #[test]
-    fn envelope_detects_edits_and_truncation() {
-        let perms = LaunchPermissions {
-            launch_permissions: vec![LaunchPermission::Account("123456789012".parse().unwrap())],
-        };
-        let bytes = encode(LAUNCH_FORMAT, &perms);
-        let p = Path::new("x.launch.json");
-        let back: LaunchPermissions =
-            decode(&bytes, LAUNCH_FORMAT, "launch permissions", p).unwrap();
-        assert_eq!(back, perms);
-        let text = String::from_utf8(bytes.clone()).unwrap();
-        let edited = text.replace("123456789012", "999999999999");
-        let err =
-            decode::<LaunchPermissions>(edited.as_bytes(), LAUNCH_FORMAT, "launch permissions", p)
-                .unwrap_err();
-        assert!(err.to_string().contains("checksum"), "{err}");
-        let err = decode::<LaunchPermissions>(
-            &bytes[..bytes.len() / 2],
-            LAUNCH_FORMAT,
-            "launch permissions",
-            p,
-        )
-        .unwrap_err();
-        assert!(matches!(err, Error::CorruptFile { .. }), "{err}");
-        assert!(decode::<LaunchPermissions>(&bytes, IMAGE_FORMAT, "image manifest", p).is_err());
-    }
-}

@@ -313,4 +313,38 @@ mod tests {
             serde_json::json!({"LaunchPermissions": [{"UserId": "123456789012"}, {"Group": "all"}]})
         );
     }
+
+    #[test]
+    fn envelope_detects_edits_and_truncation() {
+        let perms = LaunchPermissions {
+            launch_permissions: vec![LaunchPermission::Account("123456789012".parse().unwrap())],
+        };
+        let bytes = envelope::encode(LAUNCH_FORMAT, &perms);
+        let p = Path::new("x.launch.json");
+        let back: LaunchPermissions =
+            envelope::decode(&bytes, LAUNCH_FORMAT, "launch permissions", p).unwrap();
+        assert_eq!(back, perms);
+        let text = String::from_utf8(bytes.clone()).unwrap();
+        let edited = text.replace("123456789012", "999999999999");
+        let err = envelope::decode::<LaunchPermissions>(
+            edited.as_bytes(),
+            LAUNCH_FORMAT,
+            "launch permissions",
+            p,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("checksum"), "{err}");
+        let err = envelope::decode::<LaunchPermissions>(
+            &bytes[..bytes.len() / 2],
+            LAUNCH_FORMAT,
+            "launch permissions",
+            p,
+        )
+        .unwrap_err();
+        assert!(matches!(err, Error::CorruptFile { .. }), "{err}");
+        assert!(
+            envelope::decode::<LaunchPermissions>(&bytes, IMAGE_FORMAT, "image manifest", p)
+                .is_err()
+        );
+    }
 }

@@ -148,7 +148,14 @@ pub fn create_from_volumes(
         .map(|m| Ok((m.device.clone(), plan(region, m, opts)?)))
         .collect::<Result<Vec<_>>>()?;
     let root = root_device(maps, opts)?;
-    snapshot_and_register(region, &root, plans, opts, "CreateImage", progress)
+    let job = Job {
+        region,
+        root: &root,
+        opts,
+        call: "CreateImage",
+        progress,
+    };
+    snapshot_and_register(job, plans)
 }
 
 /// Registers an image of existing snapshots, `none` and `ephemeralN`
@@ -190,14 +197,7 @@ fn plan(region: &Region, m: &MapSpec, opts: &ImageCreateOptions) -> Result<Plan>
             keep,
         },
         MapSource::Snapshot(id) => {
-            let meta = region.read_snapshot_meta(id).map_err(|e| match e {
-                Error::SnapshotNotFound { .. } => Error::NotFound(format!(
-                    "{} maps {id}, which does not exist in region {}",
-                    m.device,
-                    region.name()
-                )),
-                other => other,
-            })?;
+            let meta = rules::mapped_snapshot(region, &m.device, id)?;
             Plan::Ready(MappingTarget::Ebs(EbsMapping {
                 snapshot_id: id.clone(),
                 volume_size: opts.volume_gib(&m.device, meta.volume_size),
@@ -265,45 +265,53 @@ pub fn create_from_instance(
         .clone()
         .unwrap_or(inst.root_device_name.clone());
     let call = format!("CreateImage({})", inst.instance_id);
-    snapshot_and_register(region, &root, plans, opts, &call, progress)
+    let job = Job {
+        region,
+        root: &root,
+        opts,
+        call: &call,
+        progress,
+    };
+    snapshot_and_register(job, plans)
 }
 
-fn snapshot_and_register(
-    region: &Region,
-    root: &DeviceName,
-    plans: Vec<(DeviceName, Plan)>,
-    opts: &ImageCreateOptions,
-    call: &str,
-    progress: &dyn Progress,
-) -> Result<ImageCreateReport> {
+/// One image creation: where, its root device, its options, the EC2 call
+/// it stands for (named in its snapshots' descriptions).
+#[derive(Clone, Copy)]
+struct Job<'a> {
+    region: &'a Region,
+    root: &'a DeviceName,
+    opts: &'a ImageCreateOptions,
+    call: &'a str,
+    progress: &'a dyn Progress,
+}
+
+fn snapshot_and_register(job: Job, plans: Vec<(DeviceName, Plan)>) -> Result<ImageCreateReport> {
+    let Job {
+        region, root, opts, ..
+    } = job;
     // Everything that can be checked before snapshotting is, so a bad
     // name or mapping leaves no stray snapshots behind.
-    rules::validate_name(&opts.name)?;
-    snapshot::validate_labels(&opts.description, &opts.tags)?;
-    if let Some(a) = &opts.architecture {
-        rules::validate_architecture(a)?;
-    }
-    rules::check_name_free(region, &opts.owner, &opts.name)?;
-    for (i, (dev, _)) in plans.iter().enumerate() {
-        if plans[..i].iter().any(|(d, _)| d == dev) {
-            return Err(Error::InvalidImage(format!(
-                "device {dev} is mapped twice: map each device once"
-            )));
-        }
-    }
-    match plans.iter().find(|(d, _)| d == root) {
-        None => {
-            return Err(Error::InvalidImage(format!(
-                "root device {root} is not among the mappings: map it, or pick another with --root-device"
-            )));
-        }
-        Some((_, Plan::Ready(MappingTarget::NoDevice(_) | MappingTarget::VirtualName(_)))) => {
-            return Err(Error::InvalidImage(format!(
-                "root device {root} must map a snapshot, not a no-device or ephemeral volume"
-            )));
-        }
-        Some(_) => {}
-    }
+    rules::check_labels(
+        region,
+        &opts.owner,
+        &opts.name,
+        &opts.description,
+        &opts.tags,
+        opts.architecture
+            .as_deref()
+            .unwrap_or_else(|| rules::host_architecture()),
+    )?;
+    rules::check_devices(
+        root,
+        plans.iter().map(|(d, p)| {
+            let snapshot = matches!(
+                p,
+                Plan::Snapshot { .. } | Plan::Ready(MappingTarget::Ebs(_))
+            );
+            (d, snapshot)
+        }),
+    )?;
     for dev in opts.volume_sizes.keys() {
         if !plans.iter().any(|(d, _)| d == dev) {
             return Err(Error::InvalidImage(format!(
@@ -327,7 +335,7 @@ fn snapshot_and_register(
                 }
             }
             Plan::Ready(MappingTarget::Ebs(e)) => {
-                let meta = region.read_snapshot_meta(&e.snapshot_id)?;
+                let meta = rules::mapped_snapshot(region, dev, &e.snapshot_id)?;
                 let source = e.snapshot_id.to_string();
                 rules::validate_volume_size(dev, e.volume_size, &source, meta.volume_size)?;
             }
@@ -338,7 +346,7 @@ fn snapshot_and_register(
 
     // From here on, a failure deletes the snapshots this call took.
     let mut created = Vec::new();
-    let result = take_and_register(region, root, plans, opts, call, progress, &mut created);
+    let result = take_and_register(job, plans, &mut created);
     if result.is_err() {
         for c in &created {
             let _ = region.delete_snapshot(&c.snapshot.id);
@@ -352,14 +360,17 @@ fn snapshot_and_register(
 }
 
 fn take_and_register(
-    region: &Region,
-    root: &DeviceName,
+    job: Job,
     plans: Vec<(DeviceName, Plan)>,
-    opts: &ImageCreateOptions,
-    call: &str,
-    progress: &dyn Progress,
     created: &mut Vec<CreatedSnapshot>,
 ) -> Result<Image> {
+    let Job {
+        region,
+        root,
+        opts,
+        call,
+        progress,
+    } = job;
     let image_id = ImageId::random();
     let mut mappings = Vec::new();
     for (dev, plan) in plans {

@@ -10,15 +10,13 @@ use crate::format::image::{
 };
 use crate::format::manifest::Tag;
 use crate::id::{AccountId, ImageId, SnapshotId};
-use crate::image::rules::{
-    check_name_free, host_architecture, validate_architecture, validate_mappings, validate_name,
-};
-use crate::ops::snapshot::validate_labels;
+use crate::image::rules::{check_labels, host_architecture, validate_mappings};
 use crate::region::catalog::Region;
 use crate::region::images::{
     ImageView, list, read, users_of, write_new, write_permissions, write_state,
 };
 use crate::region::permissions::{Grants, PermissionChange};
+use crate::sys::LockMode;
 
 /// Reads an image that `caller` may `action` (launch, copy): it must be
 /// available and theirs, shared with them, or public.
@@ -55,18 +53,22 @@ pub fn register(
     opts: &RegisterOptions,
     mappings: Vec<BlockDeviceMapping>,
 ) -> Result<Image> {
-    validate_name(&opts.name)?;
-    validate_labels(&opts.description, &opts.tags)?;
     let architecture = opts
         .architecture
         .clone()
         .unwrap_or_else(|| host_architecture().to_string());
-    validate_architecture(&architecture)?;
     // Under the catalog lock, two registrations of one name cannot both
     // pass the name check, and a snapshot cannot be deleted between the
     // mapping check and the write.
     let _catalog = region.catalog_lock("image register")?;
-    check_name_free(region, &opts.owner, &opts.name)?;
+    check_labels(
+        region,
+        &opts.owner,
+        &opts.name,
+        &opts.description,
+        &opts.tags,
+        &architecture,
+    )?;
     let metas = validate_mappings(region, &opts.root_device, &mappings)?;
     for meta in &metas {
         if meta.owner != opts.owner {
@@ -165,7 +167,7 @@ pub fn deregister(
     )?;
     let mut report = DeregisterReport::default();
     if delete_snapshots {
-        let _lock = region.lock(crate::LockMode::Shared, "image deregister")?;
+        let _lock = region.lock(LockMode::Shared, "image deregister")?;
         let others = list(region)?.images;
         let mut seen = Vec::new();
         for snap in view.image.snapshot_ids() {

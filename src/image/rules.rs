@@ -10,8 +10,9 @@ use crate::error::{Error, Result};
 use crate::format::image::{
     BlockDeviceMapping, DeviceName, ImageState, MAX_VOLUME_GIB, MappingTarget, gib_for,
 };
-use crate::format::manifest::SnapshotMeta;
-use crate::id::AccountId;
+use crate::format::manifest::{SnapshotMeta, Tag};
+use crate::id::{AccountId, SnapshotId};
+use crate::ops::snapshot::validate_labels;
 use crate::region::catalog::Region;
 use crate::region::images::list;
 
@@ -91,32 +92,15 @@ pub fn validate_mappings(
     root: &DeviceName,
     mappings: &[BlockDeviceMapping],
 ) -> Result<Vec<SnapshotMeta>> {
-    let bad = |m: String| Err(Error::InvalidImage(m));
-    if mappings.is_empty() {
-        return bad("an image needs at least one block device mapping".into());
-    }
+    check_devices(
+        root,
+        mappings.iter().map(|m| (&m.device_name, m.ebs().is_some())),
+    )?;
     let mut metas = Vec::new();
-    for (i, m) in mappings.iter().enumerate() {
-        if mappings[..i].iter().any(|o| o.device_name == m.device_name) {
-            return bad(format!(
-                "device {} is mapped twice: map each device once",
-                m.device_name
-            ));
-        }
+    for m in mappings {
         match &m.target {
             MappingTarget::Ebs(e) => {
-                let meta = match region.read_snapshot_meta(&e.snapshot_id) {
-                    Ok(meta) => meta,
-                    Err(Error::SnapshotNotFound { .. }) => {
-                        return Err(Error::NotFound(format!(
-                            "{} maps {}, which does not exist in region {}",
-                            m.device_name,
-                            e.snapshot_id,
-                            region.name()
-                        )));
-                    }
-                    Err(e) => return Err(e),
-                };
+                let meta = mapped_snapshot(region, &m.device_name, &e.snapshot_id)?;
                 validate_volume_size(
                     &m.device_name,
                     e.volume_size,
@@ -129,15 +113,66 @@ pub fn validate_mappings(
             MappingTarget::VirtualName(v) => validate_virtual_name(&m.device_name, v)?,
         }
     }
-    match mappings.iter().find(|m| &m.device_name == root) {
+    Ok(metas)
+}
+
+/// The rules on an image's devices, given as (device, whether it holds a
+/// snapshot): at least one, each mapped once, and the root among them,
+/// holding a snapshot.
+pub fn check_devices<'a>(
+    root: &DeviceName,
+    devices: impl IntoIterator<Item = (&'a DeviceName, bool)>,
+) -> Result<()> {
+    let bad = |m: String| Err(Error::InvalidImage(m));
+    let devices: Vec<_> = devices.into_iter().collect();
+    if devices.is_empty() {
+        return bad("an image needs at least one block device mapping".into());
+    }
+    for (i, (dev, _)) in devices.iter().enumerate() {
+        if devices[..i].iter().any(|(d, _)| d == dev) {
+            return bad(format!(
+                "device {dev} is mapped twice: map each device once"
+            ));
+        }
+    }
+    match devices.iter().find(|(d, _)| *d == root) {
         None => bad(format!(
             "root device {root} is not among the mappings: map it, or pick another with --root-device"
         )),
-        Some(m) if m.ebs().is_none() => bad(format!(
+        Some((_, false)) => bad(format!(
             "root device {root} must map a snapshot, not a no-device or ephemeral volume"
         )),
-        Some(_) => Ok(metas),
+        Some(_) => Ok(()),
     }
+}
+
+/// The meta of the snapshot `dev` maps; a missing one is [`Error::NotFound`]
+/// naming the device.
+pub fn mapped_snapshot(region: &Region, dev: &DeviceName, id: &SnapshotId) -> Result<SnapshotMeta> {
+    region.read_snapshot_meta(id).map_err(|e| match e {
+        Error::SnapshotNotFound { .. } => Error::NotFound(format!(
+            "{dev} maps {id}, which does not exist in region {}",
+            region.name()
+        )),
+        other => other,
+    })
+}
+
+/// The checks on what an image is called and says about itself: its name
+/// (unused by `owner` here), description, tags and architecture. Run
+/// before anything is written.
+pub fn check_labels(
+    region: &Region,
+    owner: &AccountId,
+    name: &str,
+    description: &str,
+    tags: &[Tag],
+    architecture: &str,
+) -> Result<()> {
+    validate_name(name)?;
+    validate_labels(description, tags)?;
+    validate_architecture(architecture)?;
+    check_name_free(region, owner, name)
 }
 
 /// Fails if `owner` already has an available image called `name` here.

@@ -57,8 +57,7 @@ pub fn owned(
     action: &'static str,
 ) -> Result<SnapshotMeta> {
     let meta = region.read_snapshot_meta(id)?;
-    require_owner(&meta, caller, action)?;
-    Ok(meta)
+    require_owner(&meta, caller, action).map(|()| meta)
 }
 
 /// Snapshot `id`'s meta, if `caller` may `action` it (restore, verify,
@@ -71,8 +70,7 @@ pub fn readable(
     action: &'static str,
 ) -> Result<SnapshotMeta> {
     let meta = region.read_snapshot_meta(id)?;
-    check_readable(region, &meta, caller, action)?;
-    Ok(meta)
+    check_readable(region, &meta, caller, action).map(|()| meta)
 }
 
 /// Fails unless `caller` may `action` the snapshot `meta` describes (for a

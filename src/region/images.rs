@@ -59,31 +59,30 @@ impl ImageView {
     /// Fails unless `account` owns the image.
     pub fn require_owner(&self, account: &AccountId, action: &'static str) -> Result<()> {
         if &self.image.owner_id == account {
-            Ok(())
-        } else {
-            Err(Error::NotPermitted {
-                account: account.clone(),
-                action,
-                image: self.image.image_id.clone(),
-                hint: format!("only its owner, account {}, may", self.image.owner_id),
-            })
+            return Ok(());
         }
+        let hint = format!("only its owner, account {}, may", self.image.owner_id);
+        Err(self.refused(account, action, hint))
     }
 
     /// Fails unless `account` may launch (and so see and copy) the image.
     pub fn require_launch(&self, account: &AccountId, action: &'static str) -> Result<()> {
         if self.can_launch(account) {
-            Ok(())
-        } else {
-            Err(Error::NotPermitted {
-                account: account.clone(),
-                action,
-                image: self.image.image_id.clone(),
-                hint: format!(
-                    "it is private; its owner can share it with `blocksnap image permissions {} --add {account}`",
-                    self.image.image_id
-                ),
-            })
+            return Ok(());
+        }
+        let hint = format!(
+            "it is private; its owner can share it with `blocksnap image permissions {} --add {account}`",
+            self.image.image_id
+        );
+        Err(self.refused(account, action, hint))
+    }
+
+    fn refused(&self, account: &AccountId, action: &'static str, hint: String) -> Error {
+        Error::NotPermitted {
+            account: account.clone(),
+            action,
+            image: self.image.image_id.clone(),
+            hint,
         }
     }
 

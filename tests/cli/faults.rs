@@ -1,8 +1,11 @@
-//! Fault injection at the storage layer: a chunk store that fails the Nth
-//! operation, and that separates "written" from "durable" so a simulated
-//! crash loses or truncates every chunk put since the last `sync`. Every failure point
-//! of a snapshot is tried; after each, the store must hold no snapshot that
-//! names a chunk it lacks, and a retry must succeed and restore exactly.
+//! Fault injection at the storage layer, on a countdown: a chunk store that
+//! fails its Nth write (put, sync) or its Nth read, and that separates
+//! "written" from "durable" so a simulated crash loses or truncates every
+//! chunk put since the last `sync`; and a region backend that fails its Nth
+//! write of a catalog object (a snapshot manifest commit, an image file).
+//! Every failure point is tried; after each, the store must hold no
+//! snapshot or image that names what it lacks, a failed restore must leave
+//! no target, and a retry must succeed and restore exactly.
 
 use std::collections::HashSet;
 use std::fs;
@@ -11,12 +14,14 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use blocksnap::LockMode;
 use blocksnap::error::{Error, Result};
 use blocksnap::id::ChunkId;
 use blocksnap::ops::check;
 use blocksnap::ops::restore::{self, RestoreOptions};
 use blocksnap::ops::snapshot::{self, CreateOptions, ParentChoice};
 use blocksnap::progress::NoProgress;
+use blocksnap::region::backend::{Backend, LocalBackend, RegionLock};
 use blocksnap::region::catalog::Region;
 use blocksnap::store::chunk_store::{ChunkStore, StoredChunk};
 use blocksnap::store::local::LocalChunkStore;
@@ -47,6 +52,9 @@ struct FaultyStore {
     ops: AtomicU64,
     /// The operation (counting puts and syncs from 1) that fails; 0: none.
     fail_at: u64,
+    reads: AtomicU64,
+    /// The read (counting gets from 1) that fails; 0: none.
+    fail_read_at: u64,
     disk: Disk,
 }
 
@@ -62,8 +70,30 @@ impl FaultyStore {
             ),
             ops: AtomicU64::new(0),
             fail_at,
+            reads: AtomicU64::new(0),
+            fail_read_at: 0,
             disk: disk.clone(),
         })
+    }
+
+    /// A store whose `fail_read_at`th read fails (0: none), writes never.
+    fn failing_reads(region: &Region, fail_read_at: u64) -> Box<Self> {
+        Box::new(FaultyStore {
+            fail_read_at,
+            ..*FaultyStore::new(region, 0, &Disk::default())
+        })
+    }
+
+    fn tick_read(&self, id: &ChunkId) -> Result<()> {
+        let n = self.reads.fetch_add(1, Ordering::SeqCst) + 1;
+        if n == self.fail_read_at {
+            return Err(Error::Io {
+                op: "read (injected fault)",
+                path: self.inner.path_of(id),
+                source: std::io::Error::other("injected"),
+            });
+        }
+        Ok(())
     }
 
     fn tick(&self) -> Result<()> {
@@ -95,6 +125,7 @@ impl ChunkStore for FaultyStore {
         Ok(wrote)
     }
     fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        self.tick_read(id)?;
         self.inner.get(id)
     }
     fn list(&self) -> Result<Vec<ChunkId>> {
@@ -318,4 +349,191 @@ fn a_volume_that_shrinks_while_read_is_a_clear_error_and_no_snapshot() {
     assert!(err.to_string().contains("shrank"), "{err}");
     assert!(region.snapshot_ids().unwrap().is_empty());
     assert_consistent(&store_root, "after a shrinking volume");
+}
+
+/// A local region's backend whose `fail_at`th write of a catalog object
+/// (create or replace: a snapshot manifest, an image file, permissions)
+/// fails; 0: none.
+struct FaultyBackend {
+    inner: LocalBackend,
+    writes: AtomicU64,
+    fail_at: u64,
+}
+
+impl FaultyBackend {
+    fn tick(&self, key: &str) -> Result<()> {
+        let n = self.writes.fetch_add(1, Ordering::SeqCst) + 1;
+        if n == self.fail_at {
+            return Err(Error::Io {
+                op: "commit (injected fault)",
+                path: self.inner.locate(key),
+                source: std::io::Error::other("injected"),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Backend for FaultyBackend {
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+    fn local_root(&self) -> Option<&Path> {
+        self.inner.local_root()
+    }
+    fn locate(&self, key: &str) -> std::path::PathBuf {
+        self.inner.locate(key)
+    }
+    fn read(&self, key: &str, what: &'static str, limit: u64) -> Result<Option<Vec<u8>>> {
+        self.inner.read(key, what, limit)
+    }
+    fn read_head(&self, key: &str, len: u64) -> Result<Option<(Vec<u8>, u64)>> {
+        self.inner.read_head(key, len)
+    }
+    fn changed_at(&self, key: &str) -> Result<Option<std::time::SystemTime>> {
+        self.inner.changed_at(key)
+    }
+    fn create(&self, key: &str, data: &[u8]) -> Result<bool> {
+        self.tick(key)?;
+        self.inner.create(key, data)
+    }
+    fn replace(&self, key: &str, data: &[u8]) -> Result<()> {
+        self.tick(key)?;
+        self.inner.replace(key, data)
+    }
+    fn remove(&self, key: &str) -> Result<bool> {
+        self.inner.remove(key)
+    }
+    fn list(&self, dir: &str) -> Result<Vec<String>> {
+        self.inner.list(dir)
+    }
+    fn chunk_store(&self) -> Box<dyn ChunkStore> {
+        self.inner.chunk_store()
+    }
+    fn lock(&self, mode: LockMode, purpose: &str) -> Result<RegionLock> {
+        self.inner.lock(mode, purpose)
+    }
+    fn catalog_lock(&self, purpose: &str) -> Result<RegionLock> {
+        self.inner.catalog_lock(purpose)
+    }
+}
+
+/// The default region of `store_root` over a [`FaultyBackend`].
+fn open_faulty(store_root: &Path, fail_at: u64) -> Region {
+    let backend = FaultyBackend {
+        inner: LocalBackend::new(store_root.join("local")),
+        writes: AtomicU64::new(0),
+        fail_at,
+    };
+    Region::open_backend(Box::new(backend), store_root, "local").unwrap()
+}
+
+#[test]
+fn every_failure_point_of_a_restore_leaves_no_target_and_a_retry_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_root = dir.path().join("store");
+    let v1 = volume(dir.path(), 4);
+    let v2 = volume(dir.path(), 5);
+    let region = open(&store_root);
+    snapshot::create(&region, &v1, &options(), &NoProgress).unwrap();
+    // An incremental: its blocks are deltas whose bases are read too.
+    let meta = snapshot::create(&region, &v2, &options(), &NoProgress).unwrap();
+    let out = dir.path().join("restored");
+    std::fs::create_dir(&out).unwrap();
+    let target = out.join("volume.img");
+    let mut failed = 0;
+    for fail_read_at in 1.. {
+        let region = open(&store_root)
+            .with_chunk_store(FaultyStore::failing_reads(&open(&store_root), fail_read_at));
+        let opts = RestoreOptions {
+            threads: 2,
+            ..RestoreOptions::default()
+        };
+        match restore::restore(&region, &meta.id, &target, &opts, &NoProgress) {
+            Err(e) => {
+                failed += 1;
+                assert!(
+                    e.to_string().contains("injected"),
+                    "read {fail_read_at}: {e}"
+                );
+                let left: Vec<_> = std::fs::read_dir(&out).unwrap().collect();
+                assert!(left.is_empty(), "read {fail_read_at} left {left:?}");
+            }
+            Ok(_) => {
+                assert_eq!(fs::read(&target).unwrap(), fs::read(&v2).unwrap());
+                break;
+            }
+        }
+    }
+    assert!(failed > 10, "too few reads to be interesting: {failed}");
+}
+
+#[test]
+fn every_failed_manifest_or_image_commit_leaves_no_trace_and_a_retry_works() {
+    use blocksnap::image::create::{ImageCreateOptions, MapSource, MapSpec, create_from_volumes};
+    let dir = tempfile::tempdir().unwrap();
+    let store_root = dir.path().join("store");
+    let v1 = volume(dir.path(), 6);
+    let v2 = volume(dir.path(), 7);
+    let owner = open(&store_root).info().owner.clone();
+    let maps = [("/dev/xvda", &v1), ("/dev/xvdb", &v2)].map(|(dev, v)| MapSpec {
+        device: dev.parse().unwrap(),
+        source: MapSource::Volume(v.to_path_buf()),
+    });
+    let opts = |name: &str| ImageCreateOptions {
+        name: name.into(),
+        description: String::new(),
+        architecture: None,
+        root_device: None,
+        tags: Vec::new(),
+        volume_sizes: Default::default(),
+        keep_on_termination: Vec::new(),
+        owner: owner.clone(),
+        threads: 2,
+    };
+    let mut failed = 0;
+    for fail_at in 1.. {
+        let region = open_faulty(&store_root, fail_at);
+        let before = region.list_snapshots().unwrap().snapshots.len();
+        let images = || {
+            blocksnap::region::images::list(&open(&store_root))
+                .unwrap()
+                .images
+        };
+        let images_before = images().len();
+        let name = format!("image-{fail_at}");
+        match create_from_volumes(&region, &maps, &opts(&name), &NoProgress) {
+            Err(e) => {
+                failed += 1;
+                assert!(e.to_string().contains("injected"), "write {fail_at}: {e}");
+                assert_eq!(
+                    images().len(),
+                    images_before,
+                    "write {fail_at} left an image"
+                );
+                // The snapshots it took are deleted again.
+                let after = region.list_snapshots().unwrap().snapshots.len();
+                assert_eq!(after, before, "write {fail_at} left snapshots");
+                assert_consistent(&store_root, &format!("write {fail_at}"));
+            }
+            Ok(report) => {
+                assert_eq!(images().len(), images_before + 1);
+                let region = open(&store_root);
+                for s in &report.snapshots {
+                    let source = if s.device.as_str() == "/dev/xvda" {
+                        &v1
+                    } else {
+                        &v2
+                    };
+                    assert_restores(&region, &s.snapshot, source, dir.path());
+                }
+                break;
+            }
+        }
+    }
+    assert!(
+        failed >= 3,
+        "a snapshot pair and an image are at least three commits: {failed}"
+    );
+    assert_consistent(&store_root, "after the retry");
 }

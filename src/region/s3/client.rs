@@ -65,8 +65,9 @@ impl Drop for S3 {
 impl S3 {
     pub fn connect(region: &str, def: &RegionDef) -> Result<S3> {
         let url = S3Url::parse(&def.url)?;
-        let var = |n: &str| std::env::var(n).ok().filter(|v| !v.is_empty());
-        let (Some(key), Some(secret)) = (var("AWS_ACCESS_KEY_ID"), var("AWS_SECRET_ACCESS_KEY"))
+        let settings = crate::settings::get();
+        let aws = &settings.aws;
+        let (Some(key), Some(secret)) = (aws.access_key_id.clone(), aws.secret_access_key.clone())
         else {
             return Err(Error::Remote {
                 op: "open region",
@@ -77,15 +78,14 @@ impl S3 {
                 kind: ErrorKind::Permission,
             });
         };
-        let endpoint = def.endpoint.clone().or_else(|| var("AWS_ENDPOINT"));
-        let settings = crate::settings::get();
+        let endpoint = def.endpoint.clone().or_else(|| aws.endpoint.clone());
         let timeout = settings.s3_timeout.as_secs_f64();
         let retries = settings.s3_retries;
         let mut builder = AmazonS3Builder::new()
             .with_bucket_name(&url.bucket)
             .with_access_key_id(key)
             .with_secret_access_key(secret)
-            .with_region(var("AWS_REGION").unwrap_or_else(|| "us-east-1".into()))
+            .with_region(aws.region.clone().unwrap_or_else(|| "us-east-1".into()))
             .with_allow_http(def.allow_http)
             .with_retry(RetryConfig {
                 backoff: BackoffConfig {
@@ -102,7 +102,7 @@ impl S3 {
                     .with_connect_timeout(Duration::from_secs_f64(timeout.min(10.0)))
                     .with_allow_http(def.allow_http),
             );
-        if let Some(token) = var("AWS_SESSION_TOKEN") {
+        if let Some(token) = aws.session_token.clone() {
             builder = builder.with_token(token);
         }
         if let Some(e) = &endpoint {

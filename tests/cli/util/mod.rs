@@ -99,10 +99,8 @@ impl Env {
     /// reason) when no server is configured.
     pub fn with_s3_server() -> Option<Env> {
         let Some(server) = S3Server::from_env() else {
-            skip(
-                "no S3 server configured (BLOCKSNAP_TEST_S3_ENDPOINT); \
-                 `.ci/run` starts one with scripts/s3-server.sh",
-            );
+            skip(NO_S3_SERVER);
+            count_s3_skip();
             return None;
         };
         let mut env = Env::new();
@@ -531,6 +529,32 @@ pub fn skip(reason: impl std::fmt::Display) {
         panic!("would skip ({reason}), but BLOCKSNAP_TEST_NO_SKIP says every prerequisite is here");
     }
     eprintln!("SKIP: {reason}");
+}
+
+const NO_S3_SERVER: &str = "no S3 server configured (BLOCKSNAP_TEST_S3_ENDPOINT)";
+
+/// S3 tests skipped in this run, told in one line when the run ends.
+static S3_SKIPPED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Counts a skipped S3 test; the first one arranges for the summary line
+/// printed after the harness's own.
+fn count_s3_skip() {
+    use std::sync::atomic::Ordering;
+    extern "C" fn summary() {
+        let n = S3_SKIPPED.load(Ordering::Relaxed);
+        let tests = if n == 1 { "test" } else { "tests" };
+        eprintln!(
+            "SKIPPED: {n} S3 {tests}: {NO_S3_SERVER}; `scripts/with-s3.sh cargo test` runs them \
+             against a local server"
+        );
+    }
+    if S3_SKIPPED.fetch_add(1, Ordering::Relaxed) == 0 {
+        // SAFETY: `summary` is a plain function that only reads an atomic
+        // and writes to stderr, valid for the life of the process.
+        unsafe {
+            libc::atexit(summary);
+        }
+    }
 }
 
 pub fn attach_loop(img: &Path) -> Option<LoopDev> {
