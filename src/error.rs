@@ -1,6 +1,7 @@
 //! The library's error type. Every message says what failed, on what, and,
 //! where there is one, what to do about it.
 
+use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -120,21 +121,20 @@ pub enum Error {
         problem: String,
     },
 
-    #[error("{what} {} is damaged: {reason}", path.display())]
+    #[error("{what} {location} is damaged: {reason}")]
     CorruptFile {
         what: &'static str,
-        path: PathBuf,
+        location: Location,
         reason: String,
     },
 
     #[error(
-        "{what} {} was written by a newer blocksnap (format version {found}; this one reads up \
-         to {supported}): upgrade blocksnap to use it",
-        path.display()
+        "{what} {location} was written by a newer blocksnap (format version {found}; this one \
+         reads up to {supported}): upgrade blocksnap to use it"
     )]
     UnsupportedVersion {
         what: &'static str,
-        path: PathBuf,
+        location: Location,
         found: u32,
         supported: u32,
     },
@@ -171,8 +171,8 @@ pub enum Error {
         snapshot: SnapshotId,
     },
 
-    #[error("store {} is locked by another blocksnap ({holder}): wait for it to finish", path.display())]
-    Locked { path: PathBuf, holder: String },
+    #[error("store {location} is locked by another blocksnap ({holder}): wait for it to finish")]
+    Locked { location: Location, holder: String },
 
     #[error(
         "image {id} not found in region {region}: run `blocksnap image list` to see the images you can use there"
@@ -217,17 +217,20 @@ pub enum Error {
         location: String,
         reason: String,
         kind: ErrorKind,
+        /// The client's own error, kept for callers that look deeper.
+        #[source]
+        source: Option<std::sync::Arc<dyn std::error::Error + Send + Sync>>,
     },
 }
 
 impl Error {
     /// "`what` `path` is damaged: reason", for a decoder to call with each
     /// reason it finds.
-    pub(crate) fn corrupt_file(what: &'static str, path: &Path) -> impl Fn(String) -> Error {
-        let path = path.to_path_buf();
+    pub(crate) fn corrupt_file(what: &'static str, at: &Location) -> impl Fn(String) -> Error {
+        let location = at.clone();
         move |reason| Error::CorruptFile {
             what,
-            path: path.clone(),
+            location: location.clone(),
             reason,
         }
     }
@@ -272,6 +275,35 @@ impl Error {
             | Error::NewerChunk { .. } => ErrorKind::Other,
             Error::Remote { kind, .. } => *kind,
         }
+    }
+}
+
+/// Where a file or an object lives, to name it in messages: a local path,
+/// or an object's URL (`s3://BUCKET/PREFIX/KEY`), which is not a path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    Path(PathBuf),
+    Url(String),
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Location::Path(p) => write!(f, "{}", p.display()),
+            Location::Url(u) => f.write_str(u),
+        }
+    }
+}
+
+impl From<&Path> for Location {
+    fn from(p: &Path) -> Location {
+        Location::Path(p.to_path_buf())
+    }
+}
+
+impl From<PathBuf> for Location {
+    fn from(p: PathBuf) -> Location {
+        Location::Path(p)
     }
 }
 

@@ -25,7 +25,7 @@
 //! error id progress settings sys   the foundation every room may use
 //! ```
 //!
-//! - [`format`]: chunk, snapshot manifest, JSON envelope, image files,
+//! - [`format`](mod@format): chunk, snapshot manifest, JSON envelope, image files,
 //!   `store.json`, `regions.json`, `instance.json`; the never-modify rule.
 //! - [`store`]: the [`store::chunk_store::ChunkStore`] trait, the local
 //!   chunk store, delta-chain loading, worker pools, file helpers.

@@ -4,10 +4,11 @@
 use std::path::Path;
 
 use blocksnap::format::image;
+use blocksnap::error::Location;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let p = Path::new("fuzz");
+    let p = &Location::from(Path::new("fuzz"));
     let _ = image::decode_image(data, p);
     let _ = image::decode_permissions(data, p);
     let _ = image::decode_state(data, p);

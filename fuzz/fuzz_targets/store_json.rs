@@ -3,8 +3,9 @@
 use std::path::Path;
 
 use blocksnap::format::region;
+use blocksnap::error::Location;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = region::decode_region_info(data, Path::new("fuzz"), "local");
+    let _ = region::decode_region_info(data, &Location::from(Path::new("fuzz")), "local");
 });

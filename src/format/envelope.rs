@@ -3,13 +3,11 @@
 //! checksum is the BLAKE3 of the body's exact bytes, so an edited or
 //! truncated file is reported, never used.
 
-use std::path::Path;
-
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Location, Result};
 
 /// The envelope version (frozen: a new meaning is a new version).
 pub const VERSION: u32 = 1;
@@ -43,12 +41,12 @@ pub fn decode<T: DeserializeOwned>(
     bytes: &[u8],
     format: &str,
     what: &'static str,
-    path: &Path,
+    at: &Location,
 ) -> Result<T> {
-    let corrupt = Error::corrupt_file(what, path);
+    let corrupt = Error::corrupt_file(what, at);
     let env: Envelope =
         serde_json::from_slice(bytes).map_err(|e| corrupt(format!("not valid JSON ({e})")))?;
-    super::check_format(what, path, &env.format, format, env.version, VERSION)?;
+    super::check_format(what, at, &env.format, format, env.version, VERSION)?;
     if blake3::hash(env.body.get().as_bytes()).to_hex().as_str() != env.checksum {
         return Err(corrupt(
             "checksum mismatch: the file was edited or damaged".into(),

@@ -5,12 +5,11 @@
 //! (`snapshot-permissions/<snap>.json`). Each is a [`super::envelope`]
 //! whose body uses EC2's key names.
 
-use std::path::Path;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Location, Result};
 use crate::format::envelope;
 use crate::format::manifest::Tag;
 use crate::id::{AccountId, ImageId, SnapshotId, string_newtype};
@@ -193,27 +192,27 @@ pub struct CreateVolumePermissions {
 
 /// Decodes an image manifest file (`images/<ami>.json`); `path` names it
 /// in errors.
-pub fn decode_image(bytes: &[u8], path: &Path) -> Result<Image> {
-    envelope::decode(bytes, IMAGE_FORMAT, "image manifest", path)
+pub fn decode_image(bytes: &[u8], at: &Location) -> Result<Image> {
+    envelope::decode(bytes, IMAGE_FORMAT, "image manifest", at)
 }
 
 /// Decodes a launch permissions file (`images/<ami>.launch.json`).
-pub fn decode_permissions(bytes: &[u8], path: &Path) -> Result<LaunchPermissions> {
-    envelope::decode(bytes, LAUNCH_FORMAT, "launch permissions", path)
+pub fn decode_permissions(bytes: &[u8], at: &Location) -> Result<LaunchPermissions> {
+    envelope::decode(bytes, LAUNCH_FORMAT, "launch permissions", at)
 }
 
 /// Decodes an image state file (`images/<ami>.state.json`).
-pub fn decode_state(bytes: &[u8], path: &Path) -> Result<StateRecord> {
-    envelope::decode(bytes, STATE_FORMAT, "image state", path)
+pub fn decode_state(bytes: &[u8], at: &Location) -> Result<StateRecord> {
+    envelope::decode(bytes, STATE_FORMAT, "image state", at)
 }
 
 /// Decodes a snapshot permissions file (`snapshot-permissions/<snap>.json`).
-pub fn decode_snapshot_permissions(bytes: &[u8], path: &Path) -> Result<CreateVolumePermissions> {
+pub fn decode_snapshot_permissions(bytes: &[u8], at: &Location) -> Result<CreateVolumePermissions> {
     envelope::decode(
         bytes,
         SNAPSHOT_PERMISSIONS_FORMAT,
         "snapshot permissions",
-        path,
+        at,
     )
 }
 
@@ -240,6 +239,7 @@ pub fn encode_snapshot_permissions(p: &CreateVolumePermissions) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn device_names_follow_ec2_linux_naming() {
@@ -320,7 +320,7 @@ mod tests {
             launch_permissions: vec![LaunchPermission::Account("123456789012".parse().unwrap())],
         };
         let bytes = envelope::encode(LAUNCH_FORMAT, &perms);
-        let p = Path::new("x.launch.json");
+        let p = &Location::from(Path::new("x.launch.json"));
         let back: LaunchPermissions =
             envelope::decode(&bytes, LAUNCH_FORMAT, "launch permissions", p).unwrap();
         assert_eq!(back, perms);

@@ -3,11 +3,9 @@
 //! written before these fields existed carry neither and are read as
 //! version 1.
 
-use std::path::Path;
-
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Location, Result};
 use crate::format::check_format;
 use crate::format::image::{DeviceName, MAX_VOLUME_GIB, volume_gib_allowed};
 use crate::id::{AccountId, ImageId, InstanceId, SnapshotId};
@@ -65,27 +63,27 @@ pub struct Instance {
 }
 
 /// Decodes an `instance.json`; `path` names it in errors.
-pub fn decode(bytes: &[u8], path: &Path) -> Result<Instance> {
+pub fn decode(bytes: &[u8], at: &Location) -> Result<Instance> {
     let inst: Instance = serde_json::from_slice(bytes).map_err(|e| Error::CorruptFile {
         what: "instance description",
-        path: path.to_path_buf(),
+        location: at.clone(),
         reason: e.to_string(),
     })?;
     check_format(
         "instance description",
-        path,
+        at,
         inst.format.as_deref().unwrap_or(INSTANCE_FORMAT),
         INSTANCE_FORMAT,
         inst.version.unwrap_or(INSTANCE_VERSION),
         INSTANCE_VERSION,
     )?;
     for d in &inst.block_device_mappings {
-        // A file name only: never a path that leaves the directory.
+        // A file name only: never a at that leaves the directory.
         if d.volume_file.is_empty() || d.volume_file.contains('/') || d.volume_file.starts_with('.')
         {
             return Err(Error::CorruptFile {
                 what: "instance description",
-                path: path.to_path_buf(),
+                location: at.clone(),
                 reason: format!("volume file {:?} is not a plain file name", d.volume_file),
             });
         }
@@ -94,7 +92,7 @@ pub fn decode(bytes: &[u8], path: &Path) -> Result<Instance> {
         {
             return Err(Error::CorruptFile {
                 what: "instance description",
-                path: path.to_path_buf(),
+                location: at.clone(),
                 reason: format!(
                     "{} has a volume size of {} GiB, outside 1-{} GiB",
                     d.device_name, e.volume_size, MAX_VOLUME_GIB
@@ -115,11 +113,12 @@ pub fn encode(inst: &Instance) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn instance_json_declares_its_format_and_older_files_still_read() {
         let legacy = include_bytes!("../../testdata/v1-all-formats/instance/instance.json");
-        let p = Path::new("instance.json");
+        let p = &Location::from(Path::new("instance.json"));
         let inst = decode(legacy, p).unwrap();
         assert_eq!(inst.format, None);
         let mut current = inst.clone();

@@ -17,11 +17,9 @@
 //! reading the block list. A file whose length is not exactly `88 + M + B`
 //! is truncated (or has trailing bytes) and is rejected.
 
-use std::path::Path;
-
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Location, Result};
 use crate::id::{AccountId, ChunkId, SnapshotId};
 
 pub const MANIFEST_MAGIC: &[u8; 8] = b"BSNAPMAN";
@@ -188,10 +186,10 @@ impl Manifest {
     }
 
     /// Decodes a whole manifest file. `path` only names it in errors.
-    pub fn decode(bytes: &[u8], path: &Path) -> Result<Manifest> {
-        let parsed = Header::parse(bytes, path, bytes.len() as u64)?;
-        let meta = parsed.meta(bytes, path)?;
-        let corrupt = Error::corrupt_file("snapshot manifest", path);
+    pub fn decode(bytes: &[u8], at: &Location) -> Result<Manifest> {
+        let parsed = Header::parse(bytes, at, bytes.len() as u64)?;
+        let meta = parsed.meta(bytes, at)?;
+        let corrupt = Error::corrupt_file("snapshot manifest", at);
         let start = HEADER_LEN + parsed.meta_len as usize;
         let raw = &bytes[start..];
         if blake3::hash(raw).as_bytes() != &parsed.blocks_checksum {
@@ -241,8 +239,8 @@ impl Manifest {
 
     /// Decodes only the meta from the first bytes of a manifest file whose
     /// total length is `file_len`.
-    pub fn decode_meta(prefix: &[u8], path: &Path, file_len: u64) -> Result<SnapshotMeta> {
-        Header::parse(prefix, path, file_len)?.meta(prefix, path)
+    pub fn decode_meta(prefix: &[u8], at: &Location, file_len: u64) -> Result<SnapshotMeta> {
+        Header::parse(prefix, at, file_len)?.meta(prefix, at)
     }
 
     /// How many leading bytes [`Manifest::decode_meta`] needs, from the
@@ -265,8 +263,8 @@ struct Header {
 impl Header {
     /// Checks magic, version and lengths. `bytes` is at least the header
     /// (the whole file, or its meta prefix); `file_len` the file's length.
-    fn parse(bytes: &[u8], path: &Path, file_len: u64) -> Result<Header> {
-        let corrupt = Error::corrupt_file("snapshot manifest", path);
+    fn parse(bytes: &[u8], at: &Location, file_len: u64) -> Result<Header> {
+        let corrupt = Error::corrupt_file("snapshot manifest", at);
         if bytes.len() < HEADER_LEN {
             return Err(corrupt(format!(
                 "truncated: {} bytes, shorter than the {HEADER_LEN}-byte header",
@@ -278,7 +276,7 @@ impl Header {
         }
         let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().expect("4 bytes"));
         let version = u32_at(8);
-        crate::format::check_version("snapshot manifest", path, version, MANIFEST_VERSION)?;
+        crate::format::check_version("snapshot manifest", at, version, MANIFEST_VERSION)?;
         let meta_len = u32_at(12);
         let blocks_len = u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes"));
         if meta_len > MAX_META_LEN {
@@ -307,8 +305,8 @@ impl Header {
         })
     }
 
-    fn meta(&self, bytes: &[u8], path: &Path) -> Result<SnapshotMeta> {
-        let corrupt = Error::corrupt_file("snapshot manifest", path);
+    fn meta(&self, bytes: &[u8], at: &Location) -> Result<SnapshotMeta> {
+        let corrupt = Error::corrupt_file("snapshot manifest", at);
         let meta = &bytes[HEADER_LEN..HEADER_LEN + self.meta_len as usize];
         if header_checksum(&bytes[..24], meta) != self.header_checksum {
             return Err(corrupt("header checksum mismatch".into()));
@@ -346,6 +344,7 @@ pub fn validate_block_size(bs: u64) -> Result<u32> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use std::path::Path;
 
     pub(crate) fn sample() -> Manifest {
         let blocks = vec![
@@ -387,7 +386,7 @@ pub(crate) mod tests {
     fn round_trip() {
         let m = sample();
         let bytes = m.encode();
-        let p = Path::new("m");
+        let p = &Location::from(Path::new("m"));
         assert_eq!(Manifest::decode(&bytes, p).unwrap(), m);
         let n = Manifest::meta_prefix_len(&bytes[..HEADER_LEN]).unwrap();
         assert_eq!(
@@ -399,7 +398,7 @@ pub(crate) mod tests {
     #[test]
     fn truncation_and_flips_are_detected() {
         let bytes = sample().encode();
-        let p = Path::new("m");
+        let p = &Location::from(Path::new("m"));
         for len in [0, 10, HEADER_LEN, HEADER_LEN + 5, bytes.len() - 1] {
             let err = Manifest::decode(&bytes[..len], p).unwrap_err();
             assert!(err.to_string().contains("truncated"), "len {len}: {err}");
@@ -442,6 +441,7 @@ pub(crate) mod tests {
 mod frozen {
     use super::*;
     use crate::format::chunk;
+    use std::path::Path;
 
     const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/v1");
 
@@ -451,7 +451,7 @@ mod frozen {
     fn v1_manifest_and_chunks_decode() {
         let path = Path::new(FIXTURE).join("store/snapshots/snap-3e2e387c701c15658");
         let bytes = std::fs::read(&path).unwrap();
-        let m = Manifest::decode(&bytes, &path).unwrap();
+        let m = Manifest::decode(&bytes, &path.clone().into()).unwrap();
         assert_eq!(m.meta.id.as_str(), "snap-3e2e387c701c15658");
         assert_eq!(m.meta.parent, None);
         assert_eq!(m.meta.owner.as_str(), "123456789012");

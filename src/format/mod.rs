@@ -26,9 +26,7 @@
 //! the reader's that was never written is damage, never a reason to
 //! upgrade.
 
-use std::path::Path;
-
-use crate::error::{Error, Result};
+use crate::error::{Error, Location, Result};
 
 pub mod chunk;
 pub mod envelope;
@@ -42,7 +40,7 @@ pub mod regions;
 /// what this blocksnap reads.
 pub fn check_format(
     what: &'static str,
-    path: &Path,
+    at: &Location,
     format: &str,
     expected: &str,
     version: u32,
@@ -51,21 +49,26 @@ pub fn check_format(
     if format != expected {
         return Err(Error::CorruptFile {
             what,
-            path: path.to_path_buf(),
+            location: at.clone(),
             reason: format!("format is {format:?}, expected {expected:?}"),
         });
     }
-    check_version(what, path, version, supported)
+    check_version(what, at, version, supported)
 }
 
 /// A format version newer than this blocksnap reads is "written by a newer
 /// blocksnap"; an older one that no reader here knows is damage, never a
 /// reason to upgrade.
-pub fn check_version(what: &'static str, path: &Path, version: u32, supported: u32) -> Result<()> {
+pub fn check_version(
+    what: &'static str,
+    at: &Location,
+    version: u32,
+    supported: u32,
+) -> Result<()> {
     if version > supported {
         return Err(Error::UnsupportedVersion {
             what,
-            path: path.to_path_buf(),
+            location: at.clone(),
             found: version,
             supported,
         });
@@ -73,7 +76,7 @@ pub fn check_version(what: &'static str, path: &Path, version: u32, supported: u
     if version != supported {
         return Err(Error::CorruptFile {
             what,
-            path: path.to_path_buf(),
+            location: at.clone(),
             reason: format!(
                 "format version {version} was never written (this is version {supported})"
             ),

@@ -1,11 +1,9 @@
 //! `store.json` in a region's root: the region's name, its default owner
 //! and when it was created.
 
-use std::path::Path;
-
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Location, Result};
 use crate::format::check_format;
 use crate::id::AccountId;
 
@@ -24,8 +22,8 @@ pub struct RegionInfo {
 }
 
 /// Decodes a `store.json` for region `name`; `path` names it in errors.
-pub fn decode_region_info(bytes: &[u8], path: &Path, name: &str) -> Result<RegionInfo> {
-    let corrupt = Error::corrupt_file("store description", path);
+pub fn decode_region_info(bytes: &[u8], at: &Location, name: &str) -> Result<RegionInfo> {
+    let corrupt = Error::corrupt_file("store description", at);
     if bytes.len() as u64 > MAX_STORE_JSON {
         return Err(corrupt(format!("larger than {MAX_STORE_JSON} bytes")));
     }
@@ -33,7 +31,7 @@ pub fn decode_region_info(bytes: &[u8], path: &Path, name: &str) -> Result<Regio
     let (format, version) = (&info.format, info.version);
     check_format(
         "store description",
-        path,
+        at,
         format,
         STORE_FORMAT,
         version,

@@ -7,11 +7,10 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Location, Result};
 use crate::format::check_format;
 
 pub const REGIONS_FORMAT: &str = "blocksnap-regions";
@@ -84,13 +83,13 @@ impl S3Url {
 }
 
 /// Decodes `regions.json`; `path` names it in errors.
-pub fn decode_regions(bytes: &[u8], path: &Path) -> Result<BTreeMap<String, RegionDef>> {
+pub fn decode_regions(bytes: &[u8], at: &Location) -> Result<BTreeMap<String, RegionDef>> {
     let what = "region definitions";
-    let corrupt = Error::corrupt_file(what, path);
+    let corrupt = Error::corrupt_file(what, at);
     let file: RegionsFile = serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
     check_format(
         what,
-        path,
+        at,
         &file.format,
         REGIONS_FORMAT,
         file.version,

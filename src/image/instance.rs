@@ -35,7 +35,7 @@ pub fn read(dir: &Path) -> Result<Instance> {
             INSTANCE_FILE
         ))
     })?;
-    decode(&bytes, &path)
+    decode(&bytes, &path.into())
 }
 
 fn write(dir: &Path, inst: &Instance) -> Result<()> {

@@ -1,7 +1,7 @@
 //! Who may use a snapshot, as EC2 decides it: a snapshot belongs to the
 //! account that created it and is private by default; its owner grants
 //! **create-volume permission** to accounts, or to `all` (public)
-//! [ModifySnapshotAttribute]. Restoring, verifying a volume against it,
+//! (ModifySnapshotAttribute). Restoring, verifying a volume against it,
 //! describing it and listing its blocks need ownership or that permission;
 //! deleting it and changing its permissions are the owner's alone.
 //!

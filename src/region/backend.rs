@@ -11,7 +11,7 @@ use std::io::{self, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, IoContext, Location, Result};
 use crate::store::chunk_store::ChunkStore;
 use crate::store::files::{
     Durability, ctime, for_each_entry, is_temp_name, read_bounded, sync_dir, temp_path_for,
@@ -35,7 +35,7 @@ pub trait Backend: Send + Sync {
         None
     }
     /// Where object `key` lives, to name it in messages.
-    fn locate(&self, key: &str) -> PathBuf;
+    fn locate(&self, key: &str) -> Location;
     /// Object `key` if it exists and holds at most `limit` bytes (a larger
     /// one is refused as damaged `what`); `Ok(None)` if absent.
     fn read(&self, key: &str, what: &'static str, limit: u64) -> Result<Option<Vec<u8>>>;
@@ -132,8 +132,8 @@ impl Backend for LocalBackend {
         Some(&self.root)
     }
 
-    fn locate(&self, key: &str) -> PathBuf {
-        self.path(key)
+    fn locate(&self, key: &str) -> Location {
+        self.path(key).into()
     }
 
     fn read(&self, key: &str, what: &'static str, limit: u64) -> Result<Option<Vec<u8>>> {
@@ -249,7 +249,10 @@ pub(crate) fn flock_file(
                 (_, _, "") => "an exclusive holder, such as store gc".to_string(),
                 (_, _, h) => h.to_string(),
             };
-            return Err(Error::Locked { path, holder });
+            return Err(Error::Locked {
+                location: path.into(),
+                holder,
+            });
         }
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -8,7 +8,7 @@ use std::fs;
 use std::path::Path;
 use std::time::SystemTime;
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, IoContext, Location, Result};
 use crate::format::manifest::{self, Manifest, SnapshotMeta};
 use crate::format::region::{
     MAX_STORE_JSON, RegionInfo, STORE_FORMAT, STORE_VERSION, decode_region_info, encode_region_info,
@@ -113,7 +113,7 @@ impl Region {
                     .read("store.json", "store description", MAX_STORE_JSON)?
                     .ok_or_else(|| Error::CorruptFile {
                         what: "store description",
-                        path: backend.locate("store.json"),
+                        location: backend.locate("store.json"),
                         reason: "it vanished right after it was created".into(),
                     })?;
                 decode_region_info(&bytes, &backend.locate("store.json"), name)?
@@ -206,11 +206,11 @@ impl Region {
         Ok(meta)
     }
 
-    fn check_name(&self, meta: &SnapshotMeta, id: &SnapshotId, path: &Path) -> Result<()> {
+    fn check_name(&self, meta: &SnapshotMeta, id: &SnapshotId, at: &Location) -> Result<()> {
         if &meta.id != id {
             return Err(Error::CorruptFile {
                 what: "snapshot manifest",
-                path: path.to_path_buf(),
+                location: at.clone(),
                 reason: format!("it describes {} instead", meta.id),
             });
         }
@@ -305,7 +305,7 @@ fn store_account(store_root: &Path) -> Result<AccountId> {
     let text = fs::read_to_string(&path).ctx("read", &path)?;
     text.trim().parse().map_err(|_| Error::CorruptFile {
         what: "store account",
-        path: path.clone(),
+        location: path.clone().into(),
         reason: format!("{:?} is not a 12-digit account id", text.trim()),
     })
 }

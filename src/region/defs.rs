@@ -34,7 +34,7 @@ pub fn validate_region_name(name: &str) -> Result<()> {
 pub fn read_file(store_root: &Path) -> Result<BTreeMap<String, RegionDef>> {
     let path = store_root.join(FILE);
     match read_bounded(&path, "region definitions", MAX_REGIONS_JSON)? {
-        Some(bytes) => decode_regions(&bytes, &path),
+        Some(bytes) => decode_regions(&bytes, &path.into()),
         None => Ok(BTreeMap::new()),
     }
 }

@@ -108,7 +108,7 @@ pub fn read(region: &Region, id: &ImageId) -> Result<ImageView> {
     if &image.image_id != id {
         return Err(Error::CorruptFile {
             what: "image manifest",
-            path,
+            location: path,
             reason: format!("it describes {} instead", image.image_id),
         });
     }

@@ -49,7 +49,7 @@ pub fn read_bounded(path: &Path, what: &'static str, limit: u64) -> Result<Optio
     if bytes.len() as u64 > limit {
         return Err(Error::CorruptFile {
             what,
-            path: path.to_path_buf(),
+            location: path.into(),
             reason: format!("larger than {limit} bytes"),
         });
     }
@@ -75,7 +75,7 @@ pub enum Durability {
     /// Before `write_atomic` returns: fsync the file, rename, fsync the
     /// directory.
     Now,
-    /// At the next [`ChunkStore::sync`]: write and rename only. After a
+    /// At the next [`crate::store::chunk_store::ChunkStore::sync`]: write and rename only. After a
     /// crash before that sync the file may be missing or hold partial
     /// content under its final name; readers of such files verify them
     /// (chunks are checked against their names).

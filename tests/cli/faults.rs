@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use blocksnap::LockMode;
-use blocksnap::error::{Error, Result};
+use blocksnap::error::{Error, Location, Result};
 use blocksnap::id::ChunkId;
 use blocksnap::ops::check;
 use blocksnap::ops::restore::{self, RestoreOptions};
@@ -366,7 +366,7 @@ impl FaultyBackend {
         if n == self.fail_at {
             return Err(Error::Io {
                 op: "commit (injected fault)",
-                path: self.inner.locate(key),
+                path: self.inner.local_root().unwrap().join(key),
                 source: std::io::Error::other("injected"),
             });
         }
@@ -381,7 +381,7 @@ impl Backend for FaultyBackend {
     fn local_root(&self) -> Option<&Path> {
         self.inner.local_root()
     }
-    fn locate(&self, key: &str) -> std::path::PathBuf {
+    fn locate(&self, key: &str) -> Location {
         self.inner.locate(key)
     }
     fn read(&self, key: &str, what: &'static str, limit: u64) -> Result<Option<Vec<u8>>> {

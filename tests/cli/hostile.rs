@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
+use blocksnap::error::Location;
 use blocksnap::format::{chunk, image, instance, region};
 use blocksnap::{ChunkId, Manifest};
 
@@ -74,7 +75,7 @@ fn chunk_decoder_survives_the_corpus() {
 
 #[test]
 fn snapshot_manifest_decoder_survives_the_corpus() {
-    let p = Path::new("corpus");
+    let p = &Location::from(Path::new("corpus"));
     replay("snapshot_manifest", |b| {
         let _ = Manifest::decode(b, p);
         if let Some(n) = Manifest::meta_prefix_len(b) {
@@ -85,7 +86,7 @@ fn snapshot_manifest_decoder_survives_the_corpus() {
 
 #[test]
 fn image_decoders_survive_the_corpus() {
-    let p = Path::new("corpus");
+    let p = &Location::from(Path::new("corpus"));
     replay("image_manifest", |b| {
         let _ = image::decode_image(b, p);
         let _ = image::decode_permissions(b, p);
@@ -96,7 +97,7 @@ fn image_decoders_survive_the_corpus() {
 
 #[test]
 fn store_and_instance_json_decoders_survive_the_corpus() {
-    let p = Path::new("corpus");
+    let p = &Location::from(Path::new("corpus"));
     replay("store_json", |b| {
         let _ = region::decode_region_info(b, p, "local");
     });
@@ -108,7 +109,7 @@ fn store_and_instance_json_decoders_survive_the_corpus() {
 #[test]
 fn seeds_decode_cleanly() {
     // The seeds are real files: they must decode, or the corpus is stale.
-    let p = Path::new("seed");
+    let p = &Location::from(Path::new("seed"));
     for (path, b) in corpus("snapshot_manifest") {
         Manifest::decode(&b, p).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     }

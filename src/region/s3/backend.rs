@@ -1,13 +1,12 @@
 //! A region's files on an S3-compatible store: the [`Backend`] over one
 //! `s3://BUCKET/PREFIX`.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use object_store::{ObjectStore, ObjectStoreExt, PutMode};
 
-use crate::error::Result;
+use crate::error::{Location, Result};
 use crate::format::regions::RegionDef;
 use crate::region::backend::{Backend, RegionLock};
 use crate::region::s3::chunks::S3ChunkStore;
@@ -36,8 +35,8 @@ impl Backend for S3Backend {
         self.s3.url.clone()
     }
 
-    fn locate(&self, key: &str) -> PathBuf {
-        PathBuf::from(self.s3.url_of(key))
+    fn locate(&self, key: &str) -> Location {
+        Location::Url(self.s3.url_of(key))
     }
 
     fn read(&self, key: &str, what: &'static str, limit: u64) -> Result<Option<Vec<u8>>> {

@@ -26,7 +26,7 @@ struct Uploads {
     /// not copied).
     pending: HashMap<ChunkId, Bytes>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    first_error: Option<Error>,
+    first_error: Option<Arc<Error>>,
 }
 
 /// Chunks as objects `chunks/<4 hex>/<64 hex>`.
@@ -58,6 +58,7 @@ impl S3ChunkStore {
                 location: self.s3.url.clone(),
                 reason: e.to_string(),
                 kind: e.kind(),
+                source: Some(e.clone() as _),
             }),
             None => Ok(()),
         }
@@ -164,7 +165,7 @@ impl ChunkStore for S3ChunkStore {
                 Err(object_store::Error::Precondition { .. }) => {}
                 Err(e) => {
                     if up.first_error.is_none() {
-                        up.first_error = Some(remote_error("upload", url, &endpoint, e));
+                        up.first_error = Some(Arc::new(remote_error("upload", url, &endpoint, e)));
                     }
                 }
             }
@@ -232,6 +233,7 @@ impl ChunkStore for S3ChunkStore {
                     location: self.s3.url.clone(),
                     reason: format!("an upload task failed: {e}"),
                     kind: ErrorKind::Other,
+                    source: Some(Arc::new(e)),
                 });
             }
         }

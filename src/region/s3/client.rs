@@ -2,7 +2,6 @@
 //! region definition, the settings and the AWS credential variables), the
 //! request counters, and how its errors are classified.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
@@ -15,7 +14,7 @@ use object_store::{
     PutMode, PutOptions, PutPayload, RetryConfig,
 };
 
-use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::error::{Error, ErrorKind, IoContext, Location, Result};
 use crate::format::regions::{RegionDef, S3Url};
 
 #[derive(Default)]
@@ -76,6 +75,7 @@ impl S3 {
                          (and AWS_REGION) in the environment"
                     .into(),
                 kind: ErrorKind::Permission,
+                source: None,
             });
         };
         let endpoint = def.endpoint.clone().or_else(|| aws.endpoint.clone());
@@ -113,6 +113,7 @@ impl S3 {
             location: format!("{region} ({})", def.url),
             reason: e.to_string(),
             kind: ErrorKind::Usage,
+            source: Some(Arc::new(e)),
         })?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -155,7 +156,7 @@ impl S3 {
             Ok(Ok(bytes)) => Ok(Some(bytes)),
             Ok(Err(size)) => Err(Error::CorruptFile {
                 what,
-                path: PathBuf::from(self.url_of(key)),
+                location: Location::Url(self.url_of(key)),
                 reason: format!("it holds {size} bytes, more than {limit}"),
             }),
             Err(e) if absent(&e) => Ok(None),
@@ -321,6 +322,7 @@ pub fn remote_error(
         location,
         reason: format!("{hint} ({endpoint}: {})", condensed(&text)),
         kind,
+        source: Some(Arc::new(e)),
     }
 }
 

@@ -1,7 +1,6 @@
 //! The region lock and the catalog lock as objects (the protocol is in
 //! the room's docs, `region::s3`).
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -9,7 +8,7 @@ use std::time::{Duration, Instant};
 use object_store::{ObjectStoreExt, PutMode};
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, ErrorKind, Location, Result};
 use crate::id::random_id;
 use crate::region::backend::{RegionLock, holder_note, lock_wait};
 use crate::region::s3::client::{S3, modified};
@@ -52,6 +51,7 @@ impl S3Lock {
                     location: s3.url.clone(),
                     reason: format!("lock object {key} was written but is not listed: the store is not strongly consistent"),
                     kind: ErrorKind::Other,
+                    source: None,
                 }
             })?;
             let since = modified(mine);
@@ -84,7 +84,7 @@ impl S3Lock {
                     .and_then(|b| serde_json::from_slice::<LockRecord>(&b).ok())
                     .map_or_else(|| format!("lock object {other_key}"), |r| r.holder);
                 return Err(Error::Locked {
-                    path: PathBuf::from(s3.url.clone()),
+                    location: Location::Url(s3.url.clone()),
                     holder,
                 });
             }
