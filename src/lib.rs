@@ -46,6 +46,18 @@
 //! reached through it. `scripts/check-layout.py` draws every file's
 //! imports and fails on a cycle or an upward arrow; CI runs it.
 //!
+//! # Words
+//!
+//! - **store**: the directory a user points `--store` at; it holds the
+//!   regions (and `regions.json`, which says which live on S3).
+//! - **region**: one store of chunks, snapshot manifests and images, with
+//!   its `store.json` (a name kept from the first release: it describes the
+//!   region, [`format::region::RegionInfo`]).
+//! - **chunk store**: where a region keeps its chunks
+//!   ([`store::chunk_store::ChunkStore`]); the `store` room holds it.
+//! - `blocksnap store gc|verify|stats` act on one region's chunks and
+//!   manifests (the CLI's noun, kept for compatibility).
+//!
 //! # Block states
 //!
 //! Every block of a volume is one of: a **hole** (unallocated in a sparse

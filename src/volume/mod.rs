@@ -4,8 +4,8 @@
 //! cuts it into blocks and classifies and hashes them in parallel (the hot
 //! path of every command that reads a volume).
 //!
-//! Uses only the foundation (`error`, `id`, `progress`, `sys`) and the
-//! worker pools of `store::pool`.
+//! Uses only the foundation (`error`, `id`, `progress`, `sys`): the caller
+//! brings the worker pool.
 
 pub mod blocks;
 pub mod io;

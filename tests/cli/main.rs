@@ -16,6 +16,9 @@ mod misuse; // hostile and careless use: wrong order, races, bad input
 mod s3; // regions on an S3 server: locks, gc beside writers, requests
 mod trust; // damage found and refused; healing; newer formats never damage
 
+// The code itself.
+mod layout; // every import points down the flow: no cycle, no arrow up
+
 // The library, through its public API.
 mod faults; // a chunk store that fails or loses writes at every point
 mod hostile; // every decoder fed the fuzz corpus and its mutations
