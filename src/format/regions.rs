@@ -136,4 +136,32 @@ mod tests {
             assert!(S3Url::parse(bad).is_err(), "{bad} accepted");
         }
     }
+
+    #[test]
+    fn a_released_regions_json_still_reads() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("testdata/v1-all-formats/regions.json");
+        let bytes = std::fs::read(&path).unwrap();
+        let at = Location::from(path.as_path());
+        let regions = decode_regions(&bytes, &at).unwrap();
+        assert_eq!(
+            regions["eu-west-1"],
+            RegionDef {
+                url: "s3://blocksnap-test/team/a".into(),
+                endpoint: Some("http://127.0.0.1:8333".into()),
+                allow_http: true,
+            }
+        );
+        assert_eq!(regions["us-east-1"].endpoint, None);
+        // What this version writes reads back the same.
+        assert_eq!(
+            decode_regions(&encode_regions(regions.clone()), &at).unwrap(),
+            regions
+        );
+        let newer = String::from_utf8(bytes)
+            .unwrap()
+            .replace("\"version\": 1", "\"version\": 2");
+        let e = decode_regions(newer.as_bytes(), &at).unwrap_err();
+        assert!(e.to_string().contains("newer blocksnap"), "{e}");
+    }
 }

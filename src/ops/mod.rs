@@ -1,7 +1,7 @@
 //! Operations on the snapshots of a region, one file each: [`snapshot`]
 //! (create, compare), [`restore`] (restore a volume), [`verify`] (verify a
 //! volume against a snapshot), [`gc`] (`store gc`), [`check`]
-//! (`store verify`), and [`access`] (who may use a snapshot: restore,
+//! (`store verify`, `store stats`), and [`access`] (who may use a snapshot: restore,
 //! describe, delete, share).
 //!
 //! Uses `region`, `store`, `volume`, `format` and the foundation; the
