@@ -131,9 +131,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         )
     })?;
     // Leaving out --account acts as the region's default owner.
-    let caller = account
-        .clone()
-        .unwrap_or_else(|| region.info().owner.clone());
+    let caller = region.caller(account.as_ref());
     match command {
         Command::Snapshot(cmd) => snapshot::run(&region, &out, account, &caller, cmd),
         Command::Image(cmd) => image::run(&root, &region, &out, caller, cmd),

@@ -12,9 +12,9 @@ use serde_json::{Value, json};
 use blocksnap::format::image::{self, DeviceName};
 use blocksnap::image::copy::{self, CopyOptions};
 use blocksnap::image::create::{self as image_create, ImageCreateOptions, MapSpec};
-use blocksnap::image::ops as image_ops;
+use blocksnap::image::ops::{self as image_ops, ListFilter};
 use blocksnap::region::images::{self, ImageView};
-use blocksnap::region::permissions::{Grantee, Grants};
+use blocksnap::region::permissions::Grants;
 use blocksnap::{AccountId, Error, ImageId, Region};
 
 use crate::cli::output::{Out, human, print_grants};
@@ -283,55 +283,17 @@ pub fn run(
                 .as_deref()
                 .map(|s| grantee_or_self(s, &caller))
                 .transpose()?;
-            let listing = images::list(region)?;
-            for e in &listing.damaged {
+            let filter = ListFilter {
+                owner,
+                executable_by: exec,
+                include_deregistered,
+                include_deprecated,
+            };
+            let (shown, damaged) = image_ops::list(region, &caller, &filter)?;
+            for e in &damaged {
                 eprintln!("blocksnap: warning: {e}: run `blocksnap store verify`");
             }
-            let now = SystemTime::now();
-            let shown: Vec<&ImageView> = listing
-                .images
-                .iter()
-                .filter(|v| v.can_launch(&caller))
-                .filter(|v| owner.as_ref().is_none_or(|o| &v.image.owner_id == o))
-                .filter(|v| match &exec {
-                    None => true,
-                    Some(Grantee::All) => v.permissions.is_public(),
-                    Some(Grantee::Account(a)) => v.can_launch(a),
-                })
-                .filter(|v| include_deregistered || v.state.state == image::ImageState::Available)
-                .filter(|v| include_deprecated || !v.is_deprecated(now))
-                .collect();
-            if out.json {
-                out.print(
-                    json!({ "Images": shown.iter().map(|v| image_json(v)).collect::<Vec<_>>() }),
-                );
-            } else if shown.is_empty() {
-                println!("no images");
-            } else {
-                println!(
-                    "{:<21} {:<12} {:<13} {:<8} {:<7} name",
-                    "image", "owner", "state", "public", "devices"
-                );
-                for v in shown {
-                    println!(
-                        "{:<21} {:<12} {:<13} {:<8} {:<7} {}",
-                        v.image.image_id.as_str(),
-                        v.image.owner_id.as_str(),
-                        if v.is_deprecated(now) {
-                            "deprecated"
-                        } else {
-                            v.state.state.as_str()
-                        },
-                        if v.permissions.is_public() {
-                            "yes"
-                        } else {
-                            "no"
-                        },
-                        v.image.block_device_mappings.len(),
-                        v.image.name
-                    );
-                }
-            }
+            out.image_list(&shown, image_json);
             Ok(0)
         }
         ImageCmd::Describe { image: id } => {

@@ -2,6 +2,7 @@
 //! document in the AWS CLI's shapes and key names; and the progress bar.
 
 use std::io::IsTerminal;
+use std::time::SystemTime;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
@@ -16,6 +17,8 @@ use blocksnap::ops::restore::RestoreReport;
 use blocksnap::ops::snapshot::ChangedBlock;
 use blocksnap::ops::verify::VolumeCheck;
 use blocksnap::progress::Progress;
+use blocksnap::region::images::ImageView;
+use blocksnap::region::permissions::Grants;
 use blocksnap::{Region, SnapshotId};
 
 pub struct Out {
@@ -94,21 +97,72 @@ impl Out {
             println!("no snapshots");
             return;
         }
-        println!(
-            "{:<22} {:<20} {:>10} {:>10} {:<22} source",
-            "snapshot", "started", "size", "new", "parent"
+        table(
+            &[
+                ("snapshot", 22),
+                ("started", 20),
+                ("size", -10),
+                ("new", -10),
+                ("parent", 22),
+            ],
+            "source",
+            snaps.iter().map(|m| {
+                (
+                    vec![
+                        m.id.to_string(),
+                        humantime::format_rfc3339_seconds(m.created()).to_string(),
+                        human(m.volume_size),
+                        human(m.stats.new_bytes_stored),
+                        m.parent.as_ref().map_or("-".into(), SnapshotId::to_string),
+                    ],
+                    m.source.clone(),
+                )
+            }),
         );
-        for m in snaps {
-            println!(
-                "{:<22} {:<20} {:>10} {:>10} {:<22} {}",
-                m.id.as_str(),
-                humantime::format_rfc3339_seconds(m.created()).to_string(),
-                human(m.volume_size),
-                human(m.stats.new_bytes_stored),
-                m.parent.as_ref().map(SnapshotId::as_str).unwrap_or("-"),
-                m.source
-            );
+    }
+
+    /// `image list`: `json` shapes one image for `--json`.
+    pub fn image_list(&self, shown: &[ImageView], json: impl Fn(&ImageView) -> Value) {
+        if self.json {
+            return self.print(json!({ "Images": shown.iter().map(json).collect::<Vec<_>>() }));
         }
+        if shown.is_empty() {
+            println!("no images");
+            return;
+        }
+        let now = SystemTime::now();
+        table(
+            &[
+                ("image", 21),
+                ("owner", 12),
+                ("state", 13),
+                ("public", 8),
+                ("devices", 7),
+            ],
+            "name",
+            shown.iter().map(|v| {
+                let state = if v.is_deprecated(now) {
+                    "deprecated"
+                } else {
+                    v.state.state.as_str()
+                };
+                let public = if v.permissions.is_public() {
+                    "yes"
+                } else {
+                    "no"
+                };
+                (
+                    vec![
+                        v.image.image_id.to_string(),
+                        v.image.owner_id.to_string(),
+                        state.to_string(),
+                        public.to_string(),
+                        v.image.block_device_mappings.len().to_string(),
+                    ],
+                    v.image.name.clone(),
+                )
+            }),
+        );
     }
 
     pub fn snapshot_describe(&self, m: &SnapshotMeta) {
@@ -478,6 +532,29 @@ impl Out {
             &format!("({}) kept aside", human(s.quarantined_bytes)),
             s.quarantined,
         );
+    }
+}
+
+/// Prints a table: `columns` (name, width; a negative width aligns right),
+/// then a last column as wide as it needs.
+fn table(columns: &[(&str, i32)], last: &str, rows: impl Iterator<Item = (Vec<String>, String)>) {
+    let render = |cells: &[String], last: &str| {
+        let mut s = String::new();
+        for (cell, (_, w)) in cells.iter().zip(columns) {
+            let width = w.unsigned_abs() as usize;
+            if *w < 0 {
+                s.push_str(&format!("{cell:>width$} "));
+            } else {
+                s.push_str(&format!("{cell:<width$} "));
+            }
+        }
+        s.push_str(last);
+        s
+    };
+    let header: Vec<String> = columns.iter().map(|(n, _)| n.to_string()).collect();
+    println!("{}", render(&header, last));
+    for (cells, end) in rows {
+        println!("{}", render(&cells, &end));
     }
 }
 

@@ -97,11 +97,7 @@ pub fn run(
             no_delta,
         } => {
             let parent = match (parent, no_parent) {
-                (Some(p), _) => {
-                    let id = parse_snapshot(&p)?;
-                    access::readable(region, &id, caller, "take as a parent")?;
-                    ParentChoice::Explicit(id)
-                }
+                (Some(p), _) => ParentChoice::Explicit(parse_snapshot(&p)?),
                 (None, true) => ParentChoice::None,
                 (None, false) => ParentChoice::Latest,
             };
@@ -168,8 +164,7 @@ pub fn run(
         }
         SnapshotCmd::DescribePermissions { snapshot } => {
             let id = parse_snapshot(&snapshot)?;
-            access::owned(region, &id, caller, "see the permissions of")?;
-            let perms = blocksnap::region::permissions::read(region, &id)?;
+            let perms = access::permissions_of(region, &id, caller)?;
             let grants = &perms.create_volume_permissions;
             print_grants(out, id.as_str(), "SnapshotId", &perms, grants);
             Ok(0)

@@ -8,7 +8,6 @@ use clap::Subcommand;
 
 use blocksnap::AccountId;
 use blocksnap::Region;
-use blocksnap::ops::access::readable;
 use blocksnap::ops::restore::{self, RestoreOptions};
 use blocksnap::ops::verify::verify_volume;
 
@@ -64,9 +63,8 @@ pub fn run(region: &Region, out: &Out, caller: &AccountId, cmd: VolumeCmd) -> Re
             threads,
         } => {
             let id = parse_snapshot(&snapshot)?;
-            readable(region, &id, caller, "verify a volume against")?;
             let bar = out.progress();
-            let check = verify_volume(region, &id, &target, threads, &bar)?;
+            let check = verify_volume(region, &id, &target, caller, threads, &bar)?;
             bar.done();
             out.volume_check(&check);
             Ok(if check.matches() { 0 } else { 4 })
@@ -90,8 +88,8 @@ pub fn run(region: &Region, out: &Out, caller: &AccountId, cmd: VolumeCmd) -> Re
                     .transpose()?,
                 assume_zeroed,
                 threads,
+                caller: Some(caller.clone()),
             };
-            readable(region, &id, caller, "restore")?;
             let bar = out.progress();
             let report = restore::restore(region, &id, &target, &opts, &bar)?;
             bar.done();

@@ -13,9 +13,9 @@ use crate::id::{AccountId, ImageId, SnapshotId};
 use crate::image::rules::{check_labels, host_architecture, validate_mappings};
 use crate::region::catalog::Region;
 use crate::region::images::{
-    ImageView, list, read, users_of, write_new, write_permissions, write_state,
+    self, ImageView, read, users_of, write_new, write_permissions, write_state,
 };
-use crate::region::permissions::{Grants, PermissionChange};
+use crate::region::permissions::{Grantee, Grants, PermissionChange};
 use crate::sys::LockMode;
 
 /// Reads an image that `caller` may `action` (launch, copy): it must be
@@ -168,7 +168,7 @@ pub fn deregister(
     let mut report = DeregisterReport::default();
     if delete_snapshots {
         let _lock = region.lock(LockMode::Shared, "image deregister")?;
-        let others = list(region)?.images;
+        let others = images::list(region)?.images;
         let mut seen = Vec::new();
         for snap in view.image.snapshot_ids() {
             if seen.contains(&snap) {
@@ -191,4 +191,42 @@ pub fn deregister(
         }
     }
     Ok(report)
+}
+
+/// Which images `image list` shows, as DescribeImages filters them.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    /// `--owner`: only images of this account.
+    pub owner: Option<AccountId>,
+    /// `--executable-by`: only images this account (or, with
+    /// [`Grantee::All`], everyone) may launch.
+    pub executable_by: Option<Grantee>,
+    pub include_deregistered: bool,
+    pub include_deprecated: bool,
+}
+
+/// The images `caller` may see (its own, those shared with it, public
+/// ones), narrowed by `filter`; oldest first. Files that could not be read
+/// are returned beside them.
+pub fn list(
+    region: &Region,
+    caller: &AccountId,
+    filter: &ListFilter,
+) -> Result<(Vec<ImageView>, Vec<Error>)> {
+    let listing = images::list(region)?;
+    let now = SystemTime::now();
+    let shown = listing
+        .images
+        .into_iter()
+        .filter(|v| v.can_launch(caller))
+        .filter(|v| filter.owner.as_ref().is_none_or(|o| &v.image.owner_id == o))
+        .filter(|v| match &filter.executable_by {
+            None => true,
+            Some(Grantee::All) => v.permissions.is_public(),
+            Some(Grantee::Account(a)) => v.can_launch(a),
+        })
+        .filter(|v| filter.include_deregistered || v.state.state == ImageState::Available)
+        .filter(|v| filter.include_deprecated || !v.is_deprecated(now))
+        .collect();
+    Ok((shown, listing.damaged))
 }

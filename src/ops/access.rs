@@ -29,9 +29,7 @@ pub struct SnapshotView {
 impl SnapshotView {
     /// Whether `account` may restore (and so see) the snapshot.
     pub fn can_restore(&self, account: &AccountId) -> bool {
-        &self.meta.owner == account
-            || self.permissions.is_public()
-            || self.permissions.lists(account)
+        self.permissions.allows(&self.meta.owner, account)
     }
 }
 
@@ -49,15 +47,25 @@ pub fn require_owner(meta: &SnapshotMeta, caller: &AccountId, action: &'static s
     })
 }
 
-/// Snapshot `id`'s meta, if `caller` owns it.
-pub fn owned(
+/// Fails unless `caller` owns snapshot `id`.
+fn check_owned(
     region: &Region,
     id: &SnapshotId,
     caller: &AccountId,
     action: &'static str,
-) -> Result<SnapshotMeta> {
-    let meta = region.read_snapshot_meta(id)?;
-    require_owner(&meta, caller, action).map(|()| meta)
+) -> Result<()> {
+    require_owner(&region.read_snapshot_meta(id)?, caller, action)
+}
+
+/// The create-volume permissions of snapshot `id`; owner only
+/// (DescribeSnapshotAttribute).
+pub fn permissions_of(
+    region: &Region,
+    id: &SnapshotId,
+    caller: &AccountId,
+) -> Result<CreateVolumePermissions> {
+    check_owned(region, id, caller, "see the permissions of")?;
+    permissions::read(region, id)
 }
 
 /// Snapshot `id`'s meta, if `caller` may `action` it (restore, verify,
@@ -85,8 +93,7 @@ pub fn check_readable(
         // The owner needs no permission file, nor a readable one.
         return Ok(());
     }
-    let permissions = permissions::read(region, &meta.id)?;
-    if permissions.is_public() || permissions.lists(caller) {
+    if permissions::read(region, &meta.id)?.allows(&meta.owner, caller) {
         return Ok(());
     }
     Err(Error::SnapshotNotPermitted {
@@ -109,7 +116,7 @@ pub fn modify(
     change: &PermissionChange,
 ) -> Result<CreateVolumePermissions> {
     let _catalog = region.catalog_lock("snapshot permissions")?;
-    owned(region, id, caller, "change the permissions of")?;
+    check_owned(region, id, caller, "change the permissions of")?;
     // `--reset` needs nothing from the old file, so it also mends a damaged one.
     let mut perms = if change.reset {
         CreateVolumePermissions::default()
@@ -127,7 +134,7 @@ pub fn modify(
 pub fn delete(region: &Region, id: &SnapshotId, caller: &AccountId) -> Result<()> {
     let _catalog = region.catalog_lock("snapshot delete")?;
     let _lock = region.lock(LockMode::Shared, "snapshot delete")?;
-    owned(region, id, caller, "delete")?;
+    check_owned(region, id, caller, "delete")?;
     check_snapshot_unused(region, id)?;
     region.delete_snapshot(id)
 }

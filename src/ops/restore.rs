@@ -13,7 +13,8 @@ use rayon::prelude::*;
 
 use crate::error::{Error, IoContext, Result};
 use crate::format::manifest::{Block, Manifest};
-use crate::id::{ChunkId, SnapshotId};
+use crate::id::{AccountId, ChunkId, SnapshotId};
+use crate::ops::access::readable;
 use crate::ops::verify::holds;
 use crate::progress::Progress;
 use crate::region::catalog::Region;
@@ -37,6 +38,9 @@ pub struct RestoreOptions {
     pub assume_zeroed: bool,
     /// Worker threads; 0 means one per core.
     pub threads: usize,
+    /// Who restores: the snapshot must be theirs, shared with them, or
+    /// public. `None`: the region's owner (the default account).
+    pub caller: Option<AccountId>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,7 +61,9 @@ pub struct RestoreReport {
 /// a new file target.
 const SPARSE_PAGE: usize = 4096;
 
-/// Restores snapshot `id` of `region` to `target`.
+/// Restores snapshot `id` of `region` to `target`, if `opts.caller` may
+/// (CreateVolume: the owner, an account it is shared with, or anyone when
+/// it is public).
 pub fn restore(
     region: &Region,
     id: &SnapshotId,
@@ -65,8 +71,10 @@ pub fn restore(
     opts: &RestoreOptions,
     progress: &dyn Progress,
 ) -> Result<RestoreReport> {
+    let caller = region.caller(opts.caller.as_ref());
+    let meta = readable(region, id, &caller, "restore")?;
     let pool = thread_pool_for(region.chunks(), opts.threads, Work::Fetch)?;
-    progress.start("restore", region.read_snapshot_meta(id)?.volume_size);
+    progress.start("restore", meta.volume_size);
     let report = restore_in(region, id, target, opts, &pool, progress)?;
     progress.finish();
     Ok(report)
@@ -74,7 +82,9 @@ pub fn restore(
 
 /// [`restore`] on a caller's pool (`opts.threads` is ignored), reporting
 /// progress without starting or finishing a phase: several restores can
-/// share one pool and one progress bar.
+/// share one pool and one progress bar. For callers that have authorised
+/// the restore another way (an instance launch, by the image's launch
+/// permission): `opts.caller` is not checked.
 pub fn restore_in(
     region: &Region,
     id: &SnapshotId,

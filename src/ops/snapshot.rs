@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::format::chunk;
 use crate::format::manifest::{self, Block, Manifest, SnapshotMeta, SnapshotStats, Tag};
 use crate::id::{AccountId, ChunkId, SnapshotId};
+use crate::ops::access::readable;
 use crate::progress::Progress;
 use crate::region::catalog::Region;
 use crate::store::chain;
@@ -117,14 +118,14 @@ pub fn create(
     let volume = Volume::open(path)?;
     let source = source_path(path);
     let _lock = region.lock(LockMode::Shared, "snapshot create")?;
-    let owner = opts
-        .owner
-        .clone()
-        .unwrap_or_else(|| region.info().owner.clone());
+    let owner = region.caller(opts.owner.as_ref());
 
     let parent = match &opts.parent {
         ParentChoice::None => None,
-        ParentChoice::Explicit(id) => Some(region.read_snapshot(id)?),
+        ParentChoice::Explicit(id) => {
+            readable(region, id, &owner, "take as a parent")?;
+            Some(region.read_snapshot(id)?)
+        }
         ParentChoice::Latest => {
             // Only the owner's own lineage: another account's snapshot of
             // the same path is no parent of this one.

@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 
 use crate::error::Result;
 use crate::format::manifest::Block;
-use crate::id::SnapshotId;
+use crate::id::{AccountId, SnapshotId};
+use crate::ops::access::readable;
 use crate::progress::Progress;
 use crate::region::catalog::Region;
 use crate::store::pool::{Work, thread_pool_for};
@@ -55,9 +56,11 @@ pub fn verify_volume(
     region: &Region,
     id: &SnapshotId,
     target: &Path,
+    caller: &AccountId,
     threads: usize,
     progress: &dyn Progress,
 ) -> Result<VolumeCheck> {
+    readable(region, id, caller, "verify a volume against")?;
     let m = region.read_snapshot(id)?;
     let volume = Volume::open(target)?;
     let pool = thread_pool_for(region.chunks(), threads, Work::Fetch)?;

@@ -145,6 +145,12 @@ impl Region {
         &self.info.region
     }
 
+    /// The account acting: `account`, or the region's owner (the default
+    /// account) when none is given.
+    pub fn caller(&self, account: Option<&AccountId>) -> AccountId {
+        account.unwrap_or(&self.info.owner).clone()
+    }
+
     pub fn info(&self) -> &RegionInfo {
         &self.info
     }

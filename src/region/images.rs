@@ -43,9 +43,7 @@ pub struct ImageView {
 
 impl ImageView {
     pub fn can_launch(&self, account: &AccountId) -> bool {
-        &self.image.owner_id == account
-            || self.permissions.is_public()
-            || self.permissions.lists(account)
+        self.permissions.allows(&self.image.owner_id, account)
     }
 
     pub fn is_deprecated(&self, now: SystemTime) -> bool {

@@ -32,6 +32,12 @@ pub trait Grants {
             .any(|p| matches!(p, LaunchPermission::Account(a) if a == account))
     }
 
+    /// Whether `account` may use what `owner` owns under these grants: the
+    /// owner, a listed account, or anyone when public.
+    fn allows(&self, owner: &AccountId, account: &AccountId) -> bool {
+        owner == account || self.is_public() || self.lists(account)
+    }
+
     /// Applies `--reset`, then `--remove`, then `--add`.
     fn apply(&mut self, change: &PermissionChange) {
         let list = self.grants_mut();

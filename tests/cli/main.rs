@@ -22,3 +22,4 @@ mod layout; // every import points down the flow: no cycle, no arrow up
 // The library, through its public API.
 mod faults; // a chunk store that fails or loses writes at every point
 mod hostile; // every decoder fed the fuzz corpus and its mutations
+mod policy; // permission and in-use rules hold for a library caller too
