@@ -9,7 +9,7 @@ folder's `mod.rs` that only declares its files is reached by nobody.
 
 The rooms, from the top (see the crate docs in src/lib.rs):
 
-    cli -> image -> ops -> region -> store | volume -> format -> foundation
+    cli -> image -> lazy -> ops -> region -> store | volume -> format -> foundation
 
 A file may use its own room (without cycles), the rooms below it and the
 foundation (error, id, progress, settings, sys); `store` and `volume` sit
@@ -33,10 +33,11 @@ RANKS = {
     "volume": 2,
     "region": 3,
     "ops": 4,
-    "image": 5,
-    "crate": 6,  # lib.rs: the crate docs and re-exports
-    "cli": 7,
-    "main": 8,
+    "lazy": 5,
+    "image": 6,
+    "crate": 7,  # lib.rs: the crate docs and re-exports
+    "cli": 8,
+    "main": 9,
 }
 FOUNDATION = {"error", "id", "progress", "settings", "sys"}
 

@@ -18,6 +18,7 @@
 //! ```text
 //! cli (the binary)      parse, dispatch, print; exit codes
 //!   image/              AMIs and instances, built out of snapshot operations
+//!   lazy/               snapshots used in place: a reader, the NBD server
 //!   ops/                operations on a region's snapshots, one file each
 //!   region/             a region over a backend (local, s3/): catalog, images, permissions
 //!   store/  volume/     chunks (trait, local, chains, pools) | the disk being read or written
@@ -34,13 +35,15 @@
 //! - [`region`]: [`Region`] over a [`region::backend::Backend`], region
 //!   definitions, the S3 backend, image and permission files.
 //! - [`ops`]: snapshot, restore, volume verify, gc, store verify, access.
+//! - [`lazy`]: a snapshot read in place (only the chunks a read touches,
+//!   a bounded cache), served over NBD (`volume serve`).
 //! - [`image`]: image rules, register/deregister, create, instances, copy.
 //! - Foundation: [`error`], [`id`], [`progress`], [`settings`] (the tuning
 //!   values the binary parses once), `sys` (the only `unsafe`).
 //!
 //! **Arrows point down.** A module may use the rooms below its own and
 //! the foundation, and files of its own room that do not use it back: the
-//! order is `image` → `ops` → `region` → `store` | `volume` → `format` →
+//! order is `image` → `lazy` → `ops` → `region` → `store` | `volume` → `format` →
 //! foundation (`store` and `volume` are side by side and do not use each
 //! other). A folder's `mod.rs` only declares its files, so no file is
 //! reached through it. `scripts/check-layout.py` draws every file's
@@ -114,6 +117,7 @@ pub mod error;
 pub mod format;
 pub mod id;
 pub mod image;
+pub mod lazy;
 pub mod ops;
 pub mod progress;
 pub mod region;

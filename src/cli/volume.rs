@@ -1,5 +1,5 @@
 //! `volume`: restore a snapshot into a file or device, verify a volume
-//! against a snapshot.
+//! against a snapshot, serve a snapshot over NBD.
 
 use std::path::PathBuf;
 
@@ -8,6 +8,7 @@ use clap::Subcommand;
 
 use blocksnap::AccountId;
 use blocksnap::Region;
+use blocksnap::lazy::nbd::{self, Listen, ServeLog, ServeOptions};
 use blocksnap::ops::restore::{self, RestoreOptions};
 use blocksnap::ops::verify::verify_volume;
 
@@ -24,6 +25,32 @@ pub enum VolumeCmd {
         /// Worker threads [default: one per core]
         #[arg(long, default_value_t = 0)]
         threads: usize,
+    },
+    /// Serve a snapshot as a read-only NBD export, read in place: only the
+    /// chunks a client reads are fetched
+    ///
+    /// Runs until interrupted. Clients: `qemu-img info nbd://127.0.0.1:10809/NAME`,
+    /// `nbd+unix:///NAME?socket=PATH`, `nbdinfo`, `nbdcopy`. Holes and zero
+    /// blocks are reported through the base:allocation meta context.
+    Serve {
+        snapshot: String,
+        /// TCP address to listen on
+        #[arg(
+            long,
+            value_name = "HOST:PORT",
+            default_value = "127.0.0.1:10809",
+            conflicts_with = "socket"
+        )]
+        listen: String,
+        /// Listen on a Unix socket instead
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// Export name [default: the snapshot id]
+        #[arg(long, value_name = "EXPORT")]
+        name: Option<String>,
+        /// Memory for decoded blocks (e.g. 64M)
+        #[arg(long, value_name = "BYTES", default_value = "64M")]
+        cache: String,
     },
     /// Restore a snapshot into a new file, over a file, or onto a block device [CreateVolume]
     ///
@@ -69,6 +96,27 @@ pub fn run(region: &Region, out: &Out, caller: &AccountId, cmd: VolumeCmd) -> Re
             out.volume_check(&check);
             Ok(if check.matches() { 0 } else { 4 })
         }
+        VolumeCmd::Serve {
+            snapshot,
+            listen,
+            socket,
+            name,
+            cache,
+        } => {
+            let id = parse_snapshot(&snapshot)?;
+            let cache = parse_size(&cache, "--cache")?;
+            let opts = ServeOptions {
+                listen: match socket {
+                    Some(path) => Listen::Unix(path),
+                    None => Listen::Tcp(listen),
+                },
+                name: name.unwrap_or_else(|| id.to_string()),
+                cache: usize::try_from(cache).unwrap_or(usize::MAX),
+                caller: Some(caller.clone()),
+            };
+            nbd::serve(region, &id, &opts, &StderrLog)?;
+            Ok(0)
+        }
         VolumeCmd::Restore {
             snapshot,
             target,
@@ -96,5 +144,19 @@ pub fn run(region: &Region, out: &Out, caller: &AccountId, cmd: VolumeCmd) -> Re
             out.restore(&report);
             Ok(0)
         }
+    }
+}
+
+/// The server's lines, on stderr: where it listens, then one line per
+/// failed read or broken connection.
+struct StderrLog;
+
+impl ServeLog for StderrLog {
+    fn listening(&self, uri: &str) {
+        eprintln!("blocksnap: serving {uri} (read-only); interrupt to stop");
+    }
+
+    fn line(&self, line: String) {
+        eprintln!("blocksnap: {line}");
     }
 }

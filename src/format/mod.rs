@@ -33,6 +33,7 @@ pub mod envelope;
 pub mod image;
 pub mod instance;
 pub mod manifest;
+pub mod nbd;
 pub mod region;
 pub mod regions;
 

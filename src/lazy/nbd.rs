@@ -1,0 +1,474 @@
+//! `volume serve`: a snapshot as a read-only NBD export, read in place.
+//!
+//! The fixed newstyle handshake with `NBD_OPT_GO`, `INFO`, `LIST`,
+//! `EXPORT_NAME`, `ABORT`, structured replies and the `base:allocation`
+//! meta context; commands `READ`, `BLOCK_STATUS` (holes and zero blocks
+//! from the manifest), `FLUSH`, `CACHE` and `DISC`, and `EPERM` for every
+//! write. One thread per connection; every field from the network is
+//! checked before it is used, and a client that sends garbage or goes
+//! away loses its own connection only.
+
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::net::TcpListener;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+
+use crate::error::{Error, IoContext, Result};
+use crate::format::nbd::*;
+use crate::id::{AccountId, SnapshotId};
+use crate::lazy::reader::{DEFAULT_CACHE, LazyVolume};
+use crate::ops::access::readable;
+use crate::region::catalog::Region;
+use crate::sys::LockMode;
+
+/// The largest read a client may ask for in one request.
+pub const MAX_IO: u32 = 32 << 20;
+/// The one meta context served, by its id.
+const ALLOCATION_CONTEXT: u32 = 1;
+
+/// Where the server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    /// `HOST:PORT`.
+    Tcp(String),
+    /// A Unix socket path.
+    Unix(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub listen: Listen,
+    /// The export's name (`nbd://HOST/NAME`); clients asking for the
+    /// default export (an empty name) get it too.
+    pub name: String,
+    /// Bytes of decoded blocks kept in memory.
+    pub cache: usize,
+    /// Who serves: the snapshot must be theirs, shared with them, or public.
+    /// `None`: the region's owner.
+    pub caller: Option<AccountId>,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            listen: Listen::Tcp("127.0.0.1:10809".into()),
+            name: String::new(),
+            cache: DEFAULT_CACHE,
+            caller: None,
+        }
+    }
+}
+
+/// What the server tells as it runs: where it listens (once it does), and
+/// each failed read or lost connection, one line each.
+pub trait ServeLog: Sync {
+    fn listening(&self, uri: &str);
+    fn line(&self, line: String);
+}
+
+/// Serves snapshot `id` until the process ends. Holds the region lock
+/// shared meanwhile, so `store gc` cannot reclaim a chunk it reads.
+pub fn serve(
+    region: &Region,
+    id: &SnapshotId,
+    opts: &ServeOptions,
+    log: &dyn ServeLog,
+) -> Result<()> {
+    let caller = region.caller(opts.caller.as_ref());
+    readable(region, id, &caller, "serve")?;
+    if opts.name.len() > MAX_STRING {
+        return Err(Error::InvalidArgument(format!(
+            "export name of {} bytes: give at most {MAX_STRING}",
+            opts.name.len()
+        )));
+    }
+    let _lock = region.lock(LockMode::Shared, "volume serve")?;
+    let volume = LazyVolume::open(region, id, opts.cache)?;
+    let export = Export {
+        volume: &volume,
+        name: &opts.name,
+        log,
+    };
+    match &opts.listen {
+        Listen::Tcp(addr) => {
+            let listener = TcpListener::bind(addr)
+                .map_err(|e| Error::InvalidArgument(format!("cannot listen on {addr}: {e}")))?;
+            let local = listener.local_addr().ctx("listen", &PathBuf::from(addr))?;
+            log.listening(&format!("nbd://{local}/{}", opts.name));
+            std::thread::scope(|s| {
+                for conn in listener.incoming() {
+                    let Ok(conn) = conn else { continue };
+                    let _ = conn.set_nodelay(true);
+                    let Ok(reader) = conn.try_clone() else {
+                        continue;
+                    };
+                    let export = &export;
+                    s.spawn(move || export.connection(Box::new(reader), Box::new(conn)));
+                }
+            });
+        }
+        Listen::Unix(path) => {
+            let listener = bind_unix(path)?;
+            log.listening(&format!(
+                "nbd+unix:///{}?socket={}",
+                opts.name,
+                path.display()
+            ));
+            std::thread::scope(|s| {
+                for conn in listener.incoming() {
+                    let Ok(conn) = conn else { continue };
+                    let Ok(reader) = conn.try_clone() else {
+                        continue;
+                    };
+                    let export = &export;
+                    s.spawn(move || export.connection(Box::new(reader), Box::new(conn)));
+                }
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Binds a Unix socket at `path`, replacing a stale one (left by a server
+/// that was killed) but never a live one or anything else.
+fn bind_unix(path: &PathBuf) -> Result<UnixListener> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        let live = UnixStream::connect(path).is_ok();
+        if !m.file_type().is_socket() || live {
+            return Err(Error::AlreadyExists(format!(
+                "{} exists{}: pick another --socket path",
+                path.display(),
+                if live {
+                    " and a server answers there"
+                } else {
+                    ""
+                }
+            )));
+        }
+        std::fs::remove_file(path).ctx("remove stale socket", path)?;
+    }
+    UnixListener::bind(path).ctx("listen on socket", path)
+}
+
+struct Export<'a> {
+    volume: &'a LazyVolume<'a>,
+    name: &'a str,
+    log: &'a dyn ServeLog,
+}
+
+/// What option haggling settled.
+struct Session {
+    structured: bool,
+    allocation: bool,
+}
+
+impl Export<'_> {
+    fn connection(&self, r: Box<dyn Read + Send>, w: Box<dyn Write + Send>) {
+        let mut conn = Conn {
+            r: BufReader::new(r),
+            w: BufWriter::new(w),
+        };
+        if let Err(e) = self.run(&mut conn) {
+            // A client that closes without NBD_CMD_DISC is ordinary.
+            if e.kind() != io::ErrorKind::UnexpectedEof {
+                self.log.line(format!("nbd connection ended: {e}"));
+            }
+        }
+    }
+
+    fn run(&self, c: &mut Conn) -> io::Result<()> {
+        c.w.write_all(&NBD_MAGIC.to_be_bytes())?;
+        c.w.write_all(&IHAVEOPT.to_be_bytes())?;
+        c.w.write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())?;
+        c.w.flush()?;
+        let client = c.u32()?;
+        if client & FLAG_C_FIXED_NEWSTYLE == 0 {
+            return Err(bad("the client does not speak fixed newstyle"));
+        }
+        let no_zeroes = client & FLAG_C_NO_ZEROES != 0;
+        let mut session = Session {
+            structured: false,
+            allocation: false,
+        };
+        loop {
+            if c.u64()? != IHAVEOPT {
+                return Err(bad("an option without its magic"));
+            }
+            let option = c.u32()?;
+            let len = c.u32()?;
+            if len > MAX_OPTION_LEN {
+                return Err(bad("an option longer than 64 KiB"));
+            }
+            let mut data = vec![0u8; len as usize];
+            c.r.read_exact(&mut data)?;
+            match option {
+                OPT_EXPORT_NAME => {
+                    let name = String::from_utf8_lossy(&data);
+                    if !self.is_ours(&name) {
+                        return Err(bad("an unknown export name"));
+                    }
+                    c.w.write_all(&self.volume.size().to_be_bytes())?;
+                    c.w.write_all(&flags().to_be_bytes())?;
+                    if !no_zeroes {
+                        c.w.write_all(&[0u8; 124])?;
+                    }
+                    c.w.flush()?;
+                    return self.transmission(c, &session);
+                }
+                OPT_ABORT => {
+                    c.reply(option, REP_ACK, &[])?;
+                    return Ok(());
+                }
+                OPT_LIST => {
+                    let mut d = (self.name.len() as u32).to_be_bytes().to_vec();
+                    d.extend_from_slice(self.name.as_bytes());
+                    c.reply(option, REP_SERVER, &d)?;
+                    c.reply(option, REP_ACK, &[])?;
+                }
+                OPT_INFO | OPT_GO => {
+                    if self.info(c, option, &data)? && option == OPT_GO {
+                        return self.transmission(c, &session);
+                    }
+                }
+                OPT_STRUCTURED_REPLY if data.is_empty() => {
+                    session.structured = true;
+                    c.reply(option, REP_ACK, &[])?;
+                }
+                OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                    self.meta_context(c, option, &data, &mut session)?;
+                }
+                OPT_STRUCTURED_REPLY => c.reply(option, REP_ERR_INVALID, &[])?,
+                _ => c.reply(option, REP_ERR_UNSUP, &[])?,
+            }
+        }
+    }
+
+    fn is_ours(&self, name: &str) -> bool {
+        name == self.name || name.is_empty()
+    }
+
+    /// Answers `NBD_OPT_INFO`/`GO`; whether the export was found.
+    fn info(&self, c: &mut Conn, option: u32, data: &[u8]) -> io::Result<bool> {
+        let mut r = Reader::new(data);
+        let parsed = (|| {
+            let name = r.string()?;
+            let n = r.u16()?;
+            let wants: Option<Vec<u16>> = (0..n).map(|_| r.u16()).collect();
+            wants?;
+            r.is_empty().then_some(name)
+        })();
+        let Some(name) = parsed else {
+            c.reply(option, REP_ERR_INVALID, &[])?;
+            return Ok(false);
+        };
+        if !self.is_ours(&name) {
+            c.reply(option, REP_ERR_UNKNOWN, &[])?;
+            return Ok(false);
+        }
+        let mut export = INFO_EXPORT.to_be_bytes().to_vec();
+        export.extend_from_slice(&self.volume.size().to_be_bytes());
+        export.extend_from_slice(&flags().to_be_bytes());
+        c.reply(option, REP_INFO, &export)?;
+        let preferred = self.volume.meta().block_size.min(MAX_IO);
+        let mut sizes = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+        for v in [1u32, preferred, MAX_IO] {
+            sizes.extend_from_slice(&v.to_be_bytes());
+        }
+        c.reply(option, REP_INFO, &sizes)?;
+        c.reply(option, REP_ACK, &[])?;
+        Ok(true)
+    }
+
+    fn meta_context(
+        &self,
+        c: &mut Conn,
+        option: u32,
+        data: &[u8],
+        session: &mut Session,
+    ) -> io::Result<()> {
+        let set = option == OPT_SET_META_CONTEXT;
+        let mut r = Reader::new(data);
+        let parsed = (|| {
+            let name = r.string()?;
+            let n = r.u32()?;
+            if n as usize > MAX_OPTION_LEN as usize / 4 {
+                return None;
+            }
+            let queries: Option<Vec<String>> = (0..n).map(|_| r.string()).collect();
+            r.is_empty().then_some((name, queries?))
+        })();
+        let Some((name, queries)) = parsed else {
+            return c.reply(option, REP_ERR_INVALID, &[]);
+        };
+        if set && !session.structured {
+            return c.reply(option, REP_ERR_INVALID, &[]);
+        }
+        if !self.is_ours(&name) {
+            return c.reply(option, REP_ERR_UNKNOWN, &[]);
+        }
+        // Listing with no query, or with the namespace `base:`, lists all.
+        let matched = queries.iter().any(|q| q == BASE_ALLOCATION)
+            || (!set && (queries.is_empty() || queries.iter().any(|q| q == "base:")));
+        if matched {
+            let mut d = ALLOCATION_CONTEXT.to_be_bytes().to_vec();
+            d.extend_from_slice(BASE_ALLOCATION.as_bytes());
+            c.reply(option, REP_META_CONTEXT, &d)?;
+        }
+        if set {
+            session.allocation = matched;
+        }
+        c.reply(option, REP_ACK, &[])
+    }
+
+    fn transmission(&self, c: &mut Conn, session: &Session) -> io::Result<()> {
+        let size = self.volume.size();
+        let mut buf = Vec::new();
+        loop {
+            let mut head = [0u8; REQUEST_LEN];
+            c.r.read_exact(&mut head)?;
+            let Some(req) = Request::decode(&head) else {
+                return Err(bad("a request without its magic"));
+            };
+            let in_bounds = req
+                .offset
+                .checked_add(req.length as u64)
+                .is_some_and(|end| end <= size);
+            match req.kind {
+                CMD_DISC => return Ok(()),
+                CMD_WRITE => {
+                    // The payload follows the request: read it past, or
+                    // give up on a client that would send more than any
+                    // write may hold.
+                    if req.length > MAX_IO {
+                        return Err(bad("a write larger than 32 MiB"));
+                    }
+                    io::copy(&mut (&mut c.r).take(req.length as u64), &mut io::sink())?;
+                    c.error(session, req.cookie, EPERM)?;
+                }
+                CMD_TRIM | CMD_WRITE_ZEROES => c.error(session, req.cookie, EPERM)?,
+                CMD_FLUSH | CMD_CACHE => c.ok(req.cookie)?,
+                CMD_READ if req.length > MAX_IO => c.error(session, req.cookie, EOVERFLOW)?,
+                CMD_READ if !in_bounds => c.error(session, req.cookie, EINVAL)?,
+                CMD_READ => {
+                    buf.resize(req.length as usize, 0);
+                    match self.volume.read_at(req.offset, &mut buf) {
+                        Ok(()) => c.data(session, req.cookie, req.offset, &buf)?,
+                        Err(failure) => {
+                            self.log.line(format!("read failed: {failure}"));
+                            c.error(session, req.cookie, EIO)?;
+                        }
+                    }
+                }
+                CMD_BLOCK_STATUS if !session.allocation => c.error(session, req.cookie, EINVAL)?,
+                CMD_BLOCK_STATUS if !in_bounds || req.length == 0 => {
+                    c.error(session, req.cookie, EINVAL)?
+                }
+                CMD_BLOCK_STATUS => {
+                    let mut runs = self.volume.extents(req.offset, req.length as u64);
+                    if req.flags & CMD_FLAG_REQ_ONE != 0 {
+                        runs.truncate(1);
+                    }
+                    c.block_status(req.cookie, &runs)?;
+                }
+                _ => c.error(session, req.cookie, EINVAL)?,
+            }
+        }
+    }
+}
+
+/// Transmission flags of every export: read-only, and safe to read over
+/// several connections.
+fn flags() -> u16 {
+    FLAG_HAS_FLAGS | FLAG_READ_ONLY | FLAG_SEND_FLUSH | FLAG_CAN_MULTI_CONN
+}
+
+fn bad(what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("protocol error: {what}"),
+    )
+}
+
+/// One client's buffered stream.
+struct Conn {
+    r: BufReader<Box<dyn Read + Send>>,
+    w: BufWriter<Box<dyn Write + Send>>,
+}
+
+impl Conn {
+    fn u32(&mut self) -> io::Result<u32> {
+        let mut b = [0u8; 4];
+        self.r.read_exact(&mut b)?;
+        Ok(u32::from_be_bytes(b))
+    }
+
+    fn u64(&mut self) -> io::Result<u64> {
+        let mut b = [0u8; 8];
+        self.r.read_exact(&mut b)?;
+        Ok(u64::from_be_bytes(b))
+    }
+
+    fn reply(&mut self, option: u32, kind: u32, data: &[u8]) -> io::Result<()> {
+        self.w
+            .write_all(&option_reply(option, kind, data.len() as u32))?;
+        self.w.write_all(data)?;
+        self.w.flush()
+    }
+
+    fn ok(&mut self, cookie: u64) -> io::Result<()> {
+        self.w.write_all(&simple_reply(0, cookie))?;
+        self.w.flush()
+    }
+
+    fn error(&mut self, session: &Session, cookie: u64, error: u32) -> io::Result<()> {
+        if session.structured {
+            let mut payload = error.to_be_bytes().to_vec();
+            payload.extend_from_slice(&0u16.to_be_bytes());
+            self.w.write_all(&structured_reply(
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_ERROR,
+                cookie,
+                payload.len() as u32,
+            ))?;
+            self.w.write_all(&payload)?;
+        } else {
+            self.w.write_all(&simple_reply(error, cookie))?;
+        }
+        self.w.flush()
+    }
+
+    fn data(&mut self, session: &Session, cookie: u64, offset: u64, data: &[u8]) -> io::Result<()> {
+        if session.structured {
+            self.w.write_all(&structured_reply(
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_OFFSET_DATA,
+                cookie,
+                8 + data.len() as u32,
+            ))?;
+            self.w.write_all(&offset.to_be_bytes())?;
+        } else {
+            self.w.write_all(&simple_reply(0, cookie))?;
+        }
+        self.w.write_all(data)?;
+        self.w.flush()
+    }
+
+    fn block_status(&mut self, cookie: u64, runs: &[(u64, bool)]) -> io::Result<()> {
+        let mut payload = ALLOCATION_CONTEXT.to_be_bytes().to_vec();
+        for &(len, data) in runs {
+            // A run is within one request, whose length is a u32.
+            payload.extend_from_slice(&(len as u32).to_be_bytes());
+            let state = if data { 0 } else { STATE_HOLE | STATE_ZERO };
+            payload.extend_from_slice(&state.to_be_bytes());
+        }
+        self.w.write_all(&structured_reply(
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_BLOCK_STATUS,
+            cookie,
+            payload.len() as u32,
+        ))?;
+        self.w.write_all(&payload)?;
+        self.w.flush()
+    }
+}

@@ -1,0 +1,217 @@
+//! A snapshot read in place: any byte range, fetching, verifying and
+//! decompressing only the chunks it touches, with a bounded cache of
+//! decoded blocks. Hole and zero blocks read as zeros without I/O.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::error::{Error, Result};
+use crate::format::manifest::{Block, Manifest, SnapshotMeta};
+use crate::id::{ChunkId, SnapshotId};
+use crate::region::catalog::Region;
+use crate::store::chain::load_into;
+
+/// The default cache of decoded blocks (`--cache`).
+pub const DEFAULT_CACHE: usize = 64 << 20;
+
+/// A read that failed on a chunk: which chunk, where in the volume.
+#[derive(Debug)]
+pub struct ReadFailure {
+    pub snapshot: SnapshotId,
+    pub chunk: ChunkId,
+    pub offset: u64,
+    pub error: Error,
+}
+
+impl std::fmt::Display for ReadFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "chunk {} of {} (volume offset {}): {}",
+            self.chunk.short(),
+            self.snapshot,
+            self.offset,
+            self.error
+        )
+    }
+}
+
+/// A snapshot of a region, readable at any offset.
+pub struct LazyVolume<'a> {
+    region: &'a Region,
+    manifest: Manifest,
+    cache: Mutex<Cache>,
+}
+
+/// Decoded blocks by chunk, least recently used evicted first once their
+/// bytes pass the budget.
+struct Cache {
+    budget: usize,
+    used: usize,
+    tick: u64,
+    blocks: HashMap<ChunkId, (Arc<Vec<u8>>, u64)>,
+}
+
+impl Cache {
+    fn get(&mut self, id: &ChunkId) -> Option<Arc<Vec<u8>>> {
+        self.tick += 1;
+        let tick = self.tick;
+        self.blocks.get_mut(id).map(|(b, t)| {
+            *t = tick;
+            b.clone()
+        })
+    }
+
+    fn insert(&mut self, id: ChunkId, block: Arc<Vec<u8>>) {
+        if block.len() > self.budget {
+            return;
+        }
+        while self.used + block.len() > self.budget {
+            let Some(oldest) = self
+                .blocks
+                .iter()
+                .min_by_key(|(_, (_, t))| *t)
+                .map(|(k, _)| *k)
+            else {
+                break;
+            };
+            if let Some((b, _)) = self.blocks.remove(&oldest) {
+                self.used -= b.len();
+            }
+        }
+        self.tick += 1;
+        self.used += block.len();
+        if let Some((old, _)) = self.blocks.insert(id, (block, self.tick)) {
+            self.used -= old.len();
+        }
+    }
+}
+
+impl<'a> LazyVolume<'a> {
+    /// Snapshot `id` of `region`, with `cache` bytes of decoded blocks.
+    pub fn open(region: &'a Region, id: &SnapshotId, cache: usize) -> Result<LazyVolume<'a>> {
+        Ok(LazyVolume {
+            manifest: region.read_snapshot(id)?,
+            region,
+            cache: Mutex::new(Cache {
+                budget: cache,
+                used: 0,
+                tick: 0,
+                blocks: HashMap::new(),
+            }),
+        })
+    }
+
+    pub fn meta(&self) -> &SnapshotMeta {
+        &self.manifest.meta
+    }
+
+    pub fn size(&self) -> u64 {
+        self.manifest.meta.volume_size
+    }
+
+    fn block_size(&self) -> u64 {
+        self.manifest.meta.block_size as u64
+    }
+
+    /// Fills `buf` from `offset`; the range must lie inside the volume.
+    pub fn read_at(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> std::result::Result<(), Box<ReadFailure>> {
+        let bs = self.block_size();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            let index = at / bs;
+            let within = (at % bs) as usize;
+            let block_len = (self.size() - index * bs).min(bs) as usize;
+            let n = (block_len - within).min(buf.len() - done);
+            let out = &mut buf[done..done + n];
+            match &self.manifest.blocks[index as usize] {
+                Block::Hole | Block::Zero => out.fill(0),
+                Block::Data(id) => {
+                    let block = self.chunk(id).map_err(|error| {
+                        Box::new(ReadFailure {
+                            snapshot: self.manifest.meta.id.clone(),
+                            chunk: *id,
+                            offset: index * bs,
+                            error,
+                        })
+                    })?;
+                    out.copy_from_slice(&block[within..within + n]);
+                }
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// The runs of `[offset, offset + len)`, clipped to the volume: each a
+    /// length and whether it holds data (`false`: a hole or zeros).
+    pub fn extents(&self, offset: u64, len: u64) -> Vec<(u64, bool)> {
+        let bs = self.block_size();
+        let end = offset.saturating_add(len).min(self.size());
+        let mut runs: Vec<(u64, bool)> = Vec::new();
+        let mut at = offset;
+        while at < end {
+            let index = at / bs;
+            let next = ((index + 1) * bs).min(end);
+            let data = matches!(self.manifest.blocks[index as usize], Block::Data(_));
+            match runs.last_mut() {
+                Some((n, d)) if *d == data => *n += next - at,
+                _ => runs.push((next - at, data)),
+            }
+            at = next;
+        }
+        runs
+    }
+
+    /// The decoded bytes of chunk `id`, from the cache or the store
+    /// (verified against its name on the way).
+    fn chunk(&self, id: &ChunkId) -> Result<Arc<Vec<u8>>> {
+        if let Some(b) = self.cache.lock().expect("cache lock").get(id) {
+            return Ok(b);
+        }
+        let mut raw = Vec::new();
+        load_into(self.region.chunks(), id, &mut raw)?;
+        let raw = Arc::new(raw);
+        self.cache
+            .lock()
+            .expect("cache lock")
+            .insert(*id, raw.clone());
+        Ok(raw)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cache_stays_within_its_budget_and_keeps_the_recent() {
+        let mut c = Cache {
+            budget: 10,
+            used: 0,
+            tick: 0,
+            blocks: HashMap::new(),
+        };
+        let id = |n: u8| ChunkId([n; 32]);
+        c.insert(id(1), Arc::new(vec![0; 4]));
+        c.insert(id(2), Arc::new(vec![0; 4]));
+        assert!(c.get(&id(1)).is_some());
+        c.insert(id(3), Arc::new(vec![0; 4]));
+        assert!(c.used <= 10);
+        assert!(
+            c.get(&id(2)).is_none(),
+            "the least recently used goes first"
+        );
+        assert!(c.get(&id(1)).is_some() && c.get(&id(3)).is_some());
+        c.insert(id(4), Arc::new(vec![0; 11]));
+        assert!(
+            c.get(&id(4)).is_none(),
+            "a block over the whole budget is not kept"
+        );
+    }
+}

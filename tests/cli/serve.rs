@@ -1,0 +1,417 @@
+//! `volume serve`: a snapshot as an NBD export, read by qemu's own tools
+//! (qemu-img, qemu-io) as outside clients.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::util::*;
+
+/// A running `volume serve`, killed when dropped.
+struct Server {
+    child: Child,
+    socket: PathBuf,
+    name: String,
+}
+
+impl Server {
+    fn start(env: &Env, snap: &str, name: &str) -> Server {
+        let socket = env.path(&format!("{name}.sock"));
+        let child = env
+            .command(&[
+                "volume",
+                "serve",
+                snap,
+                "--socket",
+                s(&socket),
+                "--name",
+                name,
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut server = Server {
+            child,
+            socket,
+            name: name.to_string(),
+        };
+        let started = Instant::now();
+        while !server.socket.exists() {
+            if let Some(status) = server.child.try_wait().unwrap() {
+                panic!("volume serve exited early: {status}");
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "server never listened"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+
+    fn uri(&self) -> String {
+        self.uri_of(&self.name)
+    }
+
+    fn uri_of(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.socket.display())
+    }
+
+    /// Stops the server and returns what it logged.
+    fn stop(mut self) -> String {
+        self.child.kill().unwrap();
+        let out = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap())
+            .wait_with_output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn qemu_img(args: &[&str]) -> std::process::Output {
+    Command::new("qemu-img").args(args).output().unwrap()
+}
+
+fn qemu_ok(args: &[&str]) -> String {
+    let out = qemu_img(args);
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn have_qemu() -> bool {
+    if Command::new("qemu-img").arg("--version").output().is_ok() {
+        return true;
+    }
+    skip("qemu-img is not installed (apt-get install qemu-utils)");
+    false
+}
+
+#[test]
+fn qemu_reads_a_served_snapshot_byte_for_byte_without_a_restore() {
+    if !have_qemu() {
+        return;
+    }
+    let env = Env::new();
+    let v1 = &images().v1;
+    let snap = id(&env.snapshot(v1, &[]));
+    let server = Server::start(&env, &snap, "golden");
+
+    // Size and format, as qemu sees them.
+    let info: serde_json::Value =
+        serde_json::from_str(&qemu_ok(&["info", "--output=json", &server.uri()])).unwrap();
+    assert_eq!(info["virtual-size"], IMAGE_SIZE);
+
+    // The whole volume, equal to the image and to a restore.
+    let out = env.path("converted.img");
+    qemu_ok(&["convert", "-O", "raw", &server.uri(), s(&out)]);
+    assert_same(v1, &out);
+    let restored = env.path("restored.img");
+    env.ok(&["volume", "restore", &snap, s(&restored)]);
+    qemu_ok(&["compare", &server.uri(), s(&restored)]);
+
+    // Holes and zero blocks are reported as such (base:allocation): the
+    // map's data extents are exactly the snapshot's data blocks.
+    let map: serde_json::Value =
+        serde_json::from_str(&qemu_ok(&["map", "--output=json", &server.uri()])).unwrap();
+    let data_bytes: u64 = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| e["length"].as_u64().unwrap())
+        .sum();
+    let blocks = env.json(&["snapshot", "blocks", &snap]);
+    let bs = blocks["BlockSize"].as_u64().unwrap();
+    let data_blocks = blocks["Blocks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["State"] == "data")
+        .count() as u64;
+    assert!(data_bytes > 0 && data_bytes < IMAGE_SIZE, "{map}");
+    assert_eq!(data_bytes, data_blocks * bs);
+
+    // Read-only: a write is refused and changes nothing.
+    let write = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0xab 1M 64k", &server.uri()])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&write.stdout).to_string()
+        + &String::from_utf8_lossy(&write.stderr);
+    assert!(
+        !write.status.success() || said.contains("ermission") || said.contains("read-only"),
+        "a write went through: {said}"
+    );
+    qemu_ok(&["compare", &server.uri(), s(&restored)]);
+
+    // An unknown export is refused, and the server goes on serving.
+    let unknown = qemu_img(&["info", &server.uri_of("nope")]);
+    assert!(!unknown.status.success());
+    qemu_ok(&["info", &server.uri()]);
+
+    // While it serves, gc waits for it (it holds the region lock).
+    let gc = env
+        .command(&["store", "gc"])
+        .env("BLOCKSNAP_LOCK_WAIT", "0.5")
+        .output()
+        .unwrap();
+    assert_eq!(gc.status.code(), Some(5), "gc ran beside a served snapshot");
+    assert!(String::from_utf8_lossy(&gc.stderr).contains("locked"));
+    server.stop();
+    env.ok(&["store", "gc"]);
+}
+
+#[test]
+fn a_corrupt_chunk_is_an_io_error_for_that_read_and_the_server_goes_on() {
+    if !have_qemu() {
+        return;
+    }
+    let env = Env::new();
+    let vol = env.path("small.img");
+    let mut bytes = random_bytes(7, (4 * MIB) as usize);
+    bytes.extend(text_bytes(8, (4 * MIB) as usize));
+    std::fs::write(&vol, &bytes).unwrap();
+    let snap = id(&env.snapshot(&vol, &[]));
+    // Block 1 (random data, stored raw) gets a flipped byte.
+    let key = env.chunk_key(&snap, 1, "local");
+    let mut chunk = env.read_stored("local", &key);
+    let last = chunk.len() - 1;
+    chunk[last] ^= 0xff;
+    env.write_stored("local", &key, &chunk);
+    let server = Server::start(&env, &snap, "damaged");
+
+    let out = env.path("out.img");
+    let convert = qemu_img(&["convert", "-O", "raw", &server.uri(), s(&out)]);
+    assert!(
+        !convert.status.success(),
+        "a damaged snapshot read as whole"
+    );
+    // A sound block still reads, from a server that still serves.
+    let read = Command::new("qemu-io")
+        .args(["-r", "-f", "raw", "-c", "read 0 64k", &server.uri()])
+        .output()
+        .unwrap();
+    assert!(
+        read.status.success(),
+        "{}",
+        String::from_utf8_lossy(&read.stderr)
+    );
+    let log = server.stop();
+    assert!(
+        log.contains(&snap) && log.contains("volume offset"),
+        "{log}"
+    );
+    assert!(
+        log.contains(&key.rsplit('/').next().unwrap()[..12]),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_socket_left_by_a_killed_server_is_replaced_and_a_live_one_is_not() {
+    let env = Env::new();
+    let vol = env.path("tiny.img");
+    std::fs::write(&vol, random_bytes(3, MIB as usize)).unwrap();
+    let snap = id(&env.snapshot(&vol, &[]));
+    let server = Server::start(&env, &snap, "tiny");
+    let socket = server.socket.clone();
+    // A second server on the same live socket is refused.
+    let e = env.fails(&["volume", "serve", &snap, "--socket", s(&socket)], 5);
+    assert!(e.contains("a server answers there"), "{e}");
+    drop(server);
+    assert!(socket.exists(), "a killed server leaves its socket");
+    // The stale socket is replaced.
+    let again = Server::start_at(&env, &snap, &socket);
+    drop(again);
+    // A path that is no socket is never removed.
+    let file = env.path("not-a-socket");
+    std::fs::write(&file, b"keep").unwrap();
+    env.fails(&["volume", "serve", &snap, "--socket", s(&file)], 5);
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep");
+}
+
+impl Server {
+    /// A server on `socket`, which may be stale: waits until it answers.
+    fn start_at(env: &Env, snap: &str, socket: &Path) -> Server {
+        let child = env
+            .command(&["volume", "serve", snap, "--socket", s(socket)])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let server = Server {
+            child,
+            socket: socket.to_path_buf(),
+            name: snap.to_string(),
+        };
+        let started = Instant::now();
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "server never listened"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+}
+
+/// A raw client: what qemu never sends.
+mod raw {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    pub struct Client(pub UnixStream);
+
+    impl Client {
+        /// Connects and completes the handshake's greeting.
+        pub fn connect(socket: &std::path::Path) -> Client {
+            let mut s = UnixStream::connect(socket).unwrap();
+            s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+                .unwrap();
+            let mut hello = [0u8; 18];
+            s.read_exact(&mut hello).unwrap();
+            assert_eq!(&hello[..8], b"NBDMAGIC");
+            s.write_all(&3u32.to_be_bytes()).unwrap();
+            Client(s)
+        }
+
+        pub fn option(&mut self, option: u32, data: &[u8]) {
+            let mut m = 0x4948_4156_454f_5054u64.to_be_bytes().to_vec();
+            m.extend_from_slice(&option.to_be_bytes());
+            m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            m.extend_from_slice(data);
+            self.0.write_all(&m).unwrap();
+        }
+
+        /// One option reply: its type and data.
+        pub fn reply(&mut self) -> (u32, Vec<u8>) {
+            let mut h = [0u8; 20];
+            self.0.read_exact(&mut h).unwrap();
+            let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
+            let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+            let mut d = vec![0u8; len as usize];
+            self.0.read_exact(&mut d).unwrap();
+            (kind, d)
+        }
+
+        /// `NBD_OPT_GO` for `name`, through to its `ACK`.
+        pub fn go(&mut self, name: &str) {
+            let mut d = (name.len() as u32).to_be_bytes().to_vec();
+            d.extend_from_slice(name.as_bytes());
+            d.extend_from_slice(&0u16.to_be_bytes());
+            self.option(7, &d);
+            loop {
+                match self.reply() {
+                    (1, _) => return,
+                    (3, _) => continue,
+                    other => panic!("GO answered {other:?}"),
+                }
+            }
+        }
+
+        pub fn request(&mut self, kind: u16, offset: u64, length: u32, payload: &[u8]) {
+            let mut r = 0x2560_9513u32.to_be_bytes().to_vec();
+            r.extend_from_slice(&0u16.to_be_bytes());
+            r.extend_from_slice(&kind.to_be_bytes());
+            r.extend_from_slice(&7u64.to_be_bytes());
+            r.extend_from_slice(&offset.to_be_bytes());
+            r.extend_from_slice(&length.to_be_bytes());
+            r.extend_from_slice(payload);
+            self.0.write_all(&r).unwrap();
+        }
+
+        /// A simple reply's error, reading `data` bytes after a success.
+        pub fn simple(&mut self, data: usize) -> u32 {
+            let mut h = [0u8; 16];
+            self.0.read_exact(&mut h).unwrap();
+            assert_eq!(u32::from_be_bytes(h[..4].try_into().unwrap()), 0x6744_6698);
+            let error = u32::from_be_bytes(h[4..8].try_into().unwrap());
+            if error == 0 {
+                let mut d = vec![0u8; data];
+                self.0.read_exact(&mut d).unwrap();
+            }
+            error
+        }
+
+        /// Whether the server has closed the connection.
+        pub fn closed(&mut self) -> bool {
+            let mut b = [0u8; 1];
+            matches!(self.0.read(&mut b), Ok(0) | Err(_))
+        }
+    }
+}
+
+#[test]
+fn a_hostile_client_loses_its_own_connection_and_others_are_served() {
+    use raw::Client;
+    use std::io::Write;
+    let env = Env::new();
+    let vol = env.path("tiny.img");
+    std::fs::write(&vol, random_bytes(5, MIB as usize)).unwrap();
+    let snap = id(&env.snapshot(&vol, &[]));
+    let server = Server::start(&env, &snap, "tiny");
+
+    // Malformed options get an error reply and the negotiation goes on.
+    let mut c = Client::connect(&server.socket);
+    c.option(7, &[0, 0]);
+    assert_eq!(c.reply().0, (1 << 31) | 3, "a truncated GO is invalid");
+    c.option(7, &[0, 0, 0, 4, b'n', b'o', b'p', b'e', 0, 0]);
+    assert_eq!(c.reply().0, (1 << 31) | 6, "an unknown export");
+    c.option(200, &[]);
+    assert_eq!(c.reply().0, (1 << 31) | 1, "an unknown option");
+    c.go("tiny");
+    // Requests past the end, too large, unknown, or writes: errors, and
+    // the connection stays usable.
+    c.request(0, MIB - 10, 20, &[]);
+    assert_eq!(c.simple(20), 22, "a read past the end");
+    c.request(0, 0, 64 << 20, &[]);
+    assert_eq!(c.simple(0), 75, "a read over 32 MiB");
+    c.request(99, 0, 1, &[]);
+    assert_eq!(c.simple(0), 22, "an unknown command");
+    c.request(1, 0, 4, b"evil");
+    assert_eq!(c.simple(0), 1, "a write to a read-only export");
+    c.request(0, 4096, 4096, &[]);
+    assert_eq!(c.simple(4096), 0, "a good read after all that");
+    // Garbage ends this connection only.
+    c.0.write_all(&[0xde; 28]).unwrap();
+    assert!(c.closed());
+
+    // An absurd option length, and a client gone mid-request.
+    let mut c = Client::connect(&server.socket);
+    c.0.write_all(&0x4948_4156_454f_5054u64.to_be_bytes())
+        .unwrap();
+    c.0.write_all(&7u32.to_be_bytes()).unwrap();
+    c.0.write_all(&u32::MAX.to_be_bytes()).unwrap();
+    assert!(c.closed());
+    let mut c = Client::connect(&server.socket);
+    c.go("");
+    c.0.write_all(&[0x25, 0x60]).unwrap();
+    drop(c);
+
+    // Two connections at once, each reading in turn.
+    let (mut a, mut b) = (Client::connect(&server.socket), Client::connect(&server.socket));
+    a.go("tiny");
+    b.go("tiny");
+    b.request(0, 0, 65536, &[]);
+    a.request(0, 65536, 65536, &[]);
+    assert_eq!(a.simple(65536), 0);
+    assert_eq!(b.simple(65536), 0);
+
+    // Meanwhile everyone else is served.
+    let out = env.path("out.img");
+    qemu_ok(&["convert", "-O", "raw", &server.uri(), s(&out)]);
+    assert_same(&vol, &out);
+}
