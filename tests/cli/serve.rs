@@ -402,7 +402,10 @@ fn a_hostile_client_loses_its_own_connection_and_others_are_served() {
     drop(c);
 
     // Two connections at once, each reading in turn.
-    let (mut a, mut b) = (Client::connect(&server.socket), Client::connect(&server.socket));
+    let (mut a, mut b) = (
+        Client::connect(&server.socket),
+        Client::connect(&server.socket),
+    );
     a.go("tiny");
     b.go("tiny");
     b.request(0, 0, 65536, &[]);
@@ -413,5 +416,43 @@ fn a_hostile_client_loses_its_own_connection_and_others_are_served() {
     // Meanwhile everyone else is served.
     let out = env.path("out.img");
     qemu_ok(&["convert", "-O", "raw", &server.uri(), s(&out)]);
+    assert_same(&vol, &out);
+}
+
+#[test]
+fn a_tcp_export_says_where_it_listens() {
+    use std::io::BufRead;
+    if !have_qemu() {
+        return;
+    }
+    let env = Env::new();
+    let vol = env.path("tcp.img");
+    std::fs::write(&vol, random_bytes(9, MIB as usize)).unwrap();
+    let snap = id(&env.snapshot(&vol, &[]));
+    // Port 0: the kernel picks a free one, and the server names it.
+    let mut child = env
+        .command(&["volume", "serve", &snap, "--listen", "127.0.0.1:0"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stderr.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let uri = line
+        .split_whitespace()
+        .find(|w| w.starts_with("nbd://"))
+        .unwrap_or_else(|| panic!("no nbd:// URI in {line:?}"))
+        .to_string();
+    assert!(uri.ends_with(&format!("/{snap}")), "{uri}");
+    let out = env.path("out.img");
+    let convert = qemu_img(&["convert", "-O", "raw", &uri, s(&out)]);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        convert.status.success(),
+        "{}",
+        String::from_utf8_lossy(&convert.stderr)
+    );
     assert_same(&vol, &out);
 }
