@@ -18,7 +18,7 @@
 //! ```text
 //! cli (the binary)      parse, dispatch, print; exit codes
 //!   image/              AMIs and instances, built out of snapshot operations
-//!   lazy/               snapshots used in place: a reader, the NBD server
+//!   lazy/               snapshots used in place: a reader, NBD and FUSE
 //!   ops/                operations on a region's snapshots, one file each
 //!   region/             a region over a backend (local, s3/): catalog, images, permissions
 //!   store/  volume/     chunks (trait, local, chains, pools) | the disk being read or written
@@ -36,7 +36,8 @@
 //!   definitions, the S3 backend, image and permission files.
 //! - [`ops`]: snapshot, restore, volume verify, gc, store verify, access.
 //! - [`lazy`]: a snapshot read in place (only the chunks a read touches,
-//!   a bounded cache), served over NBD (`volume serve`).
+//!   a bounded cache), served over NBD (`volume serve`) or as a FUSE file
+//!   (`volume mount`).
 //! - [`image`]: image rules, register/deregister, create, instances, copy.
 //! - Foundation: [`error`], [`id`], [`progress`], [`settings`] (the tuning
 //!   values the binary parses once), `sys` (the only `unsafe`).

@@ -163,16 +163,30 @@ pub fn default_sigpipe() {
     }
 }
 
+fn c_path(p: &std::path::Path) -> io::Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| io::Error::other("path holds a NUL"))
+}
+
+/// `umount2(path, 0)`: unmounts the file system mounted at `path` (root
+/// only; others use `fusermount3 -u`).
+pub fn unmount(path: &std::path::Path) -> io::Result<()> {
+    let p = c_path(path)?;
+    // SAFETY: `p` is a NUL-terminated string that lives across the call.
+    let rc = unsafe { libc::umount2(p.as_ptr(), 0) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// `renameat2(from, to, RENAME_NOREPLACE)`: renames unless `to` exists,
 /// failing with `AlreadyExists` then. A file systems without the flag gets
 /// `link` + `unlink`, which never replaces either.
 pub fn rename_noreplace(from: &std::path::Path, to: &std::path::Path) -> io::Result<()> {
-    use std::ffi::CString;
-    use std::os::unix::ffi::OsStrExt;
-    let c = |p: &std::path::Path| {
-        CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::other("path holds a NUL"))
-    };
-    let (f, t) = (c(from)?, c(to)?);
+    let (f, t) = (c_path(from)?, c_path(to)?);
     // SAFETY: both pointers are NUL-terminated strings that live across the call.
     let rc = unsafe {
         libc::renameat2(

@@ -130,6 +130,8 @@ pub fn run(cli: Cli) -> Result<u8> {
             root.display()
         )
     })?;
+    // Shared with the threads of a served or mounted volume.
+    let region = std::sync::Arc::new(region);
     // Leaving out --account acts as the region's default owner.
     let caller = region.caller(account.as_ref());
     match command {

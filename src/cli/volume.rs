@@ -2,12 +2,14 @@
 //! against a snapshot, serve a snapshot over NBD.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Result;
 use clap::Subcommand;
 
 use blocksnap::AccountId;
 use blocksnap::Region;
+use blocksnap::lazy::fuse::{self, MountOptions};
 use blocksnap::lazy::nbd::{self, Listen, ServeLog, ServeOptions};
 use blocksnap::ops::restore::{self, RestoreOptions};
 use blocksnap::ops::verify::verify_volume;
@@ -52,6 +54,21 @@ pub enum VolumeCmd {
         #[arg(long, value_name = "BYTES", default_value = "64M")]
         cache: String,
     },
+    /// Mount a snapshot as one read-only file, DIR/volume.img, read in place
+    ///
+    /// Runs until unmounted (`blocksnap volume unmount DIR`). Then
+    /// `losetup -r -f --show DIR/volume.img` and `mount -o ro` browse its
+    /// files; `cp --sparse=always` and `qemu-img` skip its holes.
+    Mount {
+        snapshot: String,
+        /// An existing, empty directory
+        dir: PathBuf,
+        /// Memory for decoded blocks (e.g. 64M)
+        #[arg(long, value_name = "BYTES", default_value = "64M")]
+        cache: String,
+    },
+    /// End a `volume mount`
+    Unmount { dir: PathBuf },
     /// Restore a snapshot into a new file, over a file, or onto a block device [CreateVolume]
     ///
     /// A new file target is written under a temporary name and renamed
@@ -82,7 +99,7 @@ pub enum VolumeCmd {
     },
 }
 
-pub fn run(region: &Region, out: &Out, caller: &AccountId, cmd: VolumeCmd) -> Result<u8> {
+pub fn run(region: &Arc<Region>, out: &Out, caller: &AccountId, cmd: VolumeCmd) -> Result<u8> {
     match cmd {
         VolumeCmd::Verify {
             snapshot,
@@ -104,17 +121,33 @@ pub fn run(region: &Region, out: &Out, caller: &AccountId, cmd: VolumeCmd) -> Re
             cache,
         } => {
             let id = parse_snapshot(&snapshot)?;
-            let cache = parse_size(&cache, "--cache")?;
             let opts = ServeOptions {
                 listen: match socket {
                     Some(path) => Listen::Unix(path),
                     None => Listen::Tcp(listen),
                 },
                 name: name.unwrap_or_else(|| id.to_string()),
-                cache: usize::try_from(cache).unwrap_or(usize::MAX),
+                cache: cache_size(&cache)?,
                 caller: Some(caller.clone()),
             };
             nbd::serve(region, &id, &opts, &StderrLog)?;
+            Ok(0)
+        }
+        VolumeCmd::Mount {
+            snapshot,
+            dir,
+            cache,
+        } => {
+            let id = parse_snapshot(&snapshot)?;
+            let opts = MountOptions {
+                cache: cache_size(&cache)?,
+                caller: Some(caller.clone()),
+            };
+            fuse::mount(region, &id, &dir, &opts, &StderrLog)?;
+            Ok(0)
+        }
+        VolumeCmd::Unmount { dir } => {
+            fuse::unmount(&dir)?;
             Ok(0)
         }
         VolumeCmd::Restore {
@@ -147,13 +180,19 @@ pub fn run(region: &Region, out: &Out, caller: &AccountId, cmd: VolumeCmd) -> Re
     }
 }
 
+/// `--cache`: bytes of decoded blocks.
+fn cache_size(s: &str) -> Result<usize> {
+    let n = parse_size(s, "--cache")?;
+    Ok(usize::try_from(n).unwrap_or(usize::MAX))
+}
+
 /// The server's lines, on stderr: where it listens, then one line per
 /// failed read or broken connection.
 struct StderrLog;
 
 impl ServeLog for StderrLog {
     fn listening(&self, uri: &str) {
-        eprintln!("blocksnap: serving {uri} (read-only); interrupt to stop");
+        eprintln!("blocksnap: serving {uri} (read-only)");
     }
 
     fn line(&self, line: String) {

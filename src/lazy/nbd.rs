@@ -12,6 +12,7 @@ use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::TcpListener;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use crate::error::{Error, IoContext, Result};
 use crate::format::nbd::*;
@@ -69,7 +70,7 @@ pub trait ServeLog: Sync {
 /// Serves snapshot `id` until the process ends. Holds the region lock
 /// shared meanwhile, so `store gc` cannot reclaim a chunk it reads.
 pub fn serve(
-    region: &Region,
+    region: &Arc<Region>,
     id: &SnapshotId,
     opts: &ServeOptions,
     log: &dyn ServeLog,
@@ -83,7 +84,7 @@ pub fn serve(
         )));
     }
     let _lock = region.lock(LockMode::Shared, "volume serve")?;
-    let volume = LazyVolume::open(region, id, opts.cache)?;
+    let volume = LazyVolume::open(region.clone(), id, opts.cache)?;
     let export = Export {
         volume: &volume,
         name: &opts.name,
@@ -152,7 +153,7 @@ fn bind_unix(path: &PathBuf) -> Result<UnixListener> {
 }
 
 struct Export<'a> {
-    volume: &'a LazyVolume<'a>,
+    volume: &'a LazyVolume,
     name: &'a str,
     log: &'a dyn ServeLog,
 }

@@ -37,8 +37,8 @@ impl std::fmt::Display for ReadFailure {
 }
 
 /// A snapshot of a region, readable at any offset.
-pub struct LazyVolume<'a> {
-    region: &'a Region,
+pub struct LazyVolume {
+    region: Arc<Region>,
     manifest: Manifest,
     cache: Mutex<Cache>,
 }
@@ -87,9 +87,9 @@ impl Cache {
     }
 }
 
-impl<'a> LazyVolume<'a> {
+impl LazyVolume {
     /// Snapshot `id` of `region`, with `cache` bytes of decoded blocks.
-    pub fn open(region: &'a Region, id: &SnapshotId, cache: usize) -> Result<LazyVolume<'a>> {
+    pub fn open(region: Arc<Region>, id: &SnapshotId, cache: usize) -> Result<LazyVolume> {
         Ok(LazyVolume {
             manifest: region.read_snapshot(id)?,
             region,
@@ -146,6 +146,27 @@ impl<'a> LazyVolume<'a> {
             done += n;
         }
         Ok(())
+    }
+
+    /// The first offset at or after `offset` inside a data block (what
+    /// `SEEK_DATA` answers); `None` when only holes and zeros follow.
+    pub fn next_data(&self, offset: u64) -> Option<u64> {
+        self.next(offset, true)
+    }
+
+    /// The first offset at or after `offset` inside a hole or zero block,
+    /// or the end of the volume (what `SEEK_HOLE` answers).
+    pub fn next_hole(&self, offset: u64) -> u64 {
+        self.next(offset, false).unwrap_or(self.size())
+    }
+
+    fn next(&self, offset: u64, data: bool) -> Option<u64> {
+        let bs = self.block_size();
+        let first = offset / bs;
+        let found = self.manifest.blocks[first.min(self.manifest.blocks.len() as u64) as usize..]
+            .iter()
+            .position(|b| matches!(b, Block::Data(_)) == data)?;
+        Some((first + found as u64) * bs).map(|at| at.max(offset))
     }
 
     /// The runs of `[offset, offset + len)`, clipped to the volume: each a

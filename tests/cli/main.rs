@@ -13,6 +13,7 @@ mod util;
 mod basics; // snapshot, incremental, restore, verify, gc on each backend
 mod images; // images and instances: create, register, share, copy, launch
 mod misuse; // hostile and careless use: wrong order, races, bad input
+mod mount; // volume mount: a FUSE file read by cmp, cp, e2fsck, loop and ext4
 mod s3; // regions on an S3 server: locks, gc beside writers, requests
 mod serve; // volume serve: NBD exports read by qemu-img and qemu-io
 mod trust; // damage found and refused; healing; newer formats never damage

@@ -608,9 +608,16 @@ fn a_server_killed_mid_snapshot_leaves_no_snapshot() {
     );
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
 
-    // Back up: no snapshot is visible, the store verifies, a rerun works.
+    // Back up: no snapshot is visible, the store verifies, a rerun works
+    // (with the usual patience again: verify reads every chunk).
     let restarted = s3_script("restart", &server.dir);
     assert!(restarted.status.success(), "{restarted:?}");
+    let with_server = |args: &[&str]| {
+        let mut c = with_server(args);
+        c.env("BLOCKSNAP_S3_TIMEOUT", "60")
+            .env("BLOCKSNAP_S3_RETRIES", "6");
+        c
+    };
     let list = with_server(&["snapshot", "list", "--json"])
         .output()
         .unwrap();
@@ -624,6 +631,7 @@ fn a_server_killed_mid_snapshot_leaves_no_snapshot() {
     let verify = with_server(&["store", "verify", "--json"])
         .output()
         .unwrap();
+    assert!(verify.status.success(), "{verify:?}");
     let verify: Value = serde_json::from_slice(&verify.stdout).unwrap();
     assert_eq!(verify["Clean"], true, "{verify}");
     assert!(verify["OrphanChunks"].as_u64().unwrap() >= 8);
