@@ -86,6 +86,22 @@ pub struct ImageCreateOptions {
 }
 
 impl ImageCreateOptions {
+    /// Options for an image called `name` owned by `owner`, with every
+    /// other choice left to its default.
+    pub fn new(name: &str, owner: AccountId) -> ImageCreateOptions {
+        ImageCreateOptions {
+            name: name.into(),
+            description: String::new(),
+            architecture: None,
+            root_device: None,
+            tags: Vec::new(),
+            volume_sizes: HashMap::new(),
+            keep_on_termination: Vec::new(),
+            owner,
+            threads: 0,
+        }
+    }
+
     /// The size of `dev`'s volume: as given, or the GiB that hold `bytes`.
     fn volume_gib(&self, dev: &DeviceName, bytes: u64) -> u64 {
         self.volume_sizes

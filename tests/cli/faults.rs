@@ -480,17 +480,7 @@ fn every_failed_manifest_or_image_commit_leaves_no_trace_and_a_retry_works() {
         device: dev.parse().unwrap(),
         source: MapSource::Volume(v.to_path_buf()),
     });
-    let opts = |name: &str| ImageCreateOptions {
-        name: name.into(),
-        description: String::new(),
-        architecture: None,
-        root_device: None,
-        tags: Vec::new(),
-        volume_sizes: Default::default(),
-        keep_on_termination: Vec::new(),
-        owner: owner.clone(),
-        threads: 2,
-    };
+    let opts = |name: &str| ImageCreateOptions::new(name, owner.clone());
     let mut failed = 0;
     for fail_at in 1.. {
         let region = open_faulty(&store_root, fail_at);

@@ -155,11 +155,7 @@ fn a_corrupt_chunk_is_an_io_error_never_wrong_bytes() {
     bytes.extend(random_bytes(12, (2 * MIB) as usize));
     fs::write(&vol, &bytes).unwrap();
     let snap = id(&env.snapshot(&vol, &[]));
-    let key = env.chunk_key(&snap, 1, "local");
-    let mut chunk = env.read_stored("local", &key);
-    let last = chunk.len() - 1;
-    chunk[last] ^= 0xff;
-    env.write_stored("local", &key, &chunk);
+    env.damage_chunk(&snap, 1);
     let Some(m) = Mounted::start(&env, &snap) else {
         return;
     };

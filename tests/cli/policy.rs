@@ -64,17 +64,7 @@ fn a_library_caller_meets_the_same_permission_and_in_use_rules() {
         device: "/dev/xvda".parse().unwrap(),
         source: MapSource::Volume(vol.clone()),
     }];
-    let opts = ImageCreateOptions {
-        name: "golden".into(),
-        description: String::new(),
-        architecture: None,
-        root_device: None,
-        tags: Vec::new(),
-        volume_sizes: Default::default(),
-        keep_on_termination: Vec::new(),
-        owner: owner.clone(),
-        threads: 1,
-    };
+    let opts = ImageCreateOptions::new("golden", owner.clone());
     let made = create_from_volumes(&region, &maps, &opts, &NoProgress).unwrap();
     let backing = &made.snapshots[0].snapshot.id;
     let e = access::delete(&region, backing, &owner).unwrap_err();

@@ -185,11 +185,7 @@ fn a_corrupt_chunk_is_an_io_error_for_that_read_and_the_server_goes_on() {
     std::fs::write(&vol, &bytes).unwrap();
     let snap = id(&env.snapshot(&vol, &[]));
     // Block 1 (random data, stored raw) gets a flipped byte.
-    let key = env.chunk_key(&snap, 1, "local");
-    let mut chunk = env.read_stored("local", &key);
-    let last = chunk.len() - 1;
-    chunk[last] ^= 0xff;
-    env.write_stored("local", &key, &chunk);
+    let key = env.damage_chunk(&snap, 1);
     let server = Server::start(&env, &snap, "damaged");
 
     let out = env.path("out.img");

@@ -297,6 +297,17 @@ impl Env {
         format!("chunks/{}/{digest}", &digest[..4])
     }
 
+    /// Flips the last byte of the chunk holding block `index` of `snap` in
+    /// region `local`; returns its key.
+    pub fn damage_chunk(&self, snap: &str, index: usize) -> String {
+        let key = self.chunk_key(snap, index, "local");
+        let mut chunk = self.read_stored("local", &key);
+        let last = chunk.len() - 1;
+        chunk[last] ^= 0xff;
+        self.write_stored("local", &key, &chunk);
+        key
+    }
+
     /// Creates a snapshot and returns its JSON.
     pub fn snapshot(&self, volume: &Path, extra: &[&str]) -> Value {
         let mut args = vec!["snapshot", "create", volume.to_str().unwrap()];
