@@ -452,3 +452,60 @@ fn a_tcp_export_says_where_it_listens() {
     );
     assert_same(&vol, &out);
 }
+
+/// libnbd's tools, another outside client: `nbdinfo --list` and `--map`
+/// (the allocation map), and `nbdcopy`, which reads over several
+/// connections at once where the export allows it.
+#[test]
+fn libnbd_lists_maps_and_copies_the_export_over_several_connections() {
+    if Command::new("nbdinfo").arg("--version").output().is_err() {
+        skip("nbdinfo is not installed (apt-get install libnbd-bin)");
+        return;
+    }
+    let env = Env::new();
+    let v1 = &images().v1;
+    let snap = id(&env.snapshot(v1, &[]));
+    let server = Server::start(&env, &snap, "golden");
+    let run = |cmd: &str, args: &[&str]| {
+        let out = Command::new(cmd).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let list = run("nbdinfo", &["--list", &server.uri()]);
+    assert!(list.contains("golden"), "{list}");
+    assert!(list.contains("can_multi_conn: true"), "{list}");
+    // `--map`: "offset length type description"; type 0 is data.
+    let map = run("nbdinfo", &["--map", &server.uri()]);
+    let mut data = 0u64;
+    let mut covered = 0u64;
+    for line in map.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (len, kind): (u64, u32) = (f[1].parse().unwrap(), f[2].parse().unwrap());
+        covered += len;
+        if kind == 0 {
+            data += len;
+        } else {
+            assert_eq!(kind, 3, "a hole that does not read as zeros: {line}");
+        }
+    }
+    assert_eq!(covered, IMAGE_SIZE);
+    let blocks = env.json(&["snapshot", "blocks", &snap]);
+    let bs = blocks["BlockSize"].as_u64().unwrap();
+    let data_blocks = blocks["Blocks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["State"] == "data")
+        .count() as u64;
+    assert_eq!(data, data_blocks * bs);
+    let out = env.path("copied.img");
+    run(
+        "nbdcopy",
+        &["--connections=4", "--requests=16", &server.uri(), s(&out)],
+    );
+    assert_same(v1, &out);
+}
