@@ -28,8 +28,8 @@ pub enum VolumeCmd {
         #[arg(long, default_value_t = 0)]
         threads: usize,
     },
-    /// Serve a snapshot as a read-only NBD export, read in place: only the
-    /// chunks a client reads are fetched
+    /// Serve a snapshot as an NBD export, read in place: only the chunks a
+    /// client reads are fetched. Read-only unless --writable --overlay FILE
     ///
     /// Runs until interrupted. Clients: `qemu-img info nbd://127.0.0.1:10809/NAME`,
     /// `nbd+unix:///NAME?socket=PATH`, `nbdinfo`, `nbdcopy`. Holes and zero
@@ -53,6 +53,13 @@ pub enum VolumeCmd {
         /// Memory for decoded blocks (e.g. 64M)
         #[arg(long, value_name = "BYTES", default_value = "64M")]
         cache: String,
+        /// Accept writes, into --overlay
+        #[arg(long, requires = "overlay")]
+        writable: bool,
+        /// The overlay file that holds what was written (created on first
+        /// use, continued after a restart), with its dirty map FILE.dirty
+        #[arg(long, value_name = "FILE", requires = "writable")]
+        overlay: Option<PathBuf>,
     },
     /// Mount a snapshot as one read-only file, DIR/volume.img, read in place
     ///
@@ -119,6 +126,8 @@ pub fn run(region: &Arc<Region>, out: &Out, caller: &AccountId, cmd: VolumeCmd) 
             socket,
             name,
             cache,
+            writable: _,
+            overlay,
         } => {
             let id = parse_snapshot(&snapshot)?;
             let opts = ServeOptions {
@@ -129,6 +138,7 @@ pub fn run(region: &Arc<Region>, out: &Out, caller: &AccountId, cmd: VolumeCmd) 
                 name: name.unwrap_or_else(|| id.to_string()),
                 cache: cache_size(&cache)?,
                 caller: Some(caller.clone()),
+                overlay,
             };
             nbd::serve(region, &id, &opts, &StderrLog)?;
             Ok(0)
@@ -192,7 +202,7 @@ struct StderrLog;
 
 impl ServeLog for StderrLog {
     fn listening(&self, uri: &str) {
-        eprintln!("blocksnap: serving {uri} (read-only)");
+        eprintln!("blocksnap: serving {uri}");
     }
 
     fn line(&self, line: String) {

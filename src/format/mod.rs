@@ -13,6 +13,7 @@
 //! | `store.json` (a region's root)           | `blocksnap-region`                      | 1       | [`region`]     |
 //! | `regions.json` (the store's root)        | `blocksnap-regions`                     | 1       | [`regions`]    |
 //! | `instance.json` (an instance directory)  | `blocksnap-instance` (absent: 1)        | 1       | [`instance`]   |
+//! | `FILE.dirty` (beside a writable overlay) | `BSDM`                                  | 1       | [`dirty_map`]  |
 //!
 //! # The rule: never modify, only add
 //!
@@ -29,6 +30,7 @@
 use crate::error::{Error, Location, Result};
 
 pub mod chunk;
+pub mod dirty_map;
 pub mod envelope;
 pub mod image;
 pub mod instance;

@@ -1,4 +1,5 @@
-//! `volume serve`: a snapshot as a read-only NBD export, read in place.
+//! `volume serve`: a snapshot as an NBD export, read in place; read-only,
+//! or writable through an overlay and its dirty map.
 //!
 //! The fixed newstyle handshake with `NBD_OPT_GO`, `INFO`, `LIST`,
 //! `EXPORT_NAME`, `ABORT`, structured replies and the `base:allocation`
@@ -17,6 +18,7 @@ use std::sync::Arc;
 use crate::error::{Error, IoContext, Result};
 use crate::format::nbd::*;
 use crate::id::{AccountId, SnapshotId};
+use crate::lazy::overlay::Overlay;
 use crate::lazy::reader::{DEFAULT_CACHE, LazyVolume};
 use crate::ops::access::readable;
 use crate::region::catalog::Region;
@@ -47,6 +49,9 @@ pub struct ServeOptions {
     /// Who serves: the snapshot must be theirs, shared with them, or public.
     /// `None`: the region's owner.
     pub caller: Option<AccountId>,
+    /// Writable: writes go to this overlay file (and its dirty map,
+    /// `FILE.dirty`); `None`: read-only.
+    pub overlay: Option<PathBuf>,
 }
 
 impl Default for ServeOptions {
@@ -56,6 +61,7 @@ impl Default for ServeOptions {
             name: String::new(),
             cache: DEFAULT_CACHE,
             caller: None,
+            overlay: None,
         }
     }
 }
@@ -85,8 +91,13 @@ pub fn serve(
     }
     let _lock = region.lock(LockMode::Shared, "volume serve")?;
     let volume = LazyVolume::open(region.clone(), id, opts.cache)?;
+    let overlay = match &opts.overlay {
+        Some(path) => Some(Overlay::open(path, &volume)?),
+        None => None,
+    };
     let export = Export {
         volume: &volume,
+        overlay: overlay.as_ref(),
         name: &opts.name,
         log,
     };
@@ -154,6 +165,7 @@ fn bind_unix(path: &PathBuf) -> Result<UnixListener> {
 
 struct Export<'a> {
     volume: &'a LazyVolume,
+    overlay: Option<&'a Overlay>,
     name: &'a str,
     log: &'a dyn ServeLog,
 }
@@ -210,7 +222,7 @@ impl Export<'_> {
                         return Err(bad("an unknown export name"));
                     }
                     c.w.write_all(&self.volume.size().to_be_bytes())?;
-                    c.w.write_all(&flags().to_be_bytes())?;
+                    c.w.write_all(&self.flags().to_be_bytes())?;
                     if !no_zeroes {
                         c.w.write_all(&[0u8; 124])?;
                     }
@@ -245,6 +257,53 @@ impl Export<'_> {
         }
     }
 
+    /// Transmission flags: read-only or writable (through one shared
+    /// overlay, so a flush on any connection covers all: safe over several
+    /// connections either way).
+    fn flags(&self) -> u16 {
+        let base = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_CAN_MULTI_CONN;
+        match self.overlay {
+            None => base | FLAG_READ_ONLY,
+            Some(_) => base | FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES,
+        }
+    }
+
+    /// 0 for success, or `EIO` with one logged line.
+    fn done(&self, r: Result<()>) -> u32 {
+        match r {
+            Ok(()) => 0,
+            Err(e) => {
+                self.log.line(format!("write failed: {e}"));
+                EIO
+            }
+        }
+    }
+
+    /// Data and hole runs: written granules are data, the rest as the
+    /// snapshot has them.
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool)>> {
+        let Some(o) = self.overlay else {
+            return Ok(self.volume.extents(offset, len));
+        };
+        let mut runs: Vec<(u64, bool)> = Vec::new();
+        let mut at = offset;
+        for (n, dirty) in o.runs(offset, len)? {
+            let parts = if dirty {
+                vec![(n, true)]
+            } else {
+                self.volume.extents(at, n)
+            };
+            for (m, data) in parts {
+                match runs.last_mut() {
+                    Some((l, d)) if *d == data => *l += m,
+                    _ => runs.push((m, data)),
+                }
+            }
+            at += n;
+        }
+        Ok(runs)
+    }
+
     fn is_ours(&self, name: &str) -> bool {
         name == self.name || name.is_empty()
     }
@@ -269,7 +328,7 @@ impl Export<'_> {
         }
         let mut export = INFO_EXPORT.to_be_bytes().to_vec();
         export.extend_from_slice(&self.volume.size().to_be_bytes());
-        export.extend_from_slice(&flags().to_be_bytes());
+        export.extend_from_slice(&self.flags().to_be_bytes());
         c.reply(option, REP_INFO, &export)?;
         let preferred = self.volume.meta().block_size.min(MAX_IO);
         let mut sizes = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
@@ -338,27 +397,58 @@ impl Export<'_> {
             match req.kind {
                 CMD_DISC => return Ok(()),
                 CMD_WRITE => {
-                    // The payload follows the request: read it past, or
-                    // give up on a client that would send more than any
-                    // write may hold.
+                    // The payload follows the request: read it, or give up
+                    // on a client that would send more than any write may
+                    // hold.
                     if req.length > MAX_IO {
                         return Err(bad("a write larger than 32 MiB"));
                     }
-                    io::copy(&mut (&mut c.r).take(req.length as u64), &mut io::sink())?;
-                    c.error(session, req.cookie, EPERM)?;
+                    buf.resize(req.length as usize, 0);
+                    c.r.read_exact(&mut buf)?;
+                    let error = match self.overlay {
+                        None => EPERM,
+                        Some(_) if !in_bounds => EINVAL,
+                        Some(o) => self.done(o.write_at(
+                            self.volume,
+                            req.offset,
+                            Some(&buf),
+                            req.length as u64,
+                        )),
+                    };
+                    c.status(session, req.cookie, error)?;
                 }
-                CMD_TRIM | CMD_WRITE_ZEROES => c.error(session, req.cookie, EPERM)?,
-                CMD_FLUSH | CMD_CACHE => c.ok(req.cookie)?,
+                CMD_TRIM | CMD_WRITE_ZEROES => {
+                    let error = match self.overlay {
+                        None => EPERM,
+                        Some(_) if !in_bounds => EINVAL,
+                        Some(_) if req.length == 0 => 0,
+                        Some(o) => {
+                            self.done(o.write_at(self.volume, req.offset, None, req.length as u64))
+                        }
+                    };
+                    c.status(session, req.cookie, error)?;
+                }
+                CMD_FLUSH => {
+                    let error = self.overlay.map_or(0, |o| self.done(o.flush()));
+                    c.status(session, req.cookie, error)?;
+                }
+                CMD_CACHE => c.ok(req.cookie)?,
                 CMD_READ if req.length > MAX_IO => c.error(session, req.cookie, EOVERFLOW)?,
                 CMD_READ if !in_bounds => c.error(session, req.cookie, EINVAL)?,
                 CMD_READ => {
                     buf.resize(req.length as usize, 0);
-                    match self.volume.read_at(req.offset, &mut buf) {
+                    let read = match self.overlay {
+                        None => self.volume.read_at(req.offset, &mut buf).map_err(|f| {
+                            self.log.line(format!("read failed: {f}"));
+                        }),
+                        Some(o) => o.read_at(self.volume, req.offset, &mut buf).map_err(|e| {
+                            self.log
+                                .line(format!("read failed at offset {}: {e}", req.offset));
+                        }),
+                    };
+                    match read {
                         Ok(()) => c.data(session, req.cookie, req.offset, &buf)?,
-                        Err(failure) => {
-                            self.log.line(format!("read failed: {failure}"));
-                            c.error(session, req.cookie, EIO)?;
-                        }
+                        Err(()) => c.error(session, req.cookie, EIO)?,
                     }
                 }
                 CMD_BLOCK_STATUS if !session.allocation => c.error(session, req.cookie, EINVAL)?,
@@ -366,7 +456,10 @@ impl Export<'_> {
                     c.error(session, req.cookie, EINVAL)?
                 }
                 CMD_BLOCK_STATUS => {
-                    let mut runs = self.volume.extents(req.offset, req.length as u64);
+                    let Ok(mut runs) = self.extents(req.offset, req.length as u64) else {
+                        c.error(session, req.cookie, EIO)?;
+                        continue;
+                    };
                     if req.flags & CMD_FLAG_REQ_ONE != 0 {
                         runs.truncate(1);
                     }
@@ -376,12 +469,6 @@ impl Export<'_> {
             }
         }
     }
-}
-
-/// Transmission flags of every export: read-only, and safe to read over
-/// several connections.
-fn flags() -> u16 {
-    FLAG_HAS_FLAGS | FLAG_READ_ONLY | FLAG_SEND_FLUSH | FLAG_CAN_MULTI_CONN
 }
 
 fn bad(what: &str) -> io::Error {
@@ -415,6 +502,15 @@ impl Conn {
             .write_all(&option_reply(option, kind, data.len() as u32))?;
         self.w.write_all(data)?;
         self.w.flush()
+    }
+
+    /// A reply with no data: success, or `error`.
+    fn status(&mut self, session: &Session, cookie: u64, error: u32) -> io::Result<()> {
+        if error == 0 {
+            self.ok(cookie)
+        } else {
+            self.error(session, cookie, error)
+        }
     }
 
     fn ok(&mut self, cookie: u64) -> io::Result<()> {

@@ -1,0 +1,127 @@
+//! The dirty map beside a writable overlay: which granules of a lazy
+//! volume have been written since it was created from its snapshot.
+//!
+//! ```text
+//! offset  size  field
+//! 0       4     magic "BSDM"                (frozen: do not modify)
+//! 4       4     format version = 1, u32 LE
+//! 8       4     granule size in bytes, u32 LE (a power of two, 4 KiB..1 MiB)
+//! 12      4     reserved, zero
+//! 16      8     volume size in bytes, u64 LE
+//! 24      32    the snapshot underneath: its id in ASCII, zero-padded
+//! 56      8     reserved, zero
+//! 64      32    BLAKE3 of bytes 0..64
+//! 96      ..    the bitmap: bit i (least significant first) of byte
+//!               i / 8 set = granule i has been written
+//! ```
+//!
+//! A set bit is never cleared while the overlay lives, so the map can
+//! over-report (a write that failed after its bit was set) but never
+//! under-report.
+
+use crate::error::{Error, Location, Result};
+use crate::format::check_version;
+use crate::id::SnapshotId;
+
+pub const DIRTY_MAGIC: &[u8; 4] = b"BSDM";
+pub const DIRTY_VERSION: u32 = 1;
+pub const HEADER_LEN: usize = 96;
+/// The granule a write is tracked in: the page size of file systems and
+/// the sector size of modern disks, so an aligned write never needs the
+/// snapshot's bytes around it.
+pub const DEFAULT_GRANULE: u32 = 4096;
+
+/// A dirty map's header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirtyHeader {
+    pub granule: u32,
+    pub volume_size: u64,
+    pub snapshot: SnapshotId,
+}
+
+impl DirtyHeader {
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[0..4].copy_from_slice(DIRTY_MAGIC);
+        b[4..8].copy_from_slice(&DIRTY_VERSION.to_le_bytes());
+        b[8..12].copy_from_slice(&self.granule.to_le_bytes());
+        b[16..24].copy_from_slice(&self.volume_size.to_le_bytes());
+        let id = self.snapshot.as_str().as_bytes();
+        b[24..24 + id.len()].copy_from_slice(id);
+        let sum = blake3::hash(&b[..64]);
+        b[64..96].copy_from_slice(sum.as_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8], at: &Location) -> Result<DirtyHeader> {
+        let corrupt = Error::corrupt_file("dirty map", at);
+        if b.len() < HEADER_LEN {
+            return Err(corrupt(format!(
+                "{} bytes is shorter than its header",
+                b.len()
+            )));
+        }
+        if &b[0..4] != DIRTY_MAGIC {
+            return Err(corrupt("it does not start with BSDM".into()));
+        }
+        let version = u32::from_le_bytes(b[4..8].try_into().expect("4 bytes"));
+        check_version("dirty map", at, version, DIRTY_VERSION)?;
+        if blake3::hash(&b[..64]).as_bytes() != &b[64..96] {
+            return Err(corrupt("its header checksum does not match".into()));
+        }
+        let granule = u32::from_le_bytes(b[8..12].try_into().expect("4 bytes"));
+        if !granule.is_power_of_two() || !(4096..=1 << 20).contains(&granule) {
+            return Err(corrupt(format!("granule of {granule} bytes")));
+        }
+        let volume_size = u64::from_le_bytes(b[16..24].try_into().expect("8 bytes"));
+        let id = &b[24..56];
+        let len = id.iter().position(|&c| c == 0).unwrap_or(id.len());
+        let snapshot = std::str::from_utf8(&id[..len])
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| corrupt("it names no valid snapshot".into()))?;
+        Ok(DirtyHeader {
+            granule,
+            volume_size,
+            snapshot,
+        })
+    }
+
+    /// Granules of the volume.
+    pub fn granules(&self) -> u64 {
+        self.volume_size.div_ceil(self.granule as u64)
+    }
+
+    /// Length of the whole file: header and bitmap.
+    pub fn file_len(&self) -> u64 {
+        HEADER_LEN as u64 + self.granules().div_ceil(8)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn headers_round_trip_and_damage_or_a_newer_version_is_named() {
+        let h = DirtyHeader {
+            granule: DEFAULT_GRANULE,
+            volume_size: (1 << 30) + 5,
+            snapshot: "snap-0123456789abcdef0".parse().unwrap(),
+        };
+        let at = Location::from(Path::new("x.dirty"));
+        let b = h.encode();
+        assert_eq!(DirtyHeader::decode(&b, &at).unwrap(), h);
+        assert_eq!(h.granules(), (1 << 18) + 1);
+        let mut bad = b;
+        bad[20] ^= 1;
+        let e = DirtyHeader::decode(&bad, &at).unwrap_err();
+        assert!(matches!(e, Error::CorruptFile { .. }), "{e}");
+        let mut newer = b;
+        newer[4] = 2;
+        let e = DirtyHeader::decode(&newer, &at).unwrap_err();
+        assert!(e.to_string().contains("newer blocksnap"), "{e}");
+        assert!(DirtyHeader::decode(&b[..50], &at).is_err());
+    }
+}
