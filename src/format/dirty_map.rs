@@ -124,4 +124,20 @@ mod tests {
         assert!(e.to_string().contains("newer blocksnap"), "{e}");
         assert!(DirtyHeader::decode(&b[..50], &at).is_err());
     }
+
+    #[test]
+    fn a_released_dirty_map_still_reads() {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/v1-all-formats/overlay.img.dirty");
+        let bytes = std::fs::read(&path).unwrap();
+        let h = DirtyHeader::decode(&bytes, &Location::from(path.as_path())).unwrap();
+        assert_eq!(h.snapshot.as_str(), "snap-7b3cecd6a20941ad5");
+        assert_eq!((h.granule, h.volume_size), (4096, 4 << 20));
+        assert_eq!(bytes.len() as u64, h.file_len());
+        let set: Vec<u64> = (0..h.granules())
+            .filter(|&i| bytes[HEADER_LEN + (i / 8) as usize] & (1 << (i % 8)) != 0)
+            .collect();
+        // Bytes 1000..4000 and 1 MiB..+64 KiB were written.
+        assert_eq!(set, [0].into_iter().chain(256..272).collect::<Vec<_>>());
+    }
 }
