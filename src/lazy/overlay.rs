@@ -55,7 +55,12 @@ impl Overlay {
             snapshot: volume.meta().id.clone(),
         };
         let map_len = map.metadata().ctx("stat", &map_path)?.len();
-        let header = if map_len == 0 {
+        let mut head = vec![0u8; HEADER_LEN.min(map_len as usize)];
+        map.read_exact_at(&mut head, 0)
+            .ctx("read dirty map", &map_path)?;
+        // No header yet: new, or a creation cut short before its header
+        // was written (so before any write was acknowledged).
+        let header = if head.iter().all(|&b| b == 0) {
             // New: size both files, then the header last (its presence
             // says the pair is complete).
             data.set_len(want.volume_size).ctx("size overlay", path)?;
