@@ -17,27 +17,35 @@ struct Server {
 impl Server {
     fn start(env: &Env, snap: &str, name: &str) -> Server {
         let socket = env.path(&format!("{name}.sock"));
+        Server::launch(env, snap, &socket, name, &[])
+    }
+
+    /// `volume serve SNAP --socket SOCKET --name NAME EXTRA…`, once it
+    /// answers on its socket (which may be stale beforehand).
+    fn launch(env: &Env, snap: &str, socket: &Path, name: &str, extra: &[&str]) -> Server {
+        let mut args = vec![
+            "volume",
+            "serve",
+            snap,
+            "--socket",
+            s(socket),
+            "--name",
+            name,
+        ];
+        args.extend_from_slice(extra);
         let child = env
-            .command(&[
-                "volume",
-                "serve",
-                snap,
-                "--socket",
-                s(&socket),
-                "--name",
-                name,
-            ])
+            .command(&args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
         let mut server = Server {
             child,
-            socket,
+            socket: socket.to_path_buf(),
             name: name.to_string(),
         };
         let started = Instant::now();
-        while !server.socket.exists() {
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
             if let Some(status) = server.child.try_wait().unwrap() {
                 panic!("volume serve exited early: {status}");
             }
@@ -73,6 +81,19 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Bytes in the data blocks of `snap`, as its manifest lists them.
+fn manifest_data_bytes(env: &Env, snap: &str) -> u64 {
+    let blocks = env.json(&["snapshot", "blocks", snap]);
+    let bs = blocks["BlockSize"].as_u64().unwrap();
+    let data = blocks["Blocks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["State"] == "data")
+        .count() as u64;
+    data * bs
 }
 
 fn qemu_img(args: &[&str]) -> std::process::Output {
@@ -132,16 +153,8 @@ fn qemu_reads_a_served_snapshot_byte_for_byte_without_a_restore() {
         .filter(|e| e["data"] == true)
         .map(|e| e["length"].as_u64().unwrap())
         .sum();
-    let blocks = env.json(&["snapshot", "blocks", &snap]);
-    let bs = blocks["BlockSize"].as_u64().unwrap();
-    let data_blocks = blocks["Blocks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|b| b["State"] == "data")
-        .count() as u64;
     assert!(data_bytes > 0 && data_bytes < IMAGE_SIZE, "{map}");
-    assert_eq!(data_bytes, data_blocks * bs);
+    assert_eq!(data_bytes, manifest_data_bytes(&env, &snap));
 
     // Read-only: a write is refused and changes nothing.
     let write = Command::new("qemu-io")
@@ -241,26 +254,7 @@ fn a_socket_left_by_a_killed_server_is_replaced_and_a_live_one_is_not() {
 impl Server {
     /// A server on `socket`, which may be stale: waits until it answers.
     fn start_at(env: &Env, snap: &str, socket: &Path) -> Server {
-        let child = env
-            .command(&["volume", "serve", snap, "--socket", s(socket)])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let server = Server {
-            child,
-            socket: socket.to_path_buf(),
-            name: snap.to_string(),
-        };
-        let started = Instant::now();
-        while std::os::unix::net::UnixStream::connect(socket).is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(20),
-                "server never listened"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        server
+        Server::launch(env, snap, socket, snap, &[])
     }
 }
 
@@ -493,15 +487,7 @@ fn libnbd_lists_maps_and_copies_the_export_over_several_connections() {
         }
     }
     assert_eq!(covered, IMAGE_SIZE);
-    let blocks = env.json(&["snapshot", "blocks", &snap]);
-    let bs = blocks["BlockSize"].as_u64().unwrap();
-    let data_blocks = blocks["Blocks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|b| b["State"] == "data")
-        .count() as u64;
-    assert_eq!(data, data_blocks * bs);
+    assert_eq!(data, manifest_data_bytes(&env, &snap));
     let out = env.path("copied.img");
     run(
         "nbdcopy",
@@ -531,39 +517,26 @@ impl Server {
     /// A writable server of `snap` over the overlay at `overlay`.
     fn writable(env: &Env, snap: &str, overlay: &Path) -> Server {
         let socket = env.path("rw.sock");
-        let _ = std::fs::remove_file(&socket);
-        let child = env
-            .command(&[
-                "volume",
-                "serve",
-                snap,
-                "--socket",
-                s(&socket),
-                "--name",
-                "rw",
-                "--writable",
-                "--overlay",
-                s(overlay),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let server = Server {
-            child,
-            socket: socket.clone(),
-            name: "rw".into(),
-        };
-        let started = Instant::now();
-        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(20),
-                "server never listened"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        server
+        Server::launch(
+            env,
+            snap,
+            &socket,
+            "rw",
+            &["--writable", "--overlay", s(overlay)],
+        )
     }
+}
+
+/// A snapshot of `size` random bytes: the test's world, the bytes, the
+/// snapshot and where its overlay goes.
+fn writable_volume(seed: u64, size: u64) -> (Env, Vec<u8>, String, PathBuf) {
+    let env = Env::new();
+    let vol = env.path("base.img");
+    let base = random_bytes(seed, size as usize);
+    std::fs::write(&vol, &base).unwrap();
+    let snap = id(&env.snapshot(&vol, &[]));
+    let overlay = env.path("overlay.img");
+    (env, base, snap, overlay)
 }
 
 #[test]
@@ -571,12 +544,7 @@ fn a_writable_export_keeps_its_writes_in_the_overlay_across_restarts() {
     if !have_qemu() {
         return;
     }
-    let env = Env::new();
-    let vol = env.path("base.img");
-    let base = random_bytes(21, (4 * MIB) as usize);
-    std::fs::write(&vol, &base).unwrap();
-    let snap = id(&env.snapshot(&vol, &[]));
-    let overlay = env.path("overlay.img");
+    let (env, base, snap, overlay) = writable_volume(21, 4 * MIB);
     let server = Server::writable(&env, &snap, &overlay);
     let uri = server.uri();
     // Aligned, unaligned (inside one granule and across two), zeroes.
@@ -647,12 +615,7 @@ fn a_writable_server_killed_mid_write_loses_no_acknowledged_write() {
     if !have_qemu() {
         return;
     }
-    let env = Env::new();
-    let vol = env.path("base.img");
-    let base = random_bytes(22, (8 * MIB) as usize);
-    std::fs::write(&vol, &base).unwrap();
-    let snap = id(&env.snapshot(&vol, &[]));
-    let overlay = env.path("overlay.img");
+    let (env, base, snap, overlay) = writable_volume(22, 8 * MIB);
     let mut server = Server::writable(&env, &snap, &overlay);
     // 100 writes of 64 KiB, pattern k at 64 KiB * k + 512 (unaligned),
     // no flush: each is acknowledged before the next is sent.
