@@ -163,6 +163,41 @@ pub fn default_sigpipe() {
     }
 }
 
+/// SIGINT, SIGTERM and SIGHUP, blocked (by [`block_termination`]) so a
+/// thread can wait for them with [`wait_termination`].
+pub struct TerminationSignals(libc::sigset_t);
+
+/// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread and every
+/// thread it starts afterwards, so they are only ever taken by
+/// [`wait_termination`].
+pub fn block_termination() -> io::Result<TerminationSignals> {
+    // SAFETY: `set` is a plain value initialised by sigemptyset before
+    // use; the calls only read and write it and this thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+        Ok(TerminationSignals(set))
+    }
+}
+
+/// Waits until one of the blocked termination signals arrives.
+pub fn wait_termination(signals: &TerminationSignals) -> i32 {
+    let mut sig = 0;
+    // SAFETY: the set was initialised by `block_termination`; `sig` is a
+    // valid place for the answer.
+    unsafe {
+        libc::sigwait(&signals.0, &mut sig);
+    }
+    sig
+}
+
 fn c_path(p: &std::path::Path) -> io::Result<std::ffi::CString> {
     use std::os::unix::ffi::OsStrExt;
     std::ffi::CString::new(p.as_os_str().as_bytes())
@@ -175,6 +210,19 @@ pub fn unmount(path: &std::path::Path) -> io::Result<()> {
     let p = c_path(path)?;
     // SAFETY: `p` is a NUL-terminated string that lives across the call.
     let rc = unsafe { libc::umount2(p.as_ptr(), 0) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// `umount2(path, MNT_DETACH)`: detaches the mount at `path` now; it goes
+/// once nothing uses it.
+pub fn unmount_lazily(path: &std::path::Path) -> io::Result<()> {
+    let p = c_path(path)?;
+    // SAFETY: `p` is a NUL-terminated string that lives across the call.
+    let rc = unsafe { libc::umount2(p.as_ptr(), libc::MNT_DETACH) };
     if rc == 0 {
         Ok(())
     } else {

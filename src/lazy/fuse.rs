@@ -81,8 +81,28 @@ pub fn mount(
     ];
     config.n_threads = Some(4);
     let fs = VolumeFs { volume, log };
+    // Interrupted or told to end, the mount is taken down rather than
+    // left behind dead ("transport endpoint is not connected").
+    let signals = crate::sys::block_termination().ctx("block signals", dir)?;
     let session = fuser::spawn_mount2(fs, dir, &config).ctx("mount FUSE file system at", dir)?;
     log.listening(&dir.join(VOLUME_FILE).display().to_string());
+    let mountpoint = dir.to_path_buf();
+    std::thread::spawn(move || {
+        crate::sys::wait_termination(&signals);
+        // Lazily: a reader still holding the file keeps it until it lets
+        // go. A user who may not unmount goes through fusermount3; failing
+        // that, ending is still better than ignoring the signal.
+        if crate::sys::unmount_lazily(&mountpoint).is_err() {
+            let helped = std::process::Command::new("fusermount3")
+                .args(["-u", "-z"])
+                .arg(&mountpoint)
+                .status()
+                .is_ok_and(|s| s.success());
+            if !helped {
+                std::process::exit(1);
+            }
+        }
+    });
     session.join().ctx("serve FUSE file system at", dir)
 }
 

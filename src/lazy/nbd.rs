@@ -183,8 +183,14 @@ impl Export<'_> {
             w: BufWriter::new(w),
         };
         if let Err(e) = self.run(&mut conn) {
-            // A client that closes without NBD_CMD_DISC is ordinary.
-            if e.kind() != io::ErrorKind::UnexpectedEof {
+            // A client that goes away without NBD_CMD_DISC, even in the
+            // middle of a reply, is ordinary.
+            let gone = [
+                io::ErrorKind::UnexpectedEof,
+                io::ErrorKind::BrokenPipe,
+                io::ErrorKind::ConnectionReset,
+            ];
+            if !gone.contains(&e.kind()) {
                 self.log.line(format!("nbd connection ended: {e}"));
             }
         }

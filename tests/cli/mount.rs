@@ -177,6 +177,26 @@ fn a_corrupt_chunk_is_an_io_error_never_wrong_bytes() {
 }
 
 #[test]
+fn an_interrupted_mount_takes_itself_down() {
+    let env = Env::new();
+    let vol = env.path("tiny.img");
+    fs::write(&vol, random_bytes(4, MIB as usize)).unwrap();
+    let snap = id(&env.snapshot(&vol, &[]));
+    for signal in ["INT", "TERM"] {
+        let Some(mut m) = Mounted::start(&env, &snap) else {
+            return;
+        };
+        let child = m.child.take().unwrap();
+        sh_ok(&format!("kill -{signal} {}", child.id()));
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "SIG{signal}: {out:?}");
+        // Not left mounted (a dead mount would fail even to list).
+        let left: Vec<_> = fs::read_dir(&m.dir).unwrap().collect();
+        assert!(left.is_empty(), "SIG{signal} left {left:?}");
+    }
+}
+
+#[test]
 fn mounting_needs_a_directory_and_permission() {
     let env = Env::new();
     let vol = env.path("tiny.img");

@@ -390,6 +390,11 @@ fn a_hostile_client_loses_its_own_connection_and_others_are_served() {
     c.go("");
     c.0.write_all(&[0x25, 0x60]).unwrap();
     drop(c);
+    // And one gone while its 1 MiB reply is being sent.
+    let mut c = Client::connect(&server.socket);
+    c.go("");
+    c.request(0, 0, MIB as u32, &[]);
+    drop(c);
 
     // Two connections at once, each reading in turn.
     let (mut a, mut b) = (
