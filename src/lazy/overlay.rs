@@ -18,6 +18,7 @@ use std::sync::Mutex;
 use crate::error::{Error, IoContext, Location, Result};
 use crate::format::dirty_map::{DEFAULT_GRANULE, DirtyHeader, HEADER_LEN};
 use crate::lazy::reader::LazyVolume;
+use crate::sys::LockMode;
 
 /// The overlay at `path` and its map at `path.dirty`.
 pub struct Overlay {
@@ -49,6 +50,14 @@ impl Overlay {
             .truncate(false)
             .open(&map_path)
             .ctx("open dirty map", &map_path)?;
+        // One server per overlay: two would each set bits over the other's
+        // and could lose some. The kernel drops the lock with its holder.
+        if !crate::sys::try_lock(&map, LockMode::Exclusive).ctx("lock dirty map", &map_path)? {
+            return Err(Error::AlreadyExists(format!(
+                "overlay {} is in use by another blocksnap: stop it, or give another --overlay path",
+                path.display()
+            )));
+        }
         let want = DirtyHeader {
             granule: DEFAULT_GRANULE,
             volume_size: volume.size(),
@@ -112,6 +121,9 @@ impl Overlay {
     /// The runs of `[offset, offset + len)`: each a length and whether it
     /// was written (and so lives in the overlay).
     pub fn runs(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool)>> {
+        if len == 0 {
+            return Ok(Vec::new());
+        }
         let g = self.granule();
         let end = offset + len;
         let (first, last) = (offset / g, (end - 1) / g);
@@ -157,6 +169,9 @@ impl Overlay {
         data: Option<&[u8]>,
         len: u64,
     ) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
         let _turn = self.writing.lock().unwrap_or_else(|p| p.into_inner());
         let g = self.granule();
         let end = offset + len;

@@ -609,6 +609,30 @@ fn a_writable_export_keeps_its_writes_in_the_overlay_across_restarts() {
         2,
     );
     assert!(e.contains(&snap), "{e}");
+    // One server per overlay: a second one is refused while the first runs.
+    let first = Server::writable(&env, &snap, &overlay);
+    let e = env.fails(
+        &[
+            "volume",
+            "serve",
+            &snap,
+            "--socket",
+            s(&env.path("y.sock")),
+            "--writable",
+            "--overlay",
+            s(&overlay),
+        ],
+        5,
+    );
+    assert!(e.contains("in use"), "{e}");
+    // Zero-length writes and reads are no-ops, not failures.
+    let mut c = raw::Client::connect(&first.socket);
+    c.go("rw");
+    c.request(1, 0, 0, &[]);
+    assert_eq!(c.simple(0), 0, "a zero-length write");
+    c.request(0, 0, 0, &[]);
+    assert_eq!(c.simple(0), 0, "a zero-length read");
+    drop(first);
     // --overlay without --writable (or the other way round) is a usage error.
     let plain = env.run(&["volume", "serve", &snap, "--writable"]);
     assert_eq!(plain.status.code(), Some(2));
