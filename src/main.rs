@@ -10,7 +10,11 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    blocksnap::default_sigpipe();
+    if std::env::var_os("BLOCKSNAP_DETACHED").is_some() {
+        blocksnap::ignore_sigpipe();
+    } else {
+        blocksnap::default_sigpipe();
+    }
     let args = cli::app::Cli::parse();
     match cli::app::run(args) {
         Ok(code) => ExitCode::from(code),

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use anyhow::Result;
@@ -192,7 +193,7 @@ fn create_options(
 
 pub fn run(
     store_root: &Path,
-    region: &Region,
+    region: &Arc<Region>,
     out: &Out,
     caller: AccountId,
     cmd: ImageCmd,
@@ -229,6 +230,8 @@ pub fn run(
                             "ParentSnapshotId": c.snapshot.parent.as_ref().map(|p| p.as_str()),
                             "NewChunks": c.snapshot.stats.new_chunks,
                             "NewBytesStored": c.snapshot.stats.new_bytes_stored,
+                            "BlocksRead": c.read_taken.map(|r| r.0),
+                            "BlocksTaken": c.read_taken.map(|r| r.1),
                         })
                     })
                     .collect();
@@ -251,6 +254,11 @@ pub fn run(
                         s.new_chunks,
                         human(s.new_bytes_stored)
                     );
+                    if let Some((read, taken)) = c.read_taken {
+                        println!(
+                            "    lazy: read {read} blocks the dirty map names, took {taken} unread"
+                        );
+                    }
                 }
             }
             Ok(0)

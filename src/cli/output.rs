@@ -11,6 +11,7 @@ use blocksnap::format::image::LaunchPermission;
 use blocksnap::format::manifest::{Block, Manifest, SnapshotMeta};
 use blocksnap::format::regions::RegionDef;
 use blocksnap::id::hex;
+use blocksnap::lazy::snapshot::LazySnapshot;
 use blocksnap::ops::check::{BadChunk, RegionStats, VerifyReport};
 use blocksnap::ops::gc::GcReport;
 use blocksnap::ops::restore::RestoreReport;
@@ -84,6 +85,21 @@ impl Out {
             human(s.new_bytes_stored),
             human(s.reused_bytes),
             s.unchanged_blocks
+        );
+    }
+
+    /// A snapshot of a lazy volume: also what it read and took unread.
+    pub fn lazy_snapshot_created(&self, s: &LazySnapshot) {
+        if self.json {
+            let mut v = snapshot_json(&s.meta);
+            v["BlocksRead"] = s.blocks_read.into();
+            v["BlocksTaken"] = s.blocks_taken.into();
+            return self.print(v);
+        }
+        self.snapshot_created(&s.meta);
+        println!(
+            "  read {} blocks the dirty map names; took {} from the parent unread",
+            s.blocks_read, s.blocks_taken
         );
     }
 

@@ -6,7 +6,13 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Subcommand;
 
+use std::sync::Arc;
+
 use blocksnap::format::manifest;
+use blocksnap::image::instance;
+use blocksnap::lazy::control;
+use blocksnap::lazy::overlay::is_overlay;
+use blocksnap::lazy::snapshot::LazySnapshotOptions;
 use blocksnap::ops::snapshot::{self, CreateOptions, ParentChoice};
 use blocksnap::{AccountId, Region};
 
@@ -23,6 +29,11 @@ pub enum SnapshotCmd {
     /// The first snapshot of a volume stores every non-zero block; later
     /// ones are incremental against the newest snapshot of the same path
     /// (or --parent) and store only blocks the store lacks.
+    ///
+    /// A lazy volume (an overlay FILE of `volume serve/mount --writable`,
+    /// or DIR/xvda.img of an instance launched --lazy) is snapshotted from
+    /// its dirty map: only the blocks written since the snapshot underneath
+    /// are read, at one instant even while it is being written.
     Create {
         /// Image file or block device (e.g. disk.img, /dev/loop3)
         volume: PathBuf,
@@ -78,7 +89,7 @@ pub enum SnapshotCmd {
 }
 
 pub fn run(
-    region: &Region,
+    region: &Arc<Region>,
     out: &Out,
     account: Option<AccountId>,
     caller: &AccountId,
@@ -108,11 +119,43 @@ pub fn run(
                         .and_then(|n| Ok(manifest::validate_block_size(n)?))
                 })
                 .transpose()?;
+            let tags = tags
+                .iter()
+                .map(|t| parse_tag(t))
+                .collect::<Result<Vec<_>>>()?;
+            let lazy_device = instance::lazy_device_of(&volume)?;
+            if lazy_device.is_some() || is_overlay(&volume) {
+                if parent != ParentChoice::Latest || block_size.is_some() {
+                    anyhow::bail!(
+                        "{} is a lazy volume: its parent is the snapshot underneath it, and its \
+                         block size that snapshot's; leave out --parent, --no-parent and \
+                         --block-size",
+                        volume.display()
+                    );
+                }
+                let lopts = LazySnapshotOptions {
+                    description,
+                    tags,
+                    owner: account,
+                    threads,
+                    no_delta,
+                };
+                let taken = match lazy_device {
+                    Some((dir, device)) => {
+                        instance::snapshot_lazy(region, &dir, &[device], &lopts)?
+                            .remove(0)
+                            .1
+                    }
+                    None => control::snapshot_overlay_path(region, &volume, &lopts)?,
+                };
+                out.lazy_snapshot_created(&taken);
+                return Ok(0);
+            }
             let opts = CreateOptions {
                 parent,
                 block_size,
                 description,
-                tags: tags.iter().map(|t| parse_tag(t)).collect::<Result<_>>()?,
+                tags,
                 owner: account,
                 threads,
                 delta: !no_delta,

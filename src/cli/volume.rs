@@ -1,6 +1,7 @@
 //! `volume`: restore a snapshot into a file or device, verify a volume
 //! against a snapshot, serve a snapshot over NBD.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -61,7 +62,8 @@ pub enum VolumeCmd {
         #[arg(long, value_name = "FILE", requires = "writable")]
         overlay: Option<PathBuf>,
     },
-    /// Mount a snapshot as one read-only file, DIR/volume.img, read in place
+    /// Mount a snapshot as one file, DIR/volume.img, read in place;
+    /// read-only unless --writable --overlay FILE
     ///
     /// Runs until unmounted (`blocksnap volume unmount DIR`). Then
     /// `losetup -r -f --show DIR/volume.img` and `mount -o ro` browse its
@@ -73,6 +75,17 @@ pub enum VolumeCmd {
         /// Memory for decoded blocks (e.g. 64M)
         #[arg(long, value_name = "BYTES", default_value = "64M")]
         cache: String,
+        /// Accept writes, into --overlay
+        #[arg(long, requires = "overlay")]
+        writable: bool,
+        /// The overlay file that holds what was written (created on first
+        /// use, continued after a restart), with its maps FILE.dirty and
+        /// FILE.present
+        #[arg(long, value_name = "FILE", requires = "writable")]
+        overlay: Option<PathBuf>,
+        /// Return once the mount is ready, serving it in the background
+        #[arg(long)]
+        background: bool,
     },
     /// End a `volume mount`
     Unmount { dir: PathBuf },
@@ -147,11 +160,18 @@ pub fn run(region: &Arc<Region>, out: &Out, caller: &AccountId, cmd: VolumeCmd) 
             snapshot,
             dir,
             cache,
+            writable: _,
+            overlay,
+            background,
         } => {
             let id = parse_snapshot(&snapshot)?;
+            if background {
+                return background_mount(&dir);
+            }
             let opts = MountOptions {
                 cache: cache_size(&cache)?,
                 caller: Some(caller.clone()),
+                overlay,
             };
             fuse::mount(region, &id, &dir, &opts, &StderrLog)?;
             Ok(0)
@@ -190,22 +210,64 @@ pub fn run(region: &Arc<Region>, out: &Out, caller: &AccountId, cmd: VolumeCmd) 
     }
 }
 
+/// `volume mount --background`: runs the same command without
+/// `--background` as a child in a session of its own, and returns once
+/// its mount is ready (or with its error, if it fails first).
+fn background_mount(dir: &std::path::Path) -> Result<u8> {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let args: Vec<_> = std::env::args_os()
+        .skip(1)
+        .filter(|a| a != "--background")
+        .collect();
+    let mut child = Command::new(std::env::current_exe()?);
+    child
+        .args(&args)
+        .env("BLOCKSNAP_DETACHED", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    blocksnap::detach_command(&mut child);
+    let mut child = child.spawn()?;
+    let stderr = child.stderr.take().expect("piped");
+    let mut said = Vec::new();
+    for line in BufReader::new(stderr).lines() {
+        let line = line?;
+        if line.starts_with("blocksnap: serving ") {
+            println!(
+                "mounted at {} (pid {}): `blocksnap volume unmount {}` ends it",
+                dir.display(),
+                child.id(),
+                dir.display()
+            );
+            return Ok(0);
+        }
+        said.push(line);
+    }
+    let status = child.wait()?;
+    for line in &said {
+        eprintln!("{line}");
+    }
+    Ok(status.code().map_or(1, |c| c as u8).max(1))
+}
+
 /// `--cache`: bytes of decoded blocks.
-fn cache_size(s: &str) -> Result<usize> {
+pub fn cache_size(s: &str) -> Result<usize> {
     let n = parse_size(s, "--cache")?;
     Ok(usize::try_from(n).unwrap_or(usize::MAX))
 }
 
 /// The server's lines, on stderr: where it listens, then one line per
 /// failed read or broken connection.
-struct StderrLog;
+/// Writes that fail (a `--background` parent gone) are dropped.
+pub struct StderrLog;
 
 impl ServeLog for StderrLog {
     fn listening(&self, uri: &str) {
-        eprintln!("blocksnap: serving {uri}");
+        let _ = writeln!(std::io::stderr(), "blocksnap: serving {uri}");
     }
 
     fn line(&self, line: String) {
-        eprintln!("blocksnap: {line}");
+        let _ = writeln!(std::io::stderr(), "blocksnap: {line}");
     }
 }

@@ -12,8 +12,10 @@
 //! | `snapshot-permissions/<snap>.json`       | `blocksnap-create-volume-permissions`   | 1       | [`image`]      |
 //! | `store.json` (a region's root)           | `blocksnap-region`                      | 1       | [`region`]     |
 //! | `regions.json` (the store's root)        | `blocksnap-regions`                     | 1       | [`regions`]    |
-//! | `instance.json` (an instance directory)  | `blocksnap-instance` (absent: 1)        | 1       | [`instance`]   |
+//! | `instance.json` (an instance directory)  | `blocksnap-instance` (absent: 1)        | 1, 2    | [`instance`]   |
 //! | `FILE.dirty` (beside a writable overlay) | `BSDM`                                  | 1       | [`dirty_map`]  |
+//! | `FILE.present` (beside an overlay)       | `BSPM`                                  | 1       | [`dirty_map`]  |
+//! | control socket messages (not stored)     | JSON lines with `Version`               | 1       | [`control`]    |
 //!
 //! # The rule: never modify, only add
 //!
@@ -30,6 +32,7 @@
 use crate::error::{Error, Location, Result};
 
 pub mod chunk;
+pub mod control;
 pub mod dirty_map;
 pub mod envelope;
 pub mod image;
@@ -49,6 +52,20 @@ pub fn check_format(
     version: u32,
     supported: u32,
 ) -> Result<()> {
+    check_format_versions(what, at, format, expected, version, supported, supported)
+}
+
+/// [`check_format`] for a format of which versions `oldest..=supported`
+/// were all written.
+pub fn check_format_versions(
+    what: &'static str,
+    at: &Location,
+    format: &str,
+    expected: &str,
+    version: u32,
+    oldest: u32,
+    supported: u32,
+) -> Result<()> {
     if format != expected {
         return Err(Error::CorruptFile {
             what,
@@ -56,7 +73,7 @@ pub fn check_format(
             reason: format!("format is {format:?}, expected {expected:?}"),
         });
     }
-    check_version(what, at, version, supported)
+    check_versions(what, at, version, oldest, supported)
 }
 
 /// A format version newer than this blocksnap reads is "written by a newer
@@ -68,6 +85,18 @@ pub fn check_version(
     version: u32,
     supported: u32,
 ) -> Result<()> {
+    check_versions(what, at, version, supported, supported)
+}
+
+/// [`check_version`] for a format of which versions `oldest..=supported`
+/// were all written.
+pub fn check_versions(
+    what: &'static str,
+    at: &Location,
+    version: u32,
+    oldest: u32,
+    supported: u32,
+) -> Result<()> {
     if version > supported {
         return Err(Error::UnsupportedVersion {
             what,
@@ -76,7 +105,7 @@ pub fn check_version(
             supported,
         });
     }
-    if version != supported {
+    if version < oldest {
         return Err(Error::CorruptFile {
             what,
             location: at.clone(),

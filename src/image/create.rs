@@ -4,16 +4,18 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::format::image::{
     BlockDeviceMapping, DeviceName, EbsMapping, Image, MappingTarget, gib_for,
 };
-use crate::format::instance::{InstanceVolume, RUNNING};
+use crate::format::instance::InstanceVolume;
 use crate::format::manifest::{SnapshotMeta, Tag};
 use crate::id::{AccountId, ImageId, SnapshotId};
 use crate::image::ops::{self, RegisterOptions};
 use crate::image::{instance, rules};
+use crate::lazy::snapshot::{LazySnapshot, LazySnapshotOptions};
 use crate::ops::snapshot::{self, CreateOptions, ParentChoice};
 use crate::progress::Progress;
 use crate::region::catalog::Region;
@@ -140,6 +142,9 @@ pub struct ImageCreateReport {
 pub struct CreatedSnapshot {
     pub device: DeviceName,
     pub snapshot: SnapshotMeta,
+    /// Of a lazy volume: blocks read (the dirty map named them) and blocks
+    /// taken from the parent unread.
+    pub read_taken: Option<(u64, u64)>,
 }
 
 /// One device of the image to be: how to get its mapping.
@@ -147,6 +152,10 @@ enum Plan {
     Snapshot {
         path: PathBuf,
         parent: ParentChoice,
+        keep: bool,
+    },
+    /// A lazy volume of the instance, snapshotted from its dirty map.
+    Lazy {
         keep: bool,
     },
     Ready(MappingTarget),
@@ -170,6 +179,7 @@ pub fn create_from_volumes(
         opts,
         call: "CreateImage",
         progress,
+        lazy: None,
     };
     snapshot_and_register(job, plans)
 }
@@ -240,27 +250,19 @@ fn root_device(maps: &[MapSpec], opts: &ImageCreateOptions) -> Result<DeviceName
 /// against the snapshot it was launched from, and registers an image with
 /// the same device names and root device.
 pub fn create_from_instance(
-    region: &Region,
+    region: &Arc<Region>,
     dir: &Path,
     opts: &ImageCreateOptions,
     progress: &dyn Progress,
 ) -> Result<ImageCreateReport> {
     let inst = instance::read(dir)?;
-    if inst.region != region.name() {
-        return Err(Error::InvalidInstance(format!(
-            "instance {} was launched in region {}: pass --region {}",
-            inst.instance_id, inst.region, inst.region
-        )));
-    }
-    if inst.state != RUNNING {
-        return Err(Error::InvalidInstance(format!(
-            "instance {} is {}: its volumes are gone",
-            inst.instance_id, inst.state
-        )));
-    }
+    instance::check_usable(region, &inst)?;
     let mut plans = Vec::new();
     for d in &inst.block_device_mappings {
         let plan = match &d.volume {
+            InstanceVolume::Ebs(e) if e.overlay.is_some() => Plan::Lazy {
+                keep: !e.delete_on_termination,
+            },
             InstanceVolume::Ebs(e) => Plan::Snapshot {
                 path: dir.join(&d.volume_file),
                 parent: if region.has_snapshot(&e.snapshot_id)? {
@@ -281,15 +283,29 @@ pub fn create_from_instance(
         .clone()
         .unwrap_or(inst.root_device_name.clone());
     let call = format!("CreateImage({})", inst.instance_id);
+    let take_lazy = |devices: &[DeviceName], description: String| {
+        let lopts = LazySnapshotOptions {
+            description,
+            tags: Vec::new(),
+            owner: Some(opts.owner.clone()),
+            threads: opts.threads,
+            no_delta: false,
+        };
+        instance::snapshot_lazy(region, dir, devices, &lopts)
+    };
     let job = Job {
         region,
         root: &root,
         opts,
         call: &call,
         progress,
+        lazy: Some(&take_lazy),
     };
     snapshot_and_register(job, plans)
 }
+
+/// Takes snapshots of lazy volumes by device, with a description.
+type TakeLazy<'a> = dyn Fn(&[DeviceName], String) -> Result<Vec<(DeviceName, LazySnapshot)>> + 'a;
 
 /// One image creation: where, its root device, its options, the EC2 call
 /// it stands for (named in its snapshots' descriptions).
@@ -300,6 +316,8 @@ struct Job<'a> {
     opts: &'a ImageCreateOptions,
     call: &'a str,
     progress: &'a dyn Progress,
+    /// Snapshots the instance's lazy volumes.
+    lazy: Option<&'a TakeLazy<'a>>,
 }
 
 fn snapshot_and_register(job: Job, plans: Vec<(DeviceName, Plan)>) -> Result<ImageCreateReport> {
@@ -323,7 +341,7 @@ fn snapshot_and_register(job: Job, plans: Vec<(DeviceName, Plan)>) -> Result<Ima
         plans.iter().map(|(d, p)| {
             let snapshot = matches!(
                 p,
-                Plan::Snapshot { .. } | Plan::Ready(MappingTarget::Ebs(_))
+                Plan::Snapshot { .. } | Plan::Lazy { .. } | Plan::Ready(MappingTarget::Ebs(_))
             );
             (d, snapshot)
         }),
@@ -356,7 +374,7 @@ fn snapshot_and_register(job: Job, plans: Vec<(DeviceName, Plan)>) -> Result<Ima
                 rules::validate_volume_size(dev, e.volume_size, &source, meta.volume_size)?;
             }
             Plan::Ready(MappingTarget::VirtualName(v)) => rules::validate_virtual_name(dev, v)?,
-            Plan::Ready(MappingTarget::NoDevice(_)) => {}
+            Plan::Ready(MappingTarget::NoDevice(_)) | Plan::Lazy { .. } => {}
         }
     }
 
@@ -364,7 +382,9 @@ fn snapshot_and_register(job: Job, plans: Vec<(DeviceName, Plan)>) -> Result<Ima
     let mut created = Vec::new();
     let result = take_and_register(job, plans, &mut created);
     if result.is_err() {
-        for c in &created {
+        // A lazy volume's new snapshot is already underneath its overlay:
+        // it stays.
+        for c in created.iter().filter(|c| c.read_taken.is_none()) {
             let _ = region.delete_snapshot(&c.snapshot.id);
         }
     }
@@ -386,12 +406,44 @@ fn take_and_register(
         opts,
         call,
         progress,
+        lazy,
     } = job;
     let image_id = ImageId::random();
+    // Every lazy volume at one instant, first.
+    let lazy_devices: Vec<DeviceName> = plans
+        .iter()
+        .filter(|(_, p)| matches!(p, Plan::Lazy { .. }))
+        .map(|(d, _)| d.clone())
+        .collect();
+    let mut lazy_taken = match lazy {
+        Some(take) if !lazy_devices.is_empty() => {
+            take(&lazy_devices, format!("Created by {call} for {image_id}"))?
+        }
+        _ => Vec::new(),
+    };
     let mut mappings = Vec::new();
     for (dev, plan) in plans {
         let target = match plan {
             Plan::Ready(t) => t,
+            Plan::Lazy { keep } => {
+                let at = lazy_taken
+                    .iter()
+                    .position(|(d, _)| *d == dev)
+                    .ok_or_else(|| {
+                        Error::InvalidInstance(format!("no snapshot was taken of lazy {dev}"))
+                    })?;
+                let (_, s) = lazy_taken.swap_remove(at);
+                created.push(CreatedSnapshot {
+                    device: dev.clone(),
+                    snapshot: s.meta.clone(),
+                    read_taken: Some((s.blocks_read, s.blocks_taken)),
+                });
+                MappingTarget::Ebs(EbsMapping {
+                    snapshot_id: s.meta.id.clone(),
+                    volume_size: opts.volume_gib(&dev, s.meta.volume_size),
+                    delete_on_termination: !keep,
+                })
+            }
             Plan::Snapshot { path, parent, keep } => {
                 let copts = CreateOptions {
                     parent,
@@ -410,6 +462,7 @@ fn take_and_register(
                 created.push(CreatedSnapshot {
                     device: dev.clone(),
                     snapshot: meta,
+                    read_taken: None,
                 });
                 t
             }

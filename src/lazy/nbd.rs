@@ -18,6 +18,8 @@ use std::sync::Arc;
 use crate::error::{Error, IoContext, Result};
 use crate::format::nbd::*;
 use crate::id::{AccountId, SnapshotId};
+use crate::lazy::control;
+use crate::lazy::disk::Disk;
 use crate::lazy::overlay::Overlay;
 use crate::lazy::reader::{DEFAULT_CACHE, LazyVolume};
 use crate::ops::access::readable;
@@ -90,23 +92,38 @@ pub fn serve(
         )));
     }
     let _lock = region.lock(LockMode::Shared, "volume serve")?;
-    let volume = LazyVolume::open(region.clone(), id, opts.cache)?;
-    let overlay = match &opts.overlay {
-        Some(path) => Some(Overlay::open(path, &volume)?),
-        None => None,
+    let disk = match &opts.overlay {
+        Some(path) => {
+            let size = region.read_snapshot_meta(id)?.volume_size;
+            let overlay = Arc::new(Overlay::open(
+                path,
+                region.clone(),
+                Some((id, size)),
+                opts.cache,
+            )?);
+            control::listen_overlay(&overlay)?;
+            Disk::Overlay(overlay)
+        }
+        None => Disk::Snapshot(Box::new(LazyVolume::open(region.clone(), id, opts.cache)?)),
     };
-    let export = Export {
-        volume: &volume,
-        overlay: overlay.as_ref(),
-        name: &opts.name,
-        log,
-    };
-    match &opts.listen {
+    serve_exports(&opts.listen, &[(opts.name.clone(), &disk)], log)
+}
+
+/// Serves `exports` (name, disk) until the process ends; a client asking
+/// for the default export (an empty name) gets the first.
+pub fn serve_exports(
+    listen: &Listen,
+    exports: &[(String, &Disk)],
+    log: &dyn ServeLog,
+) -> Result<()> {
+    let server = Exports { list: exports, log };
+    let first = exports.first().map(|e| e.0.as_str()).unwrap_or("");
+    match listen {
         Listen::Tcp(addr) => {
             let listener = TcpListener::bind(addr)
                 .map_err(|e| Error::InvalidArgument(format!("cannot listen on {addr}: {e}")))?;
             let local = listener.local_addr().ctx("listen", &PathBuf::from(addr))?;
-            log.listening(&format!("nbd://{local}/{}", opts.name));
+            log.listening(&format!("nbd://{local}/{first}"));
             std::thread::scope(|s| {
                 for conn in listener.incoming() {
                     let Ok(conn) = conn else { continue };
@@ -114,26 +131,22 @@ pub fn serve(
                     let Ok(reader) = conn.try_clone() else {
                         continue;
                     };
-                    let export = &export;
-                    s.spawn(move || export.connection(Box::new(reader), Box::new(conn)));
+                    let server = &server;
+                    s.spawn(move || server.connection(Box::new(reader), Box::new(conn)));
                 }
             });
         }
         Listen::Unix(path) => {
             let listener = bind_unix(path)?;
-            log.listening(&format!(
-                "nbd+unix:///{}?socket={}",
-                opts.name,
-                path.display()
-            ));
+            log.listening(&format!("nbd+unix:///{first}?socket={}", path.display()));
             std::thread::scope(|s| {
                 for conn in listener.incoming() {
                     let Ok(conn) = conn else { continue };
                     let Ok(reader) = conn.try_clone() else {
                         continue;
                     };
-                    let export = &export;
-                    s.spawn(move || export.connection(Box::new(reader), Box::new(conn)));
+                    let server = &server;
+                    s.spawn(move || server.connection(Box::new(reader), Box::new(conn)));
                 }
             });
         }
@@ -163,10 +176,8 @@ fn bind_unix(path: &PathBuf) -> Result<UnixListener> {
     UnixListener::bind(path).ctx("listen on socket", path)
 }
 
-struct Export<'a> {
-    volume: &'a LazyVolume,
-    overlay: Option<&'a Overlay>,
-    name: &'a str,
+struct Exports<'a> {
+    list: &'a [(String, &'a Disk)],
     log: &'a dyn ServeLog,
 }
 
@@ -176,7 +187,7 @@ struct Session {
     allocation: bool,
 }
 
-impl Export<'_> {
+impl Exports<'_> {
     fn connection(&self, r: Box<dyn Read + Send>, w: Box<dyn Write + Send>) {
         let mut conn = Conn {
             r: BufReader::new(r),
@@ -224,30 +235,34 @@ impl Export<'_> {
             match option {
                 OPT_EXPORT_NAME => {
                     let name = String::from_utf8_lossy(&data);
-                    if !self.is_ours(&name) {
+                    let Some(disk) = self.find(&name) else {
                         return Err(bad("an unknown export name"));
-                    }
-                    c.w.write_all(&self.volume.size().to_be_bytes())?;
-                    c.w.write_all(&self.flags().to_be_bytes())?;
+                    };
+                    c.w.write_all(&disk.size().to_be_bytes())?;
+                    c.w.write_all(&flags(disk).to_be_bytes())?;
                     if !no_zeroes {
                         c.w.write_all(&[0u8; 124])?;
                     }
                     c.w.flush()?;
-                    return self.transmission(c, &session);
+                    return self.transmission(c, disk, &session);
                 }
                 OPT_ABORT => {
                     c.reply(option, REP_ACK, &[])?;
                     return Ok(());
                 }
                 OPT_LIST => {
-                    let mut d = (self.name.len() as u32).to_be_bytes().to_vec();
-                    d.extend_from_slice(self.name.as_bytes());
-                    c.reply(option, REP_SERVER, &d)?;
+                    for (name, _) in self.list {
+                        let mut d = (name.len() as u32).to_be_bytes().to_vec();
+                        d.extend_from_slice(name.as_bytes());
+                        c.reply(option, REP_SERVER, &d)?;
+                    }
                     c.reply(option, REP_ACK, &[])?;
                 }
                 OPT_INFO | OPT_GO => {
-                    if self.info(c, option, &data)? && option == OPT_GO {
-                        return self.transmission(c, &session);
+                    if let Some(disk) = self.info(c, option, &data)?
+                        && option == OPT_GO
+                    {
+                        return self.transmission(c, disk, &session);
                     }
                 }
                 OPT_STRUCTURED_REPLY if data.is_empty() => {
@@ -263,17 +278,6 @@ impl Export<'_> {
         }
     }
 
-    /// Transmission flags: read-only or writable (through one shared
-    /// overlay, so a flush on any connection covers all: safe over several
-    /// connections either way).
-    fn flags(&self) -> u16 {
-        let base = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_CAN_MULTI_CONN;
-        match self.overlay {
-            None => base | FLAG_READ_ONLY,
-            Some(_) => base | FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES,
-        }
-    }
-
     /// 0 for success, or `EIO` with one logged line.
     fn done(&self, r: Result<()>) -> u32 {
         match r {
@@ -285,37 +289,17 @@ impl Export<'_> {
         }
     }
 
-    /// Data and hole runs: written granules are data, the rest as the
-    /// snapshot has them.
-    fn extents(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool)>> {
-        let Some(o) = self.overlay else {
-            return Ok(self.volume.extents(offset, len));
-        };
-        let mut runs: Vec<(u64, bool)> = Vec::new();
-        let mut at = offset;
-        for (n, dirty) in o.runs(offset, len)? {
-            let parts = if dirty {
-                vec![(n, true)]
-            } else {
-                self.volume.extents(at, n)
-            };
-            for (m, data) in parts {
-                match runs.last_mut() {
-                    Some((l, d)) if *d == data => *l += m,
-                    _ => runs.push((m, data)),
-                }
-            }
-            at += n;
-        }
-        Ok(runs)
+    /// The export called `name`; the empty name is the first.
+    fn find(&self, name: &str) -> Option<&Disk> {
+        self.list
+            .iter()
+            .find(|(n, _)| n == name)
+            .or(self.list.first().filter(|_| name.is_empty()))
+            .map(|(_, d)| *d)
     }
 
-    fn is_ours(&self, name: &str) -> bool {
-        name == self.name || name.is_empty()
-    }
-
-    /// Answers `NBD_OPT_INFO`/`GO`; whether the export was found.
-    fn info(&self, c: &mut Conn, option: u32, data: &[u8]) -> io::Result<bool> {
+    /// Answers `NBD_OPT_INFO`/`GO`; the export, if found.
+    fn info(&self, c: &mut Conn, option: u32, data: &[u8]) -> io::Result<Option<&Disk>> {
         let mut r = Reader::new(data);
         let parsed = (|| {
             let name = r.string()?;
@@ -326,24 +310,24 @@ impl Export<'_> {
         })();
         let Some(name) = parsed else {
             c.reply(option, REP_ERR_INVALID, &[])?;
-            return Ok(false);
+            return Ok(None);
         };
-        if !self.is_ours(&name) {
+        let Some(disk) = self.find(&name) else {
             c.reply(option, REP_ERR_UNKNOWN, &[])?;
-            return Ok(false);
-        }
+            return Ok(None);
+        };
         let mut export = INFO_EXPORT.to_be_bytes().to_vec();
-        export.extend_from_slice(&self.volume.size().to_be_bytes());
-        export.extend_from_slice(&self.flags().to_be_bytes());
+        export.extend_from_slice(&disk.size().to_be_bytes());
+        export.extend_from_slice(&flags(disk).to_be_bytes());
         c.reply(option, REP_INFO, &export)?;
-        let preferred = self.volume.meta().block_size.min(MAX_IO);
+        let preferred = disk.block_size().min(MAX_IO);
         let mut sizes = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
         for v in [1u32, preferred, MAX_IO] {
             sizes.extend_from_slice(&v.to_be_bytes());
         }
         c.reply(option, REP_INFO, &sizes)?;
         c.reply(option, REP_ACK, &[])?;
-        Ok(true)
+        Ok(Some(disk))
     }
 
     fn meta_context(
@@ -370,7 +354,7 @@ impl Export<'_> {
         if set && !session.structured {
             return c.reply(option, REP_ERR_INVALID, &[]);
         }
-        if !self.is_ours(&name) {
+        if self.find(&name).is_none() {
             return c.reply(option, REP_ERR_UNKNOWN, &[]);
         }
         // Listing with no query, or with the namespace `base:`, lists all.
@@ -387,8 +371,8 @@ impl Export<'_> {
         c.reply(option, REP_ACK, &[])
     }
 
-    fn transmission(&self, c: &mut Conn, session: &Session) -> io::Result<()> {
-        let size = self.volume.size();
+    fn transmission(&self, c: &mut Conn, disk: &Disk, session: &Session) -> io::Result<()> {
+        let size = disk.size();
         let mut buf = Vec::new();
         loop {
             let mut head = [0u8; REQUEST_LEN];
@@ -411,31 +395,27 @@ impl Export<'_> {
                     }
                     buf.resize(req.length as usize, 0);
                     c.r.read_exact(&mut buf)?;
-                    let error = match self.overlay {
-                        None => EPERM,
-                        Some(_) if !in_bounds => EINVAL,
-                        Some(o) => self.done(o.write_at(
-                            self.volume,
-                            req.offset,
-                            Some(&buf),
-                            req.length as u64,
-                        )),
+                    let error = if !disk.writable() {
+                        EPERM
+                    } else if !in_bounds {
+                        EINVAL
+                    } else {
+                        self.done(disk.write_at(req.offset, Some(&buf), req.length as u64))
                     };
                     c.status(session, req.cookie, error)?;
                 }
                 CMD_TRIM | CMD_WRITE_ZEROES => {
-                    let error = match self.overlay {
-                        None => EPERM,
-                        Some(_) if !in_bounds => EINVAL,
-                        Some(_) if req.length == 0 => 0,
-                        Some(o) => {
-                            self.done(o.write_at(self.volume, req.offset, None, req.length as u64))
-                        }
+                    let error = if !disk.writable() {
+                        EPERM
+                    } else if !in_bounds {
+                        EINVAL
+                    } else {
+                        self.done(disk.write_at(req.offset, None, req.length as u64))
                     };
                     c.status(session, req.cookie, error)?;
                 }
                 CMD_FLUSH => {
-                    let error = self.overlay.map_or(0, |o| self.done(o.flush()));
+                    let error = self.done(disk.flush());
                     c.status(session, req.cookie, error)?;
                 }
                 CMD_CACHE => c.ok(req.cookie)?,
@@ -443,18 +423,13 @@ impl Export<'_> {
                 CMD_READ if !in_bounds => c.error(session, req.cookie, EINVAL)?,
                 CMD_READ => {
                     buf.resize(req.length as usize, 0);
-                    let read = match self.overlay {
-                        None => self.volume.read_at(req.offset, &mut buf).map_err(|f| {
-                            self.log.line(format!("read failed: {f}"));
-                        }),
-                        Some(o) => o.read_at(self.volume, req.offset, &mut buf).map_err(|e| {
+                    match disk.read_at(req.offset, &mut buf) {
+                        Ok(()) => c.data(session, req.cookie, req.offset, &buf)?,
+                        Err(e) => {
                             self.log
                                 .line(format!("read failed at offset {}: {e}", req.offset));
-                        }),
-                    };
-                    match read {
-                        Ok(()) => c.data(session, req.cookie, req.offset, &buf)?,
-                        Err(()) => c.error(session, req.cookie, EIO)?,
+                            c.error(session, req.cookie, EIO)?
+                        }
                     }
                 }
                 CMD_BLOCK_STATUS if !session.allocation => c.error(session, req.cookie, EINVAL)?,
@@ -462,7 +437,7 @@ impl Export<'_> {
                     c.error(session, req.cookie, EINVAL)?
                 }
                 CMD_BLOCK_STATUS => {
-                    let Ok(mut runs) = self.extents(req.offset, req.length as u64) else {
+                    let Ok(mut runs) = disk.extents(req.offset, req.length as u64) else {
                         c.error(session, req.cookie, EIO)?;
                         continue;
                     };
@@ -474,6 +449,18 @@ impl Export<'_> {
                 _ => c.error(session, req.cookie, EINVAL)?,
             }
         }
+    }
+}
+
+/// Transmission flags: read-only or writable (through one shared disk, so
+/// a flush on any connection covers all: safe over several connections
+/// either way).
+fn flags(disk: &Disk) -> u16 {
+    let base = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_CAN_MULTI_CONN;
+    if disk.writable() {
+        base | FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES
+    } else {
+        base | FLAG_READ_ONLY
     }
 }
 

@@ -102,6 +102,14 @@ impl LazyVolume {
         })
     }
 
+    pub fn region(&self) -> &Arc<Region> {
+        &self.region
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
     pub fn meta(&self) -> &SnapshotMeta {
         &self.manifest.meta
     }

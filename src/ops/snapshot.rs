@@ -99,12 +99,133 @@ pub fn validate_labels(description: &str, tags: &[Tag]) -> Result<()> {
 }
 
 /// What happened to one block during create.
-enum Outcome {
+pub enum Outcome {
     Hole,
     Zero,
+    /// A data block named by the parent at the same index, reused unread.
     Unchanged(Block),
+    /// A data block whose chunk was already stored: its raw length.
     Known(Block, u64),
-    New { block: Block, raw: u64, stored: u64 },
+    New {
+        block: Block,
+        raw: u64,
+        stored: u64,
+    },
+}
+
+/// Stores data block `bytes` (named `id`) unless it is the parent's block
+/// at the same index or already stored; with `delta`, a new block is
+/// stored as a delta against the parent's when that is much smaller.
+pub fn store_block(
+    store: &dyn ChunkStore,
+    parent_block: Option<&Block>,
+    parent_committed: Option<SystemTime>,
+    bytes: &[u8],
+    id: ChunkId,
+    delta: bool,
+) -> Result<Outcome> {
+    let block = Block::Data(id);
+    Ok(
+        if parent_block == Some(&block) && chain::reusable(store, &id, parent_committed)? {
+            Outcome::Unchanged(block)
+        } else if chain::present_and_sound(store, &id)? {
+            Outcome::Known(block, bytes.len() as u64)
+        } else {
+            // A delta first: when it works, the block is not compressed a
+            // second time.
+            let delta = match parent_block {
+                Some(Block::Data(base)) if delta => delta_against(store, base, bytes),
+                _ => None,
+            };
+            let stored = match delta {
+                Some(d) => d,
+                None => chunk::encode(bytes)?,
+            };
+            if store.put(&id, &stored)? {
+                Outcome::New {
+                    block,
+                    raw: bytes.len() as u64,
+                    stored: stored.len() as u64,
+                }
+            } else {
+                Outcome::Known(block, bytes.len() as u64)
+            }
+        },
+    )
+}
+
+/// Adds one block's outcome, `len` bytes long, to `stats`; returns the
+/// block for the manifest.
+pub fn tally(stats: &mut SnapshotStats, len: u64, outcome: Outcome) -> Block {
+    match outcome {
+        Outcome::Hole => {
+            stats.hole_blocks += 1;
+            Block::Hole
+        }
+        Outcome::Zero => {
+            stats.zero_blocks += 1;
+            Block::Zero
+        }
+        Outcome::Unchanged(b) => {
+            stats.data_blocks += 1;
+            stats.unchanged_blocks += 1;
+            stats.reused_bytes += len;
+            b
+        }
+        Outcome::Known(b, raw) => {
+            stats.data_blocks += 1;
+            stats.reused_bytes += raw;
+            b
+        }
+        Outcome::New { block, raw, stored } => {
+            stats.data_blocks += 1;
+            stats.new_chunks += 1;
+            stats.new_bytes_raw += raw;
+            stats.new_bytes_stored += stored;
+            block
+        }
+    }
+}
+
+/// A snapshot's manifest, once its blocks are stored.
+pub struct Taken {
+    pub parent: Option<SnapshotId>,
+    pub owner: AccountId,
+    pub volume_size: u64,
+    pub block_size: u32,
+    pub description: String,
+    pub tags: Vec<Tag>,
+    pub source: String,
+    pub blocks: Vec<Block>,
+    pub stats: SnapshotStats,
+}
+
+/// Writes the manifest of `taken` under a new id: the snapshot exists
+/// from here on.
+pub fn commit(region: &Region, taken: Taken) -> Result<SnapshotMeta> {
+    let created_ns = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let meta = SnapshotMeta {
+        id: SnapshotId::random(),
+        parent: taken.parent,
+        owner: taken.owner,
+        volume_size: taken.volume_size,
+        block_size: taken.block_size,
+        created_ns,
+        description: taken.description,
+        tags: taken.tags,
+        source: taken.source,
+        root_digest: manifest::root_digest(&taken.blocks),
+        stats: taken.stats,
+    };
+    let m = Manifest {
+        meta,
+        blocks: taken.blocks,
+    };
+    region.write_snapshot(&m)?;
+    Ok(m.meta)
 }
 
 /// Snapshots the volume at `path` into `region`.
@@ -178,74 +299,20 @@ pub fn create(
         block_size,
         &pool,
         progress,
-        |pos, content| {
-            Ok(match content {
-                Content::Hole => Outcome::Hole,
-                Content::Zero => Outcome::Zero,
-                Content::Data { bytes, id } => {
-                    let block = Block::Data(id);
-                    if parent_blocks.get(pos.index as usize) == Some(&block)
-                        && chain::reusable(store, &id, parent_committed)?
-                    {
-                        Outcome::Unchanged(block)
-                    } else if chain::present_and_sound(store, &id)? {
-                        Outcome::Known(block, bytes.len() as u64)
-                    } else {
-                        // A delta first: when it works, the block is not
-                        // compressed a second time.
-                        let delta = match parent_blocks.get(pos.index as usize) {
-                            Some(Block::Data(base)) if opts.delta => {
-                                delta_against(store, base, bytes)
-                            }
-                            _ => None,
-                        };
-                        let stored = match delta {
-                            Some(d) => d,
-                            None => chunk::encode(bytes)?,
-                        };
-                        if store.put(&id, &stored)? {
-                            Outcome::New {
-                                block,
-                                raw: bytes.len() as u64,
-                                stored: stored.len() as u64,
-                            }
-                        } else {
-                            Outcome::Known(block, bytes.len() as u64)
-                        }
-                    }
-                }
-            })
+        |pos, content| match content {
+            Content::Hole => Ok(Outcome::Hole),
+            Content::Zero => Ok(Outcome::Zero),
+            Content::Data { bytes, id } => store_block(
+                store,
+                parent_blocks.get(pos.index as usize),
+                parent_committed,
+                bytes,
+                id,
+                opts.delta,
+            ),
         },
         |pos, outcome| {
-            let block = match outcome {
-                Outcome::Hole => {
-                    stats.hole_blocks += 1;
-                    Block::Hole
-                }
-                Outcome::Zero => {
-                    stats.zero_blocks += 1;
-                    Block::Zero
-                }
-                Outcome::Unchanged(b) => {
-                    stats.data_blocks += 1;
-                    stats.unchanged_blocks += 1;
-                    stats.reused_bytes += pos.len as u64;
-                    b
-                }
-                Outcome::Known(b, raw) => {
-                    stats.data_blocks += 1;
-                    stats.reused_bytes += raw;
-                    b
-                }
-                Outcome::New { block, raw, stored } => {
-                    stats.data_blocks += 1;
-                    stats.new_chunks += 1;
-                    stats.new_bytes_raw += raw;
-                    stats.new_bytes_stored += stored;
-                    block
-                }
-            };
-            blocks.push(block);
+            blocks.push(tally(&mut stats, pos.len as u64, outcome));
             Ok(())
         },
     )?;
@@ -259,26 +326,20 @@ pub fn create(
         ));
     }
 
-    let created_ns = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    let meta = SnapshotMeta {
-        id: SnapshotId::random(),
-        parent: parent.map(|p| p.meta.id),
-        owner,
-        volume_size: size,
-        block_size,
-        created_ns,
-        description: opts.description.clone(),
-        tags: opts.tags.clone(),
-        source,
-        root_digest: manifest::root_digest(&blocks),
-        stats,
-    };
-    let m = Manifest { meta, blocks };
-    region.write_snapshot(&m)?;
-    Ok(m.meta)
+    commit(
+        region,
+        Taken {
+            parent: parent.map(|p| p.meta.id),
+            owner,
+            volume_size: size,
+            block_size,
+            description: opts.description.clone(),
+            tags: opts.tags.clone(),
+            source,
+            blocks,
+            stats,
+        },
+    )
 }
 
 /// `raw` as a delta against the parent's chunk at the same index, when that

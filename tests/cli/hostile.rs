@@ -139,13 +139,15 @@ fn seeds_decode_cleanly() {
 /// fixture and a request, and every mutation of them.
 #[test]
 fn dirty_map_and_nbd_request_decoders_survive_mutations() {
-    use blocksnap::format::dirty_map::DirtyHeader;
+    use blocksnap::format::dirty_map::{DirtyHeader, MapKind};
     use blocksnap::format::nbd::{REQUEST_LEN, Reader, Request};
     let fixture = Path::new(CORPUS).join("../v1-all-formats/overlay.img.dirty");
     let seed = std::fs::read(&fixture).unwrap();
     let p = &Location::from(fixture.as_path());
     for input in mutations(&seed) {
-        let r = std::panic::catch_unwind(|| DirtyHeader::decode(&input, p).map(|h| h.file_len()));
+        let r = std::panic::catch_unwind(|| {
+            DirtyHeader::decode(MapKind::Dirty, &input, p).map(|h| h.file_len())
+        });
         assert!(r.is_ok(), "the dirty map decoder panicked");
     }
     let request = Request {

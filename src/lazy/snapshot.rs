@@ -1,0 +1,175 @@
+//! Snapshots of lazy volumes in proportion to what changed: only the
+//! blocks the dirty map names are read, hashed and stored; every other
+//! block is taken from the snapshot underneath without being read. All
+//! overlays of one request are paused together, so the snapshots are of
+//! one instant (writes acknowledged before it are in, later ones are
+//! not); then each new snapshot goes underneath its overlay and the dirty
+//! map starts again empty.
+
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use crate::error::Result;
+use crate::format::manifest::{self, Block, SnapshotMeta, SnapshotStats, Tag};
+use crate::id::{AccountId, ChunkId};
+use crate::lazy::overlay::{Overlay, Paused};
+use crate::ops::snapshot::{self, Outcome, Taken, validate_labels};
+use crate::region::catalog::Region;
+use crate::store::pool;
+use crate::sys::LockMode;
+
+#[derive(Debug, Clone, Default)]
+pub struct LazySnapshotOptions {
+    pub description: String,
+    pub tags: Vec<Tag>,
+    /// `None`: the region's default owner.
+    pub owner: Option<AccountId>,
+    /// Worker threads; 0 means one per core.
+    pub threads: usize,
+    /// Store changed blocks as deltas against the parent's where smaller.
+    pub no_delta: bool,
+}
+
+/// One snapshot of a lazy volume, and what it cost.
+#[derive(Debug, Clone)]
+pub struct LazySnapshot {
+    pub meta: SnapshotMeta,
+    /// Blocks read (the dirty map named them).
+    pub blocks_read: u64,
+    /// Blocks taken from the parent without being read.
+    pub blocks_taken: u64,
+}
+
+/// One overlay to snapshot, and the `source` its snapshot records.
+pub struct Target<'a> {
+    pub overlay: &'a Overlay,
+    pub source: String,
+}
+
+/// Snapshots every overlay of `targets` at one instant, then puts each
+/// new snapshot underneath its overlay.
+pub fn snapshot_overlays(
+    region: &Region,
+    targets: &[Target],
+    opts: &LazySnapshotOptions,
+) -> Result<Vec<LazySnapshot>> {
+    validate_labels(&opts.description, &opts.tags)?;
+    let _lock = region.lock(LockMode::Shared, "snapshot create")?;
+    let paused = targets
+        .iter()
+        .map(|t| t.overlay.pause())
+        .collect::<Result<Vec<_>>>()?;
+    let mut taken = Vec::new();
+    for (t, p) in targets.iter().zip(&paused) {
+        match take(region, p, &t.source, opts) {
+            Ok(s) => taken.push(s),
+            Err(e) => {
+                // Nothing is underneath yet: the snapshots taken so far are
+                // of no use on their own.
+                for s in &taken {
+                    let _ = region.delete_snapshot(&s.meta.id);
+                }
+                return Err(e);
+            }
+        }
+    }
+    for (p, s) in paused.iter().zip(&taken) {
+        p.rebase(&s.meta.id)?;
+    }
+    Ok(taken)
+}
+
+/// Snapshots one paused overlay: reads the blocks its dirty map names,
+/// takes the rest from the snapshot underneath.
+fn take(
+    region: &Region,
+    paused: &Paused,
+    source: &str,
+    opts: &LazySnapshotOptions,
+) -> Result<LazySnapshot> {
+    let overlay = paused.overlay();
+    let base = overlay.base();
+    let parent = base.manifest();
+    let block_size = parent.meta.block_size;
+    let bs = block_size as u64;
+    let size = overlay.size();
+    let count = manifest::block_count(size, block_size);
+    let dirty = paused.dirty_blocks(bs)?;
+
+    let store = region.chunks();
+    let pool = pool::thread_pool_for(store, opts.threads, pool::Work::Compute)?;
+    let committed = region.snapshot_committed_at(&parent.meta.id)?;
+    let read: Vec<(u64, Outcome)> = pool.install(|| {
+        dirty
+            .par_iter()
+            .map(|&i| {
+                let len = bs.min(size - i * bs);
+                let mut bytes = vec![0u8; len as usize];
+                overlay.read_at(i * bs, &mut bytes)?;
+                let outcome = if bytes.iter().all(|&b| b == 0) {
+                    Outcome::Zero
+                } else {
+                    snapshot::store_block(
+                        store,
+                        parent.blocks.get(i as usize),
+                        committed,
+                        &bytes,
+                        ChunkId::of(&bytes),
+                        !opts.no_delta,
+                    )?
+                };
+                Ok((i, outcome))
+            })
+            .collect::<Result<Vec<_>>>()
+    })?;
+
+    let mut stats = SnapshotStats::default();
+    let mut blocks = Vec::with_capacity(count.min(1 << 20) as usize);
+    let mut read = read.into_iter().peekable();
+    for i in 0..count {
+        let len = bs.min(size - i * bs);
+        let outcome = match read.next_if(|(j, _)| *j == i) {
+            Some((_, o)) => o,
+            None => match parent.blocks.get(i as usize) {
+                Some(b @ Block::Data(_)) => Outcome::Unchanged(*b),
+                Some(Block::Zero) => Outcome::Zero,
+                Some(Block::Hole) | None => Outcome::Hole,
+            },
+        };
+        blocks.push(snapshot::tally(&mut stats, len, outcome));
+    }
+    let meta = snapshot::commit(
+        region,
+        Taken {
+            parent: Some(parent.meta.id.clone()),
+            owner: region.caller(opts.owner.as_ref()),
+            volume_size: size,
+            block_size,
+            description: opts.description.clone(),
+            tags: opts.tags.clone(),
+            source: source.to_string(),
+            blocks,
+            stats,
+        },
+    )?;
+    Ok(LazySnapshot {
+        meta,
+        blocks_read: dirty.len() as u64,
+        blocks_taken: count - dirty.len() as u64,
+    })
+}
+
+/// Snapshots one overlay this process holds (see [`snapshot_overlays`]).
+pub fn snapshot_overlay(
+    region: &Region,
+    overlay: &Arc<Overlay>,
+    source: String,
+    opts: &LazySnapshotOptions,
+) -> Result<LazySnapshot> {
+    let targets = [Target {
+        overlay: overlay.as_ref(),
+        source,
+    }];
+    Ok(snapshot_overlays(region, &targets, opts)?.remove(0))
+}
