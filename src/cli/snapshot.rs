@@ -126,12 +126,13 @@ pub fn run(
             let lazy_device = instance::lazy_device_of(&volume)?;
             if lazy_device.is_some() || is_overlay(&volume) {
                 if parent != ParentChoice::Latest || block_size.is_some() {
-                    anyhow::bail!(
+                    return Err(blocksnap::Error::InvalidArgument(format!(
                         "{} is a lazy volume: its parent is the snapshot underneath it, and its \
                          block size that snapshot's; leave out --parent, --no-parent and \
                          --block-size",
                         volume.display()
-                    );
+                    ))
+                    .into());
                 }
                 let lopts = LazySnapshotOptions {
                     description,
