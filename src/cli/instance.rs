@@ -98,6 +98,12 @@ pub fn run(region: &Arc<Region>, out: &Out, caller: AccountId, cmd: InstanceCmd)
                         dir.join(&d.volume_file).display()
                     );
                 }
+                if inst.is_lazy() {
+                    println!(
+                        "  lazy: `blocksnap instance attach {}` serves the volumes",
+                        dir.display()
+                    );
+                }
             }
             Ok(0)
         }

@@ -220,3 +220,74 @@ fn mounting_needs_a_directory_and_permission() {
     let e = env.fails(&["volume", "unmount", s(&env.path(""))], 2);
     assert!(e.contains("cannot unmount"), "{e}");
 }
+
+#[test]
+fn a_writable_mount_in_the_background_keeps_writes_in_its_overlay() {
+    use std::os::unix::fs::FileExt;
+    if !Path::new("/dev/fuse").exists() {
+        skip("no /dev/fuse: FUSE is not available here");
+        return;
+    }
+    let env = Env::new();
+    let vol = env.path("base.img");
+    let base = random_bytes(31, 4 * MIB as usize);
+    fs::write(&vol, &base).unwrap();
+    let snap = id(&env.snapshot(&vol, &[]));
+    let dir = env.path("mnt");
+    fs::create_dir_all(&dir).unwrap();
+    let overlay = env.path("overlay.img");
+    // --background returns once the mount is ready.
+    let said = env.ok(&[
+        "volume",
+        "mount",
+        &snap,
+        s(&dir),
+        "--writable",
+        "--overlay",
+        s(&overlay),
+        "--background",
+    ]);
+    assert!(said.contains("mounted at"), "{said}");
+    let file = dir.join("volume.img");
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&file)
+        .unwrap();
+    f.write_all_at(&[0xab; 65536], MIB).unwrap();
+    f.write_all_at(b"unaligned", 3 * MIB + 100).unwrap();
+    f.sync_all().unwrap();
+    // A volume does not grow.
+    assert!(f.write_all_at(b"x", 4 * MIB).is_err());
+    drop(f);
+    let mut want = base.clone();
+    want[MIB as usize..MIB as usize + 65536].fill(0xab);
+    want[3 * MIB as usize + 100..3 * MIB as usize + 109].copy_from_slice(b"unaligned");
+    assert!(fs::read(&file).unwrap() == want);
+
+    // Snapshotted through the mount's own process, from the dirty map.
+    let t = env.json(&["snapshot", "create", s(&overlay)]);
+    assert_eq!(t["BlocksRead"], 2, "{t}");
+    let out = env.path("out.img");
+    env.ok(&["volume", "restore", &id(&t), s(&out)]);
+    assert!(fs::read(&out).unwrap() == want);
+
+    env.ok(&["volume", "unmount", s(&dir)]);
+    let started = Instant::now();
+    while file.exists() {
+        assert!(started.elapsed() < Duration::from_secs(10), "still mounted");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A failing mount in the background reports its error and exit code.
+    let e = env.fails(
+        &[
+            "volume",
+            "mount",
+            &snap,
+            s(&env.path("nowhere")),
+            "--background",
+        ],
+        3,
+    );
+    assert!(e.contains("not a directory"), "{e}");
+}

@@ -703,3 +703,103 @@ fn a_writable_server_killed_mid_write_loses_no_acknowledged_write() {
         "untouched bytes changed"
     );
 }
+
+/// A writer hammers a writable export, each write a sequence number in
+/// one of 64 slots, while snapshots of the overlay are taken: each
+/// snapshot is the volume at one instant (after some write n and before
+/// n + 1), and the next is incremental against it.
+#[test]
+fn snapshots_of_a_volume_being_written_are_each_of_one_instant() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    const SLOTS: u64 = 64;
+    const SLOT_GAP: u64 = 64 * 1024;
+    let (env, base, snap, overlay) = writable_volume(23, 4 * MIB);
+    let server = Server::writable(&env, &snap, &overlay);
+    let stop = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (socket, stop, written) = (server.socket.clone(), stop.clone(), written.clone());
+        std::thread::spawn(move || {
+            let mut c = raw::Client::connect(&socket);
+            c.go("rw");
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let block: Vec<u8> = n.to_le_bytes().repeat(512);
+                c.request(1, (n % SLOTS) * SLOT_GAP, 4096, &block);
+                assert_eq!(c.simple(0), 0, "write {n} failed");
+                written.store(n, Ordering::Relaxed);
+            }
+        })
+    };
+    let mut taken = Vec::new();
+    for _ in 0..4 {
+        std::thread::sleep(Duration::from_millis(300));
+        taken.push(env.json(&["snapshot", "create", s(&overlay)]));
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    assert!(
+        written.load(Ordering::Relaxed) > 100,
+        "the writer barely ran"
+    );
+    drop(server);
+
+    let mut instants = Vec::new();
+    for (k, t) in taken.iter().enumerate() {
+        if k > 0 {
+            // Each is incremental on the one before, reading at most the
+            // blocks the writer touched.
+            assert_eq!(t["ParentSnapshotId"], taken[k - 1]["SnapshotId"], "{t}");
+            assert!(t["BlocksRead"].as_u64().unwrap() <= 8, "{t}");
+        }
+        let out = env.path(&format!("pit{k}.img"));
+        env.ok(&["volume", "restore", &id(t), s(&out)]);
+        let got = std::fs::read(&out).unwrap();
+        // Every slot holds one whole write (or the snapshot's bytes).
+        let values: Vec<Option<u64>> = (0..SLOTS)
+            .map(|slot| {
+                let at = (slot * SLOT_GAP) as usize;
+                let cell = &got[at..at + 4096];
+                if cell == &base[at..at + 4096] {
+                    return None;
+                }
+                let v = u64::from_le_bytes(cell[..8].try_into().unwrap());
+                assert!(
+                    cell.chunks(8).all(|c| c == v.to_le_bytes()),
+                    "slot {slot} is torn in snapshot {k}"
+                );
+                assert_eq!(v % SLOTS, slot, "slot {slot} holds write {v}");
+                Some(v)
+            })
+            .collect();
+        // The instant: the newest write in it; every slot then holds the
+        // newest write to it up to that one.
+        let m = values.iter().flatten().max().copied().unwrap_or(0);
+        for (slot, v) in values.iter().enumerate() {
+            let slot = slot as u64;
+            let expect = (m >= slot)
+                .then(|| m - (m - slot) % SLOTS)
+                .filter(|&e| e > 0);
+            assert_eq!(
+                *v, expect,
+                "snapshot {k} is not of one instant (newest write {m})"
+            );
+        }
+        // Outside the slots, the snapshot's bytes.
+        let mut rest = got.clone();
+        let mut want = base.clone();
+        for slot in 0..SLOTS {
+            let at = (slot * SLOT_GAP) as usize;
+            rest[at..at + 4096].fill(0);
+            want[at..at + 4096].fill(0);
+        }
+        assert!(rest == want, "snapshot {k} changed bytes nobody wrote");
+        instants.push(m);
+    }
+    assert!(
+        instants.windows(2).all(|w| w[0] <= w[1]) && instants[3] > instants[0],
+        "snapshots do not follow the writer: {instants:?}"
+    );
+}
