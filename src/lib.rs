@@ -18,7 +18,7 @@
 //! ```text
 //! cli (the binary)      parse, dispatch, print; exit codes
 //!   image/              AMIs and instances, built out of snapshot operations
-//!   lazy/               snapshots used in place: a reader, NBD and FUSE
+//!   lazy/               snapshots used in place: a reader, overlays, NBD, FUSE, dirty-map snapshots
 //!   ops/                operations on a region's snapshots, one file each
 //!   region/             a region over a backend (local, s3/): catalog, images, permissions
 //!   store/  volume/     chunks (trait, local, chains, pools) | the disk being read or written
@@ -36,9 +36,11 @@
 //!   definitions, the S3 backend, image and permission files.
 //! - [`ops`]: snapshot, restore, volume verify, gc, store verify, access.
 //! - [`lazy`]: a snapshot read in place (only the chunks a read touches,
-//!   a bounded cache), served over NBD (`volume serve`) or as a FUSE file
-//!   (`volume mount`).
-//! - [`image`]: image rules, register/deregister, create, instances, copy.
+//!   a bounded cache), made writable through an overlay and its dirty map,
+//!   served over NBD (`volume serve`) or as FUSE files (`volume mount`),
+//!   snapshotted from the dirty map, controlled over a socket.
+//! - [`image`]: image rules, register/deregister, create, instances (lazy
+//!   ones too), copy.
 //! - Foundation: [`error`], [`id`], [`progress`], [`settings`] (the tuning
 //!   values the binary parses once), `sys` (the only `unsafe`).
 //!
@@ -131,4 +133,4 @@ pub use error::{Error, ErrorKind, Result};
 pub use format::manifest::{Block, Manifest, SnapshotMeta, SnapshotStats, Tag};
 pub use id::{AccountId, ChunkId, ImageId, InstanceId, SnapshotId};
 pub use region::catalog::Region;
-pub use sys::{LockMode, default_sigpipe, detach_command, ignore_sigpipe};
+pub use sys::{LockMode, default_sigpipe, detach_command, ignore_sigpipe, limit_malloc_arenas};

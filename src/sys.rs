@@ -363,6 +363,21 @@ pub fn detach_command(cmd: &mut std::process::Command) {
     }
 }
 
+/// Caps glibc's malloc arenas for a long-running server: with one arena
+/// per thread, the blocks a cache frees in one thread's arena are not
+/// reused by another's, and a FUSE server with a 64 MiB cache grew to
+/// 180 MiB (110 MiB with two arenas); with one it stays near 80 MiB. Its
+/// threads allocate once per request, so sharing one arena costs nothing
+/// measurable. Best effort; a no-op elsewhere.
+pub fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt takes two integers and changes allocator settings
+    // only.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

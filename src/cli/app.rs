@@ -100,6 +100,14 @@ fn store_root(global: &Global) -> Result<PathBuf> {
 
 /// Runs a parsed command line; the returned number is the exit code.
 pub fn run(cli: Cli) -> Result<u8> {
+    // A long-running server of lazy volumes: before any thread starts.
+    if matches!(
+        &cli.command,
+        Command::Volume(VolumeCmd::Serve { .. } | VolumeCmd::Mount { .. })
+            | Command::Instance(InstanceCmd::Attach { .. })
+    ) {
+        blocksnap::limit_malloc_arenas();
+    }
     let g = &cli.global;
     let account = g
         .account
