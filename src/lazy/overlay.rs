@@ -591,6 +591,33 @@ impl Paused<'_> {
         self.overlay
     }
 
+    /// Overwrites the parts of `buf` (the volume's bytes from `offset` as
+    /// the snapshot underneath has them) that were written since, from the
+    /// overlay.
+    pub fn read_dirty_into(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let o = self.overlay;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let g = o.granule;
+        let end = offset + buf.len() as u64;
+        let (first, last) = (offset / g, (end - 1) / g);
+        let bytes = o.dirty.bytes(first / 8, last / 8)?;
+        for i in first..=last {
+            if bytes[(i / 8 - first / 8) as usize] & (1 << (i % 8)) == 0 {
+                continue;
+            }
+            let (from, to) = ((i * g).max(offset), ((i + 1) * g).min(end));
+            o.data
+                .read_exact_at(
+                    &mut buf[(from - offset) as usize..(to - offset) as usize],
+                    from,
+                )
+                .ctx("read overlay", &o.data_path)?;
+        }
+        Ok(())
+    }
+
     /// The indexes of the blocks of `block_size` bytes that hold a granule
     /// written since the snapshot underneath was taken, in order. Reads the
     /// bitmap a window at a time: memory follows the dirty blocks.

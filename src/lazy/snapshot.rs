@@ -16,7 +16,7 @@ use crate::id::{AccountId, ChunkId};
 use crate::lazy::overlay::{Overlay, Paused};
 use crate::ops::snapshot::{self, Outcome, Taken, validate_labels};
 use crate::region::catalog::Region;
-use crate::store::pool;
+use crate::store::{chain, pool};
 use crate::sys::LockMode;
 
 #[derive(Debug, Clone, Default)]
@@ -104,19 +104,31 @@ fn take(
         dirty
             .par_iter()
             .map(|&i| {
-                let len = bs.min(size - i * bs);
-                let mut bytes = vec![0u8; len as usize];
-                overlay.read_at(i * bs, &mut bytes)?;
+                let len = bs.min(size - i * bs) as usize;
+                // The parent's block, loaded once: the base of the new
+                // bytes and of their delta.
+                let parent_block = parent.blocks.get(i as usize);
+                let mut base_raw = Vec::new();
+                let depth = match parent_block {
+                    Some(Block::Data(id)) => chain::load_into(store, id, &mut base_raw)?,
+                    _ => 0,
+                };
+                // A delta's base is the chunk as stored, never padded.
+                let stored_len = base_raw.len();
+                base_raw.resize(len, 0);
+                let mut bytes = base_raw.clone();
+                paused.read_dirty_into(i * bs, &mut bytes)?;
                 let outcome = if bytes.iter().all(|&b| b == 0) {
                     Outcome::Zero
                 } else {
                     snapshot::store_block(
                         store,
-                        parent.blocks.get(i as usize),
+                        parent_block,
                         committed,
                         &bytes,
                         ChunkId::of(&bytes),
                         !opts.no_delta,
+                        Some((&base_raw[..stored_len], depth)),
                     )?
                 };
                 Ok((i, outcome))

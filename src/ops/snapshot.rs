@@ -113,9 +113,14 @@ pub enum Outcome {
     },
 }
 
+/// The parent's block, already loaded: its raw bytes and the depth of its
+/// delta chain (`chain::load_into`).
+pub type LoadedBase<'a> = (&'a [u8], u8);
+
 /// Stores data block `bytes` (named `id`) unless it is the parent's block
 /// at the same index or already stored; with `delta`, a new block is
-/// stored as a delta against the parent's when that is much smaller.
+/// stored as a delta against the parent's when that is much smaller
+/// (`loaded`: the parent's block, when the caller has read it already).
 pub fn store_block(
     store: &dyn ChunkStore,
     parent_block: Option<&Block>,
@@ -123,6 +128,7 @@ pub fn store_block(
     bytes: &[u8],
     id: ChunkId,
     delta: bool,
+    loaded: Option<LoadedBase>,
 ) -> Result<Outcome> {
     let block = Block::Data(id);
     Ok(
@@ -134,7 +140,7 @@ pub fn store_block(
             // A delta first: when it works, the block is not compressed a
             // second time.
             let delta = match parent_block {
-                Some(Block::Data(base)) if delta => delta_against(store, base, bytes),
+                Some(Block::Data(base)) if delta => delta_against(store, base, bytes, loaded),
                 _ => None,
             };
             let stored = match delta {
@@ -309,6 +315,7 @@ pub fn create(
                 bytes,
                 id,
                 opts.delta,
+                None,
             ),
         },
         |pos, outcome| {
@@ -349,12 +356,23 @@ pub fn create(
 /// plain). When the parent's chain is already as deep as allowed, the delta
 /// is taken against the chain's root, the plain chunk it started from,
 /// which keeps chains short on blocks that change in every snapshot.
-fn delta_against(store: &dyn ChunkStore, base: &ChunkId, raw: &[u8]) -> Option<Vec<u8>> {
+fn delta_against(
+    store: &dyn ChunkStore,
+    base: &ChunkId,
+    raw: &[u8],
+    loaded: Option<LoadedBase>,
+) -> Option<Vec<u8>> {
     let limit = raw.len() - raw.len() / 8;
     let mut base_raw = Vec::new();
-    let depth = chain::load_into(store, base, &mut base_raw).ok()?;
+    let (base_bytes, depth) = match loaded {
+        Some(l) => l,
+        None => {
+            let depth = chain::load_into(store, base, &mut base_raw).ok()?;
+            (&base_raw[..], depth)
+        }
+    };
     if depth < chunk::MAX_DEPTH {
-        return chunk::encode_delta(raw, base, &base_raw, depth, limit);
+        return chunk::encode_delta(raw, base, base_bytes, depth, limit);
     }
     let mut root = *base;
     for _ in 0..chunk::MAX_DEPTH {
