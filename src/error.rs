@@ -207,6 +207,17 @@ pub enum Error {
         image: ImageId,
     },
 
+    #[error(
+        "snapshot {snapshot} is under lazy volume {overlay} on {host}, which still reads it: \
+         terminate its instance or delete the overlay first (or hydrate it, snapshot it, and \
+         delete the snapshot that then goes underneath instead)"
+    )]
+    SnapshotUnderLazyVolume {
+        snapshot: SnapshotId,
+        overlay: String,
+        host: String,
+    },
+
     #[error("{0}")]
     InvalidInstance(String),
 
@@ -267,7 +278,8 @@ impl Error {
             | Error::TargetTooSmall { .. }
             | Error::Locked { .. }
             | Error::ImageDeregistered(_)
-            | Error::SnapshotInUse { .. } => ErrorKind::Conflict,
+            | Error::SnapshotInUse { .. }
+            | Error::SnapshotUnderLazyVolume { .. } => ErrorKind::Conflict,
             Error::Io { .. }
             | Error::NoSpace { .. }
             | Error::VolumeShrank { .. }

@@ -378,6 +378,31 @@ pub fn limit_malloc_arenas() {
     }
 }
 
+/// This machine's host name (`uname -n`), or "localhost" when it cannot
+/// be read.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// Whether `path` lies on a FUSE file system (`statfs`), such as the
+/// mount `instance attach` puts over an instance directory.
+pub fn on_fuse(path: &std::path::Path) -> bool {
+    const FUSE_SUPER_MAGIC: libc::c_long = 0x6573_5546;
+    let Ok(p) = c_path(path) else {
+        return false;
+    };
+    // SAFETY: `p` is NUL-terminated and lives across the call; `buf` is a
+    // live, zeroed statfs the call fills.
+    unsafe {
+        let mut buf: libc::statfs = std::mem::zeroed();
+        libc::statfs(p.as_ptr(), &mut buf) == 0 && buf.f_type as libc::c_long == FUSE_SUPER_MAGIC
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -430,7 +430,7 @@ pub fn run(
                     "ImageId": id.as_str(),
                     "State": "deregistered",
                     "DeletedSnapshots": r.deleted_snapshots.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
-                    "KeptSnapshots": r.kept_snapshots.iter().map(|k| json!({"SnapshotId": k.snapshot.as_str(), "UsedBy": k.used_by.as_str()})).collect::<Vec<_>>(),
+                    "KeptSnapshots": r.kept_snapshots.iter().map(|k| json!({"SnapshotId": k.snapshot.as_str(), "UsedBy": k.used_by.name()})).collect::<Vec<_>>(),
                 }));
             } else {
                 println!("{id} deregistered");
@@ -438,10 +438,7 @@ pub fn run(
                     println!("  deleted {s}");
                 }
                 for k in &r.kept_snapshots {
-                    println!(
-                        "  kept {}: registered image {} still uses it",
-                        k.snapshot, k.used_by
-                    );
+                    println!("  kept {}: {} still uses it", k.snapshot, k.used_by);
                 }
                 if !r.deleted_snapshots.is_empty() {
                     println!("  run `blocksnap store gc` to reclaim chunks no snapshot needs");

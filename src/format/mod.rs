@@ -16,6 +16,7 @@
 //! | `FILE.dirty` (beside a writable overlay) | `BSDM`                                  | 1       | [`dirty_map`]  |
 //! | `FILE.present` (beside an overlay)       | `BSPM`                                  | 1       | [`dirty_map`]  |
 //! | control socket messages (not stored)     | JSON lines with `Version`               | 1       | [`control`]    |
+//! | `leases/<snap>/<key>.json`               | `blocksnap-lease`                       | 1       | [`lease`]      |
 //!
 //! # The rule: never modify, only add
 //!
@@ -37,6 +38,7 @@ pub mod dirty_map;
 pub mod envelope;
 pub mod image;
 pub mod instance;
+pub mod lease;
 pub mod manifest;
 pub mod nbd;
 pub mod region;

@@ -11,6 +11,7 @@ use crate::format::image::{
 use crate::format::manifest::Tag;
 use crate::id::{AccountId, ImageId, SnapshotId};
 use crate::image::rules::{check_labels, host_architecture, validate_mappings};
+use crate::ops::access::check_no_lazy_volume;
 use crate::region::catalog::Region;
 use crate::region::images::{
     self, ImageView, read, users_of, write_new, write_permissions, write_state,
@@ -141,7 +142,34 @@ pub struct DeregisterReport {
 #[derive(Debug, Clone)]
 pub struct KeptSnapshot {
     pub snapshot: SnapshotId,
-    pub used_by: ImageId,
+    pub used_by: SnapshotUser,
+}
+
+/// What still needs a snapshot that deregistering would have deleted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SnapshotUser {
+    Image(ImageId),
+    /// A lazy volume: its overlay's path.
+    LazyVolume(String),
+}
+
+impl SnapshotUser {
+    /// The image id or the overlay's path.
+    pub fn name(&self) -> &str {
+        match self {
+            SnapshotUser::Image(i) => i.as_str(),
+            SnapshotUser::LazyVolume(p) => p,
+        }
+    }
+}
+
+impl std::fmt::Display for SnapshotUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SnapshotUser::Image(i) => write!(f, "registered image {i}"),
+            SnapshotUser::LazyVolume(p) => write!(f, "lazy volume {p}"),
+        }
+    }
 }
 
 /// Deregisters an image; owner only (DeregisterImage). With
@@ -175,7 +203,17 @@ pub fn deregister(
                 continue;
             }
             seen.push(snap);
-            match users_of(&others, snap).into_iter().find(|o| o != id) {
+            let user = match users_of(&others, snap).into_iter().find(|o| o != id) {
+                Some(image) => Some(SnapshotUser::Image(image)),
+                None => match check_no_lazy_volume(region, snap) {
+                    Ok(()) => None,
+                    Err(Error::SnapshotUnderLazyVolume { overlay, .. }) => {
+                        Some(SnapshotUser::LazyVolume(overlay))
+                    }
+                    Err(e) => return Err(e),
+                },
+            };
+            match user {
                 Some(user) => report.kept_snapshots.push(KeptSnapshot {
                     snapshot: snap.clone(),
                     used_by: user,

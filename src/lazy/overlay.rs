@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use crate::error::{Error, IoContext, Location, Result};
 use crate::format::dirty_map::{DEFAULT_GRANULE, DirtyHeader, HEADER_LEN, MapKind};
+use crate::format::lease::Lease;
 use crate::id::SnapshotId;
 use crate::lazy::reader::{LazyVolume, ReadFailure};
 use crate::region::catalog::Region;
@@ -195,6 +196,8 @@ pub fn is_overlay(path: &Path) -> bool {
 
 /// The overlay at `path` and its maps at `path.dirty` and `path.present`.
 pub struct Overlay {
+    /// This overlay's lease on the snapshot underneath.
+    lease: Lease,
     data: File,
     data_path: PathBuf,
     dirty: MapFile,
@@ -313,8 +316,19 @@ impl Overlay {
                 )));
             }
         }
+        // The snapshot underneath must outlive the overlay: `snapshot
+        // delete` refuses it while this lease stands.
+        let lease = Lease::new(
+            &crate::sys::hostname(),
+            &std::fs::canonicalize(path)
+                .ctx("resolve", path)?
+                .display()
+                .to_string(),
+        );
+        region.add_lease(&header.snapshot, &lease)?;
         let base = LazyVolume::open(region, &header.snapshot, cache)?;
         Ok(Overlay {
+            lease,
             data,
             data_path: path.to_path_buf(),
             dirty,
@@ -655,8 +669,7 @@ impl Paused<'_> {
     /// dirty bits are cleared last (until then they over-report).
     pub fn rebase(&self, snapshot: &SnapshotId) -> Result<()> {
         let o = self.overlay;
-        let region = o.base().region().clone();
-        let base = LazyVolume::open(region, snapshot, o.cache)?;
+        let base = LazyVolume::open(o.base().region().clone(), snapshot, o.cache)?;
         if base.size() != o.size || base.meta().parent.as_ref() != Some(&o.base().meta().id) {
             return Err(Error::InvalidArgument(format!(
                 "{snapshot} was not taken of overlay {}",
@@ -676,6 +689,9 @@ impl Paused<'_> {
             b0 = b1 + 1;
         }
         o.present.sync()?;
+        let region = o.base().region().clone();
+        let old = o.base().meta().id.clone();
+        region.add_lease(snapshot, &o.lease)?;
         o.dirty.write_header(&DirtyHeader {
             granule: o.granule as u32,
             volume_size: o.size,
@@ -691,7 +707,8 @@ impl Paused<'_> {
             }
             b0 = b1 + 1;
         }
-        o.dirty.sync()
+        o.dirty.sync()?;
+        region.remove_lease(&old, &o.lease.key())
     }
 }
 

@@ -9,7 +9,10 @@
 //! `snapshot-permissions/<snap-id>.json` (the image files' checksummed JSON
 //! envelope); a snapshot without that file is private.
 
-use crate::error::{Error, Result};
+use std::path::Path;
+
+use crate::error::{Error, Location, Result};
+use crate::format::dirty_map::{DirtyHeader, HEADER_LEN, MapKind};
 use crate::format::image::CreateVolumePermissions;
 use crate::format::manifest::SnapshotMeta;
 use crate::id::{AccountId, SnapshotId};
@@ -136,7 +139,50 @@ pub fn delete(region: &Region, id: &SnapshotId, caller: &AccountId) -> Result<()
     let _lock = region.lock(LockMode::Shared, "snapshot delete")?;
     check_owned(region, id, caller, "delete")?;
     check_snapshot_unused(region, id)?;
+    check_no_lazy_volume(region, id)?;
     region.delete_snapshot(id)
+}
+
+/// Refuses a snapshot that a lazy volume (an overlay) still reads, as its
+/// lease in the region says. A lease of this host whose overlay is gone,
+/// or no longer over this snapshot, is stale: it is dropped. An overlay
+/// under a FUSE mount (an attached instance hides its directory) counts as
+/// there.
+pub fn check_no_lazy_volume(region: &Region, id: &SnapshotId) -> Result<()> {
+    let here = crate::sys::hostname();
+    for (key, lease) in region.leases(id)? {
+        if lease.host == here && !overlay_reads(Path::new(&lease.overlay), id) {
+            region.remove_lease(id, &key)?;
+            continue;
+        }
+        return Err(Error::SnapshotUnderLazyVolume {
+            snapshot: id.clone(),
+            overlay: lease.overlay,
+            host: lease.host,
+        });
+    }
+    Ok(())
+}
+
+/// Whether the overlay at `overlay` may still read snapshot `id`: its dirty
+/// map names it, or cannot be read to say otherwise.
+fn overlay_reads(overlay: &Path, id: &SnapshotId) -> bool {
+    let mut map = overlay.as_os_str().to_os_string();
+    map.push(MapKind::Dirty.suffix());
+    let map = std::path::PathBuf::from(map);
+    let mut head = vec![0u8; HEADER_LEN];
+    let read = std::fs::File::open(&map).and_then(|f| {
+        use std::io::Read;
+        f.take(HEADER_LEN as u64).read_exact(&mut head)
+    });
+    match read {
+        Ok(()) => DirtyHeader::decode(MapKind::Dirty, &head, &Location::from(map.as_path()))
+            .map_or(true, |h| h.snapshot == *id),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            overlay.parent().is_some_and(crate::sys::on_fuse)
+        }
+        Err(_) => true,
+    }
 }
 
 /// Which snapshots `snapshot list` shows, as DescribeSnapshots filters

@@ -9,6 +9,7 @@ use std::path::Path;
 use std::time::SystemTime;
 
 use crate::error::{Error, IoContext, Location, Result};
+use crate::format::lease::{self, Lease, MAX_LEASE};
 use crate::format::manifest::{self, Manifest, SnapshotMeta};
 use crate::format::region::{
     MAX_STORE_JSON, RegionInfo, STORE_FORMAT, STORE_VERSION, decode_region_info, encode_region_info,
@@ -253,6 +254,38 @@ impl Region {
         } else {
             Err(self.not_found(id))
         }
+    }
+
+    /// Records that the lazy volume `lease` names reads snapshot `id`.
+    pub fn add_lease(&self, id: &SnapshotId, lease: &Lease) -> Result<()> {
+        self.backend.replace(
+            &format!("leases/{id}/{}.json", lease.key()),
+            &lease::encode(lease),
+        )
+    }
+
+    /// Drops the lease `key` on snapshot `id`, if there is one.
+    pub fn remove_lease(&self, id: &SnapshotId, key: &str) -> Result<()> {
+        self.backend.remove(&format!("leases/{id}/{key}.json"))?;
+        Ok(())
+    }
+
+    /// The leases on snapshot `id`: each key and lease.
+    pub fn leases(&self, id: &SnapshotId) -> Result<Vec<(String, Lease)>> {
+        let mut out = Vec::new();
+        for name in self.backend.list(&format!("leases/{id}"))? {
+            let Some(key) = name.strip_suffix(".json") else {
+                continue;
+            };
+            let k = format!("leases/{id}/{name}");
+            if let Some(bytes) = self.backend.read(&k, "lease", MAX_LEASE)? {
+                out.push((
+                    key.to_string(),
+                    lease::decode(&bytes, &self.backend.locate(&k))?,
+                ));
+            }
+        }
+        Ok(out)
     }
 
     /// Ids of every snapshot manifest present, sorted.
