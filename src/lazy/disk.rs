@@ -3,12 +3,15 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::error::{Error, IoContext, Result};
+use crate::id::SnapshotId;
+use crate::lazy::control;
 use crate::lazy::overlay::{Overlay, ReadError};
 use crate::lazy::reader::LazyVolume;
+use crate::region::catalog::Region;
 
 pub enum Disk {
     Snapshot(Box<LazyVolume>),
@@ -21,6 +24,31 @@ pub enum Disk {
 }
 
 impl Disk {
+    /// Snapshot `id` of `region`, read-only, or writable through the
+    /// overlay at `overlay` (created on first use, continued after; its
+    /// control socket answers snapshot requests while it is served).
+    pub fn open(
+        region: &Arc<Region>,
+        id: &SnapshotId,
+        overlay: Option<&Path>,
+        cache: usize,
+    ) -> Result<Disk> {
+        Ok(match overlay {
+            Some(path) => {
+                let size = region.read_snapshot_meta(id)?.volume_size;
+                let overlay = Arc::new(Overlay::open(
+                    path,
+                    region.clone(),
+                    Some((id, size)),
+                    cache,
+                )?);
+                control::listen_overlay(&overlay)?;
+                Disk::Overlay(overlay)
+            }
+            None => Disk::Snapshot(Box::new(LazyVolume::open(region.clone(), id, cache)?)),
+        })
+    }
+
     /// A plain file served as it is.
     pub fn file(path: PathBuf) -> Result<Disk> {
         let file = std::fs::OpenOptions::new()

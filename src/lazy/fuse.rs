@@ -23,8 +23,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::id::{AccountId, SnapshotId};
 use crate::lazy::disk::Disk;
 use crate::lazy::nbd::ServeLog;
-use crate::lazy::overlay::Overlay;
-use crate::lazy::reader::{DEFAULT_CACHE, LazyVolume};
+use crate::lazy::reader::DEFAULT_CACHE;
 use crate::ops::access::readable;
 use crate::region::catalog::Region;
 use crate::sys::LockMode;
@@ -93,20 +92,7 @@ pub fn mount(
     readable(region, id, &caller, "mount")?;
     check_mount_point(dir)?;
     let _lock = region.lock(LockMode::Shared, "volume mount")?;
-    let disk = match &opts.overlay {
-        Some(path) => {
-            let size = region.read_snapshot_meta(id)?.volume_size;
-            let overlay = Arc::new(Overlay::open(
-                path,
-                region.clone(),
-                Some((id, size)),
-                opts.cache,
-            )?);
-            crate::lazy::control::listen_overlay(&overlay)?;
-            Disk::Overlay(overlay)
-        }
-        None => Disk::Snapshot(Box::new(LazyVolume::open(region.clone(), id, opts.cache)?)),
-    };
+    let disk = Disk::open(region, id, opts.overlay.as_deref(), opts.cache)?;
     let files = vec![(VOLUME_FILE.to_string(), Entry::Disk(Arc::new(disk)))];
     serve_files(dir, files, &format!("blocksnap:{id}"), log)
 }

@@ -18,10 +18,8 @@ use std::sync::Arc;
 use crate::error::{Error, IoContext, Result};
 use crate::format::nbd::*;
 use crate::id::{AccountId, SnapshotId};
-use crate::lazy::control;
 use crate::lazy::disk::Disk;
-use crate::lazy::overlay::Overlay;
-use crate::lazy::reader::{DEFAULT_CACHE, LazyVolume};
+use crate::lazy::reader::DEFAULT_CACHE;
 use crate::ops::access::readable;
 use crate::region::catalog::Region;
 use crate::sys::LockMode;
@@ -92,20 +90,7 @@ pub fn serve(
         )));
     }
     let _lock = region.lock(LockMode::Shared, "volume serve")?;
-    let disk = match &opts.overlay {
-        Some(path) => {
-            let size = region.read_snapshot_meta(id)?.volume_size;
-            let overlay = Arc::new(Overlay::open(
-                path,
-                region.clone(),
-                Some((id, size)),
-                opts.cache,
-            )?);
-            control::listen_overlay(&overlay)?;
-            Disk::Overlay(overlay)
-        }
-        None => Disk::Snapshot(Box::new(LazyVolume::open(region.clone(), id, opts.cache)?)),
-    };
+    let disk = Disk::open(region, id, opts.overlay.as_deref(), opts.cache)?;
     serve_exports(&opts.listen, &[(opts.name.clone(), &disk)], log)
 }
 

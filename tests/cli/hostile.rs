@@ -169,3 +169,31 @@ fn dirty_map_and_nbd_request_decoders_survive_mutations() {
         assert!(r.is_ok(), "the NBD decoders panicked");
     }
 }
+
+/// The lazy volumes' other inputs: the present map's header, a lease (read
+/// from a shared region), and a control request (read from a socket).
+#[test]
+fn present_map_lease_and_control_decoders_survive_mutations() {
+    use blocksnap::format::control::Request;
+    use blocksnap::format::dirty_map::{DirtyHeader, MapKind};
+    use blocksnap::format::lease;
+    let dir = Path::new(CORPUS).join("../v1-all-formats");
+    let p = &Location::from(dir.as_path());
+    let present = std::fs::read(dir.join("overlay.img.present")).unwrap();
+    for input in mutations(&present) {
+        let r =
+            std::panic::catch_unwind(|| DirtyHeader::decode(MapKind::Present, &input, p).is_ok());
+        assert!(r.is_ok(), "the present map decoder panicked");
+    }
+    let lease_json = std::fs::read(dir.join("lease.json")).unwrap();
+    for input in mutations(&lease_json) {
+        let r = std::panic::catch_unwind(|| lease::decode(&input, p).is_ok());
+        assert!(r.is_ok(), "the lease decoder panicked");
+    }
+    let request = br#"{"Version":1,"Op":"Snapshot","Devices":["/dev/xvda"],"Description":"d","Tags":[{"Key":"k","Value":"v"}],"Owner":null,"Threads":0,"NoDelta":false}"#;
+    assert!(serde_json::from_slice::<Request>(request).is_ok());
+    for input in mutations(request) {
+        let r = std::panic::catch_unwind(|| serde_json::from_slice::<Request>(&input).is_ok());
+        assert!(r.is_ok(), "the control request decoder panicked");
+    }
+}

@@ -220,16 +220,7 @@ fn a_lazy_instance_changed_by_ext4_snapshots_only_what_was_written() {
     assert_eq!(third["BlocksRead"], 1, "{third}");
 
     // gc cannot run under a served volume; terminate detaches and deletes.
-    let gc = env
-        .command(&["store", "gc"])
-        .env("BLOCKSNAP_LOCK_WAIT", "0.5")
-        .output()
-        .unwrap();
-    assert_eq!(
-        gc.status.code(),
-        Some(5),
-        "gc ran under an attached instance"
-    );
+    env.gc_is_held_off("under an attached instance");
     let t = env.ok(&["instance", "terminate", s(&dir)]);
     assert!(t.contains("deleted"), "{t}");
     attached.wait();

@@ -232,13 +232,7 @@ fn a_dead_holders_lock_goes_stale_and_gc_clears_it() {
     writer.wait().unwrap();
     assert_eq!(env.count_stored("local", "locks"), 1);
     // ...blocks gc until it is stale by the store's clock.
-    let out = env
-        .command(&["store", "gc"])
-        .env("BLOCKSNAP_LOCK_WAIT", "0.5")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(5), "{out:?}");
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = env.gc_is_held_off("beside a live writer's lock");
     assert!(err.contains("snapshot create by pid"), "{err}");
     sleep(Duration::from_secs(3));
     let gc = env

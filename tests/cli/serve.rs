@@ -175,13 +175,8 @@ fn qemu_reads_a_served_snapshot_byte_for_byte_without_a_restore() {
     qemu_ok(&["info", &server.uri()]);
 
     // While it serves, gc waits for it (it holds the region lock).
-    let gc = env
-        .command(&["store", "gc"])
-        .env("BLOCKSNAP_LOCK_WAIT", "0.5")
-        .output()
-        .unwrap();
-    assert_eq!(gc.status.code(), Some(5), "gc ran beside a served snapshot");
-    assert!(String::from_utf8_lossy(&gc.stderr).contains("locked"));
+    let err = env.gc_is_held_off("beside a served snapshot");
+    assert!(err.contains("locked"), "{err}");
     server.stop();
     env.ok(&["store", "gc"]);
 }

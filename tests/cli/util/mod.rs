@@ -264,6 +264,18 @@ impl Env {
         serde_json::from_str(&self.ok(&a)).unwrap()
     }
 
+    /// `store gc` with half a second's patience, expected to find the
+    /// region locked (exit 5) because `why`; returns its stderr.
+    pub fn gc_is_held_off(&self, why: &str) -> String {
+        let gc = self
+            .command(&["store", "gc"])
+            .env("BLOCKSNAP_LOCK_WAIT", "0.5")
+            .output()
+            .unwrap();
+        assert_eq!(gc.status.code(), Some(5), "gc ran: {why}");
+        String::from_utf8_lossy(&gc.stderr).into_owned()
+    }
+
     /// Runs and expects failure with `code`; returns stderr.
     pub fn fails(&self, args: &[&str], code: i32) -> String {
         let out = self.run(args);
