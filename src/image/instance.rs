@@ -42,6 +42,9 @@ const INSTANCE_FILE: &str = "instance.json";
 
 /// Reads `DIR/instance.json`.
 pub fn read(dir: &Path) -> Result<Instance> {
+    // A lazy instance whose attach was killed leaves a dead mount over
+    // its directory: the files are all still under it.
+    crate::lazy::fuse::clear_dead_mount(dir);
     let path = dir.join(INSTANCE_FILE);
     let bytes = read_bounded(&path, "instance description", MAX_JSON)?.ok_or_else(|| {
         Error::NotFound(format!(

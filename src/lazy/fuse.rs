@@ -151,16 +151,28 @@ pub fn serve_files(
 /// who may not unmount goes through fusermount3; failing that, ending the
 /// process is still better than serving on.
 pub fn end_mount(dir: &Path) {
-    if crate::sys::unmount_lazily(dir).is_err() {
-        let helped = std::process::Command::new("fusermount3")
+    if !unmount_lazily(dir) {
+        std::process::exit(1);
+    }
+}
+
+/// Detaches the mount at `dir` (or asks fusermount3 to); whether it went.
+fn unmount_lazily(dir: &Path) -> bool {
+    crate::sys::unmount_lazily(dir).is_ok()
+        || std::process::Command::new("fusermount3")
             .args(["-u", "-z"])
             .arg(dir)
             .status()
-            .is_ok_and(|s| s.success());
-        if !helped {
-            std::process::exit(1);
-        }
-    }
+            .is_ok_and(|s| s.success())
+}
+
+/// Takes down the mount at `dir` if its server died (it answers every
+/// call with `ENOTCONN`, "transport endpoint is not connected"), as a
+/// killed `instance attach` leaves it; whether there was one.
+pub fn clear_dead_mount(dir: &Path) -> bool {
+    // Listing asks the server (attributes may come from the kernel's cache).
+    let dead = matches!(std::fs::read_dir(dir), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN));
+    dead && unmount_lazily(dir)
 }
 
 /// Unmounts a `volume mount` at `dir`.
