@@ -11,11 +11,11 @@ use blocksnap::format::image::LaunchPermission;
 use blocksnap::format::manifest::{Block, Manifest, SnapshotMeta};
 use blocksnap::format::regions::RegionDef;
 use blocksnap::id::hex;
-use blocksnap::lazy::snapshot::LazySnapshot;
 use blocksnap::ops::check::{BadChunk, RegionStats, VerifyReport};
 use blocksnap::ops::gc::GcReport;
 use blocksnap::ops::restore::RestoreReport;
 use blocksnap::ops::snapshot::ChangedBlock;
+use blocksnap::ops::snapshot::Incremental;
 use blocksnap::ops::verify::VolumeCheck;
 use blocksnap::progress::Progress;
 use blocksnap::region::images::ImageView;
@@ -89,7 +89,7 @@ impl Out {
     }
 
     /// A snapshot of a lazy volume: also what it read and took unread.
-    pub fn lazy_snapshot_created(&self, s: &LazySnapshot) {
+    pub fn incremental_created(&self, s: &Incremental) {
         if self.json {
             let mut v = snapshot_json(&s.meta);
             v["BlocksRead"] = s.blocks_read.into();
@@ -98,7 +98,7 @@ impl Out {
         }
         self.snapshot_created(&s.meta);
         println!(
-            "  read {} blocks the dirty map names; took {} from the parent unread",
+            "  read {} blocks marked dirty; took {} from the parent unread",
             s.blocks_read, s.blocks_taken
         );
     }

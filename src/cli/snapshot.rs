@@ -24,7 +24,7 @@ use crate::cli::parse::{
 
 #[derive(Subcommand, Debug)]
 pub enum SnapshotCmd {
-    /// Snapshot a raw image file or block device [CreateSnapshot]
+    /// Snapshot a raw image file, a block device or an NBD export [CreateSnapshot]
     ///
     /// The first snapshot of a volume stores every non-zero block; later
     /// ones are incremental against the newest snapshot of the same path
@@ -35,7 +35,8 @@ pub enum SnapshotCmd {
     /// its dirty map: only the blocks written since the snapshot underneath
     /// are read, at one instant even while it is being written.
     Create {
-        /// Image file or block device (e.g. disk.img, /dev/loop3)
+        /// Image file, block device or NBD URI (e.g. disk.img, /dev/loop3,
+        /// nbd+unix:///disk?socket=/run/vm.sock, nbd://host:10809/disk)
         volume: PathBuf,
         /// Snapshot to be incremental against [default: newest of this volume]
         #[arg(long, value_name = "SNAP", conflicts_with = "no_parent")]
@@ -57,6 +58,10 @@ pub enum SnapshotCmd {
         /// Store changed blocks whole, never as deltas against the parent's
         #[arg(long)]
         no_delta: bool,
+        /// Read only the blocks qemu's dirty bitmap NAME marks (an NBD volume
+        /// exported with it); every other block is taken from --parent
+        #[arg(long, value_name = "NAME", requires = "parent")]
+        dirty_bitmap: Option<String>,
     },
     /// List the snapshots you may restore (yours, shared with you, public), oldest first [DescribeSnapshots]
     List {
@@ -106,6 +111,7 @@ pub fn run(
             tags,
             threads,
             no_delta,
+            dirty_bitmap,
         } => {
             let parent = match (parent, no_parent) {
                 (Some(p), _) => ParentChoice::Explicit(parse_snapshot(&p)?),
@@ -149,7 +155,7 @@ pub fn run(
                     }
                     None => control::snapshot_overlay_path(region, &volume, &lopts)?,
                 };
-                out.lazy_snapshot_created(&taken);
+                out.incremental_created(&taken);
                 return Ok(0);
             }
             let opts = CreateOptions {
@@ -161,6 +167,13 @@ pub fn run(
                 threads,
                 delta: !no_delta,
             };
+            if let Some(bitmap) = dirty_bitmap {
+                let bar = out.progress();
+                let taken = snapshot::create_from_bitmap(region, &volume, &bitmap, &opts, &bar)?;
+                bar.done();
+                out.incremental_created(&taken);
+                return Ok(0);
+            }
             let bar = out.progress();
             let meta = snapshot::create(region, &volume, &opts, &bar)?;
             bar.done();

@@ -36,6 +36,7 @@ pub const FLAG_SEND_FLUSH: u16 = 1 << 2;
 pub const FLAG_SEND_TRIM: u16 = 1 << 5;
 pub const FLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
 pub const FLAG_CAN_MULTI_CONN: u16 = 1 << 8;
+pub const FLAG_SEND_FAST_ZERO: u16 = 1 << 11;
 
 /// Options.
 pub const OPT_EXPORT_NAME: u32 = 1;
@@ -72,12 +73,16 @@ pub const CMD_CACHE: u16 = 5;
 pub const CMD_WRITE_ZEROES: u16 = 6;
 pub const CMD_BLOCK_STATUS: u16 = 7;
 /// Command flags.
+pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
 
 /// Structured reply flags and types.
 pub const REPLY_FLAG_DONE: u16 = 1 << 0;
 pub const REPLY_TYPE_NONE: u16 = 0;
 pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
+pub const REPLY_TYPE_ERROR_OFFSET: u16 = (1 << 15) | 2;
 pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
 pub const REPLY_TYPE_ERROR: u16 = (1 << 15) | 1;
 
@@ -101,6 +106,13 @@ pub const MAX_STRING: usize = 4096;
 
 /// The fixed part of a request.
 pub const REQUEST_LEN: usize = 28;
+/// A simple reply's header.
+pub const SIMPLE_REPLY_LEN: usize = 16;
+/// A structured reply chunk's header.
+pub const STRUCTURED_REPLY_LEN: usize = 20;
+/// A `qemu:dirty-bitmap:` context's state: the range was written.
+pub const STATE_DIRTY: u32 = 1 << 0;
+pub const DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
 
 /// A client's request, decoded from its [`REQUEST_LEN`] bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,6 +181,92 @@ pub fn structured_reply(flags: u16, kind: u16, cookie: u64, len: u32) -> [u8; 20
     b
 }
 
+/// A reply's header as a client reads it: simple or a structured chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyHeader {
+    Simple {
+        error: u32,
+        cookie: u64,
+    },
+    Structured {
+        flags: u16,
+        kind: u16,
+        cookie: u64,
+        len: u32,
+    },
+}
+
+impl ReplyHeader {
+    /// How many header bytes follow the first four (the magic), or `None`
+    /// for an unknown magic (the stream is lost).
+    pub fn rest_len(magic: [u8; 4]) -> Option<usize> {
+        match u32::from_be_bytes(magic) {
+            SIMPLE_REPLY_MAGIC => Some(SIMPLE_REPLY_LEN - 4),
+            STRUCTURED_REPLY_MAGIC => Some(STRUCTURED_REPLY_LEN - 4),
+            _ => None,
+        }
+    }
+
+    /// Decodes a whole header (magic included); `None` when malformed.
+    pub fn decode(b: &[u8]) -> Option<ReplyHeader> {
+        match (be32(b.get(0..4)?), b.len()) {
+            (SIMPLE_REPLY_MAGIC, SIMPLE_REPLY_LEN) => Some(ReplyHeader::Simple {
+                error: be32(&b[4..8]),
+                cookie: be64(&b[8..16]),
+            }),
+            (STRUCTURED_REPLY_MAGIC, STRUCTURED_REPLY_LEN) => Some(ReplyHeader::Structured {
+                flags: be16(&b[4..6]),
+                kind: be16(&b[6..8]),
+                cookie: be64(&b[8..16]),
+                len: be32(&b[16..20]),
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// A client's option: `IHAVEOPT`, the option, its data's length, its data.
+pub fn option_request(option: u32, data: &[u8]) -> Vec<u8> {
+    let mut b = IHAVEOPT.to_be_bytes().to_vec();
+    b.extend_from_slice(&option.to_be_bytes());
+    b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    b.extend_from_slice(data);
+    b
+}
+
+/// Decodes an option reply's header: the option, the reply type and the
+/// data length; `None` when the magic is wrong.
+pub fn decode_option_reply(b: &[u8; 20]) -> Option<(u32, u32, u32)> {
+    (be64(&b[0..8]) == REPLY_MAGIC).then(|| (be32(&b[8..12]), be32(&b[12..16]), be32(&b[16..20])))
+}
+
+/// A `BLOCK_STATUS` chunk's payload: the context id and its extents
+/// (length, state); `None` when malformed (no extent, a ragged tail, an
+/// empty extent).
+pub fn decode_block_status(payload: &[u8]) -> Option<(u32, Vec<(u32, u32)>)> {
+    if payload.len() < 12 || !(payload.len() - 4).is_multiple_of(8) {
+        return None;
+    }
+    let id = be32(&payload[0..4]);
+    let extents: Vec<(u32, u32)> = payload[4..]
+        .chunks_exact(8)
+        .map(|e| (be32(&e[0..4]), be32(&e[4..8])))
+        .collect();
+    extents
+        .iter()
+        .all(|&(len, _)| len > 0)
+        .then_some((id, extents))
+}
+
+/// An error chunk's payload: the error and its message; `None` when
+/// malformed.
+pub fn decode_error(payload: &[u8]) -> Option<(u32, String)> {
+    let error = be32(payload.get(0..4)?);
+    let len = be16(payload.get(4..6)?) as usize;
+    let msg = payload.get(6..6 + len)?;
+    Some((error, String::from_utf8_lossy(msg).into_owned()))
+}
+
 /// Reads big-endian integers and length-prefixed strings out of an
 /// option's data, never past its end.
 pub struct Reader<'a> {
@@ -195,6 +293,15 @@ impl<'a> Reader<'a> {
 
     pub fn u32(&mut self) -> Option<u32> {
         self.take(4).map(be32)
+    }
+
+    pub fn u64(&mut self) -> Option<u64> {
+        self.take(8).map(be64)
+    }
+
+    /// The unread rest.
+    pub fn rest(&mut self) -> &'a [u8] {
+        self.take(self.data.len()).unwrap_or_default()
     }
 
     /// A string of a `u32` length, at most [`MAX_STRING`] bytes of UTF-8.

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 use crate::error::Result;
-use crate::format::manifest::{self, Block, SnapshotMeta, SnapshotStats, Tag};
+use crate::format::manifest::{self, Block, Tag};
 use crate::id::{AccountId, ChunkId};
 use crate::lazy::overlay::{Overlay, Paused};
 use crate::ops::snapshot::{self, Outcome, Taken, validate_labels};
@@ -32,14 +32,7 @@ pub struct LazySnapshotOptions {
 }
 
 /// One snapshot of a lazy volume, and what it cost.
-#[derive(Debug, Clone)]
-pub struct LazySnapshot {
-    pub meta: SnapshotMeta,
-    /// Blocks read (the dirty map named them).
-    pub blocks_read: u64,
-    /// Blocks taken from the parent without being read.
-    pub blocks_taken: u64,
-}
+pub type LazySnapshot = crate::ops::snapshot::Incremental;
 
 /// One overlay to snapshot, and the `source` its snapshot records.
 pub struct Target<'a> {
@@ -96,6 +89,7 @@ fn take(
     let size = overlay.size();
     let count = manifest::block_count(size, block_size);
     let dirty = paused.dirty_blocks(bs)?;
+    let read_count = dirty.len() as u64;
 
     let store = region.chunks();
     let pool = pool::thread_pool_for(store, opts.threads, pool::Work::Compute)?;
@@ -136,21 +130,7 @@ fn take(
             .collect::<Result<Vec<_>>>()
     })?;
 
-    let mut stats = SnapshotStats::default();
-    let mut blocks = Vec::with_capacity(count.min(1 << 20) as usize);
-    let mut read = read.into_iter().peekable();
-    for i in 0..count {
-        let len = bs.min(size - i * bs);
-        let outcome = match read.next_if(|(j, _)| *j == i) {
-            Some((_, o)) => o,
-            None => match parent.blocks.get(i as usize) {
-                Some(b @ Block::Data(_)) => Outcome::Unchanged(*b),
-                Some(Block::Zero) => Outcome::Zero,
-                Some(Block::Hole) | None => Outcome::Hole,
-            },
-        };
-        blocks.push(snapshot::tally(&mut stats, len, outcome));
-    }
+    let (blocks, stats) = snapshot::merge_with_parent(&parent.blocks, size, block_size, read);
     let meta = snapshot::commit(
         region,
         Taken {
@@ -167,8 +147,8 @@ fn take(
     )?;
     Ok(LazySnapshot {
         meta,
-        blocks_read: dirty.len() as u64,
-        blocks_taken: count - dirty.len() as u64,
+        blocks_read: read_count,
+        blocks_taken: count - read_count,
     })
 }
 

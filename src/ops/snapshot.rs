@@ -2,11 +2,14 @@
 //! manifest-only queries.
 
 use std::path::Path;
+
+use rayon::prelude::*;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::error::{Error, Result};
 use crate::format::chunk;
 use crate::format::manifest::{self, Block, Manifest, SnapshotMeta, SnapshotStats, Tag};
+use crate::format::nbd::{DIRTY_BITMAP_PREFIX, STATE_DIRTY};
 use crate::id::{AccountId, ChunkId, SnapshotId};
 use crate::ops::access::readable;
 use crate::progress::Progress;
@@ -16,7 +19,8 @@ use crate::store::chunk_store::ChunkStore;
 use crate::store::pool;
 use crate::sys::LockMode;
 use crate::volume::blocks::{self, Content};
-use crate::volume::io::{Volume, VolumeKind, source_path};
+use crate::volume::io::{Volume, VolumeKind, is_zero, source_path};
+use crate::volume::nbd::is_nbd_uri;
 
 /// Which snapshot a new one is incremental against.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -191,6 +195,165 @@ pub fn tally(stats: &mut SnapshotStats, len: u64, outcome: Outcome) -> Block {
             block
         }
     }
+}
+
+/// The block list of a snapshot of `size` bytes made of the `changed`
+/// blocks (by index, ascending, with what storing each did) and every
+/// other block taken from `parent` without reading it; and its counts.
+pub fn merge_with_parent(
+    parent: &[Block],
+    size: u64,
+    block_size: u32,
+    changed: Vec<(u64, Outcome)>,
+) -> (Vec<Block>, SnapshotStats) {
+    let bs = block_size as u64;
+    let count = manifest::block_count(size, block_size);
+    let mut stats = SnapshotStats::default();
+    let mut blocks = Vec::with_capacity(count.min(1 << 20) as usize);
+    let mut changed = changed.into_iter().peekable();
+    for i in 0..count {
+        let len = bs.min(size - i * bs);
+        let outcome = match changed.next_if(|(j, _)| *j == i) {
+            Some((_, o)) => o,
+            None => match parent.get(i as usize) {
+                Some(b @ Block::Data(_)) => Outcome::Unchanged(*b),
+                Some(Block::Zero) => Outcome::Zero,
+                Some(Block::Hole) | None => Outcome::Hole,
+            },
+        };
+        blocks.push(tally(&mut stats, len, outcome));
+    }
+    (blocks, stats)
+}
+
+/// A snapshot made from a list of changed blocks, and what it cost.
+#[derive(Debug, Clone)]
+pub struct Incremental {
+    pub meta: SnapshotMeta,
+    /// Blocks read (a dirty map or bitmap named them).
+    pub blocks_read: u64,
+    /// Blocks taken from the parent without being read.
+    pub blocks_taken: u64,
+}
+
+/// Snapshots the NBD export at `uri` reading only the blocks qemu's dirty
+/// bitmap `bitmap` marks, taking every other block from `opts.parent`
+/// (which must be given: the snapshot taken when the bitmap was created or
+/// cleared) without reading it.
+pub fn create_from_bitmap(
+    region: &Region,
+    uri: &Path,
+    bitmap: &str,
+    opts: &CreateOptions,
+    progress: &dyn Progress,
+) -> Result<Incremental> {
+    validate_labels(&opts.description, &opts.tags)?;
+    let text = uri.to_str().filter(|s| is_nbd_uri(s)).ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "--dirty-bitmap reads qemu's dirty bitmap over NBD, and {} is no NBD URI: export \
+             the disk (qemu-nbd -B {bitmap} …) and give nbd://… or nbd+unix://…",
+            uri.display()
+        ))
+    })?;
+    let ParentChoice::Explicit(parent_id) = &opts.parent else {
+        return Err(Error::InvalidArgument(
+            "--dirty-bitmap needs --parent SNAP, the snapshot taken when the bitmap was created \
+             or cleared: the bitmap says only what changed since then"
+                .into(),
+        ));
+    };
+    let context = format!("{DIRTY_BITMAP_PREFIX}{bitmap}");
+    let volume = Volume::open_nbd(text, std::slice::from_ref(&context))?;
+    let client = volume.nbd().expect("an NBD volume");
+    if !client.has_context(&context) {
+        return Err(Error::InvalidArgument(format!(
+            "{text} offers no dirty bitmap {bitmap:?}: export it with the disk (qemu-nbd -B \
+             {bitmap}, or QMP block-export-add with \"bitmaps\": [\"{bitmap}\"])"
+        )));
+    }
+    let _lock = region.lock(LockMode::Shared, "snapshot create")?;
+    let owner = region.caller(opts.owner.as_ref());
+    readable(region, parent_id, &owner, "take as a parent")?;
+    let parent = region.read_snapshot(parent_id)?;
+    let size = volume.size();
+    if parent.meta.volume_size != size {
+        return Err(Error::InvalidArgument(format!(
+            "{parent_id} is of a {}-byte volume and {text} is {size} bytes: a dirty bitmap only \
+             says what changed on the same disk; take a full snapshot (--no-parent) instead",
+            parent.meta.volume_size
+        )));
+    }
+    let block_size = parent.meta.block_size;
+    if let Some(bs) = opts.block_size.filter(|&b| b != block_size) {
+        return Err(Error::BlockSizeMismatch {
+            parent: parent_id.clone(),
+            parent_block_size: block_size,
+            block_size: bs,
+        });
+    }
+    let bs = block_size as u64;
+    // The dirty ranges, rounded out to blocks.
+    let mut dirty: Vec<u64> = Vec::new();
+    for (at, len, state) in client.block_status(&context, 0, size)? {
+        if state & STATE_DIRTY == 0 {
+            continue;
+        }
+        for b in at / bs..=(at + len - 1) / bs {
+            if dirty.last().is_none_or(|&l| l < b) {
+                dirty.push(b);
+            }
+        }
+    }
+    let store = region.chunks();
+    let pool = pool::thread_pool_for(store, opts.threads, pool::Work::Compute)?;
+    let committed = region.snapshot_committed_at(parent_id)?;
+    progress.start("snapshot", dirty.len() as u64 * bs);
+    let read: Vec<(u64, Outcome)> = pool.install(|| {
+        dirty
+            .par_iter()
+            .map(|&i| {
+                let mut buf = vec![0u8; bs.min(size - i * bs) as usize];
+                volume.read_exact_at(&mut buf, i * bs)?;
+                let outcome = if is_zero(&buf) {
+                    Outcome::Zero
+                } else {
+                    store_block(
+                        store,
+                        parent.blocks.get(i as usize),
+                        committed,
+                        &buf,
+                        ChunkId::of(&buf),
+                        opts.delta,
+                        None,
+                    )?
+                };
+                progress.advance(buf.len() as u64);
+                Ok((i, outcome))
+            })
+            .collect::<Result<Vec<_>>>()
+    })?;
+    progress.finish();
+    let (blocks, stats) = merge_with_parent(&parent.blocks, size, block_size, read);
+    let meta = commit(
+        region,
+        Taken {
+            parent: Some(parent_id.clone()),
+            owner,
+            volume_size: size,
+            block_size,
+            description: opts.description.clone(),
+            tags: opts.tags.clone(),
+            source: source_path(uri),
+            blocks,
+            stats,
+        },
+    )?;
+    let count = manifest::block_count(size, block_size);
+    Ok(Incremental {
+        meta,
+        blocks_read: dirty.len() as u64,
+        blocks_taken: count - dirty.len() as u64,
+    })
 }
 
 /// A snapshot's manifest, once its blocks are stored.

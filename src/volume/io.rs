@@ -1,5 +1,5 @@
-//! Volumes: raw image files and block devices. Finds their size, where their
-//! holes are, and reads their blocks.
+//! Volumes: raw image files, block devices and NBD exports. Finds their
+//! size, where their holes are, and reads their blocks.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -7,19 +7,30 @@ use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, IoContext, Result};
+use crate::format::nbd::{BASE_ALLOCATION, STATE_ZERO};
 use crate::sys;
+use crate::volume::nbd::{NbdClient, NbdUri, is_nbd_uri};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VolumeKind {
     File,
     BlockDevice,
+    /// An NBD export (`nbd://…`, `nbd+unix://…`).
+    Nbd,
+}
+
+#[derive(Debug)]
+enum Source {
+    File(File),
+    Nbd(NbdClient),
 }
 
 /// An open volume, read-only.
 #[derive(Debug)]
 pub struct Volume {
+    /// The path, or the NBD URI.
     path: PathBuf,
-    file: File,
+    source: Source,
     size: u64,
     kind: VolumeKind,
     /// Size and modification time when opened, to tell whether the volume
@@ -31,6 +42,9 @@ impl Volume {
     /// Opens `path` for reading and finds its size: `BLKGETSIZE64` for a
     /// block device, the file length for a regular file.
     pub fn open(path: &Path) -> Result<Volume> {
+        if let Some(uri) = path.to_str().filter(|s| is_nbd_uri(s)) {
+            return Volume::open_nbd(uri, &[]);
+        }
         // Non-blocking, so a FIFO is refused by its type instead of
         // hanging the open until a writer appears.
         let file = match sys::open_nonblocking(path, false, false) {
@@ -46,18 +60,49 @@ impl Volume {
         let stamp = stamp(&file, path)?;
         Ok(Volume {
             path: path.to_path_buf(),
-            file,
+            source: Source::File(file),
             size,
             kind,
             stamp,
         })
     }
 
+    /// Connects to the NBD export at `uri`, asking for `base:allocation`
+    /// (holes and zeros are not read) and the meta contexts `extra`, over
+    /// as many connections as there are cores when the server allows it.
+    pub fn open_nbd(uri: &str, extra: &[String]) -> Result<Volume> {
+        let parsed = NbdUri::parse(uri)?;
+        let mut contexts = vec![BASE_ALLOCATION.to_string()];
+        contexts.extend_from_slice(extra);
+        let connections = std::thread::available_parallelism().map_or(4, |n| n.get().min(8));
+        let client = NbdClient::connect(&parsed, &contexts, connections)?;
+        let size = client.size();
+        check_size(Path::new(uri), size)?;
+        Ok(Volume {
+            path: PathBuf::from(uri),
+            source: Source::Nbd(client),
+            size,
+            kind: VolumeKind::Nbd,
+            stamp: (size, None),
+        })
+    }
+
+    /// The NBD client of an NBD volume.
+    pub fn nbd(&self) -> Option<&NbdClient> {
+        match &self.source {
+            Source::Nbd(c) => Some(c),
+            Source::File(_) => None,
+        }
+    }
+
     /// Whether the file's size or modification time moved since it was
     /// opened: a writer was at work, so blocks read at different moments
     /// may not belong together.
     pub fn changed_since_open(&self) -> Result<bool> {
-        Ok(stamp(&self.file, &self.path)? != self.stamp)
+        match &self.source {
+            Source::File(f) => Ok(stamp(f, &self.path)? != self.stamp),
+            Source::Nbd(_) => Ok(false),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -72,19 +117,24 @@ impl Volume {
         self.kind
     }
 
-    pub fn file(&self) -> &File {
-        &self.file
-    }
-
     /// Fills `buf` from `offset`. A volume that ends early (it shrank after
     /// it was opened) is an error, never a short block.
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        read_full(&self.file, &self.path, buf, offset)
+        match &self.source {
+            Source::File(f) => read_full(f, &self.path, buf, offset),
+            Source::Nbd(c) => c.read(offset, buf),
+        }
     }
 
     /// A cursor over the data segments of this volume, for hole detection.
     pub fn data_map(&self) -> DataMap<'_> {
-        DataMap::new(&self.file, self.kind == VolumeKind::File)
+        match &self.source {
+            Source::File(f) => DataMap::new(Holes::File(f), self.kind == VolumeKind::File),
+            Source::Nbd(c) => {
+                let supported = c.has_context(BASE_ALLOCATION);
+                DataMap::new(Holes::Nbd(c, Vec::new()), supported)
+            }
+        }
     }
 }
 
@@ -97,6 +147,9 @@ fn stamp(file: &File, path: &Path) -> Result<(u64, Option<std::time::SystemTime>
 /// resolved where the path exists, so `--volume` filters and the default
 /// parent match however the path was written.
 pub fn source_path(path: &Path) -> String {
+    if let Some(uri) = path.to_str().filter(|s| is_nbd_uri(s)) {
+        return uri.to_string();
+    }
     std::fs::canonicalize(path)
         .or_else(|_| std::path::absolute(path))
         .unwrap_or_else(|_| path.to_path_buf())
@@ -159,17 +212,27 @@ pub(crate) fn open_rw(path: &Path) -> Result<File> {
 /// `SEEK_HOLE`, for ranges asked in increasing order. Files on file systems
 /// without hole support, and block devices, report data everywhere.
 pub struct DataMap<'a> {
-    file: &'a File,
+    holes: Holes<'a>,
     supported: bool,
     /// The first data segment at or after the last queried start.
     seg_start: u64,
     seg_end: u64,
 }
 
+/// Where holes are found: `SEEK_DATA`/`SEEK_HOLE`, or an NBD server's
+/// `base:allocation` extents (fetched a window at a time).
+enum Holes<'a> {
+    File(&'a File),
+    Nbd(&'a NbdClient, Vec<(u64, u64, u32)>),
+}
+
+/// How much of an NBD export's allocation is asked for at once.
+const NBD_STATUS_WINDOW: u64 = 1 << 30;
+
 impl<'a> DataMap<'a> {
-    fn new(file: &'a File, supported: bool) -> Self {
+    fn new(holes: Holes<'a>, supported: bool) -> Self {
         DataMap {
-            file,
+            holes,
             supported,
             seg_start: 0,
             seg_end: 0,
@@ -180,10 +243,14 @@ impl<'a> DataMap<'a> {
         if !self.supported {
             return Ok(true);
         }
+        let file = match &mut self.holes {
+            Holes::File(f) => *f,
+            Holes::Nbd(client, extents) => return nbd_has_data(client, extents, start, end),
+        };
         if self.seg_end <= start {
-            match sys::seek(self.file, start, sys::Seek::Data) {
+            match sys::seek(file, start, sys::Seek::Data) {
                 Ok(Some(data)) => {
-                    let hole = sys::seek(self.file, data, sys::Seek::Hole)?.unwrap_or(u64::MAX);
+                    let hole = sys::seek(file, data, sys::Seek::Hole)?.unwrap_or(u64::MAX);
                     self.seg_start = data;
                     self.seg_end = hole;
                 }
@@ -200,6 +267,30 @@ impl<'a> DataMap<'a> {
         }
         Ok(self.seg_start < end)
     }
+}
+
+/// Whether `[start, end)` of an NBD export holds any range the server
+/// does not report as reading zeros; `extents` caches its answers, asked
+/// for in increasing order.
+fn nbd_has_data(
+    client: &NbdClient,
+    extents: &mut Vec<(u64, u64, u32)>,
+    start: u64,
+    end: u64,
+) -> io::Result<bool> {
+    extents.retain(|&(at, len, _)| at + len > start);
+    if extents.last().is_none_or(|&(at, len, _)| at + len < end) {
+        let from = extents.last().map_or(start, |&(at, len, _)| at + len);
+        let n = NBD_STATUS_WINDOW.max(end - from).min(client.size() - from);
+        let more = client
+            .block_status(BASE_ALLOCATION, from, n)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        extents.extend(more);
+    }
+    Ok(extents
+        .iter()
+        .take_while(|&&(at, _, _)| at < end)
+        .any(|&(at, len, state)| at + len > start && state & STATE_ZERO == 0))
 }
 
 /// True when every byte of `buf` is zero. Checks 64 bytes at a time so the

@@ -1,11 +1,14 @@
-//! Volumes: the disk images and block devices blocksnap reads and writes.
+//! Volumes: the disk images, block devices and NBD exports blocksnap reads
+//! and writes.
 //!
-//! [`io`] opens a volume, sizes it, finds its holes and reads it; [`blocks`]
-//! cuts it into blocks and classifies and hashes them in parallel (the hot
+//! [`io`] opens a volume, sizes it, finds its holes and reads it; [`nbd`]
+//! is the client for volumes behind an NBD server; [`blocks`] cuts a
+//! volume into blocks and classifies and hashes them in parallel (the hot
 //! path of every command that reads a volume).
 //!
-//! Uses only the foundation (`error`, `id`, `progress`, `sys`): the caller
-//! brings the worker pool.
+//! Uses `format` (the NBD wire protocol) and the foundation (`error`,
+//! `id`, `progress`, `sys`): the caller brings the worker pool.
 
 pub mod blocks;
 pub mod io;
+pub mod nbd;
