@@ -24,7 +24,8 @@ use crate::store::files::{sync_dir, temp_path_for};
 use crate::store::pool::{Work, thread_pool_for};
 use crate::sys::{self, LockMode};
 use crate::volume::blocks::{BlockPos, scan};
-use crate::volume::io::{self as volume, Volume, VolumeKind, is_zero};
+use crate::volume::io::{self as volume, Volume, is_zero};
+use crate::volume::nbd::{NbdClient, is_nbd_uri};
 
 #[derive(Debug, Clone, Default)]
 pub struct RestoreOptions {
@@ -103,18 +104,11 @@ pub fn restore_in(
         )));
     }
     volume::check_size(target, size)?;
-    refuse_store_paths(region, target)?;
     let job = Job {
         store: region.chunks(),
         manifest: &m,
         pool,
         progress,
-    };
-
-    let existing = match fs::metadata(target) {
-        Ok(md) => Some(md.file_type()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-        Err(e) => return Err(e).ctx("stat restore target", target),
     };
     let mut report = RestoreReport {
         snapshot: id.clone(),
@@ -124,6 +118,16 @@ pub fn restore_in(
         blocks_written: 0,
         blocks_skipped: 0,
         bytes_written: 0,
+    };
+    if let Some(uri) = target.to_str().filter(|s| is_nbd_uri(s)) {
+        return restore_nbd(&job, uri, size, opts, report);
+    }
+    refuse_store_paths(region, target)?;
+
+    let existing = match fs::metadata(target) {
+        Ok(md) => Some(md.file_type()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).ctx("stat restore target", target),
     };
     match existing {
         None if opts.delta => {
@@ -159,10 +163,14 @@ pub fn restore_in(
                 });
             }
             report.target_size = dev_size;
+            let out = Out::Device {
+                file: &file,
+                path: target,
+            };
             if opts.delta {
-                job.delta(target, &file, VolumeKind::BlockDevice, &mut report)?;
+                job.delta(&Volume::open(target)?, &out, &mut report)?;
             } else {
-                job.full(&file, target, !opts.assume_zeroed, &mut report)?;
+                job.full(&out, !opts.assume_zeroed, &mut report)?;
             }
             file.sync_all().ctx("flush", target)?;
         }
@@ -193,7 +201,12 @@ pub fn restore_in(
             // Shrinking drops stale bytes past the end; growing adds a hole.
             file.set_len(snap_size).ctx("resize", target)?;
             file.set_len(size).ctx("resize", target)?;
-            job.delta(target, &file, VolumeKind::File, &mut report)?;
+            let out = Out::File {
+                file: &file,
+                path: target,
+                sparse: false,
+            };
+            job.delta(&Volume::open(target)?, &out, &mut report)?;
             file.sync_all().ctx("flush", target)?;
         }
         Some(ft) if ft.is_file() && !opts.force => {
@@ -205,7 +218,12 @@ pub fn restore_in(
             // place only when complete.
             let tmp = TempFile::create(target)?;
             tmp.file.set_len(size).ctx("size", &tmp.path)?;
-            job.full(&tmp.file, &tmp.path, false, &mut report)?;
+            let out = Out::File {
+                file: &tmp.file,
+                path: &tmp.path,
+                sparse: true,
+            };
+            job.full(&out, false, &mut report)?;
             // Without --force, a file that appeared at the target meanwhile
             // is never replaced.
             tmp.commit(target, opts.force)?;
@@ -261,54 +279,34 @@ impl Job<'_> {
 
     /// Writes every block into a target whose current content is ignored:
     /// data blocks always, zero and hole blocks only with `write_zeros`.
-    fn full(
-        &self,
-        file: &File,
-        path: &Path,
-        write_zeros: bool,
-        report: &mut RestoreReport,
-    ) -> Result<()> {
-        let sparse = !write_zeros;
+    fn full(&self, out: &Out, write_zeros: bool, report: &mut RestoreReport) -> Result<()> {
         let work: Vec<usize> = (0..self.manifest.blocks.len())
             .filter(|&i| write_zeros || matches!(self.manifest.blocks[i], Block::Data(_)))
             .collect();
-        let zeros = vec![
-            0u8;
-            if write_zeros {
-                self.manifest.meta.block_size as usize
-            } else {
-                0
-            }
-        ];
-        // Workers fetch and decode in parallel but take turns writing:
-        // concurrent buffered writes to one file contend on its inode lock
-        // and burn CPU spinning on it.
+        // Workers fetch and decode in parallel but take turns writing to a
+        // file: concurrent buffered writes to one file contend on its inode
+        // lock and burn CPU spinning on it. NBD connections write side by
+        // side.
         let writer = std::sync::Mutex::new(());
         let bytes: u64 = self.pool.install(|| {
             work.par_iter()
                 .map_init(Vec::new, |buf, &i| {
                     let pos = self.block_pos(i);
-                    let written = match &self.manifest.blocks[i] {
-                        Block::Data(id) => {
-                            self.fetch(id, pos, buf)?;
-                            let _turn = writer.lock().unwrap_or_else(|p| p.into_inner());
-                            if sparse {
-                                write_sparse(file, path, buf, pos.offset)?;
-                            } else {
-                                file.write_all_at(buf, pos.offset).ctx("write", path)?;
-                            }
-                            pos.len as u64
-                        }
-                        Block::Zero | Block::Hole => {
-                            let _turn = writer.lock().unwrap_or_else(|p| p.into_inner());
-                            file.write_all_at(&zeros[..pos.len], pos.offset)
-                                .ctx("write", path)?;
-                            pos.len as u64
-                        }
-                    };
-                    sys::start_writeback(file, pos.offset, pos.len as u64);
+                    if let Block::Data(id) = &self.manifest.blocks[i] {
+                        self.fetch(id, pos, buf)?;
+                        let _turn = out
+                            .serial()
+                            .then(|| writer.lock().unwrap_or_else(|p| p.into_inner()));
+                        out.data(buf, pos.offset)?;
+                    } else {
+                        let _turn = out
+                            .serial()
+                            .then(|| writer.lock().unwrap_or_else(|p| p.into_inner()));
+                        out.zeros(pos.offset, pos.len as u64)?;
+                    }
+                    out.written(pos.offset, pos.len as u64);
                     self.progress.advance(pos.len as u64);
-                    Ok::<u64, Error>(written)
+                    Ok::<u64, Error>(pos.len as u64)
                 })
                 .try_reduce(|| 0, |a, b| Ok(a + b))
         })?;
@@ -318,21 +316,14 @@ impl Job<'_> {
         Ok(())
     }
 
-    /// Hashes each target block and rewrites only those that differ.
-    fn delta(
-        &self,
-        path: &Path,
-        file: &File,
-        kind: VolumeKind,
-        report: &mut RestoreReport,
-    ) -> Result<()> {
-        let reader = Volume::open(path)?;
+    /// Hashes each block of the target (read as `reader`) and rewrites
+    /// only those that differ.
+    fn delta(&self, reader: &Volume, out: &Out, report: &mut RestoreReport) -> Result<()> {
         let snap_size = self.manifest.meta.volume_size;
-        let zeros = vec![0u8; self.manifest.meta.block_size as usize];
         let mut written = 0u64;
         let mut bytes = 0u64;
         scan(
-            &reader,
+            reader,
             snap_size,
             self.manifest.meta.block_size,
             self.pool,
@@ -346,19 +337,11 @@ impl Job<'_> {
                     Block::Data(id) => {
                         let mut buf = Vec::new();
                         self.fetch(id, pos, &mut buf)?;
-                        file.write_all_at(&buf, pos.offset).ctx("write", path)?;
-                        Ok(pos.len as u64)
+                        out.data(&buf, pos.offset)?;
                     }
-                    Block::Zero | Block::Hole => {
-                        let punched = kind == VolumeKind::File
-                            && sys::punch_hole(file, pos.offset, pos.len as u64).is_ok();
-                        if !punched {
-                            file.write_all_at(&zeros[..pos.len], pos.offset)
-                                .ctx("write", path)?;
-                        }
-                        Ok(pos.len as u64)
-                    }
+                    Block::Zero | Block::Hole => out.zeros(pos.offset, pos.len as u64)?,
                 }
+                Ok(pos.len as u64)
             },
             |_, n| {
                 if n > 0 {
@@ -373,6 +356,119 @@ impl Job<'_> {
         report.bytes_written = bytes;
         Ok(())
     }
+}
+
+/// Where restored blocks go.
+enum Out<'a> {
+    /// A regular file; `sparse`: a new one, whose zero pages are left as
+    /// holes.
+    File {
+        file: &'a File,
+        path: &'a Path,
+        sparse: bool,
+    },
+    Device {
+        file: &'a File,
+        path: &'a Path,
+    },
+    Nbd(&'a NbdClient),
+}
+
+impl Out<'_> {
+    /// Whether writers must take turns.
+    fn serial(&self) -> bool {
+        !matches!(self, Out::Nbd(_))
+    }
+
+    fn data(&self, buf: &[u8], offset: u64) -> Result<()> {
+        match self {
+            Out::File {
+                file,
+                path,
+                sparse: true,
+            } => write_sparse(file, path, buf, offset),
+            Out::File { file, path, .. } | Out::Device { file, path } => {
+                file.write_all_at(buf, offset).ctx("write", path)
+            }
+            Out::Nbd(c) => c.write(offset, buf),
+        }
+    }
+
+    /// Makes `[offset, offset + len)` read as zeros: a hole where the file
+    /// system or server can make one, written zeros otherwise.
+    fn zeros(&self, offset: u64, len: u64) -> Result<()> {
+        match self {
+            Out::File { file, path, .. } => {
+                if sys::punch_hole(file, offset, len).is_ok() {
+                    return Ok(());
+                }
+                file.write_all_at(&vec![0u8; len as usize], offset)
+                    .ctx("write", path)
+            }
+            Out::Device { file, path } => file
+                .write_all_at(&vec![0u8; len as usize], offset)
+                .ctx("write", path),
+            Out::Nbd(c) => c.write_zeroes(offset, len),
+        }
+    }
+
+    /// After a block is written: start its writeback (a file or device).
+    fn written(&self, offset: u64, len: u64) {
+        if let Out::File { file, .. } | Out::Device { file, .. } = self {
+            sys::start_writeback(file, offset, len);
+        }
+    }
+}
+
+/// Restores into the NBD export at `uri` (`qemu-nbd` over a qcow2, say):
+/// data blocks written, zero and hole blocks written as zeros
+/// (`WRITE_ZEROES`) unless `--assume-zeroed`, or with `--delta` only the
+/// blocks that differ; flushed before success is reported.
+fn restore_nbd(
+    job: &Job,
+    uri: &str,
+    size: u64,
+    opts: &RestoreOptions,
+    mut report: RestoreReport,
+) -> Result<RestoreReport> {
+    let target = Volume::open_nbd(uri, &[])?;
+    let client = target.nbd().expect("an NBD volume");
+    if client.read_only() {
+        return Err(Error::InvalidArgument(format!(
+            "{uri} is exported read-only: export it writable (qemu-nbd without -r)"
+        )));
+    }
+    let have = client.size();
+    let id = &job.manifest.meta.id;
+    if have < size {
+        return Err(Error::TargetTooSmall {
+            path: PathBuf::from(uri),
+            size: have,
+            needed: size,
+            snapshot: id.clone(),
+        });
+    }
+    if have > size && !opts.force {
+        return Err(Error::TargetSizeDiffers {
+            path: PathBuf::from(uri),
+            size: have,
+            snapshot: id.clone(),
+            needed: size,
+            outcome: format!(
+                "bytes {size} to {have} of the export would be left as they are; pass --force to \
+                 go ahead"
+            ),
+        });
+    }
+    report.target_size = have;
+    let out = Out::Nbd(client);
+    if opts.delta {
+        job.delta(&target, &out, &mut report)?;
+    } else {
+        job.full(&out, !opts.assume_zeroed, &mut report)?;
+    }
+    client.flush()?;
+    Ok(report)
 }
 
 /// Writes `data` at `offset`, skipping 4 KiB pages that are all zeros, so a
