@@ -18,6 +18,7 @@ mod mount; // volume mount: a FUSE file read by cmp, cp, e2fsck, loop and ext4
 mod s3; // regions on an S3 server: locks, gc beside writers, requests
 mod serve; // volume serve: NBD exports read by qemu-img and qemu-io
 mod trust; // damage found and refused; healing; newer formats never damage
+mod vmdisk; // VM disks through NBD: qcow2 via qemu-nbd, dirty bitmaps, restore into qcow2
 
 // The code itself.
 mod layout; // every import points down the flow: no cycle, no arrow up

@@ -96,29 +96,6 @@ fn manifest_data_bytes(env: &Env, snap: &str) -> u64 {
     data * bs
 }
 
-fn qemu_img(args: &[&str]) -> std::process::Output {
-    Command::new("qemu-img").args(args).output().unwrap()
-}
-
-fn qemu_ok(args: &[&str]) -> String {
-    let out = qemu_img(args);
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn have_qemu() -> bool {
-    if Command::new("qemu-img").arg("--version").output().is_ok() {
-        return true;
-    }
-    skip("qemu-img is not installed (apt-get install qemu-utils)");
-    false
-}
-
 #[test]
 fn qemu_reads_a_served_snapshot_byte_for_byte_without_a_restore() {
     if !have_qemu() {

@@ -616,3 +616,29 @@ impl Drop for LoopDev {
         let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
     }
 }
+
+/// `qemu-img ARGS`.
+pub fn qemu_img(args: &[&str]) -> std::process::Output {
+    Command::new("qemu-img").args(args).output().unwrap()
+}
+
+/// `qemu-img ARGS`, expected to succeed; its stdout.
+pub fn qemu_ok(args: &[&str]) -> String {
+    let out = qemu_img(args);
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Whether qemu-img runs here (else the test skips, saying why).
+pub fn have_qemu() -> bool {
+    if Command::new("qemu-img").arg("--version").output().is_ok() {
+        return true;
+    }
+    skip("qemu-img is not installed (apt-get install qemu-utils)");
+    false
+}
