@@ -293,7 +293,7 @@ fn chunk(flags: u16, kind: u16, cookie: u64, payload: &[u8]) -> Vec<u8> {
 
 #[test]
 fn a_server_that_lies_or_goes_away_leaves_no_snapshot() {
-    let cases: [(&str, fn(u64, u64) -> Vec<u8>, &str); 4] = [
+    let cases: [(&str, Reply, &str); 4] = [
         (
             "data outside the request",
             |cookie, offset| {
