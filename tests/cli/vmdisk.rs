@@ -219,7 +219,10 @@ fn a_mostly_empty_64_gib_qcow2_costs_what_its_data_costs() {
 
 /// A server that speaks the handshake, then answers every read with
 /// `reply` (given the request's cookie and offset), on its own thread.
-fn hostile_server(socket: &Path, reply: fn(u64, u64) -> Vec<u8>) -> std::thread::JoinHandle<()> {
+/// How a hostile server answers a read: the bytes for (cookie, offset).
+type Reply = fn(u64, u64) -> Vec<u8>;
+
+fn hostile_server(socket: &Path, reply: Reply) -> std::thread::JoinHandle<()> {
     let listener = UnixListener::bind(socket).unwrap();
     std::thread::spawn(move || {
         for conn in listener.incoming() {
