@@ -197,3 +197,10 @@ fn present_map_lease_and_control_decoders_survive_mutations() {
         assert!(r.is_ok(), "the control request decoder panicked");
     }
 }
+
+#[test]
+fn nbd_reply_parser_survives_the_corpus() {
+    replay("nbd_reply", |b| {
+        let _ = blocksnap::volume::nbd::parse_replies(b);
+    });
+}
