@@ -403,6 +403,14 @@ pub fn on_fuse(path: &std::path::Path) -> bool {
     }
 }
 
+/// Sends SIGTERM to process `pid`. Best effort.
+pub fn terminate(pid: u32) {
+    // SAFETY: kill takes two integers; a pid of our own child names only it.
+    unsafe {
+        libc::kill(pid as libc::pid_t, libc::SIGTERM);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -89,7 +89,7 @@ pub enum VolumeCmd {
     },
     /// End a `volume mount`
     Unmount { dir: PathBuf },
-    /// Restore a snapshot into a new file, over a file, or onto a block device [CreateVolume]
+    /// Restore a snapshot into a new file, over a file, onto a block device, into an NBD export or a qemu image [CreateVolume]
     ///
     /// A new file target is written under a temporary name and renamed
     /// into place when complete; it is sparse where the snapshot has zero
@@ -98,7 +98,8 @@ pub enum VolumeCmd {
     /// rerun with --delta finishes the job.
     Restore {
         snapshot: String,
-        /// File or block device to restore into
+        /// File, block device, NBD URI (nbd://…, nbd+unix://…) or qemu
+        /// image (qcow2…) to restore into
         target: PathBuf,
         /// Replace an existing file or overwrite a block device; with
         /// --delta, accept a target whose size differs from the snapshot's
@@ -113,6 +114,10 @@ pub enum VolumeCmd {
         /// The block device already reads as zeros: skip writing zero blocks
         #[arg(long)]
         assume_zeroed: bool,
+        /// Create the new target as an image in this qemu format (qcow2,
+        /// vmdk, vhdx…), written through qemu-nbd [default: raw]
+        #[arg(long, value_name = "FORMAT")]
+        format: Option<String>,
         /// Worker threads [default: one per core]
         #[arg(long, default_value_t = 0)]
         threads: usize,
@@ -187,6 +192,7 @@ pub fn run(region: &Arc<Region>, out: &Out, caller: &AccountId, cmd: VolumeCmd) 
             delta,
             size,
             assume_zeroed,
+            format,
             threads,
         } => {
             let id = parse_snapshot(&snapshot)?;
@@ -200,6 +206,7 @@ pub fn run(region: &Arc<Region>, out: &Out, caller: &AccountId, cmd: VolumeCmd) 
                 assume_zeroed,
                 threads,
                 caller: Some(caller.clone()),
+                format,
             };
             let bar = out.progress();
             let report = restore::restore(region, &id, &target, &opts, &bar)?;

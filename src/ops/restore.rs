@@ -26,6 +26,7 @@ use crate::sys::{self, LockMode};
 use crate::volume::blocks::{BlockPos, scan};
 use crate::volume::io::{self as volume, Volume, is_zero};
 use crate::volume::nbd::{NbdClient, is_nbd_uri};
+use crate::volume::qemu::{self, QemuExport};
 
 #[derive(Debug, Clone, Default)]
 pub struct RestoreOptions {
@@ -42,6 +43,10 @@ pub struct RestoreOptions {
     /// Who restores: the snapshot must be theirs, shared with them, or
     /// public. `None`: the region's owner (the default account).
     pub caller: Option<AccountId>,
+    /// A new target is created as an image in this qemu format (`qcow2`,
+    /// …) and written through a private `qemu-nbd`; `None` or `raw`: a raw
+    /// file. An existing target in a qemu format is always written so.
+    pub format: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,6 +128,44 @@ pub fn restore_in(
         return restore_nbd(&job, uri, size, opts, report);
     }
     refuse_store_paths(region, target)?;
+    let wanted = opts.format.as_deref().filter(|f| *f != "raw");
+    match (qemu::detect_format(target)?, wanted) {
+        (Some(format), _) => {
+            // An existing image: replaced only as a file would be.
+            if !opts.delta && !opts.force {
+                return Err(Error::TargetExists(target.to_path_buf()));
+            }
+            let export = QemuExport::start(target, &format, true, None)?;
+            return restore_nbd(&job, export.uri(), size, opts, report);
+        }
+        (None, Some(format)) if !target.exists() => {
+            if opts.delta {
+                return Err(Error::NotFound(format!(
+                    "--delta target {} does not exist: drop --delta to restore into a new image",
+                    target.display()
+                )));
+            }
+            qemu::create_image(target, format, size)?;
+            let fresh = RestoreOptions {
+                assume_zeroed: true,
+                ..opts.clone()
+            };
+            let done = QemuExport::start(target, format, true, None)
+                .and_then(|export| restore_nbd(&job, export.uri(), size, &fresh, report));
+            if done.is_err() {
+                let _ = fs::remove_file(target);
+            }
+            return done;
+        }
+        (None, Some(format)) => {
+            return Err(Error::InvalidArgument(format!(
+                "{} exists and is no {format} image: --format creates a new image; give a new \
+                 path",
+                target.display()
+            )));
+        }
+        (None, None) => {}
+    }
 
     let existing = match fs::metadata(target) {
         Ok(md) => Some(md.file_type()),

@@ -21,6 +21,7 @@ use crate::sys::LockMode;
 use crate::volume::blocks::{self, Content};
 use crate::volume::io::{Volume, VolumeKind, is_zero, source_path};
 use crate::volume::nbd::is_nbd_uri;
+use crate::volume::qemu;
 
 /// Which snapshot a new one is incremental against.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -248,13 +249,17 @@ pub fn create_from_bitmap(
     progress: &dyn Progress,
 ) -> Result<Incremental> {
     validate_labels(&opts.description, &opts.tags)?;
-    let text = uri.to_str().filter(|s| is_nbd_uri(s)).ok_or_else(|| {
-        Error::InvalidArgument(format!(
-            "--dirty-bitmap reads qemu's dirty bitmap over NBD, and {} is no NBD URI: export \
-             the disk (qemu-nbd -B {bitmap} …) and give nbd://… or nbd+unix://…",
-            uri.display()
-        ))
-    })?;
+    let text = uri.display().to_string();
+    let image_format = match uri.to_str().filter(|s| is_nbd_uri(s)) {
+        Some(_) => None,
+        None => Some(qemu::detect_format(uri)?.ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "--dirty-bitmap reads qemu's dirty bitmap, and {text} is neither an NBD URI nor \
+                 an image in a qemu format (qcow2…): give nbd://… or nbd+unix://… of a disk \
+                 exported with its bitmap (qemu-nbd -B {bitmap} …), or the qcow2 file itself"
+            ))
+        })?),
+    };
     let ParentChoice::Explicit(parent_id) = &opts.parent else {
         return Err(Error::InvalidArgument(
             "--dirty-bitmap needs --parent SNAP, the snapshot taken when the bitmap was created \
@@ -263,7 +268,10 @@ pub fn create_from_bitmap(
         ));
     };
     let context = format!("{DIRTY_BITMAP_PREFIX}{bitmap}");
-    let volume = Volume::open_nbd(text, std::slice::from_ref(&context))?;
+    let volume = match &image_format {
+        None => Volume::open_nbd(&text, std::slice::from_ref(&context))?,
+        Some(format) => Volume::open_image(uri, format, Some(bitmap))?,
+    };
     let client = volume.nbd().expect("an NBD volume");
     if !client.has_context(&context) {
         return Err(Error::InvalidArgument(format!(

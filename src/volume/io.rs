@@ -7,9 +7,10 @@ use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, IoContext, Result};
-use crate::format::nbd::{BASE_ALLOCATION, STATE_ZERO};
+use crate::format::nbd::{BASE_ALLOCATION, DIRTY_BITMAP_PREFIX, STATE_ZERO};
 use crate::sys;
 use crate::volume::nbd::{NbdClient, NbdUri, is_nbd_uri};
+use crate::volume::qemu::{self, QemuExport};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VolumeKind {
@@ -36,6 +37,9 @@ pub struct Volume {
     /// Size and modification time when opened, to tell whether the volume
     /// was written while it was read.
     stamp: (u64, Option<std::time::SystemTime>),
+    /// The `qemu-nbd` serving an image in a qemu format (last: it stops
+    /// after the client has said goodbye).
+    _export: Option<QemuExport>,
 }
 
 impl Volume {
@@ -44,6 +48,9 @@ impl Volume {
     pub fn open(path: &Path) -> Result<Volume> {
         if let Some(uri) = path.to_str().filter(|s| is_nbd_uri(s)) {
             return Volume::open_nbd(uri, &[]);
+        }
+        if let Some(format) = qemu::detect_format(path)? {
+            return Volume::open_image(path, &format, None);
         }
         // Non-blocking, so a FIFO is refused by its type instead of
         // hanging the open until a writer appears.
@@ -64,7 +71,22 @@ impl Volume {
             size,
             kind,
             stamp,
+            _export: None,
         })
+    }
+
+    /// Opens the image in qemu format `format` at `path` through a private
+    /// `qemu-nbd` (exporting its persistent dirty bitmap `bitmap`).
+    pub fn open_image(path: &Path, format: &str, bitmap: Option<&str>) -> Result<Volume> {
+        let export = QemuExport::start(path, format, false, bitmap)?;
+        let extra: Vec<String> = bitmap
+            .map(|b| format!("{DIRTY_BITMAP_PREFIX}{b}"))
+            .into_iter()
+            .collect();
+        let mut v = Volume::open_nbd(export.uri(), &extra)?;
+        v.path = path.to_path_buf();
+        v._export = Some(export);
+        Ok(v)
     }
 
     /// Connects to the NBD export at `uri`, asking for `base:allocation`
@@ -84,6 +106,7 @@ impl Volume {
             size,
             kind: VolumeKind::Nbd,
             stamp: (size, None),
+            _export: None,
         })
     }
 

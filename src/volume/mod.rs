@@ -2,7 +2,8 @@
 //! and writes.
 //!
 //! [`io`] opens a volume, sizes it, finds its holes and reads it; [`nbd`]
-//! is the client for volumes behind an NBD server; [`blocks`] cuts a
+//! is the client for volumes behind an NBD server, [`qemu`] serves image
+//! files in qemu's formats through a private `qemu-nbd`; [`blocks`] cuts a
 //! volume into blocks and classifies and hashes them in parallel (the hot
 //! path of every command that reads a volume).
 //!
@@ -12,3 +13,4 @@
 pub mod blocks;
 pub mod io;
 pub mod nbd;
+pub mod qemu;
