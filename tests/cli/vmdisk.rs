@@ -408,3 +408,39 @@ fn a_server_that_lies_or_goes_away_leaves_no_snapshot() {
     let e = env.fails(&["snapshot", "create", "nbd+unix:///x"], 2);
     assert!(e.contains("socket="), "{e}");
 }
+
+#[test]
+fn qemu_nbd_killed_mid_snapshot_leaves_no_snapshot_and_a_sound_store() {
+    if !have_qemu() {
+        return;
+    }
+    let env = Env::new();
+    let raw = env.path("disk.img");
+    std::fs::write(&raw, random_bytes(9, 64 * MIB as usize)).unwrap();
+    let mut server = QemuNbd::start(&env, &raw, "raw", &["-r"]);
+    let uri = server.uri();
+    let snap = env
+        .command(&["snapshot", "create", &uri])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(40));
+    server.child.kill().unwrap();
+    let out = snap.wait_with_output().unwrap();
+    let listed = env.json(&["snapshot", "list"])["Snapshots"]
+        .as_array()
+        .unwrap()
+        .len();
+    if out.status.success() {
+        // It won the race: then it is whole.
+        assert_eq!(listed, 1);
+    } else {
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(e.contains(&uri), "{e}");
+        assert_eq!(listed, 0, "a snapshot from a server that went away");
+    }
+    // What it stored is only unreferenced chunks, which gc reclaims.
+    env.ok(&["store", "verify"]);
+    env.ok(&["store", "gc"]);
+}
