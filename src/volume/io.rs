@@ -90,13 +90,17 @@ impl Volume {
     }
 
     /// Connects to the NBD export at `uri`, asking for `base:allocation`
-    /// (holes and zeros are not read) and the meta contexts `extra`, over
-    /// as many connections as there are cores when the server allows it.
+    /// (holes and zeros are not read) and the meta contexts `extra`.
+    /// Requests are pipelined, so one connection keeps a server busy; a
+    /// further one per four cores (up to 8) where the server allows several
+    /// (on 2 cores, a second connection made `qemu-nbd` slower: 0.68–0.78×
+    /// the file's throughput against 0.91–1.04× with one).
     pub fn open_nbd(uri: &str, extra: &[String]) -> Result<Volume> {
         let parsed = NbdUri::parse(uri)?;
         let mut contexts = vec![BASE_ALLOCATION.to_string()];
         contexts.extend_from_slice(extra);
-        let connections = std::thread::available_parallelism().map_or(4, |n| n.get().min(8));
+        let connections =
+            std::thread::available_parallelism().map_or(1, |n| (n.get() / 4).clamp(1, 8));
         let client = NbdClient::connect(&parsed, &contexts, connections)?;
         let size = client.size();
         check_size(Path::new(uri), size)?;

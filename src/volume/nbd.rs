@@ -14,7 +14,7 @@ use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use crate::error::{Error, ErrorKind, Result};
@@ -101,15 +101,46 @@ impl NbdUri {
     }
 }
 
-/// One connection: a stream and the next request's cookie.
-struct Conn {
-    r: BufReader<Box<dyn Read + Send>>,
-    w: BufWriter<Box<dyn Write + Send>>,
-    cookie: u64,
-}
-
 /// A run of a meta context: offset, length, state.
 pub type Extent = (u64, u64, u32);
+
+/// One piece of a reply: a simple reply (with a read's data), or one
+/// structured chunk.
+#[derive(Debug)]
+enum Piece {
+    Simple {
+        error: u32,
+        data: Vec<u8>,
+    },
+    Chunk {
+        flags: u16,
+        kind: u16,
+        payload: Vec<u8>,
+    },
+}
+
+/// A request waiting for its reply: the data a successful simple reply
+/// carries (a read's length, else 0), and where its pieces go.
+struct Waiter {
+    read_len: usize,
+    tx: mpsc::Sender<Piece>,
+}
+
+/// The requests of one connection that wait for replies; set `dead` (with
+/// why) once the connection is lost, after which nothing waits.
+#[derive(Default)]
+struct Waiting {
+    waiters: HashMap<u64, Waiter>,
+    dead: Option<String>,
+}
+
+/// One connection: its writing half with the next cookie, and the
+/// requests its reader thread delivers replies to. Requests are
+/// pipelined: any number may be in flight, their replies in any order.
+struct Conn {
+    w: Mutex<(BufWriter<Box<dyn Write + Send>>, u64)>,
+    waiting: Arc<Mutex<Waiting>>,
+}
 
 /// A connected export.
 pub struct NbdClient {
@@ -118,8 +149,8 @@ pub struct NbdClient {
     flags: u16,
     /// Meta contexts the server agreed to, by name.
     contexts: HashMap<String, u32>,
-    conns: Vec<Mutex<Conn>>,
-    /// Where a caller that finds every connection busy waits next.
+    conns: Vec<Conn>,
+    /// The connection the next request goes to.
     next: AtomicUsize,
 }
 
@@ -148,7 +179,7 @@ impl NbdClient {
             size: first.size,
             flags: first.flags,
             contexts: first.contexts,
-            conns: vec![Mutex::new(first.conn)],
+            conns: vec![first.conn],
             next: AtomicUsize::new(0),
         };
         if client.flags & FLAG_CAN_MULTI_CONN != 0 {
@@ -164,7 +195,7 @@ impl NbdClient {
                         client.fail("connect to", "a second connection saw another size".into())
                     );
                 }
-                client.conns.push(Mutex::new(more.conn));
+                client.conns.push(more.conn);
             }
         }
         Ok(client)
@@ -194,17 +225,6 @@ impl NbdClient {
         failure(&self.uri, op, reason)
     }
 
-    /// A free connection, or the first to come free.
-    fn conn(&self) -> MutexGuard<'_, Conn> {
-        for c in &self.conns {
-            if let Ok(g) = c.try_lock() {
-                return g;
-            }
-        }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
-        self.conns[i].lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     fn check_range(&self, op: &'static str, offset: u64, len: u64) -> Result<()> {
         if offset.checked_add(len).is_none_or(|end| end > self.size) {
             return Err(self.fail(
@@ -218,119 +238,156 @@ impl NbdClient {
         Ok(())
     }
 
+    /// Sends a request on the next connection; its reply's pieces arrive
+    /// on the returned channel (closed, with the reason in the
+    /// connection's `waiting`, if the connection is lost).
+    fn request(
+        &self,
+        op: &'static str,
+        kind: u16,
+        flags: u16,
+        offset: u64,
+        length: u32,
+        payload: &[u8],
+    ) -> Result<(mpsc::Receiver<Piece>, &Conn)> {
+        let c = &self.conns[self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len()];
+        let (tx, rx) = mpsc::channel();
+        let read_len = if kind == CMD_READ { length as usize } else { 0 };
+        let mut w = c.w.lock().unwrap_or_else(|p| p.into_inner());
+        w.1 += 1;
+        let cookie = w.1;
+        {
+            let mut waiting = c.waiting.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(why) = &waiting.dead {
+                return Err(self.fail(op, why.clone()));
+            }
+            waiting.waiters.insert(cookie, Waiter { read_len, tx });
+        }
+        let req = Request {
+            flags,
+            kind,
+            cookie,
+            offset,
+            length,
+        };
+        let sent =
+            w.0.write_all(&req.encode())
+                .and_then(|()| w.0.write_all(payload))
+                .and_then(|()| w.0.flush());
+        if let Err(e) = sent {
+            c.waiting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .waiters
+                .remove(&cookie);
+            return Err(self.fail(op, lost(&e)));
+        }
+        Ok((rx, c))
+    }
+
+    /// The next piece of a reply, or why none will come.
+    fn piece(&self, op: &'static str, rx: &mpsc::Receiver<Piece>, c: &Conn) -> Result<Piece> {
+        rx.recv().map_err(|_| {
+            let why = c
+                .waiting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .dead
+                .clone();
+            self.fail(
+                op,
+                why.unwrap_or_else(|| "the server closed the connection".into()),
+            )
+        })
+    }
+
     /// Fills `buf` from `offset`.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.check_range("read", offset, buf.len() as u64)?;
         for (k, part) in buf.chunks_mut(MAX_REQUEST as usize).enumerate() {
             let at = offset + k as u64 * MAX_REQUEST as u64;
-            let mut c = self.conn();
-            self.read_one(&mut c, at, part)
-                .map_err(|e| self.io_fail("read", e))??;
+            let (rx, c) = self.request("read", CMD_READ, 0, at, part.len() as u32, &[])?;
+            self.read_reply(&rx, c, at, part)?;
         }
         Ok(())
     }
 
-    fn io_fail(&self, op: &'static str, e: io::Error) -> Error {
-        let reason = match e.kind() {
-            io::ErrorKind::UnexpectedEof => "the server closed the connection".to_string(),
-            _ => e.to_string(),
-        };
-        self.fail(op, reason)
-    }
-
-    /// One read request; the outer error is the connection's, the inner
-    /// the server's answer.
-    fn read_one(&self, c: &mut Conn, offset: u64, buf: &mut [u8]) -> io::Result<Result<()>> {
-        let cookie = send(c, CMD_READ, 0, offset, buf.len() as u32, &[])?;
-        // Which bytes arrived: every byte must, exactly once.
+    /// A read's reply into `buf`: every byte must arrive exactly once,
+    /// inside the request.
+    fn read_reply(
+        &self,
+        rx: &mpsc::Receiver<Piece>,
+        c: &Conn,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<()> {
+        let bad = |what: &str| self.fail("read", format!("the server sent {what}"));
         let mut covered = 0u64;
         loop {
-            let header = read_header(c)?;
-            match header {
-                ReplyHeader::Simple { error, cookie: k } => {
-                    if k != cookie {
-                        return Err(bad_reply("a reply to another request"));
+            match self.piece("read", rx, c)? {
+                Piece::Simple { error: 0, data } => {
+                    if data.len() != buf.len() {
+                        return Err(bad("a read answered short"));
                     }
-                    if error != 0 {
-                        return Ok(Err(
-                            self.fail("read", format!("the server answered error {error}"))
-                        ));
-                    }
-                    c.r.read_exact(buf)?;
-                    return Ok(Ok(()));
+                    buf.copy_from_slice(&data);
+                    return Ok(());
                 }
-                ReplyHeader::Structured {
+                Piece::Simple { error, .. } => {
+                    return Err(self.fail("read", format!("the server answered error {error}")));
+                }
+                Piece::Chunk {
                     flags,
                     kind,
-                    cookie: k,
-                    len,
+                    payload,
                 } => {
-                    if k != cookie {
-                        return Err(bad_reply("a reply to another request"));
-                    }
-                    if len > MAX_PAYLOAD {
-                        return Err(bad_reply("a reply chunk over 64 MiB"));
-                    }
                     match kind {
-                        REPLY_TYPE_OFFSET_DATA => {
-                            let mut head = [0u8; 8];
-                            if len < 8 {
-                                return Err(bad_reply("a data chunk without its offset"));
-                            }
-                            c.r.read_exact(&mut head)?;
-                            let at = u64::from_be_bytes(head);
-                            let n = (len - 8) as u64;
+                        REPLY_TYPE_OFFSET_DATA | REPLY_TYPE_OFFSET_HOLE => {
+                            let mut r = Reader::new(&payload);
+                            let at = r.u64().ok_or_else(|| bad("a chunk without its offset"))?;
+                            let (n, data) = if kind == REPLY_TYPE_OFFSET_DATA {
+                                let data = r.rest();
+                                (data.len() as u64, Some(data))
+                            } else {
+                                let n = r.u32().filter(|_| r.is_empty());
+                                (n.ok_or_else(|| bad("a malformed hole chunk"))? as u64, None)
+                            };
                             let from = at.checked_sub(offset).filter(|f| {
                                 f.checked_add(n).is_some_and(|end| end <= buf.len() as u64)
                             });
                             let Some(from) = from else {
-                                return Err(bad_reply("data outside the request"));
+                                return Err(bad("data outside the request"));
                             };
-                            c.r.read_exact(&mut buf[from as usize..(from + n) as usize])?;
-                            covered += n;
-                        }
-                        REPLY_TYPE_OFFSET_HOLE => {
-                            let mut p = [0u8; 12];
-                            if len != 12 {
-                                return Err(bad_reply("a hole chunk of the wrong length"));
+                            let part = &mut buf[from as usize..(from + n) as usize];
+                            match data {
+                                Some(d) => part.copy_from_slice(d),
+                                None => part.fill(0),
                             }
-                            c.r.read_exact(&mut p)?;
-                            let at = u64::from_be_bytes(p[..8].try_into().expect("8"));
-                            let n = u32::from_be_bytes(p[8..].try_into().expect("4")) as u64;
-                            let from = at.checked_sub(offset).filter(|f| {
-                                f.checked_add(n).is_some_and(|end| end <= buf.len() as u64)
-                            });
-                            let Some(from) = from else {
-                                return Err(bad_reply("a hole outside the request"));
-                            };
-                            buf[from as usize..(from + n) as usize].fill(0);
                             covered += n;
                         }
-                        REPLY_TYPE_NONE if len == 0 => {}
+                        REPLY_TYPE_NONE if payload.is_empty() => {}
                         REPLY_TYPE_ERROR | REPLY_TYPE_ERROR_OFFSET => {
-                            let mut p = vec![0u8; len as usize];
-                            c.r.read_exact(&mut p)?;
-                            let (error, msg) = decode_error(&p)
-                                .ok_or_else(|| bad_reply("a malformed error chunk"))?;
-                            // The rest of the reply still follows.
-                            if flags & REPLY_FLAG_DONE == 0 {
-                                drain(c, cookie)?;
-                            }
-                            return Ok(Err(self.fail(
-                                "read",
-                                format!("the server answered error {error}: {msg}"),
-                            )));
+                            return Err(self.error_chunk("read", &payload));
                         }
-                        _ => return Err(bad_reply("a reply chunk of a type a read never gets")),
+                        _ => return Err(bad("a reply chunk of a type a read never gets")),
                     }
                     if flags & REPLY_FLAG_DONE != 0 {
                         if covered != buf.len() as u64 {
-                            return Err(bad_reply("a read answered short"));
+                            return Err(bad("a read answered short"));
                         }
-                        return Ok(Ok(()));
+                        return Ok(());
                     }
                 }
             }
+        }
+    }
+
+    /// The error an error chunk carries.
+    fn error_chunk(&self, op: &'static str, payload: &[u8]) -> Error {
+        match decode_error(payload) {
+            Some((error, msg)) => {
+                self.fail(op, format!("the server answered error {error}: {msg}"))
+            }
+            None => self.fail(op, "the server sent a malformed error chunk".into()),
         }
     }
 
@@ -339,7 +396,7 @@ impl NbdClient {
         self.check_range("write", offset, data.len() as u64)?;
         for (k, part) in data.chunks(MAX_REQUEST as usize).enumerate() {
             let at = offset + k as u64 * MAX_REQUEST as u64;
-            self.simple_command("write", CMD_WRITE, 0, at, part.len() as u32, part)?;
+            self.command("write", CMD_WRITE, at, part.len() as u32, part)?;
         }
         Ok(())
     }
@@ -352,86 +409,49 @@ impl NbdClient {
         while at < offset + len {
             let n = (offset + len - at).min(MAX_REQUEST as u64) as u32;
             if self.flags & FLAG_SEND_WRITE_ZEROES != 0 {
-                self.simple_command("write zeros to", CMD_WRITE_ZEROES, 0, at, n, &[])?;
+                self.command("write zeros to", CMD_WRITE_ZEROES, at, n, &[])?;
             } else {
-                self.simple_command("write", CMD_WRITE, 0, at, n, &vec![0u8; n as usize])?;
+                self.command("write", CMD_WRITE, at, n, &vec![0u8; n as usize])?;
             }
             at += n as u64;
         }
         Ok(())
     }
 
-    /// Asks the server to make every write durable.
+    /// Asks the server to make every write durable, on every connection.
     pub fn flush(&self) -> Result<()> {
         if self.flags & FLAG_SEND_FLUSH == 0 {
             return Ok(());
         }
-        // Each connection's own writes.
-        for c in &self.conns {
-            let mut c = c.lock().unwrap_or_else(|p| p.into_inner());
-            let r = (|| {
-                let cookie = send(&mut c, CMD_FLUSH, 0, 0, 0, &[])?;
-                self.status_reply(&mut c, cookie, "flush")
-            })();
-            r.map_err(|e| self.io_fail("flush", e))??;
+        for _ in 0..self.conns.len() {
+            self.command("flush", CMD_FLUSH, 0, 0, &[])?;
         }
         Ok(())
     }
 
-    fn simple_command(
+    /// A command whose reply carries no data: success or an error.
+    fn command(
         &self,
         op: &'static str,
         kind: u16,
-        flags: u16,
         offset: u64,
         len: u32,
         payload: &[u8],
     ) -> Result<()> {
-        let mut c = self.conn();
-        let r = (|| {
-            let cookie = send(&mut c, kind, flags, offset, len, payload)?;
-            self.status_reply(&mut c, cookie, op)
-        })();
-        r.map_err(|e| self.io_fail(op, e))?
-    }
-
-    /// The reply to a command without data: success or an error.
-    fn status_reply(&self, c: &mut Conn, cookie: u64, op: &'static str) -> io::Result<Result<()>> {
+        let (rx, c) = self.request(op, kind, 0, offset, len, payload)?;
         loop {
-            match read_header(c)? {
-                ReplyHeader::Simple { error, cookie: k } if k == cookie => {
-                    return Ok(if error == 0 {
-                        Ok(())
-                    } else {
-                        Err(self.fail(op, format!("the server answered error {error}")))
-                    });
+            match self.piece(op, &rx, c)? {
+                Piece::Simple { error: 0, .. } => return Ok(()),
+                Piece::Simple { error, .. } => {
+                    return Err(self.fail(op, format!("the server answered error {error}")));
                 }
-                ReplyHeader::Structured {
-                    flags,
-                    kind,
-                    cookie: k,
-                    len,
-                } if k == cookie => {
-                    if len > MAX_PAYLOAD {
-                        return Err(bad_reply("a reply chunk over 64 MiB"));
-                    }
-                    let mut p = vec![0u8; len as usize];
-                    c.r.read_exact(&mut p)?;
-                    if kind == REPLY_TYPE_ERROR || kind == REPLY_TYPE_ERROR_OFFSET {
-                        let (error, msg) =
-                            decode_error(&p).ok_or_else(|| bad_reply("a malformed error chunk"))?;
-                        if flags & REPLY_FLAG_DONE == 0 {
-                            drain(c, cookie)?;
-                        }
-                        return Ok(Err(
-                            self.fail(op, format!("the server answered error {error}: {msg}"))
-                        ));
-                    }
-                    if flags & REPLY_FLAG_DONE != 0 {
-                        return Ok(Ok(()));
-                    }
+                Piece::Chunk { kind, payload, .. }
+                    if kind == REPLY_TYPE_ERROR || kind == REPLY_TYPE_ERROR_OFFSET =>
+                {
+                    return Err(self.error_chunk(op, &payload));
                 }
-                _ => return Err(bad_reply("a reply to another request")),
+                Piece::Chunk { flags, .. } if flags & REPLY_FLAG_DONE != 0 => return Ok(()),
+                Piece::Chunk { .. } => {}
             }
         }
     }
@@ -440,12 +460,7 @@ impl NbdClient {
     /// (offset, length, state), in order and covering the range (the
     /// server may answer a request in part: it is asked again from where
     /// its answer ended).
-    pub fn block_status(
-        &self,
-        context: &str,
-        offset: u64,
-        len: u64,
-    ) -> Result<Vec<(u64, u64, u32)>> {
+    pub fn block_status(&self, context: &str, offset: u64, len: u64) -> Result<Vec<Extent>> {
         self.check_range("query", offset, len)?;
         let id = *self.contexts.get(context).ok_or_else(|| {
             self.fail(
@@ -458,11 +473,7 @@ impl NbdClient {
         let end = offset + len;
         while at < end {
             let n = (end - at).min(u32::MAX as u64 / 2) as u32;
-            let mut c = self.conn();
-            let got = self
-                .block_status_one(&mut c, id, at, n)
-                .map_err(|e| self.io_fail("query", e))??;
-            drop(c);
+            let got = self.block_status_one(id, at, n)?;
             let mut pos = at;
             for (l, state) in got {
                 let l = (l as u64).min(end - pos);
@@ -472,76 +483,57 @@ impl NbdClient {
                     break;
                 }
             }
-            if pos == at {
-                return Err(self.fail("query", "an empty block status answer".into()));
-            }
             at = pos;
         }
         Ok(out)
     }
 
-    fn block_status_one(
+    fn block_status_one(&self, id: u32, offset: u64, len: u32) -> Result<Vec<(u32, u32)>> {
+        let (rx, c) = self.request("query", CMD_BLOCK_STATUS, 0, offset, len, &[])?;
+        self.block_status_reply(&rx, c, id)
+    }
+
+    /// A block status reply: the extents of context `id`.
+    fn block_status_reply(
         &self,
-        c: &mut Conn,
+        rx: &mpsc::Receiver<Piece>,
+        c: &Conn,
         id: u32,
-        offset: u64,
-        len: u32,
-    ) -> io::Result<Result<Vec<(u32, u32)>>> {
-        let cookie = send(c, CMD_BLOCK_STATUS, 0, offset, len, &[])?;
+    ) -> Result<Vec<(u32, u32)>> {
+        let bad = |what: &str| self.fail("query", format!("the server sent {what}"));
         let mut extents = Vec::new();
         loop {
-            match read_header(c)? {
-                ReplyHeader::Simple { error, cookie: k } if k == cookie => {
-                    // A simple reply to BLOCK_STATUS can only be an error.
-                    return Ok(Err(
-                        self.fail("query", format!("the server answered error {error}"))
-                    ));
+            match self.piece("query", rx, c)? {
+                // A simple reply to BLOCK_STATUS can only be an error.
+                Piece::Simple { error, .. } => {
+                    return Err(self.fail("query", format!("the server answered error {error}")));
                 }
-                ReplyHeader::Structured {
+                Piece::Chunk {
                     flags,
                     kind,
-                    cookie: k,
-                    len,
-                } if k == cookie => {
-                    if len > MAX_PAYLOAD {
-                        return Err(bad_reply("a reply chunk over 64 MiB"));
-                    }
-                    let mut p = vec![0u8; len as usize];
-                    c.r.read_exact(&mut p)?;
+                    payload,
+                } => {
                     match kind {
                         REPLY_TYPE_BLOCK_STATUS => {
-                            let (ctx, e) = decode_block_status(&p)
-                                .ok_or_else(|| bad_reply("a malformed block status chunk"))?;
+                            let (ctx, e) = decode_block_status(&payload)
+                                .ok_or_else(|| bad("a malformed block status chunk"))?;
                             if ctx == id {
                                 extents = e;
                             }
                         }
                         REPLY_TYPE_ERROR | REPLY_TYPE_ERROR_OFFSET => {
-                            let (error, msg) = decode_error(&p)
-                                .ok_or_else(|| bad_reply("a malformed error chunk"))?;
-                            if flags & REPLY_FLAG_DONE == 0 {
-                                drain(c, cookie)?;
-                            }
-                            return Ok(Err(self.fail(
-                                "query",
-                                format!("the server answered error {error}: {msg}"),
-                            )));
+                            return Err(self.error_chunk("query", &payload));
                         }
                         REPLY_TYPE_NONE => {}
-                        _ => {
-                            return Err(bad_reply(
-                                "a reply chunk of a type block status never gets",
-                            ));
-                        }
+                        _ => return Err(bad("a reply chunk of a type block status never gets")),
                     }
                     if flags & REPLY_FLAG_DONE != 0 {
                         if extents.is_empty() {
-                            return Err(bad_reply("block status without the context asked for"));
+                            return Err(bad("block status without the context asked for"));
                         }
-                        return Ok(Ok(extents));
+                        return Ok(extents);
                     }
                 }
-                _ => return Err(bad_reply("a reply to another request")),
             }
         }
     }
@@ -550,9 +542,16 @@ impl NbdClient {
 impl Drop for NbdClient {
     fn drop(&mut self) {
         for c in &self.conns {
-            if let Ok(mut c) = c.lock() {
-                let _ = send(&mut c, CMD_DISC, 0, 0, 0, &[]);
-            }
+            let mut w = c.w.lock().unwrap_or_else(|p| p.into_inner());
+            w.1 += 1;
+            let disc = Request {
+                flags: 0,
+                kind: CMD_DISC,
+                cookie: w.1,
+                offset: 0,
+                length: 0,
+            };
+            let _ = w.0.write_all(&disc.encode()).and_then(|()| w.0.flush());
         }
     }
 }
@@ -567,6 +566,18 @@ fn failure(uri: &str, op: &'static str, reason: String) -> Error {
     }
 }
 
+/// Why a connection was lost, in words.
+fn lost(e: &io::Error) -> String {
+    use io::ErrorKind::*;
+    match e.kind() {
+        UnexpectedEof | ConnectionReset | BrokenPipe | ConnectionAborted => {
+            "the server closed the connection".into()
+        }
+        WouldBlock | TimedOut => "the server did not answer within 300 s".into(),
+        _ => e.to_string(),
+    }
+}
+
 fn bad_reply(what: &str) -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidData,
@@ -574,55 +585,83 @@ fn bad_reply(what: &str) -> io::Error {
     )
 }
 
-fn send(
-    c: &mut Conn,
-    kind: u16,
-    flags: u16,
-    offset: u64,
-    length: u32,
-    payload: &[u8],
-) -> io::Result<u64> {
-    c.cookie += 1;
-    let req = Request {
-        flags,
-        kind,
-        cookie: c.cookie,
-        offset,
-        length,
-    };
-    c.w.write_all(&req.encode())?;
-    c.w.write_all(payload)?;
-    c.w.flush()?;
-    Ok(c.cookie)
-}
-
-fn read_header(c: &mut Conn) -> io::Result<ReplyHeader> {
+fn read_header(r: &mut impl Read) -> io::Result<ReplyHeader> {
     let mut b = [0u8; STRUCTURED_REPLY_LEN];
-    c.r.read_exact(&mut b[..4])?;
+    r.read_exact(&mut b[..4])?;
     let rest = ReplyHeader::rest_len(b[..4].try_into().expect("4"))
         .ok_or_else(|| bad_reply("a reply without its magic"))?;
-    c.r.read_exact(&mut b[4..4 + rest])?;
+    r.read_exact(&mut b[4..4 + rest])?;
     ReplyHeader::decode(&b[..4 + rest]).ok_or_else(|| bad_reply("a malformed reply header"))
 }
 
-/// Reads and drops the remaining chunks of reply `cookie`.
-fn drain(c: &mut Conn, cookie: u64) -> io::Result<()> {
-    loop {
-        match read_header(c)? {
-            ReplyHeader::Structured {
-                flags,
-                cookie: k,
-                len,
-                ..
-            } if k == cookie && len <= MAX_PAYLOAD => {
-                io::copy(&mut (&mut c.r).take(len as u64), &mut io::sink())?;
-                if flags & REPLY_FLAG_DONE != 0 {
-                    return Ok(());
-                }
+/// Reads replies off a connection and hands each piece to the request it
+/// answers, until the connection ends; then every waiting request learns
+/// why (its channel closes, `dead` says why).
+fn demux(mut r: impl Read, waiting: &Mutex<Waiting>) {
+    let why = loop {
+        if let Err(e) = next_piece(&mut r, waiting) {
+            break lost(&e);
+        }
+    };
+    let mut w = waiting.lock().unwrap_or_else(|p| p.into_inner());
+    w.dead = Some(why);
+    w.waiters.clear();
+}
+
+/// Reads one reply piece and delivers it.
+fn next_piece(r: &mut impl Read, waiting: &Mutex<Waiting>) -> io::Result<()> {
+    let header = loop {
+        match read_header(r) {
+            // Idle: nothing asked, nothing owed.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) && waiting
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .waiters
+                    .is_empty() => {}
+            other => break other?,
+        }
+    };
+    let lookup = |cookie: u64, remove: bool| {
+        let mut w = waiting.lock().unwrap_or_else(|p| p.into_inner());
+        let found = if remove {
+            w.waiters.remove(&cookie).map(|w| (w.read_len, w.tx))
+        } else {
+            w.waiters.get(&cookie).map(|w| (w.read_len, w.tx.clone()))
+        };
+        found.ok_or_else(|| bad_reply("a reply to no request"))
+    };
+    match header {
+        ReplyHeader::Simple { error, cookie } => {
+            let (read_len, tx) = lookup(cookie, true)?;
+            let mut data = vec![0u8; if error == 0 { read_len } else { 0 }];
+            r.read_exact(&mut data)?;
+            // A requester that gave up is no error.
+            let _ = tx.send(Piece::Simple { error, data });
+        }
+        ReplyHeader::Structured {
+            flags,
+            kind,
+            cookie,
+            len,
+        } => {
+            if len > MAX_PAYLOAD {
+                return Err(bad_reply("a reply chunk over 64 MiB"));
             }
-            _ => return Err(bad_reply("a reply to another request")),
+            let (_, tx) = lookup(cookie, flags & REPLY_FLAG_DONE != 0)?;
+            let mut payload = vec![0u8; len as usize];
+            r.read_exact(&mut payload)?;
+            let _ = tx.send(Piece::Chunk {
+                flags,
+                kind,
+                payload,
+            });
         }
     }
+    Ok(())
 }
 
 /// Connects and negotiates one connection.
@@ -656,12 +695,11 @@ fn negotiate(uri: &NbdUri, contexts: &[String], handshake_timeout: Duration) -> 
             )
         }
     };
-    let mut conn = Conn {
+    let mut stream = Stream {
         r: BufReader::with_capacity(1 << 20, r),
         w: BufWriter::new(w),
-        cookie: 0,
     };
-    handshake(&mut conn, uri, contexts)
+    handshake(&mut stream, uri, contexts)
         .map_err(|e| {
             fail(match e.kind() {
                 io::ErrorKind::UnexpectedEof => {
@@ -675,19 +713,33 @@ fn negotiate(uri: &NbdUri, contexts: &[String], handshake_timeout: Duration) -> 
             restore();
             (size, flags, contexts)
         })
-        .map(|(size, flags, contexts)| Negotiated {
-            conn,
-            size,
-            flags,
-            contexts,
+        .map(|(size, flags, contexts)| {
+            let waiting = Arc::new(Mutex::new(Waiting::default()));
+            let reader = (stream.r, waiting.clone());
+            std::thread::spawn(move || demux(reader.0, &reader.1));
+            Negotiated {
+                conn: Conn {
+                    w: Mutex::new((stream.w, 0)),
+                    waiting,
+                },
+                size,
+                flags,
+                contexts,
+            }
         })
+}
+
+/// A connection during its handshake: both halves, read in step.
+struct Stream {
+    r: BufReader<Box<dyn Read + Send>>,
+    w: BufWriter<Box<dyn Write + Send>>,
 }
 
 /// The handshake: the outer error is the connection's, the inner the
 /// server's refusal.
 type Handshake = std::result::Result<(u64, u16, HashMap<String, u32>), String>;
 
-fn handshake(c: &mut Conn, uri: &NbdUri, contexts: &[String]) -> io::Result<Handshake> {
+fn handshake(c: &mut Stream, uri: &NbdUri, contexts: &[String]) -> io::Result<Handshake> {
     let mut hello = [0u8; 18];
     c.r.read_exact(&mut hello)?;
     let mut r = Reader::new(&hello);
@@ -781,7 +833,7 @@ fn handshake(c: &mut Conn, uri: &NbdUri, contexts: &[String]) -> io::Result<Hand
 }
 
 /// One reply to `option`: its type and data.
-fn option_reply(c: &mut Conn, option: u32) -> io::Result<(u32, Vec<u8>)> {
+fn option_reply(c: &mut Stream, option: u32) -> io::Result<(u32, Vec<u8>)> {
     let mut h = [0u8; 20];
     c.r.read_exact(&mut h)?;
     let (opt, kind, len) =
@@ -802,22 +854,52 @@ fn option_reply(c: &mut Conn, option: u32) -> io::Result<(u32, Vec<u8>)> {
 /// `base:allocation` (context 1) over the first MiB (cookie 2). For the
 /// fuzz target and the corpus replay: it must return, never panic.
 pub fn parse_replies(server: &[u8]) -> (Result<()>, Result<Vec<Extent>>) {
-    let conn = Conn {
-        r: BufReader::new(Box::new(io::Cursor::new(server.to_vec()))),
-        w: BufWriter::new(Box::new(io::sink())),
-        cookie: 0,
-    };
+    let waiting = Arc::new(Mutex::new(Waiting::default()));
     let client = NbdClient {
         uri: "nbd://fuzz".into(),
         size: 1 << 30,
         flags: FLAG_HAS_FLAGS,
         contexts: HashMap::from([(BASE_ALLOCATION.to_string(), 1)]),
-        conns: vec![Mutex::new(conn)],
+        conns: vec![Conn {
+            w: Mutex::new((BufWriter::new(Box::new(io::sink())), 2)),
+            waiting: waiting.clone(),
+        }],
         next: AtomicUsize::new(0),
     };
+    // Both requests wait before any reply is read, as on a wire.
+    let (tx1, rx1) = mpsc::channel();
+    let (tx2, rx2) = mpsc::channel();
+    {
+        let mut w = waiting.lock().unwrap_or_else(|p| p.into_inner());
+        w.waiters.insert(
+            1,
+            Waiter {
+                read_len: 64 << 10,
+                tx: tx1,
+            },
+        );
+        w.waiters.insert(
+            2,
+            Waiter {
+                read_len: 0,
+                tx: tx2,
+            },
+        );
+    }
+    demux(io::Cursor::new(server), &waiting);
+    let c = &client.conns[0];
     let mut buf = vec![0u8; 64 << 10];
-    let read = client.read(0, &mut buf);
-    let status = client.block_status(BASE_ALLOCATION, 0, 1 << 20);
+    let read = client.read_reply(&rx1, c, 0, &mut buf);
+    let status = client.block_status_reply(&rx2, c, 1).map(|extents| {
+        let mut at = 0u64;
+        extents
+            .into_iter()
+            .map(|(len, state)| {
+                at += len as u64;
+                (at - len as u64, len as u64, state)
+            })
+            .collect()
+    });
     (read, status)
 }
 
