@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
@@ -152,6 +152,8 @@ pub struct NbdClient {
     conns: Vec<Conn>,
     /// The connection the next request goes to.
     next: AtomicUsize,
+    /// Whether `WRITE_ZEROES` still goes with `FAST_ZERO`.
+    fast_zero: AtomicBool,
 }
 
 impl std::fmt::Debug for NbdClient {
@@ -181,6 +183,7 @@ impl NbdClient {
             contexts: first.contexts,
             conns: vec![first.conn],
             next: AtomicUsize::new(0),
+            fast_zero: AtomicBool::new(true),
         };
         if client.flags & FLAG_CAN_MULTI_CONN != 0 {
             // A server may allow several connections yet serve one client
@@ -402,14 +405,31 @@ impl NbdClient {
     }
 
     /// Makes `[offset, offset + len)` read as zeros: `WRITE_ZEROES` where
-    /// the server offers it (letting it punch a hole), else written zeros.
+    /// the server offers it (letting it punch a hole; with
+    /// `NBD_CMD_FLAG_FAST_ZERO` where offered, until the server says it
+    /// cannot zero fast, then without), else written zeros.
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        self.check_range("write zeros to", offset, len)?;
+        const OP: &str = "write zeros to";
+        self.check_range(OP, offset, len)?;
         let mut at = offset;
         while at < offset + len {
             let n = (offset + len - at).min(MAX_REQUEST as u64) as u32;
             if self.flags & FLAG_SEND_WRITE_ZEROES != 0 {
-                self.command("write zeros to", CMD_WRITE_ZEROES, at, n, &[])?;
+                let fast =
+                    self.flags & FLAG_SEND_FAST_ZERO != 0 && self.fast_zero.load(Ordering::Relaxed);
+                let error = if fast {
+                    self.command_status(OP, CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, at, n, &[])?
+                } else {
+                    ENOTSUP
+                };
+                match error {
+                    0 => {}
+                    ENOTSUP => {
+                        self.fast_zero.store(false, Ordering::Relaxed);
+                        self.command(OP, CMD_WRITE_ZEROES, at, n, &[])?;
+                    }
+                    e => return Err(self.fail(OP, format!("the server answered error {e}"))),
+                }
             } else {
                 self.command("write", CMD_WRITE, at, n, &vec![0u8; n as usize])?;
             }
@@ -438,19 +458,36 @@ impl NbdClient {
         len: u32,
         payload: &[u8],
     ) -> Result<()> {
-        let (rx, c) = self.request(op, kind, 0, offset, len, payload)?;
+        match self.command_status(op, kind, 0, offset, len, payload)? {
+            0 => Ok(()),
+            error => Err(self.fail(op, format!("the server answered error {error}"))),
+        }
+    }
+
+    /// A command whose reply carries no data: the server's error number
+    /// (0 for success); `Err` only when the connection or reply fails.
+    fn command_status(
+        &self,
+        op: &'static str,
+        kind: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) -> Result<u32> {
+        let (rx, c) = self.request(op, kind, flags, offset, len, payload)?;
         loop {
             match self.piece(op, &rx, c)? {
-                Piece::Simple { error: 0, .. } => return Ok(()),
-                Piece::Simple { error, .. } => {
-                    return Err(self.fail(op, format!("the server answered error {error}")));
-                }
+                Piece::Simple { error, .. } => return Ok(error),
                 Piece::Chunk { kind, payload, .. }
                     if kind == REPLY_TYPE_ERROR || kind == REPLY_TYPE_ERROR_OFFSET =>
                 {
-                    return Err(self.error_chunk(op, &payload));
+                    return match decode_error(&payload) {
+                        Some((error, _)) if error != 0 => Ok(error),
+                        _ => Err(self.error_chunk(op, &payload)),
+                    };
                 }
-                Piece::Chunk { flags, .. } if flags & REPLY_FLAG_DONE != 0 => return Ok(()),
+                Piece::Chunk { flags, .. } if flags & REPLY_FLAG_DONE != 0 => return Ok(0),
                 Piece::Chunk { .. } => {}
             }
         }
@@ -865,6 +902,7 @@ pub fn parse_replies(server: &[u8]) -> (Result<()>, Result<Vec<Extent>>) {
             waiting: waiting.clone(),
         }],
         next: AtomicUsize::new(0),
+        fast_zero: AtomicBool::new(true),
     };
     // Both requests wait before any reply is read, as on a wire.
     let (tx1, rx1) = mpsc::channel();
