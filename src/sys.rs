@@ -411,6 +411,21 @@ pub fn terminate(pid: u32) {
     }
 }
 
+/// Makes `cmd`'s child receive SIGTERM when the thread that starts it
+/// dies (`PR_SET_PDEATHSIG`): a helper such as a private `qemu-nbd` never
+/// outlives a blocksnap that was killed.
+pub fn die_with_parent(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl with PR_SET_PDEATHSIG takes integers only and is
+    // async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -110,7 +110,7 @@ impl QemuExport {
         writable: bool,
         bitmap: Option<&str>,
     ) -> Result<QemuExport> {
-        let dir = std::env::temp_dir().join(crate::id::random_id("blocksnap-qemu-nbd-"));
+        let dir = std::env::temp_dir().join(crate::id::random_id("blocksnap-qemu-nbd"));
         std::fs::create_dir(&dir).ctx("create", &dir)?;
         let socket = dir.join("nbd.sock");
         let mut cmd = Command::new("qemu-nbd");
@@ -133,6 +133,7 @@ impl QemuExport {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
+        crate::sys::die_with_parent(&mut cmd);
         let child = cmd.spawn().map_err(|e| {
             let _ = std::fs::remove_dir(&dir);
             missing_tool("qemu-nbd", e)
