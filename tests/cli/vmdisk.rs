@@ -444,3 +444,46 @@ fn qemu_nbd_killed_mid_snapshot_leaves_no_snapshot_and_a_sound_store() {
     env.ok(&["store", "verify"]);
     env.ok(&["store", "gc"]);
 }
+
+#[test]
+fn a_killed_blocksnap_leaves_no_qemu_nbd_behind() {
+    if !have_qemu() {
+        return;
+    }
+    let env = Env::new();
+    let raw = env.path("random.img");
+    std::fs::write(&raw, random_bytes(12, 96 * MIB as usize)).unwrap();
+    let disk = env.path("orphan.qcow2");
+    qemu_ok(&["convert", "-O", "qcow2", s(&raw), s(&disk)]);
+    let running = || {
+        let out = Command::new("pgrep")
+            .args(["-f", &format!("qemu-nbd.*{}", s(&disk))])
+            .output()
+            .unwrap();
+        !out.stdout.is_empty()
+    };
+    let mut snap = env
+        .command(&["snapshot", "create", s(&disk)])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while !running() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "qemu-nbd never started"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    snap.kill().unwrap();
+    snap.wait().unwrap();
+    let killed = Instant::now();
+    while running() {
+        assert!(
+            killed.elapsed() < Duration::from_secs(10),
+            "qemu-nbd outlived the blocksnap that started it"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
