@@ -58,10 +58,43 @@ pub fn detect_format(path: &Path) -> Result<Option<String>> {
     }
     let info: serde_json::Value = serde_json::from_slice(&out.stdout)
         .map_err(|e| Error::InvalidArgument(format!("qemu-img info of {}: {e}", path.display())))?;
-    Ok(info["format"]
-        .as_str()
-        .filter(|f| *f != "raw")
-        .map(str::to_string))
+    let format = info["format"].as_str().filter(|f| *f != "raw");
+    // A raw disk whose guest wrote an image header naming a backing file
+    // would otherwise have qemu read that host file into the snapshot:
+    // an image is only read when it is the only file qemu opens.
+    if let Some(format) = format {
+        let others: Vec<&str> = info["children"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c["name"].as_str())
+            .filter(|n| *n != "file")
+            .collect();
+        if let Some(backing) = info["backing-filename"].as_str() {
+            return Err(refer_elsewhere(
+                path,
+                format,
+                &format!("backing file {backing}"),
+            ));
+        }
+        if let Some(child) = others.first() {
+            return Err(refer_elsewhere(
+                path,
+                format,
+                &format!("{child} in another file"),
+            ));
+        }
+    }
+    Ok(format.map(str::to_string))
+}
+
+fn refer_elsewhere(path: &Path, format: &str, what: &str) -> Error {
+    Error::InvalidArgument(format!(
+        "{} is a {format} image with its {what}: blocksnap reads an image in a qemu format only \
+         when it is self-contained; export it yourself (qemu-nbd -r -f {format} …) and give its \
+         nbd+unix:// URI, or flatten it (qemu-img convert)",
+        path.display()
+    ))
 }
 
 fn missing_tool(tool: &str, e: std::io::Error) -> Error {

@@ -243,11 +243,39 @@ fn qcow2_files_are_read_and_written_through_a_private_qemu_nbd() {
     assert_eq!(d["BlocksWritten"], 0, "{d}");
     env.ok(&["volume", "verify", &id(&inc), s(&copy)]);
     // No qemu-nbd is left running.
-    let left = Command::new("pgrep")
-        .args(["-f", &format!("qemu-nbd.*{}", s(&copy))])
+    assert!(!qemu_nbd_serves(&copy), "qemu-nbd left running");
+    // An image that names another file (a raw disk whose guest wrote a
+    // qcow2 header with a backing file, say) is never opened.
+    let secret = env.path("secret");
+    std::fs::write(&secret, b"a host file").unwrap();
+    let evil = env.path("evil.img");
+    qemu_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        s(&secret),
+        "-F",
+        "raw",
+        s(&evil),
+        "1M",
+    ]);
+    let e = env.fails(&["snapshot", "create", s(&evil)], 2);
+    assert!(
+        e.contains("backing file") && e.contains("self-contained"),
+        "{e}"
+    );
+    assert!(!qemu_nbd_serves(&evil));
+}
+
+/// Whether a qemu-nbd serving `image` is running.
+fn qemu_nbd_serves(image: &Path) -> bool {
+    let out = Command::new("pgrep")
+        .args(["-f", &format!("qemu-nbd.*{}", s(image))])
         .output()
         .unwrap();
-    assert!(left.stdout.is_empty(), "qemu-nbd left running");
+    !out.stdout.is_empty()
 }
 
 #[test]
@@ -455,13 +483,7 @@ fn a_killed_blocksnap_leaves_no_qemu_nbd_behind() {
     std::fs::write(&raw, random_bytes(12, 96 * MIB as usize)).unwrap();
     let disk = env.path("orphan.qcow2");
     qemu_ok(&["convert", "-O", "qcow2", s(&raw), s(&disk)]);
-    let running = || {
-        let out = Command::new("pgrep")
-            .args(["-f", &format!("qemu-nbd.*{}", s(&disk))])
-            .output()
-            .unwrap();
-        !out.stdout.is_empty()
-    };
+    let running = || qemu_nbd_serves(&disk);
     // A killed blocksnap cannot remove its socket directory: keep it in
     // this test's own.
     let mut snap = env
