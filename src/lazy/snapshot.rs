@@ -14,6 +14,7 @@ use crate::error::Result;
 use crate::format::manifest::{self, Block, Tag};
 use crate::id::{AccountId, ChunkId};
 use crate::lazy::overlay::{Overlay, Paused};
+use crate::ops::access::readable;
 use crate::ops::snapshot::{self, Outcome, Taken, validate_labels};
 use crate::region::catalog::Region;
 use crate::store::{chain, pool};
@@ -49,6 +50,17 @@ pub fn snapshot_overlays(
 ) -> Result<Vec<LazySnapshot>> {
     validate_labels(&opts.description, &opts.tags)?;
     let _lock = region.lock(LockMode::Shared, "snapshot create")?;
+    // The parent is taken unread: its owner must let the new owner read
+    // it, as for any explicit parent.
+    let owner = region.caller(opts.owner.as_ref());
+    for t in targets {
+        readable(
+            region,
+            &t.overlay.base().meta().id,
+            &owner,
+            "take as a parent",
+        )?;
+    }
     let paused = targets
         .iter()
         .map(|t| t.overlay.pause())

@@ -280,6 +280,18 @@ fn a_lazy_instance_snapshots_the_same_without_being_attached() {
     let ami = image_of(&env, "offline", &root);
     let dir = env.path("lazy");
     env.ok(&["instance", "launch", &ami, s(&dir), "--lazy"]);
+    // Another account may not take a snapshot it cannot read as a parent.
+    let e = env.fails(
+        &[
+            "snapshot",
+            "create",
+            s(&dir.join("xvda.img")),
+            "--account",
+            "111111111111",
+        ],
+        6,
+    );
+    assert!(e.contains("111111111111"), "{e}");
     // Attached or not, an overlay is one process's at a time.
     let v = env.json(&[
         "image",
