@@ -75,7 +75,15 @@ fn blocks(c: &mut Criterion) {
     let (tid, tenc) = (ChunkId::of(&t), chunk::encode(&t).unwrap());
     let mut out = Vec::new();
     g.bench_function("decode+verify(text)", |b| {
-        b.iter(|| chunk::decode_into(&tid, black_box(&tenc), &mut out).unwrap())
+        b.iter(|| {
+            chunk::decode_into(
+                &tid,
+                black_box(&tenc),
+                &mut out,
+                &blocksnap::id::Namer::Plain,
+            )
+            .unwrap()
+        })
     });
     g.finish();
 }

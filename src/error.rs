@@ -74,6 +74,11 @@ pub enum Error {
     #[error("{0}")]
     AlreadyExists(String),
 
+    /// An encryption key that may not be used: wrong passphrase, none
+    /// given, not granted, disabled.
+    #[error("{0}")]
+    Key(String),
+
     /// Something named on the command line does not exist (a mapped
     /// snapshot or volume, an instance, a region); the message names it.
     #[error("{0}")]
@@ -264,7 +269,7 @@ impl Error {
             | Error::NotFound(_)
             | Error::SnapshotNotFound { .. }
             | Error::ImageNotFound { .. } => ErrorKind::NotFound,
-            Error::NotPermitted { .. } | Error::SnapshotNotPermitted { .. } => {
+            Error::NotPermitted { .. } | Error::SnapshotNotPermitted { .. } | Error::Key(_) => {
                 ErrorKind::Permission
             }
             Error::CorruptChunk { .. }

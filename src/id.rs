@@ -65,6 +65,103 @@ impl FromStr for ChunkId {
     }
 }
 
+/// How chunks are named: by the plain BLAKE3-256 of their bytes, or, for
+/// chunks under an encryption key, by BLAKE3 keyed with a key derived from
+/// it, so that equal blocks still share a chunk within one key and a name
+/// says nothing about the bytes to whoever lacks the key.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Namer {
+    Plain,
+    Keyed([u8; 32]),
+}
+
+impl Namer {
+    pub fn name(&self, data: &[u8]) -> ChunkId {
+        match self {
+            Namer::Plain => ChunkId::of(data),
+            Namer::Keyed(k) => ChunkId(*blake3::keyed_hash(k, data).as_bytes()),
+        }
+    }
+}
+
+impl fmt::Debug for Namer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the key.
+        f.write_str(match self {
+            Namer::Plain => "Namer::Plain",
+            Namer::Keyed(_) => "Namer::Keyed",
+        })
+    }
+}
+
+/// An encryption key's id, as KMS writes it: a random (version 4) UUID in
+/// lowercase, `8-4-4-4-12` hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct KeyId(pub [u8; 16]);
+
+impl KeyId {
+    pub fn random() -> KeyId {
+        let mut b = [0u8; 16];
+        getrandom::fill(&mut b).expect("the OS random number generator failed");
+        b[6] = (b[6] & 0x0f) | 0x40;
+        b[8] = (b[8] & 0x3f) | 0x80;
+        KeyId(b)
+    }
+}
+
+impl fmt::Display for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let h = hex(&self.0);
+        write!(
+            f,
+            "{}-{}-{}-{}-{}",
+            &h[..8],
+            &h[8..12],
+            &h[12..16],
+            &h[16..20],
+            &h[20..]
+        )
+    }
+}
+
+impl fmt::Debug for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyId({self})")
+    }
+}
+
+impl FromStr for KeyId {
+    type Err = InvalidId;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || InvalidId {
+            kind: "key id",
+            input: s.to_string(),
+            expected: "a UUID of lowercase hex digits, e.g. 1234abcd-12ab-34cd-56ef-1234567890ab",
+        };
+        let groups: Vec<&str> = s.split('-').collect();
+        if groups.iter().map(|g| g.len()).collect::<Vec<_>>() != [8, 4, 4, 4, 12] {
+            return Err(bad());
+        }
+        let bytes = unhex(&groups.concat()).ok_or_else(bad)?;
+        Ok(KeyId(bytes.try_into().map_err(|_| bad())?))
+    }
+}
+
+impl TryFrom<String> for KeyId {
+    type Error = InvalidId;
+    fn try_from(s: String) -> Result<Self> {
+        s.parse()
+    }
+}
+
+impl From<KeyId> for String {
+    fn from(id: KeyId) -> String {
+        id.to_string()
+    }
+}
+
 /// Random suffix length of snapshot, image and instance ids, as in EC2.
 const ID_HEX_LEN: usize = 17;
 
@@ -260,6 +357,27 @@ mod tests {
         assert_eq!(id.to_hex().parse::<ChunkId>().unwrap(), id);
         assert_eq!(id.to_hex(), blake3::hash(b"hello").to_hex().as_str());
         assert!("zz".parse::<ChunkId>().is_err());
+    }
+
+    #[test]
+    fn key_ids_are_uuids_and_names_depend_on_the_key() {
+        let k = KeyId::random();
+        let text = k.to_string();
+        assert_eq!(text.len(), 36);
+        assert_eq!(text.parse::<KeyId>().unwrap(), k);
+        for bad in [
+            "",
+            "1234",
+            "1234abcd-12ab-34cd-56ef-1234567890aB",
+            "1234abcd12ab34cd56ef1234567890ab",
+        ] {
+            assert!(bad.parse::<KeyId>().is_err(), "{bad}");
+        }
+        let (a, b) = (Namer::Keyed([1; 32]), Namer::Keyed([2; 32]));
+        assert_ne!(a.name(b"x"), b.name(b"x"));
+        assert_ne!(a.name(b"x"), Namer::Plain.name(b"x"));
+        assert_eq!(Namer::Plain.name(b"x"), ChunkId::of(b"x"));
+        assert!(!format!("{a:?}").contains('1'));
     }
 
     #[test]

@@ -133,4 +133,7 @@ pub use error::{Error, ErrorKind, Result};
 pub use format::manifest::{Block, Manifest, SnapshotMeta, SnapshotStats, Tag};
 pub use id::{AccountId, ChunkId, ImageId, InstanceId, SnapshotId};
 pub use region::catalog::Region;
-pub use sys::{LockMode, default_sigpipe, detach_command, ignore_sigpipe, limit_malloc_arenas};
+pub use sys::{
+    LockMode, default_sigpipe, detach_command, ignore_sigpipe, limit_malloc_arenas,
+    read_secret_line,
+};

@@ -426,6 +426,48 @@ pub fn die_with_parent(cmd: &mut std::process::Command) {
     }
 }
 
+/// Reads one line from the controlling terminal with echo off, after
+/// writing `prompt` there; `None` when the process has no terminal.
+pub fn read_secret_line(prompt: &str) -> Option<io::Result<String>> {
+    use std::io::{BufRead, Write};
+    let tty = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/tty")
+        .ok()?;
+    let fd = tty.as_raw_fd();
+    // SAFETY: `termios` is plain data that tcgetattr fills in whole.
+    let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is open for the life of `tty`; `saved` is writable.
+    if unsafe { libc::tcgetattr(fd, &mut saved) } != 0 {
+        return None;
+    }
+    let mut quiet = saved;
+    quiet.c_lflag &= !libc::ECHO;
+    quiet.c_lflag |= libc::ECHONL;
+    let run = || -> io::Result<String> {
+        let mut w = &tty;
+        w.write_all(prompt.as_bytes())?;
+        w.flush()?;
+        // SAFETY: as above; `quiet` is a valid termios copied from `saved`.
+        if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &quiet) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut line = String::new();
+        io::BufReader::new(&tty).read_line(&mut line)?;
+        Ok(line)
+    };
+    let read = run();
+    // SAFETY: restores the settings read above on the same open fd.
+    unsafe { libc::tcsetattr(fd, libc::TCSANOW, &saved) };
+    Some(read.map(|mut l| {
+        while l.ends_with('\n') || l.ends_with('\r') {
+            l.pop();
+        }
+        l
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -10,12 +10,13 @@ use blocksnap::{AccountId, Error, Region};
 
 use crate::cli::image::ImageCmd;
 use crate::cli::instance::InstanceCmd;
+use crate::cli::key::KeyCmd;
 use crate::cli::output::Out;
 use crate::cli::region::RegionCmd;
 use crate::cli::snapshot::SnapshotCmd;
 use crate::cli::store::StoreCmd;
 use crate::cli::volume::VolumeCmd;
-use crate::cli::{exit, image, instance, region, snapshot, store, volume};
+use crate::cli::{exit, image, instance, key, region, snapshot, store, volume};
 
 /// The region used without `--region`: the only one created on first use.
 const DEFAULT_REGION: &str = "local";
@@ -57,6 +58,18 @@ pub struct Global {
     /// No progress bar
     #[arg(long, short, global = true)]
     pub quiet: bool,
+    /// Read the passphrase of encryption keys from FILE (its first line)
+    /// [default: $BLOCKSNAP_PASSPHRASE, else asked on the terminal]
+    #[arg(
+        long,
+        global = true,
+        env = "BLOCKSNAP_PASSPHRASE_FILE",
+        value_name = "FILE"
+    )]
+    pub passphrase_file: Option<PathBuf>,
+    /// A key file holding a key kept outside the store (repeatable)
+    #[arg(long, global = true, env = "BLOCKSNAP_KEY_FILE", value_name = "PATH")]
+    pub key_file: Vec<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -79,6 +92,9 @@ pub enum Command {
     /// Define regions on S3-compatible object stores [DescribeRegions]
     #[command(subcommand)]
     Region(RegionCmd),
+    /// Encryption keys: create, list, grant, disable [KMS]
+    #[command(subcommand)]
+    Key(KeyCmd),
 }
 
 /// The store root: `--store`, `$BLOCKSNAP_STORE`, or a per-user directory.
@@ -118,10 +134,11 @@ pub fn run(cli: Cli) -> Result<u8> {
     let settings = blocksnap::settings::Settings::from_vars(|n| std::env::var(n).ok())?;
     blocksnap::settings::install(settings);
     let root = store_root(g)?;
-    let out = Out::new(g.json, g.quiet);
+    let mut out = Out::new(g.json, g.quiet);
+    install_keyring(g, account.clone(), &cli.command)?;
     let command = match cli.command {
         // Region definitions work without opening a region.
-        Command::Region(cmd) => return region::run(&root, &out, cmd),
+        Command::Region(cmd) if !cmd.needs_region() => return region::run(&root, &out, cmd),
         other => other,
     };
     // Only the default region is created on first use; any other must
@@ -142,13 +159,83 @@ pub fn run(cli: Cli) -> Result<u8> {
     let region = std::sync::Arc::new(region);
     // Leaving out --account acts as the region's default owner.
     let caller = region.caller(account.as_ref());
+    out.set_region(region.clone());
     match command {
         Command::Snapshot(cmd) => snapshot::run(&region, &out, account, &caller, cmd),
         Command::Image(cmd) => image::run(&root, &region, &out, caller, cmd),
         Command::Instance(cmd) => instance::run(&region, &out, caller, cmd),
         Command::Volume(cmd) => volume::run(&region, &out, &caller, cmd),
         Command::Store(cmd) => store::run(&region, &out, cmd),
-        // Handled above, before a region is opened.
-        Command::Region(_) => unreachable!("region commands return early"),
+        Command::Key(cmd) => key::run(&region, &out, &caller, cmd),
+        Command::Region(cmd) => region::run_in(&region, &out, cmd),
     }
+}
+
+/// The process's keyring: the passphrase from `BLOCKSNAP_PASSPHRASE` or
+/// `--passphrase-file` (never an argument), else asked on the terminal;
+/// the key files; the acting account.
+fn install_keyring(g: &Global, account: Option<AccountId>, command: &Command) -> Result<()> {
+    use zeroize::Zeroizing;
+    let from_env = std::env::var("BLOCKSNAP_PASSPHRASE").ok();
+    let passphrase = match (&g.passphrase_file, from_env) {
+        (Some(path), _) => {
+            let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
+                Error::InvalidArgument(format!(
+                    "cannot read the passphrase file {}: {e}",
+                    path.display()
+                ))
+            })?);
+            Some(Zeroizing::new(
+                text.lines().next().unwrap_or_default().to_string(),
+            ))
+        }
+        (None, Some(p)) => Some(Zeroizing::new(p)),
+        (None, None) => None,
+    };
+    if passphrase.as_ref().is_some_and(|p| p.is_empty()) {
+        return Err(Error::InvalidArgument(
+            "the passphrase is empty: give a non-empty one (BLOCKSNAP_PASSPHRASE or \
+             --passphrase-file)"
+                .into(),
+        )
+        .into());
+    }
+    // A served or mounted volume runs detached: it never asks.
+    let detached = std::env::var_os("BLOCKSNAP_DETACHED").is_some();
+    let prompt: Option<Box<blocksnap::region::keys::Prompt>> = (!detached).then(|| {
+        Box::new(|what: &str, confirm: bool| {
+            let first = blocksnap::read_secret_line(&format!("Passphrase for {what}: "))?;
+            Some((|| {
+                let first = Zeroizing::new(first.map_err(|e| Error::Io {
+                    op: "read the passphrase from",
+                    path: "/dev/tty".into(),
+                    source: e,
+                })?);
+                if first.is_empty() {
+                    return Err(Error::Key("no passphrase given".into()));
+                }
+                if confirm {
+                    let again = blocksnap::read_secret_line("Repeat the passphrase: ")
+                        .unwrap_or_else(|| Ok(String::new()))
+                        .map(Zeroizing::new)
+                        .unwrap_or_default();
+                    if *again != *first {
+                        return Err(Error::Key(
+                            "the passphrases differ: nothing was created".into(),
+                        ));
+                    }
+                }
+                Ok(first)
+            })())
+        }) as Box<blocksnap::region::keys::Prompt>
+    });
+    // `key create --key-file` names the file to write, not one to read.
+    let key_files = match command {
+        Command::Key(KeyCmd::Create { .. }) => Vec::new(),
+        _ => g.key_file.clone(),
+    };
+    blocksnap::region::keys::install(blocksnap::region::keys::Keyring::new(
+        passphrase, prompt, key_files, account,
+    ));
+    Ok(())
 }

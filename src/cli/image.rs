@@ -20,7 +20,8 @@ use blocksnap::{AccountId, Error, ImageId, Region};
 
 use crate::cli::output::{Out, human, print_grants};
 use crate::cli::parse::{
-    PermissionArgs, account_or_self, grantee_or_self, parse_image, parse_tag, permission_change,
+    EncryptionArgs, PermissionArgs, account_or_self, grantee_or_self, parse_image, parse_tag,
+    permission_change,
 };
 
 #[derive(Subcommand, Debug)]
@@ -47,6 +48,8 @@ pub enum ImageCmd {
         /// Worker threads [default: one per core]
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        #[command(flatten)]
+        encryption: EncryptionArgs,
     },
     /// Register an image from existing snapshots [RegisterImage]
     Register {
@@ -99,6 +102,10 @@ pub enum ImageCmd {
         /// Worker threads [default: one per core]
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// Encrypt the copies (a key of the target region; an encrypted
+        /// image is never copied unencrypted)
+        #[command(flatten)]
+        encryption: EncryptionArgs,
     },
     /// Deprecate an image at a time, or cancel it [EnableImageDeprecation]
     Deprecate {
@@ -171,6 +178,7 @@ fn create_options(
     threads: usize,
 ) -> Result<ImageCreateOptions> {
     Ok(ImageCreateOptions {
+        encryption: Default::default(),
         name,
         description: args.description.clone(),
         architecture: args.architecture.clone(),
@@ -205,8 +213,10 @@ pub fn run(
             instance,
             common,
             threads,
+            encryption,
         } => {
-            let opts = create_options(&common, name, caller, threads)?;
+            let mut opts = create_options(&common, name, caller, threads)?;
+            opts.encryption = encryption.options();
             let bar = out.progress();
             let report = match instance {
                 Some(dir) => image_create::create_from_instance(region, &dir, &opts, &bar)?,
@@ -336,6 +346,7 @@ pub fn run(
             copy_tags,
             threads,
             create_region,
+            encryption,
         } => {
             let id = parse_image(&id)?;
             let dst = if create_region {
@@ -354,6 +365,7 @@ pub fn run(
                 description,
                 copy_tags,
                 threads,
+                encryption: encryption.options(),
             };
             let bar = out.progress();
             let r = copy::copy_image(region, &id, &dst, &opts, &bar)?;

@@ -1,5 +1,5 @@
 //! The `blocksnap` command line: one file per noun (`snapshot`, `volume`,
-//! `store`, `region`, `image`, `instance`), each holding its clap
+//! `store`, `region`, `image`, `instance`, `key`), each holding its clap
 //! definitions and the glue to the library; [`app`] the global options
 //! and the dispatch; [`parse`] value parsers; [`output`] how results print;
 //! [`exit`] exit codes. The CLI parses and prints: every rule lives in the
@@ -9,6 +9,7 @@ pub mod app;
 pub mod exit;
 pub mod image;
 pub mod instance;
+pub mod key;
 pub mod output;
 pub mod parse;
 pub mod region;

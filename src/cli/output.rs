@@ -25,6 +25,8 @@ use blocksnap::{Region, SnapshotId};
 pub struct Out {
     pub json: bool,
     bars: bool,
+    /// The region acted on, to name keys by their ARNs.
+    region: Option<std::sync::Arc<Region>>,
 }
 
 impl Out {
@@ -32,7 +34,30 @@ impl Out {
         Out {
             json,
             bars: !json && !quiet && std::io::stderr().is_terminal(),
+            region: None,
         }
+    }
+
+    pub fn set_region(&mut self, region: std::sync::Arc<Region>) {
+        self.region = Some(region);
+    }
+
+    /// The ARN of key `id`, as EC2 shows a snapshot's `KmsKeyId`.
+    fn key_arn(&self, id: &blocksnap::id::KeyId) -> String {
+        let found = self.region.as_ref().and_then(|r| {
+            let keys = r.keys();
+            keys.resolve(&id.to_string()).ok().map(|rec| keys.arn(&rec))
+        });
+        found.unwrap_or_else(|| id.to_string())
+    }
+
+    fn snapshot_json(&self, m: &SnapshotMeta) -> Value {
+        let mut doc = snapshot_json(m);
+        doc["Encrypted"] = json!(m.kms_key_id.is_some());
+        if let Some(k) = &m.kms_key_id {
+            doc["KmsKeyId"] = json!(self.key_arn(k));
+        }
+        doc
     }
 
     /// A progress bar on a terminal; nothing when piped, quiet or `--json`.
@@ -59,7 +84,7 @@ impl Out {
 
     pub fn snapshot_created(&self, m: &SnapshotMeta) {
         if self.json {
-            return self.print(snapshot_json(m));
+            return self.print(self.snapshot_json(m));
         }
         let s = &m.stats;
         match &m.parent {
@@ -91,7 +116,7 @@ impl Out {
     /// A snapshot of a lazy volume: also what it read and took unread.
     pub fn incremental_created(&self, s: &Incremental) {
         if self.json {
-            let mut v = snapshot_json(&s.meta);
+            let mut v = self.snapshot_json(&s.meta);
             v["BlocksRead"] = s.blocks_read.into();
             v["BlocksTaken"] = s.blocks_taken.into();
             return self.print(v);
@@ -106,7 +131,7 @@ impl Out {
     pub fn snapshot_list(&self, snaps: &[SnapshotMeta]) {
         if self.json {
             return self.print(
-                json!({ "Snapshots": snaps.iter().map(snapshot_json).collect::<Vec<_>>() }),
+                json!({ "Snapshots": snaps.iter().map(|m| self.snapshot_json(m)).collect::<Vec<_>>() }),
             );
         }
         if snaps.is_empty() {
@@ -183,7 +208,7 @@ impl Out {
 
     pub fn snapshot_describe(&self, m: &SnapshotMeta) {
         if self.json {
-            return self.print(json!({ "Snapshots": [snapshot_json(m)] }));
+            return self.print(json!({ "Snapshots": [self.snapshot_json(m)] }));
         }
         let s = &m.stats;
         let tags: Vec<String> = m
@@ -205,6 +230,13 @@ impl Out {
             m.volume_size
         );
         println!("BlockSize         {}", human(m.block_size as u64));
+        println!(
+            "Encrypted         {}",
+            match &m.kms_key_id {
+                Some(k) => format!("yes, key {}", self.key_arn(k)),
+                None => "no".into(),
+            }
+        );
         println!(
             "Parent            {}",
             m.parent.as_ref().map(SnapshotId::as_str).unwrap_or("-")
@@ -381,7 +413,20 @@ impl Out {
                 "OrphanChunks": r.orphan_chunks,
                 "Quarantined": r.quarantined,
                 "QuarantineHeld": r.quarantine_held,
+                "SnapshotsUnauthenticated": r.snapshots_unauthenticated,
+                "ChunksUnchecked": r.chunks_unchecked,
+                "KeyProblems": r.key_problems,
             }));
+        }
+        if r.chunks_unchecked > 0 || r.snapshots_unauthenticated > 0 {
+            println!(
+                "{} encrypted chunks and {} encrypted block lists were checked for structure \
+                 only, without their keys:",
+                r.chunks_unchecked, r.snapshots_unauthenticated
+            );
+            for why in &r.key_problems {
+                println!("  {why}");
+            }
         }
         for m in &r.damaged_manifests {
             println!("damaged manifest: {m}");

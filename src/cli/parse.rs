@@ -96,3 +96,23 @@ pub fn grantee_or_self(s: &str, caller: &AccountId) -> Result<Grantee> {
         other => Ok(other.parse()?),
     }
 }
+
+/// `--encrypted` and `--kms-key-id`, as EC2 spells them.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct EncryptionArgs {
+    /// Encrypt, under --kms-key-id or the region's default key (alias/aws/ebs)
+    #[arg(long)]
+    pub encrypted: bool,
+    /// The key: a key id, alias/NAME, or either's ARN (implies --encrypted)
+    #[arg(long, value_name = "KEY")]
+    pub kms_key_id: Option<String>,
+}
+
+impl EncryptionArgs {
+    pub fn options(&self) -> blocksnap::ops::snapshot::Encryption {
+        blocksnap::ops::snapshot::Encryption {
+            encrypted: self.encrypted,
+            kms_key_id: self.kms_key_id.clone(),
+        }
+    }
+}

@@ -41,6 +41,71 @@ pub enum RegionCmd {
     List,
     /// Forget an object-store region's definition (deletes nothing stored there)
     Remove { name: String },
+    /// Show or set encryption by default for new snapshots of the region
+    /// (--region) [EnableEbsEncryptionByDefault, ModifyEbsDefaultKmsKeyId]
+    Encryption {
+        /// Encrypt every new snapshot, asked for or not
+        #[arg(long, value_name = "on|off")]
+        by_default: Option<String>,
+        /// The key used by default [default: alias/aws/ebs]
+        #[arg(long, value_name = "KEY")]
+        kms_key_id: Option<String>,
+    },
+}
+
+impl RegionCmd {
+    /// Whether the command acts on the region `--region` names.
+    pub fn needs_region(&self) -> bool {
+        matches!(self, RegionCmd::Encryption { .. })
+    }
+}
+
+/// The region commands that act on an opened region.
+pub fn run_in(region: &Region, out: &Out, cmd: RegionCmd) -> Result<u8> {
+    let RegionCmd::Encryption {
+        by_default,
+        kms_key_id,
+    } = cmd
+    else {
+        unreachable!("only `region encryption` needs a region");
+    };
+    let keys = region.keys();
+    let mut d = keys.defaults()?;
+    if by_default.is_some() || kms_key_id.is_some() {
+        if let Some(v) = by_default {
+            d.encrypted_by_default = match v.as_str() {
+                "on" | "true" => true,
+                "off" | "false" => false,
+                other => {
+                    return Err(Error::InvalidArgument(format!(
+                        "--by-default {other:?}: give on or off"
+                    ))
+                    .into());
+                }
+            };
+        }
+        if let Some(k) = kms_key_id {
+            d.kms_key_id = Some(keys.resolve(&k)?.key_id);
+        }
+        keys.set_defaults(&d)?;
+    }
+    let key = match &d.kms_key_id {
+        Some(k) => keys.arn(&keys.resolve(&k.to_string())?),
+        None => format!("alias/{}", blocksnap::region::keys::DEFAULT_ALIAS),
+    };
+    if out.json {
+        out.print(serde_json::json!({
+            "EbsEncryptionByDefault": d.encrypted_by_default,
+            "KmsKeyId": key,
+        }));
+    } else {
+        println!(
+            "region {}: encryption by default {}, key {key}",
+            region.name(),
+            if d.encrypted_by_default { "on" } else { "off" }
+        );
+    }
+    Ok(0)
 }
 
 pub fn run(root: &Path, out: &Out, cmd: RegionCmd) -> Result<u8> {
@@ -95,5 +160,6 @@ pub fn run(root: &Path, out: &Out, cmd: RegionCmd) -> Result<u8> {
             out.region_removed(&name, &def);
             Ok(0)
         }
+        RegionCmd::Encryption { .. } => unreachable!("dispatched with its region"),
     }
 }

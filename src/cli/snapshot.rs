@@ -18,8 +18,8 @@ use blocksnap::{AccountId, Region};
 
 use crate::cli::output::{Out, print_grants};
 use crate::cli::parse::{
-    PermissionArgs, account_or_self, grantee_or_self, parse_size, parse_snapshot, parse_tag,
-    permission_change,
+    EncryptionArgs, PermissionArgs, account_or_self, grantee_or_self, parse_size, parse_snapshot,
+    parse_tag, permission_change,
 };
 
 #[derive(Subcommand, Debug)]
@@ -58,6 +58,8 @@ pub enum SnapshotCmd {
         /// Store changed blocks whole, never as deltas against the parent's
         #[arg(long)]
         no_delta: bool,
+        #[command(flatten)]
+        encryption: EncryptionArgs,
         /// Read only the blocks qemu's dirty bitmap NAME marks (an NBD volume
         /// exported with it); every other block is taken from --parent
         #[arg(long, value_name = "NAME", requires = "parent")]
@@ -112,6 +114,7 @@ pub fn run(
             threads,
             no_delta,
             dirty_bitmap,
+            encryption,
         } => {
             let parent = match (parent, no_parent) {
                 (Some(p), _) => ParentChoice::Explicit(parse_snapshot(&p)?),
@@ -131,6 +134,15 @@ pub fn run(
                 .collect::<Result<Vec<_>>>()?;
             let lazy_device = instance::lazy_device_of(&volume)?;
             if lazy_device.is_some() || is_overlay(&volume) {
+                if encryption.encrypted || encryption.kms_key_id.is_some() {
+                    return Err(blocksnap::Error::InvalidArgument(format!(
+                        "{} is a lazy volume: its snapshot is encrypted exactly as the snapshot \
+                         underneath it is (EBS: an incremental stays under its parent's key); \
+                         leave out --encrypted and --kms-key-id",
+                        volume.display()
+                    ))
+                    .into());
+                }
                 if parent != ParentChoice::Latest || block_size.is_some() {
                     return Err(blocksnap::Error::InvalidArgument(format!(
                         "{} is a lazy volume: its parent is the snapshot underneath it, and its \
@@ -166,6 +178,7 @@ pub fn run(
                 owner: account,
                 threads,
                 delta: !no_delta,
+                encryption: encryption.options(),
             };
             if let Some(bitmap) = dirty_bitmap {
                 let bar = out.progress();

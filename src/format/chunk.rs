@@ -22,16 +22,40 @@
 //! bytes that changed instead of the whole block. Chains are bounded: a
 //! block whose base is already at depth 3 is stored plain.
 //!
-//! A chunk is named by the BLAKE3-256 of its raw bytes; [`decode_into`]
-//! and `store::chain::load_into` check the name before they return a single byte.
+//! A chunk is named by the BLAKE3-256 of its raw bytes (keyed BLAKE3 under
+//! an encryption key, see [`Namer`]); [`decode_into`] and
+//! `store::chain::load_into` check the name before they return a single
+//! byte.
+//!
+//! # Sealed chunks (version 2)
+//!
+//! A chunk under an encryption key keeps the plain header of its codec
+//! (version byte 2 instead of 1, so a blocksnap that predates encryption
+//! says "written by a newer blocksnap"), then:
+//!
+//! ```text
+//! H       16    key id (the UUID's bytes)       H = 12, or 48 for codec 2
+//! H+16    24    random nonce
+//! H+40    ..    the payload of the plain chunk, XChaCha20-Poly1305-encrypted
+//! end-16  16    tag; associated data: the chunk's name, then bytes 0..H+16
+//! ```
+//!
+//! A delta's base stays readable (gc follows chains without a key); the
+//! name as associated data makes a chunk copied or moved to another name
+//! fail, as does any change to its header. [`seal`] and [`unseal`] turn a
+//! plain chunk into a sealed one and back; the decoders read plain ones.
 
 use std::cell::RefCell;
 
 use crate::error::{Error, Result};
-use crate::id::ChunkId;
+use crate::format::key::{DataKey, SEAL_OVERHEAD};
+use crate::id::{ChunkId, KeyId, Namer};
 
 pub const CHUNK_MAGIC: &[u8; 4] = b"BSCK";
 pub const CHUNK_VERSION: u8 = 1;
+/// The version of a sealed (encrypted) chunk.
+pub const SEALED_VERSION: u8 = 2;
+const KEY_ID_LEN: usize = 16;
 pub const HEADER_LEN: usize = 12;
 pub const DELTA_HEADER_LEN: usize = 48;
 /// The longest chain of deltas: a restore decodes at most this many bases.
@@ -113,7 +137,13 @@ pub fn encode_delta(
 
 /// Decodes the codec-2 chunk `stored` over its base's raw bytes and
 /// checks the result against the name `id`.
-pub fn decode_delta(id: &ChunkId, stored: &[u8], base_raw: &[u8], out: &mut Vec<u8>) -> Result<()> {
+pub fn decode_delta(
+    id: &ChunkId,
+    stored: &[u8],
+    base_raw: &[u8],
+    out: &mut Vec<u8>,
+    namer: &Namer,
+) -> Result<()> {
     use zstd::zstd_safe::DCtx;
     let corrupt = Error::corrupt_chunk(*id);
     let raw_len = checked_raw_len(id, stored)?;
@@ -130,8 +160,15 @@ pub fn decode_delta(id: &ChunkId, stored: &[u8], base_raw: &[u8], out: &mut Vec<
             "decompressed to {n} bytes, header says {raw_len}"
         )));
     }
-    if ChunkId::of(out) != *id {
-        return Err(corrupt("its bytes do not match its BLAKE3 name".into()));
+    check_name(id, out, namer)
+}
+
+fn check_name(id: &ChunkId, raw: &[u8], namer: &Namer) -> Result<()> {
+    if namer.name(raw) != *id {
+        return Err(Error::CorruptChunk {
+            chunk: *id,
+            reason: "its bytes do not match its BLAKE3 name".into(),
+        });
     }
     Ok(())
 }
@@ -148,7 +185,14 @@ fn checked_raw_len(id: &ChunkId, stored: &[u8]) -> Result<usize> {
     if &stored[..4] != CHUNK_MAGIC {
         return Err(corrupt("bad magic".into()));
     }
-    if stored[4] > CHUNK_VERSION {
+    if stored[4] == SEALED_VERSION {
+        return Err(corrupt(
+            "it is encrypted, but is read as a plain chunk: the snapshot naming it is not \
+             encrypted, so the chunk was put there from elsewhere"
+                .into(),
+        ));
+    }
+    if stored[4] > SEALED_VERSION {
         return Err(Error::NewerChunk {
             chunk: *id,
             detail: format!("chunk format version {}", stored[4]),
@@ -238,7 +282,7 @@ pub fn encode(raw: &[u8]) -> Result<Vec<u8>> {
 /// Decodes a stored plain chunk into `out` and checks that its bytes hash
 /// to `id`. `out` is cleared first; its capacity is reused. A delta chunk
 /// needs its base: use `store::chain::load_into`.
-pub fn decode_into(id: &ChunkId, stored: &[u8], out: &mut Vec<u8>) -> Result<()> {
+pub fn decode_into(id: &ChunkId, stored: &[u8], out: &mut Vec<u8>, namer: &Namer) -> Result<()> {
     let corrupt = Error::corrupt_chunk(*id);
     let raw_len = checked_raw_len(id, stored)?;
     let payload = &stored[HEADER_LEN..];
@@ -278,16 +322,115 @@ pub fn decode_into(id: &ChunkId, stored: &[u8], out: &mut Vec<u8>) -> Result<()>
         }
         other => return Err(corrupt(format!("unknown codec {other}"))),
     }
-    if ChunkId::of(out) != *id {
-        return Err(corrupt("its bytes do not match its BLAKE3 name".into()));
-    }
-    Ok(())
+    check_name(id, out, namer)
 }
 
-/// [`decode_into`] a fresh buffer.
+/// [`decode_into`] a fresh buffer, for a plainly named chunk.
 pub fn decode(id: &ChunkId, stored: &[u8]) -> Result<Vec<u8>> {
     let mut out = Vec::new();
-    decode_into(id, stored, &mut out)?;
+    decode_into(id, stored, &mut out, &Namer::Plain)?;
+    Ok(out)
+}
+
+/// The length of the plain header of a chunk whose codec byte is `codec`.
+fn plain_header_len(codec: u8) -> usize {
+    if codec == Codec::ZstdDelta as u8 {
+        DELTA_HEADER_LEN
+    } else {
+        HEADER_LEN
+    }
+}
+
+/// The key a sealed chunk is under, from its first bytes (at least
+/// [`DELTA_HEADER_LEN`]` + 16`); `None` for a plain chunk or bytes that are
+/// not a sealed chunk's header.
+pub fn sealed_key_of(head: &[u8]) -> Option<KeyId> {
+    if head.len() < HEADER_LEN || &head[..4] != CHUNK_MAGIC || head[4] != SEALED_VERSION {
+        return None;
+    }
+    let at = plain_header_len(head[5]);
+    let id = head.get(at..at + KEY_ID_LEN)?;
+    Some(KeyId(id.try_into().expect("16 bytes")))
+}
+
+/// Seals the plain chunk `plain` (as [`encode`] or [`encode_delta`] wrote
+/// it) named `id` under `key`.
+pub fn seal(key: &DataKey, id: &ChunkId, plain: &[u8]) -> Vec<u8> {
+    let hl = plain_header_len(plain[5]);
+    let mut out = Vec::with_capacity(plain.len() + KEY_ID_LEN + SEAL_OVERHEAD);
+    out.extend_from_slice(&plain[..hl]);
+    out[4] = SEALED_VERSION;
+    out.extend_from_slice(&key.id.0);
+    let ad = [&id.0[..], &out].concat();
+    key.chunk_cipher().seal_into(&ad, &plain[hl..], &mut out);
+    out
+}
+
+/// Opens the sealed chunk `stored` named `id` under `key` back into its
+/// plain form, which the decoders read. A plain chunk, one under another
+/// key, or one that fails authentication (altered, or moved from another
+/// name) is corrupt.
+pub fn unseal(key: &DataKey, id: &ChunkId, stored: &[u8]) -> Result<Vec<u8>> {
+    let corrupt = Error::corrupt_chunk(*id);
+    if stored.len() < HEADER_LEN || &stored[..4] != CHUNK_MAGIC {
+        return Err(corrupt("not a chunk (bad magic or too short)".into()));
+    }
+    match stored[4] {
+        SEALED_VERSION => {}
+        CHUNK_VERSION => {
+            return Err(corrupt(format!(
+                "it is not encrypted, but the snapshot naming it is encrypted under key {}: \
+                 the chunk was put there from elsewhere",
+                key.id
+            )));
+        }
+        v if v > SEALED_VERSION => {
+            return Err(Error::NewerChunk {
+                chunk: *id,
+                detail: format!("chunk format version {v}"),
+            });
+        }
+        v => {
+            return Err(corrupt(format!(
+                "chunk format version {v} was never written"
+            )));
+        }
+    }
+    if stored[5] > Codec::ZstdDelta as u8 {
+        return Err(Error::NewerChunk {
+            chunk: *id,
+            detail: format!("codec {}", stored[5]),
+        });
+    }
+    let hl = plain_header_len(stored[5]);
+    if stored.len() < hl + KEY_ID_LEN + SEAL_OVERHEAD {
+        return Err(corrupt(format!(
+            "{} bytes is shorter than a sealed chunk",
+            stored.len()
+        )));
+    }
+    let under = KeyId(stored[hl..hl + KEY_ID_LEN].try_into().expect("16 bytes"));
+    if under != key.id {
+        return Err(corrupt(format!(
+            "it is encrypted under key {under}, but the snapshot naming it is under key {}: the \
+             chunk was put there from elsewhere",
+            key.id
+        )));
+    }
+    let ad = [&id.0[..], &stored[..hl + KEY_ID_LEN]].concat();
+    let mut out = Vec::with_capacity(stored.len());
+    out.extend_from_slice(&stored[..hl]);
+    out[4] = CHUNK_VERSION;
+    if !key
+        .chunk_cipher()
+        .open_into(&ad, &stored[hl + KEY_ID_LEN..], &mut out)
+    {
+        return Err(corrupt(
+            "it fails authentication under its key: it was altered, or moved here from another \
+             chunk's name"
+                .into(),
+        ));
+    }
     Ok(out)
 }
 
@@ -303,10 +446,10 @@ mod tests {
         let with = |at: usize, v: u8| {
             let mut b = good.clone();
             b[at] = v;
-            decode_into(&id, &b, &mut Vec::new()).unwrap_err()
+            decode_into(&id, &b, &mut Vec::new(), &Namer::Plain).unwrap_err()
         };
         for (at, v) in [
-            (4, CHUNK_VERSION + 1),
+            (4, SEALED_VERSION + 1),
             (5, Codec::ZstdDelta as u8 + 1),
             (5, 255),
         ] {
@@ -317,6 +460,64 @@ mod tests {
         let e = with(4, 0);
         assert!(matches!(e, Error::CorruptChunk { .. }), "{e}");
         assert!(!e.to_string().contains("upgrade"), "{e}");
+    }
+
+    #[test]
+    fn sealed_chunks_open_under_their_key_and_name_only() {
+        use crate::format::key::{DataKey, Material};
+        let key = DataKey::new(KeyId::random(), &Material::random());
+        let other = DataKey::new(KeyId::random(), &Material::random());
+        let raw: Vec<u8> = b"secret block "
+            .iter()
+            .cycle()
+            .take(65536)
+            .copied()
+            .collect();
+        let id = key.namer().name(&raw);
+        let plain = encode(&raw).unwrap();
+        let sealed = seal(&key, &id, &plain);
+        assert_eq!(sealed_key_of(&sealed), Some(key.id));
+        assert_eq!(sealed_key_of(&plain), None);
+        assert!(!sealed.windows(13).any(|w| w == b"secret block "));
+        let opened = unseal(&key, &id, &sealed).unwrap();
+        assert_eq!(opened, plain);
+        let mut out = Vec::new();
+        decode_into(&id, &opened, &mut out, &key.namer()).unwrap();
+        assert_eq!(out, raw);
+        // Read as plain, under another key, under another name, or altered.
+        assert!(matches!(
+            decode(&id, &sealed),
+            Err(Error::CorruptChunk { .. })
+        ));
+        assert!(
+            unseal(&other, &id, &sealed)
+                .unwrap_err()
+                .to_string()
+                .contains("under key")
+        );
+        assert!(unseal(&key, &ChunkId([1; 32]), &sealed).is_err());
+        assert!(
+            unseal(&key, &id, &plain)
+                .unwrap_err()
+                .to_string()
+                .contains("not encrypted")
+        );
+        for pos in 0..sealed.len() {
+            let mut bad = sealed.clone();
+            bad[pos] ^= 0x10;
+            assert!(unseal(&key, &id, &bad).is_err(), "flip at {pos} accepted");
+        }
+        // A delta keeps its base readable without the key.
+        let mut changed = raw.clone();
+        changed[100] ^= 1;
+        let did = key.namer().name(&changed);
+        let d = encode_delta(&changed, &id, &raw, 0, usize::MAX).unwrap();
+        let sd = seal(&key, &did, &d);
+        assert_eq!(base_of(&sd).unwrap().id, id);
+        let back = unseal(&key, &did, &sd).unwrap();
+        let mut out = Vec::new();
+        decode_delta(&did, &back, &raw, &mut out, &key.namer()).unwrap();
+        assert_eq!(out, changed);
     }
 
     #[test]

@@ -23,12 +23,18 @@ struct Envelope<'a> {
 }
 
 pub fn encode<T: Serialize>(format: &str, body: &T) -> Vec<u8> {
+    encode_version(format, VERSION, body)
+}
+
+/// [`encode`] for a format that has gone past version 1 (a new field or
+/// meaning), written as `version`.
+pub fn encode_version<T: Serialize>(format: &str, version: u32, body: &T) -> Vec<u8> {
     let body = serde_json::to_string_pretty(body).expect("image data serializes");
     let checksum = blake3::hash(body.as_bytes()).to_hex().to_string();
     let raw = RawValue::from_string(body).expect("serde_json output is valid JSON");
     let mut out = serde_json::to_vec_pretty(&Envelope {
         format: format.into(),
-        version: VERSION,
+        version,
         checksum,
         body: &raw,
     })
@@ -43,10 +49,29 @@ pub fn decode<T: DeserializeOwned>(
     what: &'static str,
     at: &Location,
 ) -> Result<T> {
+    decode_versions(bytes, format, what, at, VERSION)
+}
+
+/// [`decode`] for a format of which versions `1..=supported` were written.
+pub fn decode_versions<T: DeserializeOwned>(
+    bytes: &[u8],
+    format: &str,
+    what: &'static str,
+    at: &Location,
+    supported: u32,
+) -> Result<T> {
     let corrupt = Error::corrupt_file(what, at);
     let env: Envelope =
         serde_json::from_slice(bytes).map_err(|e| corrupt(format!("not valid JSON ({e})")))?;
-    super::check_format(what, at, &env.format, format, env.version, VERSION)?;
+    super::check_format_versions(
+        what,
+        at,
+        &env.format,
+        format,
+        env.version,
+        VERSION,
+        supported,
+    )?;
     if blake3::hash(env.body.get().as_bytes()).to_hex().as_str() != env.checksum {
         return Err(corrupt(
             "checksum mismatch: the file was edited or damaged".into(),

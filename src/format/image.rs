@@ -74,6 +74,12 @@ pub struct EbsMapping {
     /// GiB; at least the snapshot's size.
     pub volume_size: u64,
     pub delete_on_termination: bool,
+    /// The snapshot is encrypted (image format version 2; absent in 1).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub encrypted: bool,
+    /// The ARN of the key it is encrypted under (version 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kms_key_id: Option<String>,
 }
 
 /// What a device maps to: exactly one of these.
@@ -193,8 +199,14 @@ pub struct CreateVolumePermissions {
 /// Decodes an image manifest file (`images/<ami>.json`); `path` names it
 /// in errors.
 pub fn decode_image(bytes: &[u8], at: &Location) -> Result<Image> {
-    envelope::decode(bytes, IMAGE_FORMAT, "image manifest", at)
+    envelope::decode_versions(bytes, IMAGE_FORMAT, "image manifest", at, IMAGE_VERSION)
 }
+
+/// Image manifests are version 1 unless a mapping is encrypted: version 2
+/// added `Encrypted` and `KmsKeyId`, so a blocksnap that predates them
+/// says "written by a newer blocksnap" instead of launching the image as
+/// if it were not encrypted.
+pub const IMAGE_VERSION: u32 = 2;
 
 /// Decodes a launch permissions file (`images/<ami>.launch.json`).
 pub fn decode_permissions(bytes: &[u8], at: &Location) -> Result<LaunchPermissions> {
@@ -218,7 +230,11 @@ pub fn decode_snapshot_permissions(bytes: &[u8], at: &Location) -> Result<Create
 
 /// Encodes an image manifest file.
 pub fn encode_image(image: &Image) -> Vec<u8> {
-    envelope::encode(IMAGE_FORMAT, image)
+    let encrypted = image
+        .block_device_mappings
+        .iter()
+        .any(|m| m.ebs().is_some_and(|e| e.encrypted));
+    envelope::encode_version(IMAGE_FORMAT, if encrypted { 2 } else { 1 }, image)
 }
 
 /// Encodes a launch permissions file.
@@ -280,6 +296,8 @@ mod tests {
                     snapshot_id: "snap-0123456789abcdef0".parse().unwrap(),
                     volume_size: 8,
                     delete_on_termination: true,
+                    encrypted: false,
+                    kms_key_id: None,
                 }),
             },
             BlockDeviceMapping {

@@ -16,15 +16,49 @@
 //! The two checksums let `snapshot list` read and trust the meta without
 //! reading the block list. A file whose length is not exactly `88 + M + B`
 //! is truncated (or has trailing bytes) and is rejected.
+//!
+//! # Encrypted snapshots (version 2)
+//!
+//! ```text
+//! offset  size       field
+//! 0       8          magic "BSNAPMAN"
+//! 8       4          format version = 2, u32 LE
+//! 12      4          meta length M, u32 LE (<= 1 MiB)
+//! 16      8          sealed block list length B, u64 LE
+//! 24      4          chunk names N, u32 LE
+//! 28      4          reserved, zero
+//! 32      16         key id (the UUID's bytes)
+//! 48      32         BLAKE3 of bytes 0..48 followed by the meta bytes
+//! 80      32         BLAKE3 of the name table followed by the sealed block list
+//! 112     M          meta: SnapshotMeta in postcard, as in version 1
+//! 112+M   32 N       name table: the distinct chunk names, ascending
+//! ..      B          sealed block list: nonce (24), XChaCha20-Poly1305
+//!                      ciphertext of one entry per block, tag (16):
+//!                      0x00 hole | 0x01 zero | 0x02 + u32 LE index into
+//!                      the name table
+//!                    associated data: bytes 0..80, the meta, BLAKE3 of
+//!                    the name table
+//! ```
+//!
+//! What `snapshot list` shows (the meta: ids, owner, sizes, times, the
+//! description, tags and source path, as EBS shows them to anyone who may
+//! describe the snapshot) stays readable without the key, checked by the
+//! BLAKE3 sums and, with the key, authenticated as associated data. The
+//! name table lets gc mark chunks without a key; which block holds which
+//! chunk is readable only with it.
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Location, Result};
-use crate::id::{AccountId, ChunkId, SnapshotId};
+use crate::format::key::{DataKey, SEAL_OVERHEAD};
+use crate::id::{AccountId, ChunkId, KeyId, SnapshotId};
 
 pub const MANIFEST_MAGIC: &[u8; 8] = b"BSNAPMAN";
 pub const MANIFEST_VERSION: u32 = 1;
 pub const HEADER_LEN: usize = 88;
+/// The version of an encrypted snapshot's manifest.
+pub const SEALED_MANIFEST_VERSION: u32 = 2;
+pub const SEALED_HEADER_LEN: usize = 112;
 pub const MAX_META_LEN: u32 = 1 << 20;
 /// The largest manifest read: a 64 TiB volume of 4 KiB data blocks, the
 /// most blocks a volume can have (33 bytes each).
@@ -112,6 +146,10 @@ pub struct SnapshotMeta {
     /// zero bytes: equal for any two snapshots of the same bytes.
     pub root_digest: [u8; 32],
     pub stats: SnapshotStats,
+    /// The key an encrypted snapshot is under (from the manifest's header,
+    /// not the postcard meta: version 1 meta bytes stay as they were).
+    #[serde(skip)]
+    pub kms_key_id: Option<KeyId>,
 }
 
 impl SnapshotMeta {
@@ -185,8 +223,118 @@ impl Manifest {
         out
     }
 
-    /// Decodes a whole manifest file. `path` only names it in errors.
+    /// Decodes a whole manifest file, asking `key_for` for the key of an
+    /// encrypted one. `at` only names it in errors.
+    pub fn decode_with(
+        bytes: &[u8],
+        at: &Location,
+        key_for: &dyn Fn(&KeyId) -> Result<std::sync::Arc<DataKey>>,
+    ) -> Result<Manifest> {
+        match Self::sealed_header(bytes) {
+            Some(_) => Sealed::parse(bytes, at, bytes.len() as u64)?.decode(bytes, at, key_for),
+            None => Self::decode(bytes, at),
+        }
+    }
+
+    /// The key of an encrypted manifest, from its first bytes; `None` for
+    /// a plain one (or bytes that are no manifest: decoding says why).
+    pub fn sealed_header(head: &[u8]) -> Option<KeyId> {
+        if head.len() < SEALED_HEADER_LEN
+            || &head[..8] != MANIFEST_MAGIC
+            || u32::from_le_bytes(head[8..12].try_into().expect("4 bytes"))
+                != SEALED_MANIFEST_VERSION
+        {
+            return None;
+        }
+        Some(KeyId(head[32..48].try_into().expect("16 bytes")))
+    }
+
+    /// Every chunk name the manifest `bytes` holds, distinct, without a key
+    /// (gc's mark).
+    pub fn chunk_names(bytes: &[u8], at: &Location) -> Result<Vec<ChunkId>> {
+        if Self::sealed_header(bytes).is_some() {
+            let s = Sealed::parse(bytes, at, bytes.len() as u64)?;
+            s.meta(bytes, at)?;
+            s.check_body(bytes, at)?;
+            return Ok(s.names(bytes));
+        }
+        let m = Self::decode(bytes, at)?;
+        let mut names: Vec<ChunkId> = m.blocks.iter().filter_map(|b| b.chunk().copied()).collect();
+        names.sort_unstable();
+        names.dedup();
+        Ok(names)
+    }
+
+    /// Encodes an encrypted manifest under `key`.
+    pub fn encode_sealed(&self, key: &DataKey) -> Vec<u8> {
+        let meta = postcard::to_allocvec(&self.meta).expect("snapshot meta always serializes");
+        let mut names: Vec<ChunkId> = self
+            .blocks
+            .iter()
+            .filter_map(|b| b.chunk().copied())
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        let mut table = Vec::with_capacity(names.len() * 32);
+        for n in &names {
+            table.extend_from_slice(&n.0);
+        }
+        let mut entries = Vec::with_capacity(self.blocks.len() * 5);
+        for b in &self.blocks {
+            match b {
+                Block::Hole => entries.push(TAG_HOLE),
+                Block::Zero => entries.push(TAG_ZERO),
+                Block::Data(id) => {
+                    let i = names.binary_search(id).expect("every name is in the table");
+                    entries.push(TAG_DATA);
+                    entries.extend_from_slice(&(i as u32).to_le_bytes());
+                }
+            }
+        }
+        let sealed_len = (entries.len() + SEAL_OVERHEAD) as u64;
+        let mut out = Vec::with_capacity(
+            SEALED_HEADER_LEN + meta.len() + table.len() + entries.len() + SEAL_OVERHEAD,
+        );
+        out.extend_from_slice(MANIFEST_MAGIC);
+        out.extend_from_slice(&SEALED_MANIFEST_VERSION.to_le_bytes());
+        out.extend_from_slice(&(meta.len() as u32).to_le_bytes());
+        out.extend_from_slice(&sealed_len.to_le_bytes());
+        out.extend_from_slice(&(names.len() as u32).to_le_bytes());
+        out.extend_from_slice(&[0; 4]);
+        out.extend_from_slice(&key.id.0);
+        let hc = header_checksum(&out[..48], &meta);
+        out.extend_from_slice(&hc);
+        let mut sealed = Vec::with_capacity(entries.len() + SEAL_OVERHEAD);
+        key.manifest_cipher().seal_into(
+            &sealed_ad(&out[..80], &meta, &table),
+            &entries,
+            &mut sealed,
+        );
+        let mut body = blake3::Hasher::new();
+        body.update(&table);
+        body.update(&sealed);
+        out.extend_from_slice(body.finalize().as_bytes());
+        out.extend_from_slice(&meta);
+        out.extend_from_slice(&table);
+        out.extend_from_slice(&sealed);
+        out
+    }
+
+    /// Decodes a whole plain (version 1) manifest file. `at` only names it
+    /// in errors; an encrypted one needs [`Manifest::decode_with`].
     pub fn decode(bytes: &[u8], at: &Location) -> Result<Manifest> {
+        if Self::sealed_header(bytes).is_some() {
+            let s = Sealed::parse(bytes, at, bytes.len() as u64)?;
+            let meta = s.meta(bytes, at)?;
+            return Err(Error::CorruptFile {
+                what: "snapshot manifest",
+                location: at.clone(),
+                reason: format!(
+                    "it is encrypted under key {}, and was read without one",
+                    meta.kms_key_id.expect("a sealed meta names its key")
+                ),
+            });
+        }
         let parsed = Header::parse(bytes, at, bytes.len() as u64)?;
         let meta = parsed.meta(bytes, at)?;
         let corrupt = Error::corrupt_file("snapshot manifest", at);
@@ -240,6 +388,9 @@ impl Manifest {
     /// Decodes only the meta from the first bytes of a manifest file whose
     /// total length is `file_len`.
     pub fn decode_meta(prefix: &[u8], at: &Location, file_len: u64) -> Result<SnapshotMeta> {
+        if Self::sealed_header(prefix).is_some() {
+            return Sealed::parse(prefix, at, file_len)?.meta(prefix, at);
+        }
         Header::parse(prefix, at, file_len)?.meta(prefix, at)
     }
 
@@ -249,9 +400,206 @@ impl Manifest {
         if header.len() < HEADER_LEN || &header[..8] != MANIFEST_MAGIC {
             return None;
         }
+        let version = u32::from_le_bytes(header[8..12].try_into().ok()?);
+        let fixed = if version == SEALED_MANIFEST_VERSION {
+            SEALED_HEADER_LEN
+        } else {
+            HEADER_LEN
+        };
         let meta_len = u32::from_le_bytes(header[12..16].try_into().ok()?);
-        (meta_len <= MAX_META_LEN).then_some(HEADER_LEN + meta_len as usize)
+        (meta_len <= MAX_META_LEN).then_some(fixed + meta_len as usize)
     }
+}
+
+fn sealed_ad(head80: &[u8], meta: &[u8], table: &[u8]) -> Vec<u8> {
+    let mut ad = Vec::with_capacity(80 + meta.len() + 32);
+    ad.extend_from_slice(head80);
+    ad.extend_from_slice(meta);
+    ad.extend_from_slice(blake3::hash(table).as_bytes());
+    ad
+}
+
+/// The header of an encrypted (version 2) manifest.
+struct Sealed {
+    meta_len: usize,
+    names: usize,
+    key: KeyId,
+}
+
+impl Sealed {
+    fn parse(bytes: &[u8], at: &Location, file_len: u64) -> Result<Sealed> {
+        let corrupt = Error::corrupt_file("snapshot manifest", at);
+        if bytes.len() < SEALED_HEADER_LEN {
+            return Err(corrupt(format!(
+                "truncated: {} bytes, shorter than the {SEALED_HEADER_LEN}-byte header",
+                bytes.len()
+            )));
+        }
+        let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().expect("4 bytes"));
+        let meta_len = u32_at(12);
+        let sealed_len = u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes"));
+        let names = u32_at(24);
+        if meta_len > MAX_META_LEN {
+            return Err(corrupt(format!(
+                "meta length {meta_len} exceeds {MAX_META_LEN}"
+            )));
+        }
+        if u32_at(28) != 0 {
+            return Err(corrupt("reserved header bytes are not zero".into()));
+        }
+        if sealed_len < SEAL_OVERHEAD as u64 {
+            return Err(corrupt(
+                "the sealed block list is shorter than its nonce and tag".into(),
+            ));
+        }
+        let total = (SEALED_HEADER_LEN as u64 + meta_len as u64)
+            .checked_add(names as u64 * 32)
+            .and_then(|t| t.checked_add(sealed_len))
+            .ok_or_else(|| corrupt("lengths overflow".into()))?;
+        if total != file_len {
+            return Err(corrupt(if file_len < total {
+                format!("truncated: {file_len} of {total} bytes")
+            } else {
+                format!("{} unexpected bytes after the end", file_len - total)
+            }));
+        }
+        if bytes.len() < SEALED_HEADER_LEN + meta_len as usize {
+            return Err(corrupt("truncated inside the meta".into()));
+        }
+        Ok(Sealed {
+            meta_len: meta_len as usize,
+            names: names as usize,
+            key: KeyId(bytes[32..48].try_into().expect("16 bytes")),
+        })
+    }
+
+    fn meta(&self, bytes: &[u8], at: &Location) -> Result<SnapshotMeta> {
+        let corrupt = Error::corrupt_file("snapshot manifest", at);
+        let meta = &bytes[SEALED_HEADER_LEN..SEALED_HEADER_LEN + self.meta_len];
+        if header_checksum(&bytes[..48], meta) != bytes[48..80] {
+            return Err(corrupt("header checksum mismatch".into()));
+        }
+        let mut meta = decode_meta_bytes(meta, &corrupt)?;
+        meta.kms_key_id = Some(self.key);
+        Ok(meta)
+    }
+
+    fn table_range(&self) -> std::ops::Range<usize> {
+        let start = SEALED_HEADER_LEN + self.meta_len;
+        start..start + self.names * 32
+    }
+
+    /// Checks the body's checksum and that the names are strictly ascending.
+    fn check_body(&self, bytes: &[u8], at: &Location) -> Result<()> {
+        let corrupt = Error::corrupt_file("snapshot manifest", at);
+        let body = &bytes[SEALED_HEADER_LEN + self.meta_len..];
+        if blake3::hash(body).as_bytes() != &bytes[80..112] {
+            return Err(corrupt("name table or block list checksum mismatch".into()));
+        }
+        let table = &bytes[self.table_range()];
+        if table
+            .chunks_exact(32)
+            .zip(table.chunks_exact(32).skip(1))
+            .any(|(a, b)| a >= b)
+        {
+            return Err(corrupt("the name table is not strictly ascending".into()));
+        }
+        Ok(())
+    }
+
+    fn names(&self, bytes: &[u8]) -> Vec<ChunkId> {
+        bytes[self.table_range()]
+            .chunks_exact(32)
+            .map(|c| ChunkId(c.try_into().expect("32 bytes")))
+            .collect()
+    }
+
+    fn decode(
+        &self,
+        bytes: &[u8],
+        at: &Location,
+        key_for: &dyn Fn(&KeyId) -> Result<std::sync::Arc<DataKey>>,
+    ) -> Result<Manifest> {
+        let corrupt = Error::corrupt_file("snapshot manifest", at);
+        let meta = self.meta(bytes, at)?;
+        self.check_body(bytes, at)?;
+        let key = key_for(&self.key)?;
+        let table = &bytes[self.table_range()];
+        let ad = sealed_ad(
+            &bytes[..80],
+            &bytes[SEALED_HEADER_LEN..SEALED_HEADER_LEN + self.meta_len],
+            table,
+        );
+        let mut entries = Vec::new();
+        if !key
+            .manifest_cipher()
+            .open_into(&ad, &bytes[self.table_range().end..], &mut entries)
+        {
+            return Err(corrupt(format!(
+                "its block list fails authentication under key {}: it was altered",
+                self.key
+            )));
+        }
+        let names = self.names(bytes);
+        let expected = meta.block_count();
+        if expected > entries.len() as u64 {
+            return Err(corrupt(format!(
+                "{expected} blocks cannot fit in {} bytes",
+                entries.len()
+            )));
+        }
+        let mut used = vec![false; names.len()];
+        let mut blocks = Vec::with_capacity(expected as usize);
+        let mut pos = 0;
+        while pos < entries.len() {
+            let tag = entries[pos];
+            pos += 1;
+            blocks.push(match tag {
+                TAG_HOLE => Block::Hole,
+                TAG_ZERO => Block::Zero,
+                TAG_DATA => {
+                    let Some(i) = entries.get(pos..pos + 4) else {
+                        return Err(corrupt("block list ends inside a name index".into()));
+                    };
+                    pos += 4;
+                    let i = u32::from_le_bytes(i.try_into().expect("4 bytes")) as usize;
+                    let Some(id) = names.get(i) else {
+                        return Err(corrupt(format!("name index {i} is past the name table")));
+                    };
+                    used[i] = true;
+                    Block::Data(*id)
+                }
+                other => {
+                    return Err(corrupt(format!(
+                        "unknown block tag {other} at entry {}",
+                        blocks.len()
+                    )));
+                }
+            });
+        }
+        if blocks.len() as u64 != expected || used.contains(&false) {
+            return Err(corrupt(format!(
+                "{} block entries for {expected} blocks, or names no block uses",
+                blocks.len()
+            )));
+        }
+        Ok(Manifest { meta, blocks })
+    }
+}
+
+fn decode_meta_bytes(meta: &[u8], corrupt: &impl Fn(String) -> Error) -> Result<SnapshotMeta> {
+    let meta: SnapshotMeta =
+        postcard::from_bytes(meta).map_err(|e| corrupt(format!("meta: {e}")))?;
+    if !meta.block_size.is_power_of_two()
+        || meta.block_size < MIN_BLOCK_SIZE
+        || meta.block_size > MAX_BLOCK_SIZE
+    {
+        return Err(corrupt(format!(
+            "block size {} out of range",
+            meta.block_size
+        )));
+    }
+    Ok(meta)
 }
 
 struct Header {
@@ -276,7 +624,19 @@ impl Header {
         }
         let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().expect("4 bytes"));
         let version = u32_at(8);
-        crate::format::check_version("snapshot manifest", at, version, MANIFEST_VERSION)?;
+        crate::format::check_versions(
+            "snapshot manifest",
+            at,
+            version,
+            MANIFEST_VERSION,
+            SEALED_MANIFEST_VERSION,
+        )?;
+        if version == SEALED_MANIFEST_VERSION {
+            return Err(corrupt(format!(
+                "truncated: {} bytes, shorter than the {SEALED_HEADER_LEN}-byte header",
+                bytes.len()
+            )));
+        }
         let meta_len = u32_at(12);
         let blocks_len = u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes"));
         if meta_len > MAX_META_LEN {
@@ -311,18 +671,7 @@ impl Header {
         if header_checksum(&bytes[..24], meta) != self.header_checksum {
             return Err(corrupt("header checksum mismatch".into()));
         }
-        let meta: SnapshotMeta =
-            postcard::from_bytes(meta).map_err(|e| corrupt(format!("meta: {e}")))?;
-        if !meta.block_size.is_power_of_two()
-            || meta.block_size < MIN_BLOCK_SIZE
-            || meta.block_size > MAX_BLOCK_SIZE
-        {
-            return Err(corrupt(format!(
-                "block size {} out of range",
-                meta.block_size
-            )));
-        }
-        Ok(meta)
+        decode_meta_bytes(meta, &corrupt)
     }
 }
 
@@ -378,6 +727,7 @@ pub(crate) mod tests {
                 new_bytes_stored: 4000,
                 reused_bytes: 65536,
             },
+            kms_key_id: None,
         };
         Manifest { meta, blocks }
     }
@@ -411,6 +761,74 @@ pub(crate) mod tests {
         let mut long = bytes.clone();
         long.push(0);
         assert!(Manifest::decode(&long, p).is_err());
+    }
+
+    #[test]
+    fn sealed_round_trip_without_and_with_the_key() {
+        use crate::format::key::{DataKey, Material};
+        use std::sync::Arc;
+        let key = Arc::new(DataKey::new(KeyId::random(), &Material::random()));
+        let m = sample();
+        let bytes = m.encode_sealed(&key);
+        let p = &Location::from(Path::new("m"));
+        let k = key.clone();
+        let with = move |id: &KeyId| {
+            assert_eq!(*id, k.id);
+            Ok(k.clone())
+        };
+        let back = Manifest::decode_with(&bytes, p, &with).unwrap();
+        assert_eq!(back.blocks, m.blocks);
+        assert_eq!(back.meta.kms_key_id, Some(key.id));
+        assert_eq!(
+            Manifest {
+                meta: SnapshotMeta {
+                    kms_key_id: None,
+                    ..back.meta.clone()
+                },
+                blocks: back.blocks.clone()
+            },
+            m
+        );
+        let n = Manifest::meta_prefix_len(&bytes[..HEADER_LEN]).unwrap();
+        assert_eq!(
+            n,
+            SEALED_HEADER_LEN + bytes[12] as usize + ((bytes[13] as usize) << 8)
+        );
+        assert_eq!(
+            Manifest::decode_meta(&bytes[..n], p, bytes.len() as u64).unwrap(),
+            back.meta
+        );
+        let mut names = vec![ChunkId::of(b"a"), ChunkId::of(b"b")];
+        names.sort();
+        assert_eq!(Manifest::chunk_names(&bytes, p).unwrap(), names);
+        assert!(
+            Manifest::decode(&bytes, p)
+                .unwrap_err()
+                .to_string()
+                .contains("encrypted")
+        );
+        for pos in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[pos] ^= 1;
+            assert!(
+                Manifest::decode_with(&bad, p, &with).is_err(),
+                "flip at {pos} accepted"
+            );
+        }
+        for len in [0, 50, SEALED_HEADER_LEN, bytes.len() - 1] {
+            assert!(
+                Manifest::decode_with(&bytes[..len], p, &with).is_err(),
+                "len {len}"
+            );
+        }
+        let other = Arc::new(DataKey::new(key.id, &Material::random()));
+        let wrong = move |_: &KeyId| Ok(other.clone());
+        assert!(
+            Manifest::decode_with(&bytes, p, &wrong)
+                .unwrap_err()
+                .to_string()
+                .contains("authentication")
+        );
     }
 
     #[test]

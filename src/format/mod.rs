@@ -38,6 +38,7 @@ pub mod dirty_map;
 pub mod envelope;
 pub mod image;
 pub mod instance;
+pub mod key;
 pub mod lease;
 pub mod manifest;
 pub mod nbd;

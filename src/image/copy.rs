@@ -11,13 +11,16 @@ use crate::error::{Error, Result};
 use crate::format::chunk;
 use crate::format::image::{Image, MappingTarget};
 use crate::format::manifest::{self, Manifest, SnapshotStats};
-use crate::id::{AccountId, ChunkId, ImageId, SnapshotId};
+use crate::id::{AccountId, ChunkId, ImageId, KeyId, SnapshotId};
+use crate::image::create::ebs_mapping;
 use crate::image::ops::{RegisterOptions, read_launchable, register};
 use crate::image::rules::{check_name_free, validate_name};
 use crate::ops::access::readable;
+use crate::ops::snapshot::{Encryption, Outcome, store_block};
 use crate::progress::Progress;
 use crate::region::catalog::Region;
 use crate::store::chain::{self, walk_bases};
+use crate::store::chunk_store::ChunkStore;
 use crate::store::pool;
 use crate::sys::LockMode;
 
@@ -30,6 +33,9 @@ pub struct CopyOptions {
     pub description: Option<String>,
     pub copy_tags: bool,
     pub threads: usize,
+    /// `--encrypted`, `--kms-key-id`: the key the copies are sealed under
+    /// (a key of the target region).
+    pub encryption: Encryption,
 }
 
 #[derive(Debug, Clone)]
@@ -47,6 +53,38 @@ pub struct CopyReport {
     pub bytes_copied: u64,
     pub chunks_present: u64,
     pub bytes_present: u64,
+}
+
+/// The key each copy is sealed under, by EBS's rules for CopyImage: the
+/// key asked for (`--kms-key-id`, or the target region's default key with
+/// `--encrypted` or encryption by default); else an encrypted snapshot
+/// keeps its key within its region and takes the target region's default
+/// key in another (keys are regional). An encrypted snapshot is never
+/// copied unencrypted.
+fn target_keys(
+    src: &Region,
+    dst: &Region,
+    manifests: &[Manifest],
+    enc: &Encryption,
+) -> Result<Vec<Option<KeyId>>> {
+    let keys = dst.keys();
+    let requested = match &enc.kms_key_id {
+        Some(s) => Some(keys.resolve(s)?.key_id),
+        None => None,
+    };
+    let wanted = enc.encrypted || requested.is_some() || keys.defaults()?.encrypted_by_default;
+    let same_region = src.location() == dst.location();
+    let mut out = Vec::new();
+    for m in manifests {
+        out.push(match (m.meta.kms_key_id, requested) {
+            (_, Some(r)) => Some(r),
+            (Some(k), None) if same_region => Some(k),
+            (Some(_), None) => Some(keys.choose(None)?.key_id),
+            (None, None) if wanted => Some(keys.choose(None)?.key_id),
+            (None, None) => None,
+        });
+    }
+    Ok(out)
 }
 
 /// Deletes the snapshot copies a failed copy made, and returns its error.
@@ -93,10 +131,29 @@ pub fn copy_image(
             manifests.push(src.read_snapshot(id)?);
         }
     }
+    let targets = target_keys(src, dst, &manifests, &opts.encryption)?;
+    // Each snapshot's chunks as its key sees them, on both sides.
+    let src_views = manifests
+        .iter()
+        .map(|m| src.chunks_for(&m.meta))
+        .collect::<Result<Vec<_>>>()?;
+    let dst_views = targets
+        .iter()
+        .map(|t| dst.chunks_under(t.as_ref()))
+        .collect::<Result<Vec<_>>>()?;
+    let reseal: Vec<bool> = manifests
+        .iter()
+        .zip(&targets)
+        .map(|(m, t)| m.meta.kms_key_id != *t)
+        .collect();
+
     // Each distinct chunk once, remembering where it is first used.
     let mut chunks: Vec<(ChunkId, usize, u64)> = Vec::new();
     let mut seen = HashSet::new();
     for (mi, m) in manifests.iter().enumerate() {
+        if reseal[mi] {
+            continue;
+        }
         for (bi, b) in m.blocks.iter().enumerate() {
             if let Some(c) = b.chunk()
                 && seen.insert(*c)
@@ -145,7 +202,8 @@ pub fn copy_image(
             level
                 .par_iter()
                 .try_for_each_init(Vec::new, |buf, (c, mi, offset)| -> Result<()> {
-                    if chain::present_and_sound(dst.chunks(), c)? {
+                    let (from, to) = (&src_views[*mi], &dst_views[*mi]);
+                    if chain::present_and_sound(to, c)? {
                         present.fetch_add(1, Ordering::Relaxed);
                         bytes_present
                             .fetch_add(dst.chunks().size(c).unwrap_or(0), Ordering::Relaxed);
@@ -160,9 +218,9 @@ pub fn copy_image(
                         // Never spread a damaged chunk to another region. A
                         // plain chunk is checked from the bytes in hand; a
                         // delta needs its chain.
-                        match chunk::base_of(&stored) {
-                            None => chunk::decode_into(c, &stored, buf),
-                            Some(_) => chain::load_into(src.chunks(), c, buf).map(|_| ()),
+                        match (chunk::base_of(&stored), from.key()) {
+                            (None, None) => chunk::decode_into(c, &stored, buf, &from.namer()),
+                            _ => chain::load_into(from, c, buf).map(|_| ()),
                         }
                         .map_err(|e| bad(e.to_string()))?;
                         if dst.chunks().put(c, &stored)? {
@@ -179,15 +237,59 @@ pub fn copy_image(
         })?;
         dst.chunks().sync()?;
     }
+    // Snapshots sealed again under another key: every block read,
+    // renamed under the new key and stored anew (EBS: a copy under a new
+    // key is a full copy).
+    let mut resealed: HashMap<usize, Vec<manifest::Block>> = HashMap::new();
+    for (mi, m) in manifests.iter().enumerate() {
+        if !reseal[mi] {
+            continue;
+        }
+        let (from, to) = (&src_views[mi], &dst_views[mi]);
+        let bs = m.meta.block_size as u64;
+        let blocks = pool.install(|| {
+            m.blocks
+                .par_iter()
+                .enumerate()
+                .map_init(Vec::new, |buf, (bi, b)| -> Result<manifest::Block> {
+                    let manifest::Block::Data(c) = b else {
+                        return Ok(*b);
+                    };
+                    chain::load_into(from, c, buf).map_err(|e| Error::BadChunkInSnapshot {
+                        chunk: *c,
+                        snapshot: m.meta.id.clone(),
+                        offset: bi as u64 * bs,
+                        problem: e.to_string(),
+                    })?;
+                    let outcome =
+                        store_block(to, None, None, buf, to.namer().name(buf), false, None)?;
+                    Ok(match outcome {
+                        Outcome::New { block, stored, .. } => {
+                            copied.fetch_add(1, Ordering::Relaxed);
+                            bytes_copied.fetch_add(stored, Ordering::Relaxed);
+                            block
+                        }
+                        Outcome::Known(block, _) | Outcome::Unchanged(block) => {
+                            present.fetch_add(1, Ordering::Relaxed);
+                            block
+                        }
+                        Outcome::Hole | Outcome::Zero => unreachable!("a data block"),
+                    })
+                })
+                .collect::<Result<Vec<_>>>()
+        })?;
+        to.sync()?;
+        resealed.insert(mi, blocks);
+    }
     progress.finish();
 
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
-    let mut renamed: HashMap<SnapshotId, SnapshotId> = HashMap::new();
+    let mut renamed: HashMap<SnapshotId, manifest::SnapshotMeta> = HashMap::new();
     let mut report_snaps: Vec<CopiedSnapshot> = Vec::new();
-    for m in &manifests {
+    for (mi, m) in manifests.iter().enumerate() {
         let new_id = SnapshotId::random();
         let mut meta = m.meta.clone();
         meta.id = new_id.clone();
@@ -216,14 +318,14 @@ pub fn copy_image(
                 .count() as u64,
             ..SnapshotStats::default()
         };
-        let copy = Manifest {
-            meta,
-            blocks: m.blocks.clone(),
-        };
+        let blocks = resealed.remove(&mi).unwrap_or_else(|| m.blocks.clone());
+        meta.kms_key_id = targets[mi];
+        meta.root_digest = manifest::root_digest(&blocks);
+        let copy = Manifest { meta, blocks };
         if let Err(e) = dst.write_snapshot(&copy) {
             return Err(discard(dst, &report_snaps, e));
         }
-        renamed.insert(m.meta.id.clone(), new_id.clone());
+        renamed.insert(m.meta.id.clone(), copy.meta);
         report_snaps.push(CopiedSnapshot {
             source: m.meta.id.clone(),
             copy: new_id,
@@ -233,7 +335,9 @@ pub fn copy_image(
     let mut mappings = view.image.block_device_mappings.clone();
     for m in &mut mappings {
         if let MappingTarget::Ebs(e) = &mut m.target {
-            e.snapshot_id = renamed[&e.snapshot_id].clone();
+            let copy = &renamed[&e.snapshot_id];
+            *e = ebs_mapping(dst, copy, e.volume_size, e.delete_on_termination)
+                .map_err(|e| discard(dst, &report_snaps, e))?;
         }
     }
     let ropts = RegisterOptions {

@@ -16,7 +16,7 @@ use crate::id::{AccountId, ImageId, SnapshotId};
 use crate::image::ops::{self, RegisterOptions};
 use crate::image::{instance, rules};
 use crate::lazy::snapshot::{LazySnapshot, LazySnapshotOptions};
-use crate::ops::snapshot::{self, CreateOptions, ParentChoice};
+use crate::ops::snapshot::{self, CreateOptions, Encryption, ParentChoice};
 use crate::progress::Progress;
 use crate::region::catalog::Region;
 use crate::volume::io::Volume;
@@ -85,6 +85,9 @@ pub struct ImageCreateOptions {
     pub keep_on_termination: Vec<DeviceName>,
     pub owner: AccountId,
     pub threads: usize,
+    /// Encryption asked of the volumes snapshotted (EBS's rules: see
+    /// `ops::snapshot::choose_key`).
+    pub encryption: Encryption,
 }
 
 impl ImageCreateOptions {
@@ -101,6 +104,7 @@ impl ImageCreateOptions {
             keep_on_termination: Vec::new(),
             owner,
             threads: 0,
+            encryption: Encryption::default(),
         }
     }
 
@@ -213,6 +217,30 @@ pub fn register_maps(
     ops::register(region, &ropts, mappings)
 }
 
+/// The mapping of snapshot `meta` as a `volume_gib` volume, recording its
+/// encryption as EC2 does (`Encrypted`, and the key's ARN as `KmsKeyId`).
+pub fn ebs_mapping(
+    region: &Region,
+    meta: &SnapshotMeta,
+    volume_gib: u64,
+    delete_on_termination: bool,
+) -> Result<EbsMapping> {
+    let kms_key_id = match &meta.kms_key_id {
+        Some(k) => {
+            let keys = region.keys();
+            Some(keys.arn(&keys.resolve(&k.to_string())?))
+        }
+        None => None,
+    };
+    Ok(EbsMapping {
+        snapshot_id: meta.id.clone(),
+        volume_size: volume_gib,
+        delete_on_termination,
+        encrypted: kms_key_id.is_some(),
+        kms_key_id,
+    })
+}
+
 /// How device `m` gets its mapping: a volume to snapshot, or one ready.
 fn plan(region: &Region, m: &MapSpec, opts: &ImageCreateOptions) -> Result<Plan> {
     let keep = opts.keep_on_termination.contains(&m.device);
@@ -224,11 +252,12 @@ fn plan(region: &Region, m: &MapSpec, opts: &ImageCreateOptions) -> Result<Plan>
         },
         MapSource::Snapshot(id) => {
             let meta = rules::mapped_snapshot(region, &m.device, id)?;
-            Plan::Ready(MappingTarget::Ebs(EbsMapping {
-                snapshot_id: id.clone(),
-                volume_size: opts.volume_gib(&m.device, meta.volume_size),
-                delete_on_termination: !keep,
-            }))
+            Plan::Ready(MappingTarget::Ebs(ebs_mapping(
+                region,
+                &meta,
+                opts.volume_gib(&m.device, meta.volume_size),
+                !keep,
+            )?))
         }
         MapSource::NoDevice => Plan::Ready(MappingTarget::NoDevice(String::new())),
         MapSource::Ephemeral(v) => Plan::Ready(MappingTarget::VirtualName(v.clone())),
@@ -438,11 +467,12 @@ fn take_and_register(
                     snapshot: s.meta.clone(),
                     read_taken: Some((s.blocks_read, s.blocks_taken)),
                 });
-                MappingTarget::Ebs(EbsMapping {
-                    snapshot_id: s.meta.id.clone(),
-                    volume_size: opts.volume_gib(&dev, s.meta.volume_size),
-                    delete_on_termination: !keep,
-                })
+                MappingTarget::Ebs(ebs_mapping(
+                    region,
+                    &s.meta,
+                    opts.volume_gib(&dev, s.meta.volume_size),
+                    !keep,
+                )?)
             }
             Plan::Snapshot { path, parent, keep } => {
                 let copts = CreateOptions {
@@ -451,14 +481,16 @@ fn take_and_register(
                     description: format!("Created by {call} for {image_id} ({dev})"),
                     owner: Some(opts.owner.clone()),
                     threads: opts.threads,
+                    encryption: opts.encryption.clone(),
                     ..CreateOptions::default()
                 };
                 let meta = snapshot::create(region, &path, &copts, progress)?;
-                let t = MappingTarget::Ebs(EbsMapping {
-                    snapshot_id: meta.id.clone(),
-                    volume_size: opts.volume_gib(&dev, meta.volume_size),
-                    delete_on_termination: !keep,
-                });
+                let t = MappingTarget::Ebs(ebs_mapping(
+                    region,
+                    &meta,
+                    opts.volume_gib(&dev, meta.volume_size),
+                    !keep,
+                )?);
                 created.push(CreatedSnapshot {
                     device: dev.clone(),
                     snapshot: meta,

@@ -6,10 +6,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
+use crate::format::key::DataKey;
 use crate::format::manifest::{Block, Manifest, SnapshotMeta};
 use crate::id::{ChunkId, SnapshotId};
 use crate::region::catalog::Region;
 use crate::store::chain::load_into;
+use crate::store::sealed::Keyed;
 
 /// The default cache of decoded blocks (`--cache`).
 pub const DEFAULT_CACHE: usize = 64 << 20;
@@ -40,6 +42,8 @@ impl std::fmt::Display for ReadFailure {
 pub struct LazyVolume {
     region: Arc<Region>,
     manifest: Manifest,
+    /// The snapshot's key, unlocked once, when it is encrypted.
+    key: Option<Arc<DataKey>>,
     cache: Mutex<Cache>,
 }
 
@@ -90,8 +94,11 @@ impl Cache {
 impl LazyVolume {
     /// Snapshot `id` of `region`, with `cache` bytes of decoded blocks.
     pub fn open(region: Arc<Region>, id: &SnapshotId, cache: usize) -> Result<LazyVolume> {
+        let manifest = region.read_snapshot(id)?;
+        let key = region.chunks_for(&manifest.meta)?.key().cloned();
         Ok(LazyVolume {
-            manifest: region.read_snapshot(id)?,
+            manifest,
+            key,
             region,
             cache: Mutex::new(Cache {
                 budget: cache,
@@ -204,7 +211,11 @@ impl LazyVolume {
             return Ok(b);
         }
         let mut raw = Vec::new();
-        load_into(self.region.chunks(), id, &mut raw)?;
+        load_into(
+            &Keyed::new(self.region.chunks(), self.key.clone()),
+            id,
+            &mut raw,
+        )?;
         let raw = Arc::new(raw);
         self.cache
             .lock()

@@ -12,11 +12,12 @@ use rayon::prelude::*;
 
 use crate::error::Result;
 use crate::format::manifest::{self, Block, Tag};
-use crate::id::{AccountId, ChunkId};
+use crate::id::AccountId;
 use crate::lazy::overlay::{Overlay, Paused};
 use crate::ops::access::readable;
 use crate::ops::snapshot::{self, Outcome, Taken, validate_labels};
 use crate::region::catalog::Region;
+use crate::store::chunk_store::ChunkStore;
 use crate::store::{chain, pool};
 use crate::sys::LockMode;
 
@@ -103,7 +104,9 @@ fn take(
     let dirty = paused.dirty_blocks(bs)?;
     let read_count = dirty.len() as u64;
 
-    let store = region.chunks();
+    // Under the key of the snapshot underneath, as every incremental is.
+    let keyed = region.chunks_for(&parent.meta)?;
+    let store: &dyn ChunkStore = &keyed;
     let pool = pool::thread_pool_for(store, opts.threads, pool::Work::Compute)?;
     let committed = region.snapshot_committed_at(&parent.meta.id)?;
     let read: Vec<(u64, Outcome)> = pool.install(|| {
@@ -132,7 +135,7 @@ fn take(
                         parent_block,
                         committed,
                         &bytes,
-                        ChunkId::of(&bytes),
+                        store.namer().name(&bytes),
                         !opts.no_delta,
                         Some((&base_raw[..stored_len], depth)),
                     )?
@@ -155,6 +158,7 @@ fn take(
             source: source.to_string(),
             blocks,
             stats,
+            kms_key_id: parent.meta.kms_key_id,
         },
     )?;
     Ok(LazySnapshot {

@@ -35,8 +35,8 @@ pub fn gc(region: &Region, purge_quarantine: bool) -> Result<GcReport> {
     let mut report = GcReport::default();
     let mut live = HashSet::new();
     for id in region.snapshot_ids()? {
-        let m = region.read_snapshot(&id)?;
-        live.extend(m.blocks.iter().filter_map(|b| b.chunk().copied()));
+        // By name, from the manifest's name table: no key needed.
+        live.extend(region.snapshot_chunk_names(&id)?);
         report.snapshots += 1;
     }
     let store = region.chunks();

@@ -23,7 +23,7 @@ use crate::store::chunk_store::ChunkStore;
 use crate::store::files::{sync_dir, temp_path_for};
 use crate::store::pool::{Work, thread_pool_for};
 use crate::sys::{self, LockMode};
-use crate::volume::blocks::{BlockPos, scan};
+use crate::volume::blocks::{BlockPos, Cut, scan};
 use crate::volume::io::{self as volume, Volume, is_zero};
 use crate::volume::nbd::{NbdClient, is_nbd_uri};
 use crate::volume::qemu::{self, QemuExport};
@@ -109,8 +109,9 @@ pub fn restore_in(
         )));
     }
     volume::check_size(target, size)?;
+    let keyed = region.chunks_for(&m.meta)?;
     let job = Job {
-        store: region.chunks(),
+        store: &keyed,
         manifest: &m,
         pool,
         progress,
@@ -367,8 +368,11 @@ impl Job<'_> {
         let mut bytes = 0u64;
         scan(
             reader,
-            snap_size,
-            self.manifest.meta.block_size,
+            Cut {
+                len: snap_size,
+                block_size: self.manifest.meta.block_size,
+                namer: self.store.namer(),
+            },
             self.pool,
             self.progress,
             |pos, content| -> Result<u64> {

@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::format::chunk;
 use crate::format::manifest::{self, Block, Manifest, SnapshotMeta, SnapshotStats, Tag};
 use crate::format::nbd::{DIRTY_BITMAP_PREFIX, STATE_DIRTY};
-use crate::id::{AccountId, ChunkId, SnapshotId};
+use crate::id::{AccountId, ChunkId, KeyId, SnapshotId};
 use crate::ops::access::readable;
 use crate::progress::Progress;
 use crate::region::catalog::Region;
@@ -18,7 +18,7 @@ use crate::store::chain;
 use crate::store::chunk_store::ChunkStore;
 use crate::store::pool;
 use crate::sys::LockMode;
-use crate::volume::blocks::{self, Content};
+use crate::volume::blocks::{self, Content, Cut};
 use crate::volume::io::{Volume, VolumeKind, is_zero, source_path};
 use crate::volume::nbd::is_nbd_uri;
 use crate::volume::qemu;
@@ -48,6 +48,99 @@ pub struct CreateOptions {
     /// Store a changed block as a zstd delta against the parent's block
     /// when that is much smaller (see `chunk`).
     pub delta: bool,
+    pub encryption: Encryption,
+}
+
+/// What a new snapshot asks of encryption (`--encrypted`, `--kms-key-id`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Encryption {
+    pub encrypted: bool,
+    /// A key id, `alias/NAME` or ARN; implies `encrypted`.
+    pub kms_key_id: Option<String>,
+}
+
+/// The key a new snapshot is sealed under, by EBS's rules, and the parent
+/// it keeps:
+///
+/// - an incremental of an encrypted snapshot is encrypted under the same
+///   key, asked for or not;
+/// - encryption asked for (`--encrypted`, `--kms-key-id`, or the region's
+///   encryption by default) over an unencrypted parent, or a key other
+///   than the parent's, starts a new full lineage: as in EBS, the first
+///   snapshot under a key is full. A parent named with `--parent` is never
+///   dropped silently: that is refused instead.
+///
+/// The key is checked usable (enabled, granted, passphrase) before any
+/// block is read.
+pub fn choose_key(
+    region: &Region,
+    parent: Option<SnapshotMeta>,
+    explicit_parent: bool,
+    enc: &Encryption,
+    progress: &dyn Progress,
+) -> Result<(Option<KeyId>, Option<SnapshotMeta>)> {
+    let keys = region.keys();
+    let requested = match &enc.kms_key_id {
+        Some(s) => Some(keys.resolve(s)?.key_id),
+        None => None,
+    };
+    let wanted = enc.encrypted || requested.is_some() || keys.defaults()?.encrypted_by_default;
+    let chosen = match parent {
+        Some(p) if p.kms_key_id.is_some() => {
+            let under = p.kms_key_id.expect("checked");
+            match requested {
+                Some(r) if r != under => {
+                    if explicit_parent {
+                        return Err(Error::InvalidArgument(format!(
+                            "parent {} is encrypted under key {under}, and an incremental \
+                             snapshot stays under its parent's key: drop --kms-key-id, or take \
+                             a full snapshot under key {r} with --no-parent",
+                            p.id
+                        )));
+                    }
+                    progress.warn(&format!(
+                        "the volume's last snapshot {} is under key {under}, not {r}: this \
+                         snapshot starts a new full lineage under {r}",
+                        p.id
+                    ));
+                    (Some(r), None)
+                }
+                _ => (Some(under), Some(p)),
+            }
+        }
+        Some(p) if wanted => {
+            if explicit_parent {
+                return Err(Error::InvalidArgument(format!(
+                    "parent {} is not encrypted, and an encrypted snapshot cannot be incremental \
+                     to it (as in EBS, the first encrypted snapshot of a volume is full): drop \
+                     --parent",
+                    p.id
+                )));
+            }
+            let k = match requested {
+                Some(r) => r,
+                None => keys.choose(None)?.key_id,
+            };
+            progress.warn(&format!(
+                "the volume's last snapshot {} is not encrypted: this snapshot starts a new full, \
+                 encrypted lineage under key {k}",
+                p.id
+            ));
+            (Some(k), None)
+        }
+        p if wanted => {
+            let k = match requested {
+                Some(r) => r,
+                None => keys.choose(None)?.key_id,
+            };
+            (Some(k), p)
+        }
+        p => (None, p),
+    };
+    if let Some(k) = &chosen.0 {
+        keys.data_key(k)?;
+    }
+    Ok(chosen)
 }
 
 impl Default for CreateOptions {
@@ -60,6 +153,7 @@ impl Default for CreateOptions {
             owner: None,
             threads: 0,
             delta: true,
+            encryption: Encryption::default(),
         }
     }
 }
@@ -282,6 +376,13 @@ pub fn create_from_bitmap(
     let _lock = region.lock(LockMode::Shared, "snapshot create")?;
     let owner = region.caller(opts.owner.as_ref());
     readable(region, parent_id, &owner, "take as a parent")?;
+    let (key, _) = choose_key(
+        region,
+        Some(region.read_snapshot_meta(parent_id)?),
+        true,
+        &opts.encryption,
+        progress,
+    )?;
     let parent = region.read_snapshot(parent_id)?;
     let size = volume.size();
     if parent.meta.volume_size != size {
@@ -312,7 +413,8 @@ pub fn create_from_bitmap(
             }
         }
     }
-    let store = region.chunks();
+    let keyed = region.chunks_under(key.as_ref())?;
+    let store: &dyn ChunkStore = &keyed;
     let pool = pool::thread_pool_for(store, opts.threads, pool::Work::Compute)?;
     let committed = region.snapshot_committed_at(parent_id)?;
     progress.start("snapshot", dirty.len() as u64 * bs);
@@ -330,7 +432,7 @@ pub fn create_from_bitmap(
                         parent.blocks.get(i as usize),
                         committed,
                         &buf,
-                        ChunkId::of(&buf),
+                        store.namer().name(&buf),
                         opts.delta,
                         None,
                     )?
@@ -354,6 +456,7 @@ pub fn create_from_bitmap(
             source: source_path(uri),
             blocks,
             stats,
+            kms_key_id: key,
         },
     )?;
     let count = manifest::block_count(size, block_size);
@@ -375,6 +478,8 @@ pub struct Taken {
     pub source: String,
     pub blocks: Vec<Block>,
     pub stats: SnapshotStats,
+    /// The key the snapshot is sealed under: its chunks already are.
+    pub kms_key_id: Option<KeyId>,
 }
 
 /// Writes the manifest of `taken` under a new id: the snapshot exists
@@ -396,6 +501,7 @@ pub fn commit(region: &Region, taken: Taken) -> Result<SnapshotMeta> {
         source: taken.source,
         root_digest: manifest::root_digest(&taken.blocks),
         stats: taken.stats,
+        kms_key_id: taken.kms_key_id,
     };
     let m = Manifest {
         meta,
@@ -422,22 +528,24 @@ pub fn create(
         ParentChoice::None => None,
         ParentChoice::Explicit(id) => {
             readable(region, id, &owner, "take as a parent")?;
-            Some(region.read_snapshot(id)?)
+            Some(region.read_snapshot_meta(id)?)
         }
         ParentChoice::Latest => {
             // Only the owner's own lineage: another account's snapshot of
             // the same path is no parent of this one.
-            let latest = region
+            region
                 .list_snapshots()?
                 .snapshots
                 .into_iter()
                 .filter(|m| m.source == source && m.owner == owner)
-                .max_by_key(|m| m.created_ns);
-            match latest {
-                Some(m) => Some(region.read_snapshot(&m.id)?),
-                None => None,
-            }
+                .max_by_key(|m| m.created_ns)
         }
+    };
+    let explicit = matches!(opts.parent, ParentChoice::Explicit(_));
+    let (key, parent) = choose_key(region, parent, explicit, &opts.encryption, progress)?;
+    let parent = match parent {
+        Some(m) => Some(region.read_snapshot(&m.id)?),
+        None => None,
     };
     let block_size = match (&parent, opts.block_size) {
         (Some(p), Some(bs)) if p.meta.block_size != bs => {
@@ -454,7 +562,8 @@ pub fn create(
     manifest::validate_block_size(block_size as u64)?;
     let parent_blocks: &[Block] = parent.as_ref().map(|p| p.blocks.as_slice()).unwrap_or(&[]);
 
-    let store = region.chunks();
+    let keyed = region.chunks_under(key.as_ref())?;
+    let store: &dyn ChunkStore = &keyed;
     let pool = pool::thread_pool_for(store, opts.threads, pool::Work::Compute)?;
     let size = volume.size();
     // Chunks the parent names are reused unread only if unchanged since
@@ -472,8 +581,11 @@ pub fn create(
     progress.start("snapshot", size);
     blocks::scan(
         &volume,
-        size,
-        block_size,
+        Cut {
+            len: size,
+            block_size,
+            namer: store.namer(),
+        },
         &pool,
         progress,
         |pos, content| match content {
@@ -516,6 +628,7 @@ pub fn create(
             source,
             blocks,
             stats,
+            kms_key_id: key,
         },
     )
 }

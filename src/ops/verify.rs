@@ -9,8 +9,9 @@ use crate::id::{AccountId, SnapshotId};
 use crate::ops::access::readable;
 use crate::progress::Progress;
 use crate::region::catalog::Region;
+use crate::store::chunk_store::ChunkStore;
 use crate::store::pool::{Work, thread_pool_for};
-use crate::volume::blocks::{Content, scan};
+use crate::volume::blocks::{Content, Cut, scan};
 use crate::volume::io::Volume;
 
 /// Whether a volume block read as `content` holds what `want` describes.
@@ -64,6 +65,7 @@ pub fn verify_volume(
     let m = region.read_snapshot(id)?;
     let volume = Volume::open(target)?;
     let pool = thread_pool_for(region.chunks(), threads, Work::Fetch)?;
+    let namer = region.chunks_for(&m.meta)?.namer();
     let bs = m.meta.block_size as u64;
     let readable = volume.size().min(m.meta.volume_size);
     let mut check = VolumeCheck {
@@ -100,8 +102,11 @@ pub fn verify_volume(
     };
     scan(
         &volume,
-        whole,
-        m.meta.block_size,
+        Cut {
+            len: whole,
+            block_size: m.meta.block_size,
+            namer,
+        },
         &pool,
         progress,
         |pos, content| Ok(holds(&m.blocks[pos.index as usize], &content)),

@@ -15,12 +15,14 @@ use crate::format::region::{
     MAX_STORE_JSON, RegionInfo, STORE_FORMAT, STORE_VERSION, decode_region_info, encode_region_info,
 };
 use crate::format::regions::RegionDef;
-use crate::id::{AccountId, SnapshotId};
+use crate::id::{AccountId, ChunkId, SnapshotId};
 use crate::region::backend::{Backend, LocalBackend, RegionLock, create_new_durable};
 use crate::region::defs;
+use crate::region::keys::Keys;
 use crate::region::s3::backend::S3Backend;
 use crate::store::chunk_store::ChunkStore;
 use crate::store::pool::map_io;
+use crate::store::sealed::Keyed;
 use crate::sys::LockMode;
 
 /// Where a snapshot's create-volume permissions live, beside its manifest.
@@ -156,8 +158,35 @@ impl Region {
         &self.info
     }
 
+    /// The chunk store as stored: plain chunks read as themselves, sealed
+    /// ones only by their headers. Snapshot data goes through
+    /// [`Region::chunks_for`].
     pub fn chunks(&self) -> &dyn ChunkStore {
         self.chunks.as_ref()
+    }
+
+    /// The region's encryption keys.
+    pub fn keys(&self) -> Keys<'_> {
+        Keys {
+            backend: self.backend.as_ref(),
+            region: &self.info.region,
+            owner: &self.info.owner,
+        }
+    }
+
+    /// The chunk store as the snapshot `meta` sees it: through its key when
+    /// it is encrypted (which the acting account must be able to use).
+    pub fn chunks_for(&self, meta: &SnapshotMeta) -> Result<Keyed<'_>> {
+        self.chunks_under(meta.kms_key_id.as_ref())
+    }
+
+    /// The chunk store through key `key` (`None`: plain).
+    pub fn chunks_under(&self, key: Option<&crate::id::KeyId>) -> Result<Keyed<'_>> {
+        let key = match key {
+            Some(k) => Some(self.keys().data_key(k)?),
+            None => None,
+        };
+        Ok(Keyed::new(self.chunks(), key))
     }
 
     fn snapshot_key(id: &SnapshotId) -> String {
@@ -186,9 +215,30 @@ impl Region {
             .backend
             .read(&key, "snapshot manifest", manifest::MAX_MANIFEST_LEN)?
             .ok_or_else(|| self.not_found(id))?;
-        let m = Manifest::decode(&bytes, &path)?;
+        let keys = self.keys();
+        let m = Manifest::decode_with(&bytes, &path, &|k| keys.data_key(k))?;
         self.check_name(&m.meta, id, &path)?;
         Ok(m)
+    }
+
+    /// The distinct chunk names snapshot `id` holds, read without a key.
+    pub fn snapshot_chunk_names(&self, id: &SnapshotId) -> Result<Vec<ChunkId>> {
+        let key = Self::snapshot_key(id);
+        let path = self.backend.locate(&key);
+        let bytes = self
+            .backend
+            .read(&key, "snapshot manifest", manifest::MAX_MANIFEST_LEN)?
+            .ok_or_else(|| self.not_found(id))?;
+        let names = Manifest::chunk_names(&bytes, &path)?;
+        let head = Manifest::meta_prefix_len(&bytes)
+            .unwrap_or(bytes.len())
+            .min(bytes.len());
+        self.check_name(
+            &Manifest::decode_meta(&bytes[..head], &path, bytes.len() as u64)?,
+            id,
+            &path,
+        )?;
+        Ok(names)
     }
 
     /// Reads and checks only the meta of a snapshot manifest.
@@ -233,9 +283,13 @@ impl Region {
     /// Commits a snapshot: chunks are made durable first, then the manifest
     /// is created (never overwriting one). The snapshot exists from then on.
     pub fn write_snapshot(&self, m: &Manifest) -> Result<()> {
+        let bytes = match &m.meta.kms_key_id {
+            Some(k) => m.encode_sealed(self.keys().data_key(k)?.as_ref()),
+            None => m.encode(),
+        };
         self.chunks.sync()?;
         let key = Self::snapshot_key(&m.meta.id);
-        if !self.backend.create(&key, &m.encode())? {
+        if !self.backend.create(&key, &bytes)? {
             return Err(Error::AlreadyExists(format!(
                 "snapshot {} already exists in region {}: snapshot ids never repeat, so this is a \
                  copy of a snapshot that is already there",

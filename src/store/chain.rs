@@ -57,7 +57,7 @@ fn load_chain(
 ) -> Result<u8> {
     let stored = store.get(id)?;
     let Some(base) = base_of(&stored) else {
-        decode_into(id, &stored, out)?;
+        decode_into(id, &stored, out, &store.namer())?;
         return Ok(0);
     };
     let corrupt = Error::corrupt_chunk(*id);
@@ -84,7 +84,7 @@ fn load_chain(
             base.depth
         )));
     }
-    decode_delta(id, &stored, &base_raw, out)?;
+    decode_delta(id, &stored, &base_raw, out, &store.namer())?;
     Ok(base.depth)
 }
 

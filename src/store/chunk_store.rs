@@ -8,7 +8,7 @@
 use std::time::SystemTime;
 
 use crate::error::{Error, Result};
-use crate::id::ChunkId;
+use crate::id::{ChunkId, Namer};
 
 /// A chunk as a listing describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,6 +22,11 @@ pub struct StoredChunk {
 
 /// Where chunks live. Implementations are shared by the worker threads.
 pub trait ChunkStore: Send + Sync {
+    /// How the chunks read and written through this store are named (the
+    /// key-bound view of `store::sealed` names them by keyed BLAKE3).
+    fn namer(&self) -> Namer {
+        Namer::Plain
+    }
     /// Whether a chunk with this name is stored.
     fn has(&self, id: &ChunkId) -> Result<bool>;
     /// Stores `data` under `id` atomically. Returns `false`, having done

@@ -6,7 +6,8 @@
 //! local-directory backend (the S3 one is in `region::s3`, beside the rest
 //! of that backend); [`chain`] loads chunks through their delta chains and
 //! decides whether a stored chunk may be relied on; [`pool`] sizes the
-//! worker pools; [`files`] holds the atomic-write and small-file helpers
+//! worker pools; [`sealed`] is the view of a store through one
+//! encryption key; [`files`] holds the atomic-write and small-file helpers
 //! every local room uses.
 //!
 //! Uses `format` below it; nothing here knows about regions, snapshots or
@@ -17,3 +18,4 @@ pub mod chunk_store;
 pub mod files;
 pub mod local;
 pub mod pool;
+pub mod sealed;

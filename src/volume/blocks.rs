@@ -12,7 +12,7 @@
 use rayon::prelude::*;
 
 use crate::error::{IoContext, Result};
-use crate::id::ChunkId;
+use crate::id::{ChunkId, Namer};
 use crate::progress::Progress;
 use crate::volume::io::{Volume, is_zero};
 
@@ -25,7 +25,7 @@ pub enum Content<'a> {
     Hole,
     /// Read, and all zeros.
     Zero,
-    /// Read, with its BLAKE3 name.
+    /// Read, with its name (BLAKE3, keyed for an encrypted snapshot).
     Data { bytes: &'a [u8], id: ChunkId },
 }
 
@@ -38,18 +38,31 @@ pub struct BlockPos {
     pub len: usize,
 }
 
-/// Reads the first `len` bytes of `volume` as blocks of `block_size`, calls
-/// `visit` for each on the pool's workers (in any order), and passes the
-/// results to `sink` in block order.
+/// How a volume is cut: its first `len` bytes, in blocks of `block_size`,
+/// each named by `namer`.
+#[derive(Debug, Clone, Copy)]
+pub struct Cut {
+    pub len: u64,
+    pub block_size: u32,
+    pub namer: Namer,
+}
+
+/// Reads `volume` as `cut` says, calls `visit` for each block on the
+/// pool's workers (in any order), and passes the results to `sink` in
+/// block order.
 pub fn scan<T: Send>(
     volume: &Volume,
-    len: u64,
-    block_size: u32,
+    cut: Cut,
     pool: &rayon::ThreadPool,
     progress: &dyn Progress,
     visit: impl Fn(BlockPos, Content<'_>) -> Result<T> + Sync,
     mut sink: impl FnMut(BlockPos, T) -> Result<()>,
 ) -> Result<()> {
+    let Cut {
+        len,
+        block_size,
+        namer,
+    } = cut;
     let bs = block_size as usize;
     let window = (WINDOW_BYTES / bs).max(pool.current_num_threads() * 2);
     let blocks = len.div_ceil(block_size as u64);
@@ -88,7 +101,7 @@ pub fn scan<T: Send>(
                             Content::Zero
                         } else {
                             Content::Data {
-                                id: ChunkId::of(bytes),
+                                id: namer.name(bytes),
                                 bytes,
                             }
                         }
