@@ -189,11 +189,17 @@ impl Keys<'_> {
             None => spec.to_string(),
         };
         if let Some(alias) = local.strip_prefix("alias/") {
-            return self
+            let found = self
                 .list()?
                 .into_iter()
-                .find(|r| r.alias.as_deref() == Some(alias))
-                .ok_or_else(|| self.not_found(spec));
+                .find(|r| r.alias.as_deref() == Some(alias));
+            return match found {
+                Some(r) => Ok(r),
+                // As KMS does, the default key comes into being when first
+                // named.
+                None if alias == DEFAULT_ALIAS => self.default_key(),
+                None => Err(self.not_found(spec)),
+            };
         }
         let id: KeyId = local.parse()?;
         self.read(&id)?.ok_or_else(|| self.not_found(spec))
@@ -304,11 +310,11 @@ impl Keys<'_> {
         if let Some(id) = self.defaults()?.kms_key_id {
             return self.resolve(&id.to_string());
         }
-        let alias = format!("alias/{DEFAULT_ALIAS}");
-        match self.resolve(&alias) {
-            Err(Error::NotFound(_)) => {}
-            found => return found,
-        }
+        self.resolve(&format!("alias/{DEFAULT_ALIAS}"))
+    }
+
+    /// `alias/aws/ebs`, created on first use.
+    fn default_key(&self) -> Result<KeyRecord> {
         let made = self.create_unchecked(&NewKey {
             owner: self.owner.clone(),
             alias: Some(DEFAULT_ALIAS),
@@ -317,7 +323,7 @@ impl Keys<'_> {
         });
         match made {
             // Another command created it first.
-            Err(Error::AlreadyExists(_)) => self.resolve(&alias),
+            Err(Error::AlreadyExists(_)) => self.resolve(&format!("alias/{DEFAULT_ALIAS}")),
             other => other,
         }
     }
@@ -337,7 +343,7 @@ impl Keys<'_> {
         if r.owner != caller && !r.grants.contains(&caller) {
             return Err(Error::Key(format!(
                 "account {caller} may not use key {id} (owner {}): the owner must grant it with \
-                 `blocksnap key grant {id} --account {caller}`",
+                 `blocksnap key grant {id} --grantee {caller}`",
                 r.owner
             )));
         }

@@ -11,6 +11,7 @@ mod util;
 
 // End to end, through the binary.
 mod basics; // snapshot, incremental, restore, verify, gc on each backend
+mod encryption; // encrypted snapshots and images: keys, sealed chunks, EBS's rules
 mod images; // images and instances: create, register, share, copy, launch
 mod lazy; // lazy instances: launch --lazy, attach, ext4 through FUSE, dirty-map snapshots
 mod misuse; // hostile and careless use: wrong order, races, bad input

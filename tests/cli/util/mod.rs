@@ -18,6 +18,8 @@ pub struct Env {
     pub dir: tempfile::TempDir,
     /// Set when the test's regions live on the S3 test server.
     pub s3: Option<S3Server>,
+    /// `BLOCKSNAP_PASSPHRASE` for every command, when set.
+    pub passphrase: std::cell::RefCell<Option<String>>,
 }
 
 /// The S3 server the tests run against, from the environment
@@ -81,6 +83,7 @@ impl Env {
                 .tempdir()
                 .unwrap(),
             s3: None,
+            passphrase: Default::default(),
         }
     }
 
@@ -169,6 +172,19 @@ impl Env {
         }
     }
 
+    /// The S3 listing (ListObjectsV2 XML) of every key under `prefix` in
+    /// the test bucket, fetched with curl as an outside client.
+    pub fn list_stored_keys(&self, prefix: &str) -> Vec<u8> {
+        let server = self.s3.as_ref().expect("an S3 world");
+        let query = format!(
+            "?list-type=2&max-keys=10000&prefix={}",
+            prefix.replace('/', "%2F")
+        );
+        let out = self.curl(server, "", &query, &[]);
+        assert!(out.status.success(), "curl failed: {out:?}");
+        out.stdout
+    }
+
     fn curl(&self, server: &S3Server, region: &str, key: &str, extra: &[&str]) -> Output {
         let user = format!(
             "{}:{}",
@@ -233,10 +249,21 @@ impl Env {
             .env_remove("BLOCKSNAP_REGION")
             .env_remove("BLOCKSNAP_ACCOUNT")
             .env_remove("BLOCKSNAP_LOCK_WAIT")
+            .env_remove("BLOCKSNAP_PASSPHRASE")
+            .env_remove("BLOCKSNAP_PASSPHRASE_FILE")
+            .env_remove("BLOCKSNAP_KEY_FILE")
             // gc may reclaim a chunk the moment nothing names it.
             .env("BLOCKSNAP_S3_GC_GRACE", "0")
             .current_dir(self.dir.path());
+        if let Some(p) = self.passphrase.borrow().as_ref() {
+            c.env("BLOCKSNAP_PASSPHRASE", p);
+        }
         c
+    }
+
+    /// Gives every later command `passphrase` (`None`: none at all).
+    pub fn set_passphrase(&self, passphrase: Option<&str>) {
+        *self.passphrase.borrow_mut() = passphrase.map(str::to_string);
     }
 
     /// Runs `blocksnap` with this test's store.
