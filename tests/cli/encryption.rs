@@ -35,8 +35,9 @@ fn marked_volume(env: &Env, name: &str) -> (PathBuf, Vec<u8>) {
 
 /// Every object of `region`, by key, as an outside client sees it.
 fn stored_objects(env: &Env, region: &str) -> Vec<(String, Vec<u8>)> {
+    let local = env.store().join(region).join("store.json").exists();
     match &env.s3 {
-        None => {
+        _ if local => {
             let root = env.store().join(region);
             let mut files = Vec::new();
             walk_files(&root, &mut files);
@@ -65,6 +66,7 @@ fn stored_objects(env: &Env, region: &str) -> Vec<(String, Vec<u8>)> {
                 })
                 .collect()
         }
+        None => panic!("region {region} is neither local nor on the S3 server"),
     }
 }
 
@@ -700,6 +702,15 @@ fn copies_reencrypt_case(env: &Env) {
     }
 }
 on_each_backend!(copies_reencrypt_and_never_decrypt, copies_reencrypt_case);
+
+#[test]
+fn copies_reencrypt_from_a_local_region_to_s3_and_back() {
+    let Some(env) = Env::with_s3_server() else {
+        return;
+    };
+    env.add_s3_region("eu-west-1");
+    copies_reencrypt_case(&env);
+}
 
 #[test]
 fn restore_verify_delta_gc_and_store_verify_work_on_encrypted_snapshots() {
