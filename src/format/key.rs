@@ -118,6 +118,12 @@ impl Cipher {
 pub struct Material(Zeroizing<[u8; 32]>);
 
 impl Material {
+    /// Material from known bytes: for tests and fuzzing only; a real key
+    /// is always [`Material::random`].
+    pub fn from_bytes(bytes: [u8; 32]) -> Material {
+        Material(Zeroizing::new(bytes))
+    }
+
     pub fn random() -> Material {
         let mut m = Zeroizing::new([0u8; 32]);
         getrandom::fill(&mut m[..]).expect("the OS random number generator failed");

@@ -606,6 +606,87 @@ fn frozen_formats_of_every_kind_still_read() {
 }
 
 #[test]
+fn frozen_encrypted_formats_still_read() {
+    // testdata/v2-encrypted: keys (one wrapped in the region, one in a key
+    // file), the region's encryption by default, sealed chunks of every
+    // codec, encrypted manifests (a full and an incremental), an image
+    // manifest of version 2. Passphrase: "blocksnap fixture passphrase".
+    let env = Env::new();
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/v2-encrypted");
+    sh_ok(&format!(
+        "mkdir -p '{0}' && cp -r '{1}' '{0}/local'",
+        env.store().display(),
+        fixture.join("store").display()
+    ));
+    env.set_passphrase(Some("blocksnap fixture passphrase"));
+    let owner = ["--account", "272176238662"];
+    let key_file = fixture.join("fixture.key");
+    let kf = ["--key-file", s(&key_file)];
+    let v = env.json(&["store", "verify", kf[0], kf[1]]);
+    assert_eq!(v["Clean"], true, "{v}");
+    assert_eq!(v["ChunksChecked"], 11, "{v}");
+    assert_eq!(v["ChunksUnchecked"], 0, "{v}");
+    for (snap, volume) in [
+        ("snap-b87bd022ca700a9bd", "volume-v1.img"),
+        ("snap-ca2198cf08355335b", "volume-v2.img"),
+        ("snap-e284d5cf59dd4327e", "volume-v1.img"),
+    ] {
+        let out = env.path(&format!("{snap}.img"));
+        env.ok(&[
+            "volume",
+            "restore",
+            snap,
+            s(&out),
+            owner[0],
+            owner[1],
+            kf[0],
+            kf[1],
+        ]);
+        assert_same(&out, &fixture.join(volume));
+    }
+    let d = env.json(&[
+        "snapshot",
+        "describe",
+        "snap-ca2198cf08355335b",
+        owner[0],
+        owner[1],
+    ]);
+    assert_eq!(d["Snapshots"][0]["Encrypted"], true, "{d}");
+    assert_eq!(
+        d["Snapshots"][0]["KmsKeyId"],
+        "arn:aws:kms:local:272176238662:key/692affcb-096c-40b0-8f42-70b0ea3e6916"
+    );
+    let img = env.json(&[
+        "image",
+        "describe",
+        "ami-f93afcad62e231f3e",
+        owner[0],
+        owner[1],
+    ]);
+    assert_eq!(
+        img["Images"][0]["BlockDeviceMappings"][0]["Ebs"]["Encrypted"],
+        true
+    );
+    let keys = env.json(&["key", "list"]);
+    assert_eq!(keys["Aliases"].as_array().unwrap().len(), 2, "{keys}");
+    let e = env.json(&["region", "encryption"]);
+    assert_eq!(e["EbsEncryptionByDefault"], true, "{e}");
+    // Without the key file, its snapshot says how to read it.
+    let err = env.fails(
+        &[
+            "volume",
+            "restore",
+            "snap-e284d5cf59dd4327e",
+            s(&env.path("x.img")),
+            owner[0],
+            owner[1],
+        ],
+        6,
+    );
+    assert!(err.contains("--key-file"), "{err}");
+}
+
+#[test]
 fn frozen_v1_formats_still_read() {
     // testdata/v1 is a region written by the first release; it must keep
     // restoring to the same bytes.

@@ -204,3 +204,116 @@ fn nbd_reply_parser_survives_the_corpus() {
         let _ = blocksnap::volume::nbd::parse_replies(b);
     });
 }
+
+/// The fixture key of `testdata/v2-encrypted` (alias/fixture), unwrapped
+/// once with its passphrase.
+fn fixture_key() -> std::sync::Arc<blocksnap::format::key::DataKey> {
+    use blocksnap::format::key;
+    let dir = Path::new(CORPUS).join("../v2-encrypted/store/keys");
+    let path = dir.join("692affcb-096c-40b0-8f42-70b0ea3e6916.json");
+    let at = Location::from(path.as_path());
+    let record = key::decode_record(&std::fs::read(&path).unwrap(), &at).unwrap();
+    let wrapped = record.wrapped.as_ref().unwrap();
+    let material = key::unwrap(
+        wrapped,
+        &record.key_id,
+        b"blocksnap fixture passphrase",
+        &at,
+    )
+    .unwrap()
+    .expect("the fixture's passphrase");
+    std::sync::Arc::new(key::DataKey::new(record.key_id, &material))
+}
+
+#[test]
+fn sealed_chunk_and_manifest_decoders_survive_the_corpus() {
+    let key = fixture_key();
+    let namer = key.namer();
+    // Seeds are named as in the fixture store: the name is the file's.
+    let named = |path: &Path| -> ChunkId {
+        let dir = Path::new(CORPUS).join("../v2-encrypted/store/chunks");
+        let b = std::fs::read(path).unwrap();
+        walk(&dir)
+            .into_iter()
+            .find(|p| std::fs::read(p).unwrap() == b)
+            .and_then(|p| p.file_name()?.to_str()?.parse().ok())
+            .unwrap_or(ChunkId([0; 32]))
+    };
+    for (path, seed) in corpus("sealed_chunk") {
+        let id = named(&path);
+        let opened = chunk::unseal(&key, &id, &seed)
+            .unwrap_or_else(|e| panic!("seed {}: {e}", path.display()));
+        if chunk::base_of(&opened).is_none() {
+            chunk::decode_into(&id, &opened, &mut Vec::new(), &namer).unwrap();
+        }
+        assert_eq!(chunk::sealed_key_of(&seed), Some(key.id));
+    }
+    replay("sealed_chunk", |b| {
+        let id = ChunkId([3; 32]);
+        let _ = chunk::sealed_key_of(b);
+        let _ = chunk::base_of(b);
+        if let Ok(plain) = chunk::unseal(&key, &id, b) {
+            let _ = chunk::decode_into(&id, &plain, &mut Vec::new(), &namer);
+        }
+        let _ = chunk::decode(&id, b);
+    });
+    let p = &Location::from(Path::new("corpus"));
+    let k = key.clone();
+    let key_for = move |_: &blocksnap::id::KeyId| Ok(k.clone());
+    for (path, seed) in corpus("sealed_manifest") {
+        Manifest::decode_with(&seed, p, &key_for)
+            .unwrap_or_else(|e| panic!("seed {}: {e}", path.display()));
+    }
+    replay("sealed_manifest", |b| {
+        let _ = Manifest::decode_with(b, p, &key_for);
+        let _ = Manifest::chunk_names(b, p);
+        let _ = Manifest::sealed_header(b);
+        if let Some(n) = Manifest::meta_prefix_len(b) {
+            let _ = Manifest::decode_meta(&b[..n.min(b.len())], p, b.len() as u64);
+        }
+    });
+}
+
+#[test]
+fn key_file_decoders_survive_the_corpus() {
+    use blocksnap::format::key;
+    let p = &Location::from(Path::new("corpus"));
+    let seeds = corpus("key_file");
+    assert!(seeds.iter().any(|(_, b)| key::decode_record(b, p).is_ok()));
+    assert!(
+        seeds
+            .iter()
+            .any(|(_, b)| key::decode_key_file(b, p).is_ok())
+    );
+    assert!(
+        seeds
+            .iter()
+            .any(|(_, b)| key::decode_defaults(b, p).is_ok())
+    );
+    replay("key_file", |b| {
+        if let Ok(r) = key::decode_record(b, p)
+            && let Some(w) = &r.wrapped
+        {
+            // Bounded: a hostile file cannot ask for gigabytes or hours.
+            let mut cheap = w.clone();
+            cheap.memory_kib = cheap.memory_kib.min(64);
+            cheap.iterations = cheap.iterations.min(1);
+            let _ = key::unwrap(&cheap, &r.key_id, b"x", p);
+        }
+        let _ = key::decode_key_file(b, p);
+        let _ = key::decode_defaults(b, p);
+    });
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
