@@ -31,18 +31,21 @@
 //!
 //! A chunk under an encryption key keeps the plain header of its codec
 //! (version byte 2 instead of 1, so a blocksnap that predates encryption
-//! says "written by a newer blocksnap"), then:
+//! says "written by a newer blocksnap"); its payload is encrypted where it
+//! lies, and a trailer follows:
 //!
 //! ```text
-//! H       16    key id (the UUID's bytes)       H = 12, or 48 for codec 2
-//! H+16    24    random nonce
-//! H+40    ..    the payload of the plain chunk, XChaCha20-Poly1305-encrypted
-//! end-16  16    tag; associated data: the chunk's name, then bytes 0..H+16
+//! 0       H     the plain header, version 2     H = 12, or 48 for codec 2
+//! H       ..    the payload of the plain chunk, encrypted (`key::Cipher`)
+//! end-56  24    random nonce
+//! end-32  16    tag; associated data: the chunk's name, bytes 0..H, key id
+//! end-16  16    key id (the UUID's bytes)
 //! ```
 //!
 //! A delta's base stays readable (gc follows chains without a key); the
 //! name as associated data makes a chunk copied or moved to another name
-//! fail, as does any change to its header. [`seal`] and [`unseal`] turn a
+//! fail, as does any change to its header. Sealing and opening work in
+//! place: no copy of the payload. [`seal`] and [`unseal`] turn a
 //! plain chunk into a sealed one and back; the decoders read plain ones.
 
 use std::cell::RefCell;
@@ -127,7 +130,7 @@ pub fn encode_delta(
     if DELTA_HEADER_LEN + n >= limit {
         return None;
     }
-    let mut out = Vec::with_capacity(DELTA_HEADER_LEN + n);
+    let mut out = Vec::with_capacity(DELTA_HEADER_LEN + n + SEALED_TRAILER_LEN);
     push_header(&mut out, Codec::ZstdDelta, raw.len());
     out.extend_from_slice(&base.0);
     out.extend_from_slice(&[base_depth + 1, 0, 0, 0]);
@@ -260,7 +263,8 @@ pub fn encode(raw: &[u8]) -> Result<Vec<u8>> {
             scratch.reserve(raw.len());
             match c.compress_to_buffer(raw, scratch) {
                 Ok(n) if n < raw.len() => {
-                    let mut out = Vec::with_capacity(HEADER_LEN + n);
+                    // Room for a seal's trailer: sealing never moves it.
+                    let mut out = Vec::with_capacity(HEADER_LEN + n + SEALED_TRAILER_LEN);
                     push_header(&mut out, Codec::Zstd, raw.len());
                     out.extend_from_slice(&scratch[..n]);
                     Ok(Some(out))
@@ -271,7 +275,7 @@ pub fn encode(raw: &[u8]) -> Result<Vec<u8>> {
         // No compression context (out of memory): store the block raw.
         .unwrap_or(None);
     let out = compressed.unwrap_or_else(|| {
-        let mut out = Vec::with_capacity(HEADER_LEN + raw.len());
+        let mut out = Vec::with_capacity(HEADER_LEN + raw.len() + SEALED_TRAILER_LEN);
         push_header(&mut out, Codec::Raw, raw.len());
         out.extend_from_slice(raw);
         out
@@ -341,36 +345,43 @@ fn plain_header_len(codec: u8) -> usize {
     }
 }
 
-/// The key a sealed chunk is under, from its first bytes (at least
-/// [`DELTA_HEADER_LEN`]` + 16`); `None` for a plain chunk or bytes that are
-/// not a sealed chunk's header.
-pub fn sealed_key_of(head: &[u8]) -> Option<KeyId> {
-    if head.len() < HEADER_LEN || &head[..4] != CHUNK_MAGIC || head[4] != SEALED_VERSION {
+/// Bytes a sealed chunk adds to its plain form.
+pub const SEALED_TRAILER_LEN: usize = KEY_ID_LEN + SEAL_OVERHEAD;
+
+/// The key a sealed chunk is under, from its whole stored bytes; `None`
+/// for a plain chunk or bytes that are not a sealed chunk.
+pub fn sealed_key_of(stored: &[u8]) -> Option<KeyId> {
+    if stored.len() < HEADER_LEN || &stored[..4] != CHUNK_MAGIC || stored[4] != SEALED_VERSION {
         return None;
     }
-    let at = plain_header_len(head[5]);
-    let id = head.get(at..at + KEY_ID_LEN)?;
-    Some(KeyId(id.try_into().expect("16 bytes")))
+    if stored.len() < plain_header_len(stored[5]) + SEALED_TRAILER_LEN {
+        return None;
+    }
+    let at = stored.len() - KEY_ID_LEN;
+    Some(KeyId(stored[at..].try_into().expect("16 bytes")))
+}
+
+fn sealed_ad(id: &ChunkId, header: &[u8], key: &KeyId) -> Vec<u8> {
+    [&id.0[..], header, &key.0[..]].concat()
 }
 
 /// Seals the plain chunk `plain` (as [`encode`] or [`encode_delta`] wrote
-/// it) named `id` under `key`.
-pub fn seal(key: &DataKey, id: &ChunkId, plain: &[u8]) -> Vec<u8> {
+/// it) named `id` under `key`, in place.
+pub fn seal(key: &DataKey, id: &ChunkId, mut plain: Vec<u8>) -> Vec<u8> {
     let hl = plain_header_len(plain[5]);
-    let mut out = Vec::with_capacity(plain.len() + KEY_ID_LEN + SEAL_OVERHEAD);
-    out.extend_from_slice(&plain[..hl]);
-    out[4] = SEALED_VERSION;
-    out.extend_from_slice(&key.id.0);
-    let ad = [&id.0[..], &out].concat();
-    key.chunk_cipher().seal_into(&ad, &plain[hl..], &mut out);
-    out
+    plain[4] = SEALED_VERSION;
+    let ad = sealed_ad(id, &plain[..hl], &key.id);
+    plain.reserve(SEALED_TRAILER_LEN);
+    key.chunk_cipher().seal_in_place(&ad, &mut plain, hl);
+    plain.extend_from_slice(&key.id.0);
+    plain
 }
 
 /// Opens the sealed chunk `stored` named `id` under `key` back into its
-/// plain form, which the decoders read. A plain chunk, one under another
-/// key, or one that fails authentication (altered, or moved from another
-/// name) is corrupt.
-pub fn unseal(key: &DataKey, id: &ChunkId, stored: &[u8]) -> Result<Vec<u8>> {
+/// plain form (in place), which the decoders read. A plain chunk, one
+/// under another key, or one that fails authentication (altered, or moved
+/// from another name) is corrupt.
+pub fn unseal(key: &DataKey, id: &ChunkId, mut stored: Vec<u8>) -> Result<Vec<u8>> {
     let corrupt = Error::corrupt_chunk(*id);
     if stored.len() < HEADER_LEN || &stored[..4] != CHUNK_MAGIC {
         return Err(corrupt("not a chunk (bad magic or too short)".into()));
@@ -403,13 +414,12 @@ pub fn unseal(key: &DataKey, id: &ChunkId, stored: &[u8]) -> Result<Vec<u8>> {
         });
     }
     let hl = plain_header_len(stored[5]);
-    if stored.len() < hl + KEY_ID_LEN + SEAL_OVERHEAD {
+    let Some(under) = sealed_key_of(&stored) else {
         return Err(corrupt(format!(
             "{} bytes is shorter than a sealed chunk",
             stored.len()
         )));
-    }
-    let under = KeyId(stored[hl..hl + KEY_ID_LEN].try_into().expect("16 bytes"));
+    };
     if under != key.id {
         return Err(corrupt(format!(
             "it is encrypted under key {under}, but the snapshot naming it is under key {}: the \
@@ -417,21 +427,17 @@ pub fn unseal(key: &DataKey, id: &ChunkId, stored: &[u8]) -> Result<Vec<u8>> {
             key.id
         )));
     }
-    let ad = [&id.0[..], &stored[..hl + KEY_ID_LEN]].concat();
-    let mut out = Vec::with_capacity(stored.len());
-    out.extend_from_slice(&stored[..hl]);
-    out[4] = CHUNK_VERSION;
-    if !key
-        .chunk_cipher()
-        .open_into(&ad, &stored[hl + KEY_ID_LEN..], &mut out)
-    {
+    let ad = sealed_ad(id, &stored[..hl], &key.id);
+    stored.truncate(stored.len() - KEY_ID_LEN);
+    if !key.chunk_cipher().open_in_place(&ad, &mut stored, hl) {
         return Err(corrupt(
             "it fails authentication under its key: it was altered, or moved here from another \
              chunk's name"
                 .into(),
         ));
     }
-    Ok(out)
+    stored[4] = CHUNK_VERSION;
+    Ok(stored)
 }
 
 #[cfg(test)]
@@ -475,11 +481,11 @@ mod tests {
             .collect();
         let id = key.namer().name(&raw);
         let plain = encode(&raw).unwrap();
-        let sealed = seal(&key, &id, &plain);
+        let sealed = seal(&key, &id, plain.clone());
         assert_eq!(sealed_key_of(&sealed), Some(key.id));
         assert_eq!(sealed_key_of(&plain), None);
         assert!(!sealed.windows(13).any(|w| w == b"secret block "));
-        let opened = unseal(&key, &id, &sealed).unwrap();
+        let opened = unseal(&key, &id, sealed.clone()).unwrap();
         assert_eq!(opened, plain);
         let mut out = Vec::new();
         decode_into(&id, &opened, &mut out, &key.namer()).unwrap();
@@ -490,14 +496,14 @@ mod tests {
             Err(Error::CorruptChunk { .. })
         ));
         assert!(
-            unseal(&other, &id, &sealed)
+            unseal(&other, &id, sealed.clone())
                 .unwrap_err()
                 .to_string()
                 .contains("under key")
         );
-        assert!(unseal(&key, &ChunkId([1; 32]), &sealed).is_err());
+        assert!(unseal(&key, &ChunkId([1; 32]), sealed.clone()).is_err());
         assert!(
-            unseal(&key, &id, &plain)
+            unseal(&key, &id, plain.clone())
                 .unwrap_err()
                 .to_string()
                 .contains("not encrypted")
@@ -505,16 +511,16 @@ mod tests {
         for pos in 0..sealed.len() {
             let mut bad = sealed.clone();
             bad[pos] ^= 0x10;
-            assert!(unseal(&key, &id, &bad).is_err(), "flip at {pos} accepted");
+            assert!(unseal(&key, &id, bad).is_err(), "flip at {pos} accepted");
         }
         // A delta keeps its base readable without the key.
         let mut changed = raw.clone();
         changed[100] ^= 1;
         let did = key.namer().name(&changed);
         let d = encode_delta(&changed, &id, &raw, 0, usize::MAX).unwrap();
-        let sd = seal(&key, &did, &d);
+        let sd = seal(&key, &did, d);
         assert_eq!(base_of(&sd).unwrap().id, id);
-        let back = unseal(&key, &did, &sd).unwrap();
+        let back = unseal(&key, &did, sd).unwrap();
         let mut out = Vec::new();
         decode_delta(&did, &back, &raw, &mut out, &key.namer()).unwrap();
         assert_eq!(out, changed);

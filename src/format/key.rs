@@ -4,16 +4,22 @@
 //! A key (KMS's "customer master key") is 32 random bytes of material.
 //! Nothing is encrypted under the material itself; [`DataKey`] derives
 //! from it, with BLAKE3's key derivation, one key per purpose: chunk names
-//! (keyed BLAKE3), chunk payloads and manifest block lists (each
-//! XChaCha20-Poly1305). Every snapshot under one key shares its chunk
-//! names, so equal blocks deduplicate within a key and never across keys.
+//! (keyed BLAKE3), chunk payloads and manifest block lists (each sealed by
+//! [`Cipher`]). Every snapshot under one key shares its chunk names, so
+//! equal blocks deduplicate within a key and never across keys.
 //!
-//! XChaCha20-Poly1305 and not AES-256-GCM: both run at about 1 GB/s a core
-//! here (RustCrypto, measured), but XChaCha's 192-bit nonces may be drawn
-//! at random for every chunk a key ever seals (GCM's 96-bit nonces wear
-//! out after 2^32 messages under one key, and a key seals a chunk per new
-//! block forever), and it needs no AES instructions to run in constant
-//! time.
+//! [`Cipher`] is AES-256-GCM (RustCrypto's `aes-gcm`) under a key of its
+//! own for every message: a random 192-bit nonce is drawn per message and
+//! the message key is the keyed BLAKE3 of that nonce under the purpose
+//! key; GCM then runs with an all-zero 96-bit nonce under that fresh key.
+//! Chosen over XChaCha20-Poly1305 by measurement: with the AES and
+//! carry-less multiply instructions every x86-64 server has, AES-256-GCM
+//! seals 1.35 GB/s a core here against 0.82 GB/s, and encryption must cost
+//! at most a tenth of a snapshot. The per-message key removes GCM's one
+//! weakness for a store: plain random 96-bit nonces wear out after 2^32
+//! messages under one key, and a key seals a chunk per new block forever;
+//! with 192-bit nonces it never does (the same construction as XAES-256-GCM,
+//! with BLAKE3 as its key derivation).
 //!
 //! Files:
 //!
@@ -31,8 +37,8 @@
 //! with the key id as associated data, so wrapped material moved to
 //! another key's file does not open.
 
-use chacha20poly1305::aead::{AeadInOut, KeyInit};
-use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use aes_gcm::aead::{AeadInOut, KeyInit};
+use aes_gcm::{Aes256Gcm, Nonce};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
@@ -62,53 +68,73 @@ const KDF_MAX_MEMORY_KIB: u32 = 1 << 20;
 const KDF_MAX_ITERATIONS: u32 = 64;
 const KDF_MAX_PARALLELISM: u32 = 16;
 
-/// XChaCha20-Poly1305 under one key. Sealed messages are
-/// `nonce (24) || ciphertext || tag (16)`, with a fresh random nonce each.
-pub struct Cipher(XChaCha20Poly1305);
+/// AES-256-GCM with a fresh key per message (see the module docs). A
+/// sealed message is `ciphertext || nonce (24) || tag (16)`: the plaintext
+/// is encrypted where it lies and the rest appended, so a chunk is sealed
+/// and opened without a copy.
+pub struct Cipher(Zeroizing<[u8; 32]>);
 
 impl Cipher {
     pub fn new(key: &[u8; 32]) -> Cipher {
-        Cipher(XChaCha20Poly1305::new(key.into()))
+        Cipher(Zeroizing::new(*key))
     }
 
-    /// Appends the sealed form of `plain` (nonce, ciphertext, tag) to `out`.
-    pub fn seal_into(&self, ad: &[u8], plain: &[u8], out: &mut Vec<u8>) {
+    fn message_cipher(&self, nonce: &[u8; NONCE_LEN]) -> Aes256Gcm {
+        let k = Zeroizing::new(*blake3::keyed_hash(&self.0, nonce).as_bytes());
+        Aes256Gcm::new(&(*k).into())
+    }
+
+    /// Encrypts `buf[from..]` in place and appends the nonce and tag.
+    pub fn seal_in_place(&self, ad: &[u8], buf: &mut Vec<u8>, from: usize) {
         let mut nonce = [0u8; NONCE_LEN];
         getrandom::fill(&mut nonce).expect("the OS random number generator failed");
-        out.reserve(plain.len() + SEAL_OVERHEAD);
-        out.extend_from_slice(&nonce);
-        let start = out.len();
-        out.extend_from_slice(plain);
         let tag = self
-            .0
-            .encrypt_inout_detached(&XNonce::from(nonce), ad, (&mut out[start..]).into())
-            .expect("a message shorter than 256 GiB always seals");
-        out.extend_from_slice(&tag);
+            .message_cipher(&nonce)
+            .encrypt_inout_detached(&Nonce::default(), ad, (&mut buf[from..]).into())
+            .expect("a message shorter than 64 GiB always seals");
+        buf.reserve(SEAL_OVERHEAD);
+        buf.extend_from_slice(&nonce);
+        buf.extend_from_slice(&tag);
+    }
+
+    /// Opens the sealed message `buf[from..]` in place, leaving its
+    /// plaintext there; `false` (with `buf` unspecified past `from`) when
+    /// it does not authenticate.
+    pub fn open_in_place(&self, ad: &[u8], buf: &mut Vec<u8>, from: usize) -> bool {
+        if buf.len() < from + SEAL_OVERHEAD {
+            return false;
+        }
+        let end = buf.len() - SEAL_OVERHEAD;
+        let nonce: [u8; NONCE_LEN] = buf[end..end + NONCE_LEN].try_into().expect("24 bytes");
+        let tag: [u8; TAG_LEN] = buf[end + NONCE_LEN..].try_into().expect("16 bytes");
+        let ok = self
+            .message_cipher(&nonce)
+            .decrypt_inout_detached(
+                &Nonce::default(),
+                ad,
+                (&mut buf[from..end]).into(),
+                &tag.into(),
+            )
+            .is_ok();
+        buf.truncate(end);
+        ok
+    }
+
+    /// Appends the sealed form of `plain` to `out`.
+    pub fn seal_into(&self, ad: &[u8], plain: &[u8], out: &mut Vec<u8>) {
+        let from = out.len();
+        out.extend_from_slice(plain);
+        self.seal_in_place(ad, out, from);
     }
 
     /// Opens a sealed message and appends its plaintext to `out`; `false`
     /// (and `out` as it was) when it does not authenticate.
     pub fn open_into(&self, ad: &[u8], sealed: &[u8], out: &mut Vec<u8>) -> bool {
-        if sealed.len() < SEAL_OVERHEAD {
-            return false;
-        }
-        let (nonce, rest) = sealed.split_at(NONCE_LEN);
-        let (body, tag) = rest.split_at(rest.len() - TAG_LEN);
-        let nonce: [u8; NONCE_LEN] = nonce.try_into().expect("24 bytes");
-        let tag: [u8; TAG_LEN] = tag.try_into().expect("16 bytes");
-        let start = out.len();
-        out.extend_from_slice(body);
-        let ok = self
-            .0
-            .decrypt_inout_detached(
-                &XNonce::from(nonce),
-                ad,
-                (&mut out[start..]).into(),
-                &tag.into(),
-            )
-            .is_ok();
+        let from = out.len();
+        out.extend_from_slice(sealed);
+        let ok = self.open_in_place(ad, out, from);
         if !ok {
-            out.truncate(start);
+            out.truncate(from);
         }
         ok
     }
@@ -181,7 +207,7 @@ pub struct WrappedKey {
     pub parallelism: u32,
     /// 16 random bytes, hex.
     pub salt: String,
-    /// The sealed material (nonce, ciphertext, tag), hex.
+    /// The sealed material (ciphertext, nonce, tag), hex.
     pub sealed: String,
 }
 

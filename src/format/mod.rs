@@ -4,9 +4,12 @@
 //!
 //! | file                                     | format (magic or name)                  | version | module         |
 //! |------------------------------------------|-----------------------------------------|---------|----------------|
-//! | `chunks/<4 hex>/<64 hex>`                | `BSCK`, codecs 0 raw, 1 zstd, 2 delta   | 1       | [`chunk`]      |
-//! | `snapshots/<snap>`                       | `BSNAPMAN`                              | 1       | [`manifest`]   |
-//! | `images/<ami>.json`                      | `blocksnap-image` ([`envelope`])        | 1       | [`image`]      |
+//! | `chunks/<4 hex>/<64 hex>`                | `BSCK`, codecs 0 raw, 1 zstd, 2 delta   | 1; 2 sealed | [`chunk`]  |
+//! | `snapshots/<snap>`                       | `BSNAPMAN`                              | 1; 2 encrypted | [`manifest`] |
+//! | `images/<ami>.json`                      | `blocksnap-image` ([`envelope`])        | 1; 2 with `Encrypted` | [`image`] |
+//! | `keys/<key id>.json`                     | `blocksnap-key`                         | 1       | [`key`]        |
+//! | a key file (outside the store)           | `blocksnap-key-file`                    | 1       | [`key`]        |
+//! | `encryption.json` (a region's root)      | `blocksnap-encryption`                  | 1       | [`key`]        |
 //! | `images/<ami>.launch.json`               | `blocksnap-launch-permissions`          | 1       | [`image`]      |
 //! | `images/<ami>.state.json`                | `blocksnap-image-state`                 | 1       | [`image`]      |
 //! | `snapshot-permissions/<snap>.json`       | `blocksnap-create-volume-permissions`   | 1       | [`image`]      |

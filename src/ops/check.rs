@@ -10,8 +10,8 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::format::chunk;
 use crate::format::image::ImageState;
-use crate::format::key::{DataKey, SEAL_OVERHEAD};
-use crate::id::{ChunkId, KeyId, SnapshotId};
+use crate::format::key::DataKey;
+use crate::id::{ChunkId, KeyId, Namer, SnapshotId};
 use crate::progress::Progress;
 use crate::region::catalog::Region;
 use crate::region::{images, permissions};
@@ -107,6 +107,9 @@ pub fn verify_and_repair(
         Some(id) => vec![id.clone()],
         None => region.snapshot_ids()?,
     };
+    // Chunk -> the key the snapshots that need it are under (`None`:
+    // plain): a chunk is checked under that key, whatever its trailer says.
+    let mut under: HashMap<ChunkId, Option<KeyId>> = HashMap::new();
     let mut key_problems: Vec<String> = Vec::new();
     for id in ids {
         let read = match region.read_snapshot(&id) {
@@ -116,9 +119,13 @@ pub fn verify_and_repair(
                     key_problems.push(why);
                 }
                 report.snapshots_unauthenticated += 1;
-                match region.snapshot_chunk_names(&id) {
-                    Ok(names) => {
+                let names = region
+                    .read_snapshot_meta(&id)
+                    .and_then(|m| Ok((m.kms_key_id, region.snapshot_chunk_names(&id)?)));
+                match names {
+                    Ok((key, names)) => {
                         for c in names {
+                            under.entry(c).or_insert(key);
                             needed.entry(c).or_insert_with(|| ChunkUse {
                                 snapshot: id.clone(),
                                 offset: 0,
@@ -137,6 +144,7 @@ pub fn verify_and_repair(
                 let bs = m.meta.block_size as u64;
                 for (i, b) in m.blocks.iter().enumerate() {
                     if let Some(c) = b.chunk() {
+                        under.entry(*c).or_insert(m.meta.kms_key_id);
                         needed.entry(*c).or_insert_with(|| ChunkUse {
                             snapshot: id.clone(),
                             offset: i as u64 * bs,
@@ -193,6 +201,7 @@ pub fn verify_and_repair(
         }
         let used = needed[dependent].clone();
         needed.insert(base, used);
+        under.insert(base, under.get(dependent).copied().flatten());
         true
     })?;
     let to_check: Vec<ChunkId> = match only {
@@ -223,7 +232,7 @@ pub fn verify_and_repair(
         to_check
             .par_iter()
             .map_init(Vec::new, |buf, c| {
-                let r = check_chunk(store, &views, c, buf);
+                let r = check_chunk(store, &views, c, under.get(c).copied(), buf);
                 progress.advance(1);
                 (*c, r)
             })
@@ -306,32 +315,60 @@ impl<'a> KeyViews<'a> {
 
 /// Reads chunk `c` back whole and checks it against its name: its raw
 /// length; `None` when it is encrypted under a key this command cannot
-/// use, and only its header's structure was checked.
+/// use, and only its header's structure was checked. `expected`: the key
+/// of the snapshots that need it (`Some(None)`: plain ones); `None` for a
+/// chunk no snapshot needs, checked under the key its trailer names.
 fn check_chunk(
     store: &dyn ChunkStore,
     views: &KeyViews,
     c: &ChunkId,
+    expected: Option<Option<KeyId>>,
     buf: &mut Vec<u8>,
 ) -> Result<Option<u64>> {
-    let head = store.get_head(c, chunk::DELTA_HEADER_LEN + 16)?;
-    let key = match chunk::sealed_key_of(&head) {
-        Some(k) => match views.get(&k)? {
-            Some(key) => Some(key),
+    let stored = store.get(c)?;
+    let sealed = stored.get(..5) == Some(&[b'B', b'S', b'C', b'K', chunk::SEALED_VERSION]);
+    let named = match expected {
+        Some(k) => k,
+        None if sealed => match chunk::sealed_key_of(&stored) {
+            Some(k) => Some(k),
             None => {
-                let len = store.size(c)?;
-                let at_least = chunk::DELTA_HEADER_LEN as u64 + 16 + SEAL_OVERHEAD as u64;
-                if chunk::base_of(&head).is_some() && len < at_least {
-                    return Err(Error::CorruptChunk {
-                        chunk: *c,
-                        reason: format!("{len} bytes is shorter than a sealed delta chunk"),
-                    });
-                }
-                return Ok(None);
+                return Err(Error::CorruptChunk {
+                    chunk: *c,
+                    reason: format!("{} bytes is shorter than a sealed chunk", stored.len()),
+                });
             }
         },
         None => None,
     };
-    load_into(&Keyed::new(store, key), c, buf)?;
+    let key = if let Some(k) = named {
+        match views.get(&k)? {
+            Some(key) => Some(key),
+            // Without the key, structure only: sealed, and under the key
+            // its snapshots are under.
+            None if chunk::sealed_key_of(&stored) == Some(k) => return Ok(None),
+            None => {
+                return Err(Error::CorruptChunk {
+                    chunk: *c,
+                    reason: format!(
+                        "it is not sealed under key {k}, which the snapshots naming it are \
+                         under: it was put there from elsewhere or damaged"
+                    ),
+                });
+            }
+        }
+    } else {
+        None
+    };
+    if chunk::base_of(&stored).is_some() {
+        load_into(&Keyed::new(store, key), c, buf)?;
+    } else {
+        let namer = key.as_ref().map_or(Namer::Plain, |k| k.namer());
+        let plain = match &key {
+            Some(k) => chunk::unseal(k, c, stored)?,
+            None => stored,
+        };
+        chunk::decode_into(c, &plain, buf, &namer)?;
+    }
     Ok(Some(buf.len() as u64))
 }
 

@@ -246,14 +246,13 @@ pub fn store_block(
                 Some(d) => d,
                 None => chunk::encode(bytes)?,
             };
-            if store.put(&id, &stored)? {
-                Outcome::New {
+            match store.put_owned(&id, stored)? {
+                Some(stored) => Outcome::New {
                     block,
                     raw: bytes.len() as u64,
-                    stored: stored.len() as u64,
-                }
-            } else {
-                Outcome::Known(block, bytes.len() as u64)
+                    stored,
+                },
+                None => Outcome::Known(block, bytes.len() as u64),
             }
         },
     )

@@ -32,6 +32,12 @@ pub trait ChunkStore: Send + Sync {
     /// Stores `data` under `id` atomically. Returns `false`, having done
     /// nothing, when the chunk is already there.
     fn put(&self, id: &ChunkId, data: &[u8]) -> Result<bool>;
+    /// [`ChunkStore::put`] of a buffer the caller gives up (a view that
+    /// transforms chunks does so in place): the bytes stored, or `None`,
+    /// having done nothing, when the chunk is already there.
+    fn put_owned(&self, id: &ChunkId, data: Vec<u8>) -> Result<Option<u64>> {
+        Ok(self.put(id, &data)?.then_some(data.len() as u64))
+    }
     /// The stored bytes of a chunk; [`Error::MissingChunk`] if absent.
     fn get(&self, id: &ChunkId) -> Result<Vec<u8>>;
     /// The first `len` bytes of a chunk (all of it if shorter): enough to

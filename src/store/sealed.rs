@@ -45,14 +45,20 @@ impl ChunkStore for Keyed<'_> {
     }
     fn put(&self, id: &ChunkId, data: &[u8]) -> Result<bool> {
         match &self.key {
-            Some(k) => self.store.put(id, &seal(k, id, data)),
+            Some(k) => self.store.put(id, &seal(k, id, data.to_vec())),
             None => self.store.put(id, data),
+        }
+    }
+    fn put_owned(&self, id: &ChunkId, data: Vec<u8>) -> Result<Option<u64>> {
+        match &self.key {
+            Some(k) => self.store.put_owned(id, seal(k, id, data)),
+            None => self.store.put_owned(id, data),
         }
     }
     fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
         let stored = self.store.get(id)?;
         match &self.key {
-            Some(k) => unseal(k, id, &stored),
+            Some(k) => unseal(k, id, stored),
             None => Ok(stored),
         }
     }

@@ -619,7 +619,7 @@ fn frozen_encrypted_formats_still_read() {
         fixture.join("store").display()
     ));
     env.set_passphrase(Some("blocksnap fixture passphrase"));
-    let owner = ["--account", "272176238662"];
+    let owner = ["--account", "466065103774"];
     let key_file = fixture.join("fixture.key");
     let kf = ["--key-file", s(&key_file)];
     let v = env.json(&["store", "verify", kf[0], kf[1]]);
@@ -627,9 +627,9 @@ fn frozen_encrypted_formats_still_read() {
     assert_eq!(v["ChunksChecked"], 11, "{v}");
     assert_eq!(v["ChunksUnchecked"], 0, "{v}");
     for (snap, volume) in [
-        ("snap-b87bd022ca700a9bd", "volume-v1.img"),
-        ("snap-ca2198cf08355335b", "volume-v2.img"),
-        ("snap-e284d5cf59dd4327e", "volume-v1.img"),
+        ("snap-dfe9010889cffe50b", "volume-v1.img"),
+        ("snap-03bcf05e62c8f12e1", "volume-v2.img"),
+        ("snap-a1bb55f288bdf4d62", "volume-v1.img"),
     ] {
         let out = env.path(&format!("{snap}.img"));
         env.ok(&[
@@ -647,19 +647,19 @@ fn frozen_encrypted_formats_still_read() {
     let d = env.json(&[
         "snapshot",
         "describe",
-        "snap-ca2198cf08355335b",
+        "snap-03bcf05e62c8f12e1",
         owner[0],
         owner[1],
     ]);
     assert_eq!(d["Snapshots"][0]["Encrypted"], true, "{d}");
     assert_eq!(
         d["Snapshots"][0]["KmsKeyId"],
-        "arn:aws:kms:local:272176238662:key/692affcb-096c-40b0-8f42-70b0ea3e6916"
+        "arn:aws:kms:local:466065103774:key/218d56d9-d151-4b03-8b74-55f0ef9456d2"
     );
     let img = env.json(&[
         "image",
         "describe",
-        "ami-f93afcad62e231f3e",
+        "ami-660dec39716f31515",
         owner[0],
         owner[1],
     ]);
@@ -676,7 +676,7 @@ fn frozen_encrypted_formats_still_read() {
         &[
             "volume",
             "restore",
-            "snap-e284d5cf59dd4327e",
+            "snap-a1bb55f288bdf4d62",
             s(&env.path("x.img")),
             owner[0],
             owner[1],

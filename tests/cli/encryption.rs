@@ -791,6 +791,17 @@ fn restore_verify_delta_gc_and_store_verify_work_on_encrypted_snapshots() {
     assert_eq!(v["Clean"], false, "{v}");
     assert!(v["CorruptChunks"][0]["ChunkId"].as_str().unwrap().len() == 64);
     assert!(key.contains(v["CorruptChunks"][0]["ChunkId"].as_str().unwrap()));
+    // The key id in its trailer was hit: even without the key, the chunk
+    // is not sealed under the key its snapshot is under.
+    env.set_passphrase(None);
+    let o = env
+        .command(&["store", "verify", "--json"])
+        .env("BLOCKSNAP_DETACHED", "1")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(4), "{o:?}");
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["CorruptChunks"].as_array().unwrap().len(), 1, "{v}");
 }
 
 #[test]
