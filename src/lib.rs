@@ -69,7 +69,8 @@
 //! Every block of a volume is one of: a **hole** (unallocated in a sparse
 //! file; found with `SEEK_DATA`/`SEEK_HOLE`, never read), **zero** (read,
 //! all zeros; recorded as a state, no chunk) or **data** (a chunk named by
-//! the BLAKE3-256 of its raw bytes). Restoring leaves holes and zeros
+//! the BLAKE3-256 of its raw bytes, keyed under an encryption key: see
+//! [`format::key`] and [`store::sealed`]). Restoring leaves holes and zeros
 //! unwritten in a file, so the result is sparse.
 //!
 //! # Locking and garbage collection

@@ -168,12 +168,15 @@ impl Keys<'_> {
     }
 
     /// The key `spec` names: a key id, `alias/NAME`, or either as an ARN.
+    /// An alias is the acting account's own, as in KMS (another account's
+    /// is named by its ARN); `alias/aws/ebs` is created for the account on
+    /// first use.
     pub fn resolve(&self, spec: &str) -> Result<KeyRecord> {
-        let local = match spec.strip_prefix("arn:aws:kms:") {
+        let (account, local) = match spec.strip_prefix("arn:aws:kms:") {
             Some(rest) => {
                 // <region>:<account>:key/<id> | alias/<name>
                 let mut parts = rest.splitn(3, ':');
-                let (region, _, what) = (parts.next(), parts.next(), parts.next());
+                let (region, account, what) = (parts.next(), parts.next(), parts.next());
                 if region != Some(self.region) {
                     return Err(Error::InvalidArgument(format!(
                         "key {spec} is not a key of region {}: keys are regional; name a key of \
@@ -181,23 +184,23 @@ impl Keys<'_> {
                         self.region
                     )));
                 }
-                what.ok_or_else(|| self.not_found(spec))?
-                    .strip_prefix("key/")
-                    .map(str::to_string)
-                    .unwrap_or_else(|| what.unwrap_or_default().to_string())
+                let account: AccountId = account.unwrap_or_default().parse()?;
+                let what = what.ok_or_else(|| self.not_found(spec))?;
+                let local = what.strip_prefix("key/").unwrap_or(what).to_string();
+                (account, local)
             }
-            None => spec.to_string(),
+            None => (self.caller(), spec.to_string()),
         };
         if let Some(alias) = local.strip_prefix("alias/") {
             let found = self
                 .list()?
                 .into_iter()
-                .find(|r| r.alias.as_deref() == Some(alias));
+                .find(|r| r.alias.as_deref() == Some(alias) && r.owner == account);
             return match found {
                 Some(r) => Ok(r),
                 // As KMS does, the default key comes into being when first
-                // named.
-                None if alias == DEFAULT_ALIAS => self.default_key(),
+                // named by its account.
+                None if alias == DEFAULT_ALIAS && account == self.caller() => self.default_key(),
                 None => Err(self.not_found(spec)),
             };
         }
@@ -228,11 +231,14 @@ impl Keys<'_> {
         }
         let _lock = self.backend.catalog_lock("key create")?;
         if let Some(a) = new.alias
-            && self.list()?.iter().any(|r| r.alias.as_deref() == Some(a))
+            && self
+                .list()?
+                .iter()
+                .any(|r| r.alias.as_deref() == Some(a) && r.owner == new.owner)
         {
             return Err(Error::AlreadyExists(format!(
-                "alias/{a} already names a key in region {}: choose another alias",
-                self.region
+                "alias/{a} already names a key of account {} in region {}: choose another alias",
+                new.owner, self.region
             )));
         }
         if let Some(p) = new.key_file
@@ -313,10 +319,10 @@ impl Keys<'_> {
         self.resolve(&format!("alias/{DEFAULT_ALIAS}"))
     }
 
-    /// `alias/aws/ebs`, created on first use.
+    /// The acting account's `alias/aws/ebs`, created on first use.
     fn default_key(&self) -> Result<KeyRecord> {
         let made = self.create_unchecked(&NewKey {
-            owner: self.owner.clone(),
+            owner: self.caller(),
             alias: Some(DEFAULT_ALIAS),
             description: "Default key that protects my EBS volumes when no other key is defined",
             key_file: None,

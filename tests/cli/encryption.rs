@@ -438,6 +438,25 @@ fn keys_need_the_passphrase_a_grant_and_to_be_enabled() {
     ]);
     assert_same(&img, &out);
 
+    // Another account's alias/aws/ebs is its own key.
+    let theirs = env.json(&[
+        "snapshot",
+        "create",
+        s(&img),
+        "--encrypted",
+        "--no-parent",
+        "--account",
+        OTHER,
+    ]);
+    assert_ne!(theirs["KmsKeyId"].as_str().unwrap(), key, "{theirs}");
+    assert!(
+        theirs["KmsKeyId"]
+            .as_str()
+            .unwrap()
+            .contains(&format!(":{OTHER}:key/"))
+    );
+    env.fails(&["key", "describe", "alias/db", "--account", OTHER], 3);
+
     // The passphrase never shows: not in any output, not in the store.
     let outputs = [
         env.run(&["key", "list", "--json"]),
