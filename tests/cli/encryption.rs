@@ -457,6 +457,11 @@ fn keys_need_the_passphrase_a_grant_and_to_be_enabled() {
     );
     env.fails(&["key", "describe", "alias/db", "--account", OTHER], 3);
 
+    // No option takes the passphrase itself (it would show in `ps`).
+    let o = env.run(&["snapshot", "list", "--passphrase", PASSPHRASE]);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(!holds(&o.stderr, PASSPHRASE.as_bytes()));
+
     // The passphrase never shows: not in any output, not in the store.
     let outputs = [
         env.run(&["key", "list", "--json"]),
