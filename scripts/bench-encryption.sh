@@ -17,12 +17,9 @@ export BLOCKSNAP_PASSPHRASE=${BLOCKSNAP_PASSPHRASE:-bench passphrase}
 rm -rf "$work" && mkdir -p "$work"
 cd "$work"
 
-secs() { # command... -> wall seconds
-    local t0 t1
-    t0=$(date +%s.%N)
-    "$@" >/dev/null
-    t1=$(date +%s.%N)
-    echo "$t1 - $t0" | bc
+secs() { # command... -> "wall,cpu" seconds (cpu: user + system)
+    /usr/bin/time -f "%e,%U,%S" -o "$work/time.txt" "$@" >/dev/null
+    awk -F, '{printf "%s,%.2f", $1, $2 + $3}' "$work/time.txt"
 }
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
@@ -51,11 +48,12 @@ for run in $(seq "$RUNS"); do
         rm -f out.img vol.img
     done
 done
-printf '%-12s %10s %10s %8s\n' step plain encrypted ratio
+printf '%-12s %10s %10s %8s %10s %10s %8s\n' step plain encrypted ratio "plain cpu" "enc cpu" ratio
 for step in full incr unchanged restore; do
-    p=$(echo "${t[plain-$step]}" | tr ' ' '\n' | grep . | median)
-    e=$(echo "${t[encrypted-$step]}" | tr ' ' '\n' | grep . | median)
-    printf '%-12s %9.2fs %9.2fs %7.2fx\n' "$step" "$p" "$e" "$(echo "$e / $p" | bc -l)"
+    col() { echo "${t[$1-$step]}" | tr ' ' '\n' | grep . | cut -d, -f"$2" | median; }
+    p=$(col plain 1) e=$(col encrypted 1) pc=$(col plain 2) ec=$(col encrypted 2)
+    printf '%-12s %9.2fs %9.2fs %7.2fx %9.2fs %9.2fs %7.2fx\n' "$step" "$p" "$e" \
+        "$(echo "$e / $p" | bc -l)" "$pc" "$ec" "$(echo "$ec / $pc" | bc -l)"
 done
 printf '%-12s %10s %10s %7.3fx\n' stored "${t[plain-stored]}" "${t[encrypted-stored]}" \
     "$(echo "${t[encrypted-stored]} / ${t[plain-stored]}" | bc -l)"

@@ -504,9 +504,11 @@ fn a_killed_blocksnap_leaves_no_qemu_nbd_behind() {
     snap.kill().unwrap();
     snap.wait().unwrap();
     let killed = Instant::now();
+    // SIGTERM, then qemu-nbd closes the image: once, with the whole suite
+    // running on two cores, it was still there after 10 s.
     while running() {
         assert!(
-            killed.elapsed() < Duration::from_secs(10),
+            killed.elapsed() < Duration::from_secs(60),
             "qemu-nbd outlived the blocksnap that started it"
         );
         std::thread::sleep(Duration::from_millis(20));
