@@ -344,36 +344,13 @@ impl Manifest {
             return Err(corrupt("block list checksum mismatch".into()));
         }
         let expected = meta.block_count();
-        // Each entry takes at least one byte, so `raw.len()` bounds the count.
-        if expected > raw.len() as u64 {
-            return Err(corrupt(format!(
-                "{expected} blocks cannot fit in {} bytes",
-                raw.len()
-            )));
-        }
-        let mut blocks = Vec::with_capacity(expected as usize);
-        let mut pos = 0;
-        while pos < raw.len() {
-            let tag = raw[pos];
-            pos += 1;
-            blocks.push(match tag {
-                TAG_HOLE => Block::Hole,
-                TAG_ZERO => Block::Zero,
-                TAG_DATA => {
-                    let Some(id) = raw.get(pos..pos + 32) else {
-                        return Err(corrupt("block list ends inside a chunk id".into()));
-                    };
-                    pos += 32;
-                    Block::Data(ChunkId(id.try_into().expect("32 bytes")))
-                }
-                other => {
-                    return Err(corrupt(format!(
-                        "unknown block tag {other} at entry {}",
-                        blocks.len()
-                    )));
-                }
-            });
-        }
+        let blocks = parse_entries(raw, expected, &corrupt, |raw, pos| {
+            let Some(id) = raw.get(*pos..*pos + 32) else {
+                return Err(corrupt("block list ends inside a chunk id".into()));
+            };
+            *pos += 32;
+            Ok(Block::Data(ChunkId(id.try_into().expect("32 bytes"))))
+        })?;
         if blocks.len() as u64 != expected {
             return Err(corrupt(format!(
                 "{} block entries for a {}-byte volume of {}-byte blocks (expected {expected})",
@@ -542,41 +519,19 @@ impl Sealed {
         }
         let names = self.names(bytes);
         let expected = meta.block_count();
-        if expected > entries.len() as u64 {
-            return Err(corrupt(format!(
-                "{expected} blocks cannot fit in {} bytes",
-                entries.len()
-            )));
-        }
         let mut used = vec![false; names.len()];
-        let mut blocks = Vec::with_capacity(expected as usize);
-        let mut pos = 0;
-        while pos < entries.len() {
-            let tag = entries[pos];
-            pos += 1;
-            blocks.push(match tag {
-                TAG_HOLE => Block::Hole,
-                TAG_ZERO => Block::Zero,
-                TAG_DATA => {
-                    let Some(i) = entries.get(pos..pos + 4) else {
-                        return Err(corrupt("block list ends inside a name index".into()));
-                    };
-                    pos += 4;
-                    let i = u32::from_le_bytes(i.try_into().expect("4 bytes")) as usize;
-                    let Some(id) = names.get(i) else {
-                        return Err(corrupt(format!("name index {i} is past the name table")));
-                    };
-                    used[i] = true;
-                    Block::Data(*id)
-                }
-                other => {
-                    return Err(corrupt(format!(
-                        "unknown block tag {other} at entry {}",
-                        blocks.len()
-                    )));
-                }
-            });
-        }
+        let blocks = parse_entries(&entries, expected, &corrupt, |entries, pos| {
+            let Some(i) = entries.get(*pos..*pos + 4) else {
+                return Err(corrupt("block list ends inside a name index".into()));
+            };
+            *pos += 4;
+            let i = u32::from_le_bytes(i.try_into().expect("4 bytes")) as usize;
+            let Some(id) = names.get(i) else {
+                return Err(corrupt(format!("name index {i} is past the name table")));
+            };
+            used[i] = true;
+            Ok(Block::Data(*id))
+        })?;
         if blocks.len() as u64 != expected || used.contains(&false) {
             return Err(corrupt(format!(
                 "{} block entries for {expected} blocks, or names no block uses",
@@ -585,6 +540,42 @@ impl Sealed {
         }
         Ok(Manifest { meta, blocks })
     }
+}
+
+/// Parses a block list that should hold `expected` entries: a tag byte
+/// each, `data` reading what follows a data tag at `pos` and advancing it.
+/// The caller checks the count.
+fn parse_entries(
+    raw: &[u8],
+    expected: u64,
+    corrupt: &impl Fn(String) -> Error,
+    mut data: impl FnMut(&[u8], &mut usize) -> Result<Block>,
+) -> Result<Vec<Block>> {
+    // Each entry takes at least one byte, so `raw.len()` bounds the count.
+    if expected > raw.len() as u64 {
+        return Err(corrupt(format!(
+            "{expected} blocks cannot fit in {} bytes",
+            raw.len()
+        )));
+    }
+    let mut blocks = Vec::with_capacity(expected as usize);
+    let mut pos = 0;
+    while pos < raw.len() {
+        let tag = raw[pos];
+        pos += 1;
+        blocks.push(match tag {
+            TAG_HOLE => Block::Hole,
+            TAG_ZERO => Block::Zero,
+            TAG_DATA => data(raw, &mut pos)?,
+            other => {
+                return Err(corrupt(format!(
+                    "unknown block tag {other} at entry {}",
+                    blocks.len()
+                )));
+            }
+        });
+    }
+    Ok(blocks)
 }
 
 fn decode_meta_bytes(meta: &[u8], corrupt: &impl Fn(String) -> Error) -> Result<SnapshotMeta> {

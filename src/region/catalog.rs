@@ -207,14 +207,19 @@ impl Region {
             .is_some())
     }
 
-    /// Reads and checks a whole snapshot manifest.
-    pub fn read_snapshot(&self, id: &SnapshotId) -> Result<Manifest> {
+    /// The bytes of snapshot `id`'s manifest, and where they are.
+    fn manifest_bytes(&self, id: &SnapshotId) -> Result<(Vec<u8>, Location)> {
         let key = Self::snapshot_key(id);
-        let path = self.backend.locate(&key);
         let bytes = self
             .backend
             .read(&key, "snapshot manifest", manifest::MAX_MANIFEST_LEN)?
             .ok_or_else(|| self.not_found(id))?;
+        Ok((bytes, self.backend.locate(&key)))
+    }
+
+    /// Reads and checks a whole snapshot manifest.
+    pub fn read_snapshot(&self, id: &SnapshotId) -> Result<Manifest> {
+        let (bytes, path) = self.manifest_bytes(id)?;
         let keys = self.keys();
         let m = Manifest::decode_with(&bytes, &path, &|k| keys.data_key(k))?;
         self.check_name(&m.meta, id, &path)?;
@@ -223,12 +228,7 @@ impl Region {
 
     /// The distinct chunk names snapshot `id` holds, read without a key.
     pub fn snapshot_chunk_names(&self, id: &SnapshotId) -> Result<Vec<ChunkId>> {
-        let key = Self::snapshot_key(id);
-        let path = self.backend.locate(&key);
-        let bytes = self
-            .backend
-            .read(&key, "snapshot manifest", manifest::MAX_MANIFEST_LEN)?
-            .ok_or_else(|| self.not_found(id))?;
+        let (bytes, path) = self.manifest_bytes(id)?;
         let names = Manifest::chunk_names(&bytes, &path)?;
         let head = Manifest::meta_prefix_len(&bytes)
             .unwrap_or(bytes.len())

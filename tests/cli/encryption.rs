@@ -114,6 +114,20 @@ fn names(env: &Env, snap: &str, extra: &[&str]) -> HashSet<String> {
         .collect()
 }
 
+/// Registers image `enc` of `img`, encrypted under the default key.
+fn encrypted_image(env: &Env, img: &Path) -> String {
+    let created = env.json(&[
+        "image",
+        "create",
+        "--name",
+        "enc",
+        "--map",
+        &format!("/dev/xvda={}", s(img)),
+        "--encrypted",
+    ]);
+    created["ImageId"].as_str().unwrap().to_string()
+}
+
 /// A launched volume holds the image's volume, then zeros to the GiB.
 fn assert_launched(volume: &Path, launched: &Path) {
     let len = fs::metadata(volume).unwrap().len();
@@ -585,16 +599,7 @@ fn images_record_encryption_and_a_shared_one_needs_its_key_granted() {
     let env = Env::new();
     env.set_passphrase(Some(PASSPHRASE));
     let (img, _) = marked_volume(&env, "disk");
-    let created = env.json(&[
-        "image",
-        "create",
-        "--name",
-        "enc",
-        "--map",
-        &format!("/dev/xvda={}", s(&img)),
-        "--encrypted",
-    ]);
-    let ami = created["ImageId"].as_str().unwrap().to_string();
+    let ami = encrypted_image(&env, &img);
     let d = env.json(&["image", "describe", &ami]);
     let ebs = &d["Images"][0]["BlockDeviceMappings"][0]["Ebs"];
     assert_eq!(ebs["Encrypted"], true, "{d}");
@@ -637,16 +642,7 @@ fn images_record_encryption_and_a_shared_one_needs_its_key_granted() {
 fn copies_reencrypt_case(env: &Env) {
     env.set_passphrase(Some(PASSPHRASE));
     let (img, _) = marked_volume(env, "disk");
-    let created = env.json(&[
-        "image",
-        "create",
-        "--name",
-        "enc",
-        "--map",
-        &format!("/dev/xvda={}", s(&img)),
-        "--encrypted",
-    ]);
-    let ami = created["ImageId"].as_str().unwrap().to_string();
+    let ami = encrypted_image(env, &img);
     let snap = |region: &str, ami: &str| -> String {
         let d = env.json(&["image", "describe", ami, "--region", region]);
         d["Images"][0]["BlockDeviceMappings"][0]["Ebs"]["SnapshotId"]
