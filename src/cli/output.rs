@@ -27,6 +27,7 @@ pub struct Out {
     bars: bool,
     /// The region acted on, to name keys by their ARNs.
     region: Option<std::sync::Arc<Region>>,
+    key_arns: std::cell::RefCell<std::collections::HashMap<blocksnap::id::KeyId, String>>,
 }
 
 impl Out {
@@ -35,6 +36,7 @@ impl Out {
             json,
             bars: !json && !quiet && std::io::stderr().is_terminal(),
             region: None,
+            key_arns: Default::default(),
         }
     }
 
@@ -42,13 +44,19 @@ impl Out {
         self.region = Some(region);
     }
 
-    /// The ARN of key `id`, as EC2 shows a snapshot's `KmsKeyId`.
+    /// The ARN of key `id`, as EC2 shows a snapshot's `KmsKeyId`: each key
+    /// read once, however many snapshots a listing shows under it.
     fn key_arn(&self, id: &blocksnap::id::KeyId) -> String {
-        let found = self.region.as_ref().and_then(|r| {
-            let keys = r.keys();
-            keys.resolve(&id.to_string()).ok().map(|rec| keys.arn(&rec))
-        });
-        found.unwrap_or_else(|| id.to_string())
+        let mut arns = self.key_arns.borrow_mut();
+        arns.entry(*id)
+            .or_insert_with(|| {
+                let found = self.region.as_ref().and_then(|r| {
+                    let keys = r.keys();
+                    keys.resolve(&id.to_string()).ok().map(|rec| keys.arn(&rec))
+                });
+                found.unwrap_or_else(|| id.to_string())
+            })
+            .clone()
     }
 
     fn snapshot_json(&self, m: &SnapshotMeta) -> Value {

@@ -429,20 +429,13 @@ impl Sealed {
                 "the sealed block list is shorter than its nonce and tag".into(),
             ));
         }
-        let total = (SEALED_HEADER_LEN as u64 + meta_len as u64)
-            .checked_add(names as u64 * 32)
-            .and_then(|t| t.checked_add(sealed_len))
-            .ok_or_else(|| corrupt("lengths overflow".into()))?;
-        if total != file_len {
-            return Err(corrupt(if file_len < total {
-                format!("truncated: {file_len} of {total} bytes")
-            } else {
-                format!("{} unexpected bytes after the end", file_len - total)
-            }));
-        }
-        if bytes.len() < SEALED_HEADER_LEN + meta_len as usize {
-            return Err(corrupt("truncated inside the meta".into()));
-        }
+        check_lengths(
+            bytes,
+            file_len,
+            SEALED_HEADER_LEN as u64 + meta_len as u64,
+            &[names as u64 * 32, sealed_len],
+            &corrupt,
+        )?;
         Ok(Sealed {
             meta_len: meta_len as usize,
             names: names as usize,
@@ -542,6 +535,33 @@ impl Sealed {
     }
 }
 
+/// Checks that a manifest of `file_len` bytes is exactly its header and
+/// meta (`through_meta` bytes) followed by `parts`, and that `bytes` (the
+/// whole file, or a prefix) holds the meta.
+fn check_lengths(
+    bytes: &[u8],
+    file_len: u64,
+    through_meta: u64,
+    parts: &[u64],
+    corrupt: &impl Fn(String) -> Error,
+) -> Result<()> {
+    let total = parts
+        .iter()
+        .try_fold(through_meta, |t, p| t.checked_add(*p))
+        .ok_or_else(|| corrupt("lengths overflow".into()))?;
+    if total != file_len {
+        return Err(corrupt(if file_len < total {
+            format!("truncated: {file_len} of {total} bytes")
+        } else {
+            format!("{} unexpected bytes after the end", file_len - total)
+        }));
+    }
+    if (bytes.len() as u64) < through_meta {
+        return Err(corrupt("truncated inside the meta".into()));
+    }
+    Ok(())
+}
+
 /// Parses a block list that should hold `expected` entries: a tag byte
 /// each, `data` reading what follows a data tag at `pos` and advancing it.
 /// The caller checks the count.
@@ -635,20 +655,13 @@ impl Header {
                 "meta length {meta_len} exceeds {MAX_META_LEN}"
             )));
         }
-        let total = (HEADER_LEN as u64)
-            .checked_add(meta_len as u64)
-            .and_then(|t| t.checked_add(blocks_len))
-            .ok_or_else(|| corrupt("lengths overflow".into()))?;
-        if total != file_len {
-            return Err(corrupt(if file_len < total {
-                format!("truncated: {file_len} of {total} bytes")
-            } else {
-                format!("{} unexpected bytes after the end", file_len - total)
-            }));
-        }
-        if (bytes.len() as u64) < HEADER_LEN as u64 + meta_len as u64 {
-            return Err(corrupt("truncated inside the meta".into()));
-        }
+        check_lengths(
+            bytes,
+            file_len,
+            HEADER_LEN as u64 + meta_len as u64,
+            &[blocks_len],
+            &corrupt,
+        )?;
         Ok(Header {
             meta_len,
             header_checksum: bytes[24..56].try_into().expect("32 bytes"),

@@ -326,7 +326,8 @@ fn check_chunk(
     buf: &mut Vec<u8>,
 ) -> Result<Option<u64>> {
     let stored = store.get(c)?;
-    let sealed = stored.get(..5) == Some(&[b'B', b'S', b'C', b'K', chunk::SEALED_VERSION]);
+    let sealed = stored.get(..4) == Some(&chunk::CHUNK_MAGIC[..])
+        && stored.get(4) == Some(&chunk::SEALED_VERSION);
     let named = match expected {
         Some(k) => k,
         None if sealed => match chunk::sealed_key_of(&stored) {
