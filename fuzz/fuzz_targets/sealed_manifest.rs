@@ -1,5 +1,5 @@
-//! Encrypted (version 2) manifest decoding: the keyless parts (meta, name
-//! table) and, under a fixed key, the sealed block list.
+//! Encrypted (version 2 and 3) manifest decoding: the keyless parts (meta,
+//! name table) and, under a fixed key, the sealed meta and block list.
 #![no_main]
 use std::path::Path;
 use std::sync::Arc;
@@ -16,6 +16,8 @@ fuzz_target!(|data: &[u8]| {
     let _ = Manifest::decode_with(data, p, &|_| Ok(key.clone()));
     let _ = Manifest::chunk_names(data, p);
     if let Some(n) = Manifest::meta_prefix_len(data) {
-        let _ = Manifest::decode_meta(&data[..n.min(data.len())], p, data.len() as u64);
+        let head = &data[..n.min(data.len())];
+        let _ = Manifest::decode_meta(head, p, data.len() as u64, None);
+        let _ = Manifest::decode_meta(head, p, data.len() as u64, Some(&key));
     }
 });

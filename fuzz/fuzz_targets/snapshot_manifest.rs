@@ -10,6 +10,6 @@ fuzz_target!(|data: &[u8]| {
     let p = &Location::from(Path::new("fuzz"));
     let _ = Manifest::decode(data, p);
     if let Some(n) = Manifest::meta_prefix_len(data) {
-        let _ = Manifest::decode_meta(&data[..n.min(data.len())], p, data.len() as u64);
+        let _ = Manifest::decode_meta(&data[..n.min(data.len())], p, data.len() as u64, None);
     }
 });

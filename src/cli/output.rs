@@ -161,10 +161,14 @@ impl Out {
                         m.id.to_string(),
                         humantime::format_rfc3339_seconds(m.created()).to_string(),
                         human(m.volume_size),
-                        human(m.stats.new_bytes_stored),
+                        if m.sealed {
+                            "?".into()
+                        } else {
+                            human(m.stats.new_bytes_stored)
+                        },
                         m.parent.as_ref().map_or("-".into(), SnapshotId::to_string),
                     ],
-                    m.source.clone(),
+                    shown_source(m),
                 )
             }),
         );
@@ -231,7 +235,7 @@ impl Out {
         );
         println!("State             completed");
         println!("OwnerId           {}", m.owner);
-        println!("Source            {}", m.source);
+        println!("Source            {}", shown_source(m));
         println!(
             "VolumeSize        {} ({} bytes)",
             human(m.volume_size),
@@ -249,6 +253,10 @@ impl Out {
             "Parent            {}",
             m.parent.as_ref().map(SnapshotId::as_str).unwrap_or("-")
         );
+        if m.sealed {
+            println!("Description, tags, digest and counts: {SEALED_NOTE}");
+            return;
+        }
         println!("Description       {}", m.description);
         println!("Tags              {}", tags.join(", "));
         println!("RootDigest        {}", hex(&m.root_digest));
@@ -670,8 +678,18 @@ impl Progress for Bar {
     }
 }
 
+/// What stands for an encrypted snapshot's sealed meta read without its key.
+const SEALED_NOTE: &str = "(encrypted: give the key's passphrase to see)";
+
+fn shown_source(m: &SnapshotMeta) -> String {
+    if m.sealed {
+        SEALED_NOTE.into()
+    } else {
+        m.source.clone()
+    }
+}
+
 fn snapshot_json(m: &SnapshotMeta) -> Value {
-    let s = &m.stats;
     let mut doc = json!({
         "SnapshotId": m.id.as_str(),
         "VolumeSize": blocksnap::format::image::gib_for(m.volume_size),
@@ -681,11 +699,21 @@ fn snapshot_json(m: &SnapshotMeta) -> Value {
         "State": "completed",
         "Progress": "100%",
         "OwnerId": m.owner.as_str(),
-        "Description": m.description,
-        "Tags": m.tags.iter().map(|t| json!({ "Key": t.key, "Value": t.value })).collect::<Vec<_>>(),
-        "SourcePath": m.source,
-        "RootDigest": hex(&m.root_digest),
-        "Stats": {
+    });
+    if m.sealed {
+        // Only what anyone may see; `Sealed` says the rest exists.
+        doc["Sealed"] = json!(true);
+    } else {
+        let s = &m.stats;
+        doc["Description"] = json!(m.description);
+        doc["Tags"] = m
+            .tags
+            .iter()
+            .map(|t| json!({ "Key": t.key, "Value": t.value }))
+            .collect();
+        doc["SourcePath"] = json!(m.source);
+        doc["RootDigest"] = json!(hex(&m.root_digest));
+        doc["Stats"] = json!({
             "DataBlocks": s.data_blocks,
             "ZeroBlocks": s.zero_blocks,
             "HoleBlocks": s.hole_blocks,
@@ -694,8 +722,8 @@ fn snapshot_json(m: &SnapshotMeta) -> Value {
             "NewBytesRaw": s.new_bytes_raw,
             "NewBytesStored": s.new_bytes_stored,
             "ReusedBytes": s.reused_bytes,
-        },
-    });
+        });
+    }
     if let Some(p) = &m.parent {
         doc["ParentSnapshotId"] = json!(p.as_str());
     }

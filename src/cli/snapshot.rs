@@ -213,17 +213,28 @@ pub fn run(
                 eprintln!("blocksnap: warning: {e}: run `blocksnap store verify`");
             }
             let source = volume.map(|v| blocksnap::volume::io::source_path(&v));
+            let sealed = views.iter().filter(|v| v.meta.sealed).count();
             let snaps: Vec<_> = views
                 .into_iter()
                 .map(|v| v.meta)
                 .filter(|m| source.as_ref().is_none_or(|s| &m.source == s))
                 .collect();
             out.snapshot_list(&snaps);
+            if sealed > 0 {
+                let what = match &source {
+                    Some(s) => format!("{sealed} encrypted snapshots may be of {s} too"),
+                    None => format!("{sealed} encrypted snapshots show no description or source"),
+                };
+                explain_sealed(&what);
+            }
             Ok(0)
         }
         SnapshotCmd::Describe { snapshot } => {
             let meta = access::readable(region, &parse_snapshot(&snapshot)?, caller, "describe")?;
             out.snapshot_describe(&meta);
+            if meta.sealed {
+                explain_sealed(&format!("{} shows no description or source", meta.id));
+            }
             Ok(0)
         }
         SnapshotCmd::Blocks { snapshot } => {
@@ -263,5 +274,13 @@ pub fn run(
             out.deleted(&id);
             Ok(0)
         }
+    }
+}
+
+/// Says on stderr why encrypted snapshots were shown without their sealed
+/// meta: the keys this process could not use, and why.
+fn explain_sealed(what: &str) {
+    for (key, why) in blocksnap::region::keys::refusals() {
+        eprintln!("blocksnap: note: {what}: key {key}: {why}");
     }
 }

@@ -17,35 +17,42 @@
 //! reading the block list. A file whose length is not exactly `88 + M + B`
 //! is truncated (or has trailing bytes) and is rejected.
 //!
-//! # Encrypted snapshots (version 2)
+//! # Encrypted snapshots (version 3)
 //!
 //! ```text
 //! offset  size       field
 //! 0       8          magic "BSNAPMAN"
-//! 8       4          format version = 2, u32 LE
-//! 12      4          meta length M, u32 LE (<= 1 MiB)
+//! 8       4          format version = 3, u32 LE
+//! 12      4          readable meta length M, u32 LE (<= 1 MiB)
 //! 16      8          sealed block list length B, u64 LE
 //! 24      4          chunk names N, u32 LE
-//! 28      4          reserved, zero
+//! 28      4          sealed meta length S, u32 LE (<= 1 MiB)
 //! 32      16         key id (the UUID's bytes)
-//! 48      32         BLAKE3 of bytes 0..48 followed by the meta bytes
+//! 48      32         BLAKE3 of bytes 0..48, the readable and sealed meta
 //! 80      32         BLAKE3 of the name table followed by the sealed block list
-//! 112     M          meta: SnapshotMeta in postcard, as in version 1
-//! 112+M   32 N       name table: the distinct chunk names, ascending
-//! ..      B          sealed block list: nonce (24), XChaCha20-Poly1305
-//!                      ciphertext of one entry per block, tag (16):
+//! 112     M          readable meta, postcard: id, parent, owner, volume
+//!                      size, block size, creation time
+//! 112+M   S          sealed meta: AES-256-GCM (see `format::key`) of the
+//!                      postcard description, tags, source path, root
+//!                      digest and counts; associated data: bytes 0..48
+//!                      and the readable meta
+//! ..      32 N       name table: the distinct chunk names, ascending
+//! ..      B          sealed block list: one entry per block,
 //!                      0x00 hole | 0x01 zero | 0x02 + u32 LE index into
-//!                      the name table
-//!                    associated data: bytes 0..80, the meta, BLAKE3 of
-//!                    the name table
+//!                      the name table; associated data: bytes 0..80, both
+//!                      metas, BLAKE3 of the name table
 //! ```
 //!
-//! What `snapshot list` shows (the meta: ids, owner, sizes, times, the
-//! description, tags and source path, as EBS shows them to anyone who may
-//! describe the snapshot) stays readable without the key, checked by the
-//! BLAKE3 sums and, with the key, authenticated as associated data. The
-//! name table lets gc mark chunks without a key; which block holds which
-//! chunk is readable only with it.
+//! Without the key a reader sees what EBS shows anyone allowed to describe
+//! a snapshot, no more: its id, parent, owner, size, block size, time and
+//! key, checked by the BLAKE3 sums (and, with the key, authenticated as
+//! associated data). The description, tags, source path and counts open
+//! only with the key. The name table lets gc mark chunks without a key;
+//! which block holds which chunk is readable only with it.
+//!
+//! Version 2 (written by earlier releases, still read) is version 3 with
+//! the whole meta readable: bytes 28..32 are zero and the meta is the
+//! version 1 postcard meta.
 
 use serde::{Deserialize, Serialize};
 
@@ -56,8 +63,11 @@ use crate::id::{AccountId, ChunkId, KeyId, SnapshotId};
 pub const MANIFEST_MAGIC: &[u8; 8] = b"BSNAPMAN";
 pub const MANIFEST_VERSION: u32 = 1;
 pub const HEADER_LEN: usize = 88;
-/// The version of an encrypted snapshot's manifest.
-pub const SEALED_MANIFEST_VERSION: u32 = 2;
+/// The version of an encrypted snapshot's manifest: its meta sealed but
+/// for what anyone may see.
+pub const SEALED_MANIFEST_VERSION: u32 = 3;
+/// The first encrypted manifests, whose whole meta is readable.
+pub const READABLE_META_VERSION: u32 = 2;
 pub const SEALED_HEADER_LEN: usize = 112;
 pub const MAX_META_LEN: u32 = 1 << 20;
 /// The largest manifest read: a 64 TiB volume of 4 KiB data blocks, the
@@ -150,6 +160,33 @@ pub struct SnapshotMeta {
     /// not the postcard meta: version 1 meta bytes stay as they were).
     #[serde(skip)]
     pub kms_key_id: Option<KeyId>,
+    /// The description, tags, source, root digest and stats are sealed
+    /// under `kms_key_id` and were read without it: they are empty here.
+    #[serde(skip)]
+    pub sealed: bool,
+}
+
+/// What an encrypted snapshot shows without its key (the first fields of
+/// [`SnapshotMeta`], in its order).
+#[derive(Serialize, Deserialize)]
+struct ReadableMeta {
+    id: SnapshotId,
+    parent: Option<SnapshotId>,
+    owner: AccountId,
+    volume_size: u64,
+    block_size: u32,
+    created_ns: u64,
+}
+
+/// What only an encrypted snapshot's key opens (the rest of
+/// [`SnapshotMeta`]).
+#[derive(Serialize, Deserialize)]
+struct SealedMeta {
+    description: String,
+    tags: Vec<Tag>,
+    source: String,
+    root_digest: [u8; 32],
+    stats: SnapshotStats,
 }
 
 impl SnapshotMeta {
@@ -239,11 +276,11 @@ impl Manifest {
     /// The key of an encrypted manifest, from its first bytes; `None` for
     /// a plain one (or bytes that are no manifest: decoding says why).
     pub fn sealed_header(head: &[u8]) -> Option<KeyId> {
-        if head.len() < SEALED_HEADER_LEN
-            || &head[..8] != MANIFEST_MAGIC
-            || u32::from_le_bytes(head[8..12].try_into().expect("4 bytes"))
-                != SEALED_MANIFEST_VERSION
-        {
+        if head.len() < SEALED_HEADER_LEN || &head[..8] != MANIFEST_MAGIC {
+            return None;
+        }
+        let version = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes"));
+        if !(READABLE_META_VERSION..=SEALED_MANIFEST_VERSION).contains(&version) {
             return None;
         }
         Some(KeyId(head[32..48].try_into().expect("16 bytes")))
@@ -254,7 +291,7 @@ impl Manifest {
     pub fn chunk_names(bytes: &[u8], at: &Location) -> Result<Vec<ChunkId>> {
         if Self::sealed_header(bytes).is_some() {
             let s = Sealed::parse(bytes, at, bytes.len() as u64)?;
-            s.meta(bytes, at)?;
+            s.meta(bytes, at, None)?;
             s.check_body(bytes, at)?;
             return Ok(s.names(bytes));
         }
@@ -267,7 +304,26 @@ impl Manifest {
 
     /// Encodes an encrypted manifest under `key`.
     pub fn encode_sealed(&self, key: &DataKey) -> Vec<u8> {
-        let meta = postcard::to_allocvec(&self.meta).expect("snapshot meta always serializes");
+        let m = &self.meta;
+        let readable = postcard::to_allocvec(&ReadableMeta {
+            id: m.id.clone(),
+            parent: m.parent.clone(),
+            owner: m.owner.clone(),
+            volume_size: m.volume_size,
+            block_size: m.block_size,
+            created_ns: m.created_ns,
+        })
+        .expect("snapshot meta always serializes");
+        let private = zeroize::Zeroizing::new(
+            postcard::to_allocvec(&SealedMeta {
+                description: m.description.clone(),
+                tags: m.tags.clone(),
+                source: m.source.clone(),
+                root_digest: m.root_digest,
+                stats: m.stats.clone(),
+            })
+            .expect("snapshot meta always serializes"),
+        );
         let mut names: Vec<ChunkId> = self
             .blocks
             .iter()
@@ -293,20 +349,28 @@ impl Manifest {
         }
         let sealed_len = (entries.len() + SEAL_OVERHEAD) as u64;
         let mut out = Vec::with_capacity(
-            SEALED_HEADER_LEN + meta.len() + table.len() + entries.len() + SEAL_OVERHEAD,
+            SEALED_HEADER_LEN
+                + readable.len()
+                + private.len()
+                + table.len()
+                + entries.len()
+                + 2 * SEAL_OVERHEAD,
         );
         out.extend_from_slice(MANIFEST_MAGIC);
         out.extend_from_slice(&SEALED_MANIFEST_VERSION.to_le_bytes());
-        out.extend_from_slice(&(meta.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(readable.len() as u32).to_le_bytes());
         out.extend_from_slice(&sealed_len.to_le_bytes());
         out.extend_from_slice(&(names.len() as u32).to_le_bytes());
-        out.extend_from_slice(&[0; 4]);
+        out.extend_from_slice(&((private.len() + SEAL_OVERHEAD) as u32).to_le_bytes());
         out.extend_from_slice(&key.id.0);
-        let hc = header_checksum(&out[..48], &meta);
+        let mut metas = readable.clone();
+        key.manifest_cipher()
+            .seal_into(&meta_ad(&out[..48], &readable), &private, &mut metas);
+        let hc = header_checksum(&out[..48], &metas);
         out.extend_from_slice(&hc);
         let mut sealed = Vec::with_capacity(entries.len() + SEAL_OVERHEAD);
         key.manifest_cipher().seal_into(
-            &sealed_ad(&out[..80], &meta, &table),
+            &sealed_ad(&out[..80], &metas, &table),
             &entries,
             &mut sealed,
         );
@@ -314,7 +378,7 @@ impl Manifest {
         body.update(&table);
         body.update(&sealed);
         out.extend_from_slice(body.finalize().as_bytes());
-        out.extend_from_slice(&meta);
+        out.extend_from_slice(&metas);
         out.extend_from_slice(&table);
         out.extend_from_slice(&sealed);
         out
@@ -325,7 +389,7 @@ impl Manifest {
     pub fn decode(bytes: &[u8], at: &Location) -> Result<Manifest> {
         if Self::sealed_header(bytes).is_some() {
             let s = Sealed::parse(bytes, at, bytes.len() as u64)?;
-            let meta = s.meta(bytes, at)?;
+            let meta = s.meta(bytes, at, None)?;
             return Err(Error::CorruptFile {
                 what: "snapshot manifest",
                 location: at.clone(),
@@ -363,10 +427,17 @@ impl Manifest {
     }
 
     /// Decodes only the meta from the first bytes of a manifest file whose
-    /// total length is `file_len`.
-    pub fn decode_meta(prefix: &[u8], at: &Location, file_len: u64) -> Result<SnapshotMeta> {
+    /// total length is `file_len`. An encrypted one's sealed part opens
+    /// with `key` (the key [`Manifest::sealed_header`] names); without it
+    /// the meta comes back [`SnapshotMeta::sealed`].
+    pub fn decode_meta(
+        prefix: &[u8],
+        at: &Location,
+        file_len: u64,
+        key: Option<&DataKey>,
+    ) -> Result<SnapshotMeta> {
         if Self::sealed_header(prefix).is_some() {
-            return Sealed::parse(prefix, at, file_len)?.meta(prefix, at);
+            return Sealed::parse(prefix, at, file_len)?.meta(prefix, at, key);
         }
         Header::parse(prefix, at, file_len)?.meta(prefix, at)
     }
@@ -377,17 +448,26 @@ impl Manifest {
         if header.len() < HEADER_LEN || &header[..8] != MANIFEST_MAGIC {
             return None;
         }
-        let version = u32::from_le_bytes(header[8..12].try_into().ok()?);
-        let fixed = if version == SEALED_MANIFEST_VERSION {
-            SEALED_HEADER_LEN
-        } else {
-            HEADER_LEN
+        let u32_at = |o: usize| u32::from_le_bytes(header[o..o + 4].try_into().expect("4 bytes"));
+        let (fixed, sealed_meta) = match u32_at(8) {
+            READABLE_META_VERSION => (SEALED_HEADER_LEN, 0),
+            SEALED_MANIFEST_VERSION => (SEALED_HEADER_LEN, u32_at(28)),
+            _ => (HEADER_LEN, 0),
         };
-        let meta_len = u32::from_le_bytes(header[12..16].try_into().ok()?);
-        (meta_len <= MAX_META_LEN).then_some(fixed + meta_len as usize)
+        let meta_len = u32_at(12);
+        (meta_len <= MAX_META_LEN && sealed_meta <= MAX_META_LEN)
+            .then_some(fixed + meta_len as usize + sealed_meta as usize)
     }
 }
 
+/// What a sealed meta is bound to: the header up to its checksums, and the
+/// readable meta.
+fn meta_ad(head48: &[u8], readable: &[u8]) -> Vec<u8> {
+    [head48, readable].concat()
+}
+
+/// What a sealed block list is bound to: the header through the meta
+/// checksum, both metas (version 2: the meta), the name table's digest.
 fn sealed_ad(head80: &[u8], meta: &[u8], table: &[u8]) -> Vec<u8> {
     let mut ad = Vec::with_capacity(80 + meta.len() + 32);
     ad.extend_from_slice(head80);
@@ -396,9 +476,13 @@ fn sealed_ad(head80: &[u8], meta: &[u8], table: &[u8]) -> Vec<u8> {
     ad
 }
 
-/// The header of an encrypted (version 2) manifest.
+/// The header of an encrypted (version 2 or 3) manifest.
 struct Sealed {
+    version: u32,
+    /// The readable meta's length (version 2: the whole meta's).
     meta_len: usize,
+    /// The sealed meta's length (version 2: none).
+    sealed_meta_len: usize,
     names: usize,
     key: KeyId,
 }
@@ -413,16 +497,25 @@ impl Sealed {
             )));
         }
         let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().expect("4 bytes"));
+        let version = u32_at(8);
         let meta_len = u32_at(12);
         let sealed_len = u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes"));
         let names = u32_at(24);
+        let sealed_meta_len = u32_at(28);
         if meta_len > MAX_META_LEN {
             return Err(corrupt(format!(
                 "meta length {meta_len} exceeds {MAX_META_LEN}"
             )));
         }
-        if u32_at(28) != 0 {
+        if version == READABLE_META_VERSION && sealed_meta_len != 0 {
             return Err(corrupt("reserved header bytes are not zero".into()));
+        }
+        if version != READABLE_META_VERSION
+            && !(SEAL_OVERHEAD as u32..=MAX_META_LEN).contains(&sealed_meta_len)
+        {
+            return Err(corrupt(format!(
+                "sealed meta length {sealed_meta_len} is out of range"
+            )));
         }
         if sealed_len < SEAL_OVERHEAD as u64 {
             return Err(corrupt(
@@ -432,37 +525,90 @@ impl Sealed {
         check_lengths(
             bytes,
             file_len,
-            SEALED_HEADER_LEN as u64 + meta_len as u64,
+            SEALED_HEADER_LEN as u64 + meta_len as u64 + sealed_meta_len as u64,
             &[names as u64 * 32, sealed_len],
             &corrupt,
         )?;
         Ok(Sealed {
+            version,
             meta_len: meta_len as usize,
+            sealed_meta_len: sealed_meta_len as usize,
             names: names as usize,
             key: KeyId(bytes[32..48].try_into().expect("16 bytes")),
         })
     }
 
-    fn meta(&self, bytes: &[u8], at: &Location) -> Result<SnapshotMeta> {
+    /// Both metas' bytes (version 2: the meta).
+    fn metas_range(&self) -> std::ops::Range<usize> {
+        SEALED_HEADER_LEN..SEALED_HEADER_LEN + self.meta_len + self.sealed_meta_len
+    }
+
+    /// The meta, checked by its checksum; its sealed part opened with
+    /// `key` where that is the manifest's key, else left
+    /// [`SnapshotMeta::sealed`].
+    fn meta(&self, bytes: &[u8], at: &Location, key: Option<&DataKey>) -> Result<SnapshotMeta> {
         let corrupt = Error::corrupt_file("snapshot manifest", at);
-        let meta = &bytes[SEALED_HEADER_LEN..SEALED_HEADER_LEN + self.meta_len];
-        if header_checksum(&bytes[..48], meta) != bytes[48..80] {
+        let metas = &bytes[self.metas_range()];
+        if header_checksum(&bytes[..48], metas) != bytes[48..80] {
             return Err(corrupt("header checksum mismatch".into()));
         }
-        let mut meta = decode_meta_bytes(meta, &corrupt)?;
-        meta.kms_key_id = Some(self.key);
+        if self.version == READABLE_META_VERSION {
+            let mut meta = decode_meta_bytes(metas, &corrupt)?;
+            meta.kms_key_id = Some(self.key);
+            return Ok(meta);
+        }
+        let (readable, private) = metas.split_at(self.meta_len);
+        let r: ReadableMeta =
+            postcard::from_bytes(readable).map_err(|e| corrupt(format!("meta: {e}")))?;
+        check_block_size(r.block_size, &corrupt)?;
+        let mut meta = SnapshotMeta {
+            id: r.id,
+            parent: r.parent,
+            owner: r.owner,
+            volume_size: r.volume_size,
+            block_size: r.block_size,
+            created_ns: r.created_ns,
+            description: String::new(),
+            tags: Vec::new(),
+            source: String::new(),
+            root_digest: [0; 32],
+            stats: SnapshotStats::default(),
+            kms_key_id: Some(self.key),
+            sealed: true,
+        };
+        let Some(key) = key.filter(|k| k.id == self.key) else {
+            return Ok(meta);
+        };
+        let mut plain = zeroize::Zeroizing::new(Vec::new());
+        if !key
+            .manifest_cipher()
+            .open_into(&meta_ad(&bytes[..48], readable), private, &mut plain)
+        {
+            return Err(corrupt(format!(
+                "its meta fails authentication under key {}: it was altered",
+                self.key
+            )));
+        }
+        let p: SealedMeta =
+            postcard::from_bytes(&plain).map_err(|e| corrupt(format!("sealed meta: {e}")))?;
+        meta.description = p.description;
+        meta.tags = p.tags;
+        meta.source = p.source;
+        meta.root_digest = p.root_digest;
+        meta.stats = p.stats;
+        meta.sealed = false;
         Ok(meta)
     }
 
     fn table_range(&self) -> std::ops::Range<usize> {
-        let start = SEALED_HEADER_LEN + self.meta_len;
+        let start = self.metas_range().end;
         start..start + self.names * 32
     }
 
     /// Checks the body's checksum and that the names are strictly ascending.
     fn check_body(&self, bytes: &[u8], at: &Location) -> Result<()> {
         let corrupt = Error::corrupt_file("snapshot manifest", at);
-        let body = &bytes[SEALED_HEADER_LEN + self.meta_len..];
+        let body = &bytes[self.metas_range().end..];
         if blake3::hash(body).as_bytes() != &bytes[80..112] {
             return Err(corrupt("name table or block list checksum mismatch".into()));
         }
@@ -491,15 +637,13 @@ impl Sealed {
         key_for: &dyn Fn(&KeyId) -> Result<std::sync::Arc<DataKey>>,
     ) -> Result<Manifest> {
         let corrupt = Error::corrupt_file("snapshot manifest", at);
-        let meta = self.meta(bytes, at)?;
+        // Damage shows before a key is asked for.
+        self.meta(bytes, at, None)?;
         self.check_body(bytes, at)?;
         let key = key_for(&self.key)?;
+        let meta = self.meta(bytes, at, Some(&key))?;
         let table = &bytes[self.table_range()];
-        let ad = sealed_ad(
-            &bytes[..80],
-            &bytes[SEALED_HEADER_LEN..SEALED_HEADER_LEN + self.meta_len],
-            table,
-        );
+        let ad = sealed_ad(&bytes[..80], &bytes[self.metas_range()], table);
         let mut entries = Vec::new();
         if !key
             .manifest_cipher()
@@ -601,16 +745,15 @@ fn parse_entries(
 fn decode_meta_bytes(meta: &[u8], corrupt: &impl Fn(String) -> Error) -> Result<SnapshotMeta> {
     let meta: SnapshotMeta =
         postcard::from_bytes(meta).map_err(|e| corrupt(format!("meta: {e}")))?;
-    if !meta.block_size.is_power_of_two()
-        || meta.block_size < MIN_BLOCK_SIZE
-        || meta.block_size > MAX_BLOCK_SIZE
-    {
-        return Err(corrupt(format!(
-            "block size {} out of range",
-            meta.block_size
-        )));
-    }
+    check_block_size(meta.block_size, corrupt)?;
     Ok(meta)
+}
+
+fn check_block_size(bs: u32, corrupt: &impl Fn(String) -> Error) -> Result<()> {
+    if !bs.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&bs) {
+        return Err(corrupt(format!("block size {bs} out of range")));
+    }
+    Ok(())
 }
 
 struct Header {
@@ -642,7 +785,7 @@ impl Header {
             MANIFEST_VERSION,
             SEALED_MANIFEST_VERSION,
         )?;
-        if version == SEALED_MANIFEST_VERSION {
+        if version != MANIFEST_VERSION {
             return Err(corrupt(format!(
                 "truncated: {} bytes, shorter than the {SEALED_HEADER_LEN}-byte header",
                 bytes.len()
@@ -732,6 +875,7 @@ pub(crate) mod tests {
                 reused_bytes: 65536,
             },
             kms_key_id: None,
+            sealed: false,
         };
         Manifest { meta, blocks }
     }
@@ -744,7 +888,7 @@ pub(crate) mod tests {
         assert_eq!(Manifest::decode(&bytes, p).unwrap(), m);
         let n = Manifest::meta_prefix_len(&bytes[..HEADER_LEN]).unwrap();
         assert_eq!(
-            Manifest::decode_meta(&bytes[..n], p, bytes.len() as u64).unwrap(),
+            Manifest::decode_meta(&bytes[..n], p, bytes.len() as u64, None).unwrap(),
             m.meta
         );
     }
@@ -794,14 +938,39 @@ pub(crate) mod tests {
             m
         );
         let n = Manifest::meta_prefix_len(&bytes[..HEADER_LEN]).unwrap();
+        let u16_at = |o: usize| bytes[o] as usize + ((bytes[o + 1] as usize) << 8);
+        assert_eq!(n, SEALED_HEADER_LEN + u16_at(12) + u16_at(28));
         assert_eq!(
-            n,
-            SEALED_HEADER_LEN + bytes[12] as usize + ((bytes[13] as usize) << 8)
-        );
-        assert_eq!(
-            Manifest::decode_meta(&bytes[..n], p, bytes.len() as u64).unwrap(),
+            Manifest::decode_meta(&bytes[..n], p, bytes.len() as u64, Some(&key)).unwrap(),
             back.meta
         );
+        // Without the key: what anyone may see, and nothing else.
+        let bare = Manifest::decode_meta(&bytes[..n], p, bytes.len() as u64, None).unwrap();
+        assert!(bare.sealed);
+        assert_eq!(
+            (
+                &bare.id,
+                &bare.parent,
+                &bare.owner,
+                bare.volume_size,
+                bare.block_size
+            ),
+            (
+                &m.meta.id,
+                &m.meta.parent,
+                &m.meta.owner,
+                m.meta.volume_size,
+                m.meta.block_size
+            )
+        );
+        assert_eq!(
+            (bare.created_ns, bare.kms_key_id),
+            (m.meta.created_ns, Some(key.id))
+        );
+        assert!(bare.description.is_empty() && bare.tags.is_empty() && bare.source.is_empty());
+        for secret in [m.meta.description.as_bytes(), m.meta.source.as_bytes()] {
+            assert!(!bytes.windows(secret.len()).any(|w| w == secret));
+        }
         let mut names = vec![ChunkId::of(b"a"), ChunkId::of(b"b")];
         names.sort();
         assert_eq!(Manifest::chunk_names(&bytes, p).unwrap(), names);

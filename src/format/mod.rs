@@ -5,7 +5,7 @@
 //! | file                                     | format (magic or name)                  | version | module         |
 //! |------------------------------------------|-----------------------------------------|---------|----------------|
 //! | `chunks/<4 hex>/<64 hex>`                | `BSCK`, codecs 0 raw, 1 zstd, 2 delta   | 1; 2 sealed | [`chunk`]  |
-//! | `snapshots/<snap>`                       | `BSNAPMAN`                              | 1; 2 encrypted | [`manifest`] |
+//! | `snapshots/<snap>`                       | `BSNAPMAN`                              | 1; 2, 3 encrypted | [`manifest`] |
 //! | `images/<ami>.json`                      | `blocksnap-image` ([`envelope`])        | 1; 2 with `Encrypted` | [`image`] |
 //! | `keys/<key id>.json`                     | `blocksnap-key`                         | 1       | [`key`]        |
 //! | a key file (outside the store)           | `blocksnap-key-file`                    | 1       | [`key`]        |

@@ -501,6 +501,7 @@ pub fn commit(region: &Region, taken: Taken) -> Result<SnapshotMeta> {
         root_digest: manifest::root_digest(&taken.blocks),
         stats: taken.stats,
         kms_key_id: taken.kms_key_id,
+        sealed: false,
     };
     let m = Manifest {
         meta,
@@ -508,6 +509,38 @@ pub fn commit(region: &Region, taken: Taken) -> Result<SnapshotMeta> {
     };
     region.write_snapshot(&m)?;
     Ok(m.meta)
+}
+
+/// The latest snapshot `owner` took of the volume at `source` (only the
+/// owner's own lineage: another account's snapshot of the same path is no
+/// parent of this one). An encrypted snapshot's source path is sealed: if
+/// the owner has snapshots whose key this process cannot use without
+/// asking, the key is asked for (or its absence refused, exit 6) rather
+/// than taking a plain full snapshot of what may be an encrypted volume.
+fn latest_of(region: &Region, source: &str, owner: &AccountId) -> Result<Option<SnapshotMeta>> {
+    let mut listing = region.list_snapshots()?.snapshots;
+    listing.retain(|m| &m.owner == owner);
+    let mut unread: Vec<&SnapshotMeta> = listing.iter().filter(|m| m.sealed).collect();
+    unread.sort_by_key(|m| m.kms_key_id);
+    unread.dedup_by_key(|m| m.kms_key_id);
+    if !unread.is_empty() {
+        for m in unread {
+            let k = m.kms_key_id.expect("a sealed meta names its key");
+            region.keys().data_key(&k).map_err(|e| match e {
+                Error::Key(why) | Error::NotFound(why) => Error::Key(format!(
+                    "{} is encrypted under key {k}, and only that key shows which volume it is                      of: it may be the last snapshot of {source}. {why}; or take a full snapshot                      with --no-parent",
+                    m.id
+                )),
+                e => e,
+            })?;
+        }
+        listing = region.list_snapshots()?.snapshots;
+        listing.retain(|m| &m.owner == owner);
+    }
+    Ok(listing
+        .into_iter()
+        .filter(|m| m.source == source)
+        .max_by_key(|m| m.created_ns))
 }
 
 /// Snapshots the volume at `path` into `region`.
@@ -529,16 +562,7 @@ pub fn create(
             readable(region, id, &owner, "take as a parent")?;
             Some(region.read_snapshot_meta(id)?)
         }
-        ParentChoice::Latest => {
-            // Only the owner's own lineage: another account's snapshot of
-            // the same path is no parent of this one.
-            region
-                .list_snapshots()?
-                .snapshots
-                .into_iter()
-                .filter(|m| m.source == source && m.owner == owner)
-                .max_by_key(|m| m.created_ns)
-        }
+        ParentChoice::Latest => latest_of(region, &source, &owner)?,
     };
     let explicit = matches!(opts.parent, ParentChoice::Explicit(_));
     let (key, parent) = choose_key(region, parent, explicit, &opts.encryption, progress)?;

@@ -234,14 +234,17 @@ impl Region {
             .unwrap_or(bytes.len())
             .min(bytes.len());
         self.check_name(
-            &Manifest::decode_meta(&bytes[..head], &path, bytes.len() as u64)?,
+            &Manifest::decode_meta(&bytes[..head], &path, bytes.len() as u64, None)?,
             id,
             &path,
         )?;
         Ok(names)
     }
 
-    /// Reads and checks only the meta of a snapshot manifest.
+    /// Reads and checks only the meta of a snapshot manifest. An encrypted
+    /// one's sealed part (description, tags, source, counts) is opened if
+    /// its key is at hand without asking ([`Keys::data_key_at_hand`]), and
+    /// otherwise left [`SnapshotMeta::sealed`].
     pub fn read_snapshot_meta(&self, id: &SnapshotId) -> Result<SnapshotMeta> {
         let key = Self::snapshot_key(id);
         let path = self.backend.locate(&key);
@@ -258,7 +261,11 @@ impl Region {
                 .ok_or_else(|| self.not_found(id))?
                 .0;
         }
-        let meta = Manifest::decode_meta(&head, &path, file_len)?;
+        let key = match Manifest::sealed_header(&head) {
+            Some(k) => self.keys().data_key_at_hand(&k)?,
+            None => None,
+        };
+        let meta = Manifest::decode_meta(&head, &path, file_len, key.as_deref())?;
         self.check_name(&meta, id, &path)?;
         Ok(meta)
     }

@@ -40,6 +40,11 @@ pub struct Keyring {
     key_files: Vec<PathBuf>,
     account: Option<AccountId>,
     unlocked: Mutex<HashMap<KeyId, Arc<DataKey>>>,
+    /// Keys [`Keys::data_key_at_hand`] could not use, and why.
+    refused: Mutex<HashMap<KeyId, String>>,
+    /// Held while a key is unwrapped: racing readers of one key unwrap it
+    /// once.
+    unwrapping: Mutex<()>,
 }
 
 impl Keyring {
@@ -55,16 +60,22 @@ impl Keyring {
             key_files,
             account,
             unlocked: Mutex::new(HashMap::new()),
+            refused: Mutex::new(HashMap::new()),
+            unwrapping: Mutex::new(()),
         }
     }
 
-    /// The passphrase: given, or asked for once on the terminal.
-    fn passphrase(&self, what: &str, confirm: bool) -> Result<Zeroizing<String>> {
+    /// The passphrase: given, or asked for once on the terminal (where
+    /// `ask`).
+    fn passphrase(&self, what: &str, confirm: bool, ask: bool) -> Result<Zeroizing<String>> {
         let mut slot = self.passphrase.lock().expect("passphrase lock");
         if let Some(p) = slot.as_ref() {
             return Ok(p.clone());
         }
-        let asked = self.prompt.as_ref().and_then(|p| p(what, confirm));
+        let asked = match &self.prompt {
+            Some(p) if ask => p(what, confirm),
+            _ => None,
+        };
         match asked {
             Some(p) => {
                 let p = p?;
@@ -88,6 +99,20 @@ pub fn install(k: Keyring) {
 
 fn keyring() -> &'static Keyring {
     KEYRING.get_or_init(|| Keyring::new(None, None, Vec::new(), None))
+}
+
+/// The keys [`Keys::data_key_at_hand`] found unusable in this process, and
+/// why, by key.
+pub fn refusals() -> Vec<(KeyId, String)> {
+    let mut out: Vec<_> = keyring()
+        .refused
+        .lock()
+        .expect("keyring lock")
+        .iter()
+        .map(|(k, why)| (*k, why.clone()))
+        .collect();
+    out.sort();
+    out
 }
 
 fn record_key(id: &KeyId) -> String {
@@ -252,7 +277,7 @@ impl Keys<'_> {
         }
         let id = KeyId::random();
         let material = Material::random();
-        let passphrase = keyring().passphrase(&format!("new key {id}"), true)?;
+        let passphrase = keyring().passphrase(&format!("new key {id}"), true, true)?;
         let wrapped = key::wrap(&material, &id, passphrase.as_bytes());
         let record = KeyRecord {
             key_id: id,
@@ -338,6 +363,33 @@ impl Keys<'_> {
     /// the key must exist, be enabled, and be owned by or granted to the
     /// account; its material is unwrapped with the passphrase.
     pub fn data_key(&self, id: &KeyId) -> Result<Arc<DataKey>> {
+        self.unlock(id, true)
+    }
+
+    /// Key `id` if this process can use it without asking for the
+    /// passphrase: unlocked already, or unwrapped with the passphrase or
+    /// key file given. `None` where it cannot (no passphrase, a wrong one,
+    /// not granted, disabled: [`refusals`] says why); the answer holds for
+    /// the rest of the process. For what may be shown without a key.
+    pub fn data_key_at_hand(&self, id: &KeyId) -> Result<Option<Arc<DataKey>>> {
+        let ring = keyring();
+        if let Some(k) = ring.unlocked.lock().expect("keyring lock").get(id) {
+            return Ok(Some(k.clone()));
+        }
+        if ring.refused.lock().expect("keyring lock").contains_key(id) {
+            return Ok(None);
+        }
+        match self.unlock(id, false) {
+            Ok(k) => Ok(Some(k)),
+            Err(Error::Key(why) | Error::NotFound(why)) => {
+                ring.refused.lock().expect("keyring lock").insert(*id, why);
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn unlock(&self, id: &KeyId, ask: bool) -> Result<Arc<DataKey>> {
         let r = self.read(id)?.ok_or_else(|| {
             Error::Key(format!(
                 "key {id} is not in region {}: the snapshot was sealed under a key this region \
@@ -359,6 +411,7 @@ impl Keys<'_> {
             )));
         }
         let ring = keyring();
+        let _one = ring.unwrapping.lock().expect("keyring lock");
         if let Some(k) = ring.unlocked.lock().expect("keyring lock").get(id) {
             return Ok(k.clone());
         }
@@ -366,7 +419,7 @@ impl Keys<'_> {
             Some(w) => (w.clone(), self.backend.locate(&record_key(id))),
             None => self.wrapped_in_key_file(id)?,
         };
-        let passphrase = ring.passphrase(&format!("key {id}"), false)?;
+        let passphrase = ring.passphrase(&format!("key {id}"), false, ask)?;
         let material = key::unwrap(&wrapped, id, passphrase.as_bytes(), &at)?
             .ok_or_else(|| Error::Key(format!("wrong passphrase for key {id}")))?;
         let k = Arc::new(DataKey::new(*id, &material));

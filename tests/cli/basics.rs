@@ -684,6 +684,59 @@ fn frozen_encrypted_formats_still_read() {
         6,
     );
     assert!(err.contains("--key-file"), "{err}");
+
+    // testdata/v3-sealed-meta: manifests of version 3, whose description,
+    // tags, source and counts open only with the key.
+    let sealed = fixture.with_file_name("v3-sealed-meta");
+    sh_ok(&format!(
+        "cp -r '{}' '{}/v3'",
+        sealed.join("store").display(),
+        env.store().display()
+    ));
+    let v3 = ["--region", "v3"];
+    for (snap, volume, description) in [
+        ("snap-89b869ed9e7956225", "volume-v1.img", "v3 full"),
+        ("snap-0456c306c45040b5e", "volume-v2.img", "v3 incremental"),
+    ] {
+        let out = env.path(&format!("{snap}.img"));
+        env.ok(&[
+            "volume",
+            "restore",
+            snap,
+            s(&out),
+            owner[0],
+            owner[1],
+            v3[0],
+            v3[1],
+        ]);
+        assert_same(&out, &fixture.join(volume));
+        let d = env.json(&[
+            "snapshot", "describe", snap, owner[0], owner[1], v3[0], v3[1],
+        ]);
+        assert_eq!(d["Snapshots"][0]["Description"], description, "{d}");
+        assert_eq!(d["Snapshots"][0]["Tags"][0]["Value"], "v3", "{d}");
+    }
+    let v = env.json(&["store", "verify", v3[0], v3[1]]);
+    assert_eq!(
+        (&v["Clean"], &v["ChunksUnchecked"]),
+        (&true.into(), &0.into()),
+        "{v}"
+    );
+    env.set_passphrase(None);
+    let d = env.json(&[
+        "snapshot",
+        "describe",
+        "snap-0456c306c45040b5e",
+        owner[0],
+        owner[1],
+        v3[0],
+        v3[1],
+    ]);
+    assert_eq!(d["Snapshots"][0]["Sealed"], true, "{d}");
+    assert_eq!(
+        d["Snapshots"][0]["ParentSnapshotId"], "snap-89b869ed9e7956225",
+        "{d}"
+    );
 }
 
 #[test]

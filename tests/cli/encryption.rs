@@ -14,6 +14,9 @@ const PASSPHRASE: &str = "correct horse battery staple 7f3a9c";
 /// 64 bytes no file system writes by itself.
 const MARKER: &[u8; 64] = b"BLOCKSNAP-ENCRYPTION-MARKER-5b1f0c9e2a7d4e83-never-in-the-store!";
 const OTHER: &str = "222222222222";
+/// A description and a tag value only the key may show.
+const DESCRIPTION: &str = "payroll-disk-3e9b7c1f-description";
+const TAG_VALUE: &str = "team-ledger-0d4a8e62";
 
 /// A 64 MiB ext4 image holding MARKER and 2 MiB of compressible text;
 /// returns it and the text.
@@ -147,7 +150,9 @@ fn no_readable_byte_case(env: &Env) {
     env.set_passphrase(Some(PASSPHRASE));
     let (img, text) = marked_volume(env, "disk");
     let window = &text[MIB as usize..MIB as usize + 4096];
-    let snap = env.snapshot(&img, &["--encrypted"]);
+    let tag = format!("owner={TAG_VALUE}");
+    let labels = ["--description", DESCRIPTION, "--tag", &tag];
+    let snap = env.snapshot(&img, &[&["--encrypted"], &labels[..]].concat());
     assert_eq!(snap["Encrypted"], true, "{snap}");
     assert!(
         snap["KmsKeyId"]
@@ -158,26 +163,36 @@ fn no_readable_byte_case(env: &Env) {
     );
     let objects = stored_objects(env, "local");
     assert!(objects.iter().any(|(k, _)| k.starts_with("keys/")));
+    let path = s(&img).as_bytes();
     for (key, bytes) in &objects {
         assert!(!holds(bytes, MARKER), "the marker is readable in {key}");
         assert!(!holds(bytes, window), "the text is readable in {key}");
+        for meta in [DESCRIPTION.as_bytes(), TAG_VALUE.as_bytes(), path] {
+            assert!(!holds(bytes, meta), "{meta:?} is readable in {key}");
+        }
         assert!(
             !holds(bytes, PASSPHRASE.as_bytes()),
             "the passphrase is in {key}"
         );
     }
     // The same search finds both in a plain snapshot: it can fail.
-    env.ok(&[
-        "snapshot",
-        "create",
-        s(&img),
-        "--no-parent",
-        "--region",
-        "r2",
-    ]);
+    let plain_args = [
+        &[
+            "snapshot",
+            "create",
+            s(&img),
+            "--no-parent",
+            "--region",
+            "r2",
+        ],
+        &labels[..],
+    ]
+    .concat();
+    env.ok(&plain_args);
     let plain = stored_objects(env, "r2");
-    assert!(plain.iter().any(|(_, b)| holds(b, MARKER)));
-    assert!(plain.iter().any(|(_, b)| holds(b, window)));
+    for needle in [&MARKER[..], window, DESCRIPTION.as_bytes(), path] {
+        assert!(plain.iter().any(|(_, b)| holds(b, needle)));
+    }
     let out = env.path("restored.img");
     env.ok(&["volume", "restore", &id(&snap), s(&out)]);
     assert_same(&img, &out);
@@ -299,12 +314,23 @@ fn tampering_with_sealed_chunks_and_manifests_is_found_and_named() {
     let mut forged = m.clone();
     let n = forged.len();
     forged[n - 30] ^= 0x01;
-    let meta_len = u32::from_le_bytes(forged[12..16].try_into().unwrap()) as usize;
-    let body = blake3::hash(&forged[112 + meta_len..]);
+    let u32_at = |o: usize| u32::from_le_bytes(m[o..o + 4].try_into().unwrap()) as usize;
+    let metas = 112..112 + u32_at(12) + u32_at(28);
+    let body = blake3::hash(&forged[metas.end..]);
     forged[80..112].copy_from_slice(body.as_bytes());
     put(&mk, &forged);
     let e = env.fails(&["volume", "restore", &snap, s(&env.path("f.img"))], 4);
-    assert!(e.contains("authentication"), "{e}");
+    assert!(e.contains("block list fails authentication"), "{e}");
+    // So does an altered sealed meta.
+    let mut forged = m.clone();
+    forged[metas.end - 30] ^= 0x01;
+    let mut h = blake3::Hasher::new();
+    h.update(&forged[..48]);
+    h.update(&forged[metas]);
+    forged[48..80].copy_from_slice(h.finalize().as_bytes());
+    put(&mk, &forged);
+    let e = env.fails(&["snapshot", "describe", &snap], 4);
+    assert!(e.contains("meta fails authentication"), "{e}");
     put(&mk, &m);
     let out = env.path("good.img");
     env.ok(&["volume", "restore", &snap, s(&out)]);
@@ -559,6 +585,80 @@ fn encrypting_a_volume_with_unencrypted_snapshots_starts_a_full_lineage() {
     // An unencrypted snapshot is never incremental to an encrypted one.
     let after = env.snapshot(&img, &[]);
     assert_eq!(after["Encrypted"], true, "{after}");
+}
+
+#[test]
+fn without_its_key_a_snapshot_shows_only_what_anyone_may_see() {
+    let env = Env::new();
+    env.set_passphrase(Some(PASSPHRASE));
+    let (img, _) = marked_volume(&env, "disk");
+    let tag = format!("owner={TAG_VALUE}");
+    let snap = env.snapshot(
+        &img,
+        &["--encrypted", "--description", DESCRIPTION, "--tag", &tag],
+    );
+    let full = describe(&env, &id(&snap));
+    assert_eq!(full["Description"], DESCRIPTION, "{full}");
+    assert_eq!(full["Tags"][0]["Value"], TAG_VALUE, "{full}");
+    assert_eq!(full["SourcePath"], s(&img), "{full}");
+    assert!(full.get("Sealed").is_none(), "{full}");
+
+    // No passphrase: id, owner, size, time, encryption and key, no more.
+    env.set_passphrase(None);
+    let o = env.run(&["snapshot", "describe", &id(&snap), "--json"]);
+    assert!(o.status.success(), "{o:?}");
+    let bare = &serde_json::from_slice::<Value>(&o.stdout).unwrap()["Snapshots"][0];
+    for k in [
+        "SnapshotId",
+        "OwnerId",
+        "VolumeSizeBytes",
+        "StartTime",
+        "KmsKeyId",
+    ] {
+        assert_eq!(bare[k], full[k], "{k}: {bare}");
+    }
+    assert_eq!(
+        (&bare["Encrypted"], &bare["Sealed"]),
+        (&true.into(), &true.into())
+    );
+    for k in ["Description", "Tags", "SourcePath", "RootDigest", "Stats"] {
+        assert!(bare.get(k).is_none(), "{k} shown without the key: {bare}");
+    }
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("needs the passphrase"), "{err}");
+    let listed = env.ok(&["snapshot", "list"]);
+    assert!(
+        listed.contains(&id(&snap))
+            && listed.contains("(encrypted")
+            && !listed.contains("disk.img"),
+        "{listed}"
+    );
+    // Its volume cannot be told: a plain snapshot of what may be the same
+    // disk is refused (a full one stays possible, and plain).
+    let e = env.fails(&["snapshot", "create", s(&img)], 6);
+    assert!(
+        e.contains(&id(&snap)) && e.contains("--no-parent") && e.contains("passphrase"),
+        "{e}"
+    );
+    let fresh = env.snapshot(&img, &["--no-parent"]);
+    assert_eq!(fresh["Encrypted"], false, "{fresh}");
+
+    // A wrong passphrase says so beside the listing.
+    env.set_passphrase(Some("not the passphrase"));
+    let o = env.run(&["snapshot", "list", "--volume", s(&img)]);
+    assert!(o.status.success(), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("wrong passphrase"),
+        "{o:?}"
+    );
+
+    // With it, everything; the volume's latest snapshot (the plain one)
+    // is the next one's parent.
+    env.set_passphrase(Some(PASSPHRASE));
+    let listed = env.json(&["snapshot", "list", "--volume", s(&img)]);
+    assert_eq!(listed["Snapshots"].as_array().unwrap().len(), 2, "{listed}");
+    let next = env.snapshot(&img, &[]);
+    assert_eq!(next["ParentSnapshotId"], fresh["SnapshotId"], "{next}");
 }
 
 #[test]

@@ -79,7 +79,7 @@ fn snapshot_manifest_decoder_survives_the_corpus() {
     replay("snapshot_manifest", |b| {
         let _ = Manifest::decode(b, p);
         if let Some(n) = Manifest::meta_prefix_len(b) {
-            let _ = Manifest::decode_meta(&b[..n.min(b.len())], p, b.len() as u64);
+            let _ = Manifest::decode_meta(&b[..n.min(b.len())], p, b.len() as u64, None);
         }
     });
 }
@@ -260,16 +260,25 @@ fn sealed_chunk_and_manifest_decoders_survive_the_corpus() {
     let p = &Location::from(Path::new("corpus"));
     let k = key.clone();
     let key_for = move |_: &blocksnap::id::KeyId| Ok(k.clone());
+    let mut versions = std::collections::BTreeSet::new();
     for (path, seed) in corpus("sealed_manifest") {
-        Manifest::decode_with(&seed, p, &key_for)
+        let m = Manifest::decode_with(&seed, p, &key_for)
             .unwrap_or_else(|e| panic!("seed {}: {e}", path.display()));
+        let n = Manifest::meta_prefix_len(&seed).unwrap();
+        let bare = Manifest::decode_meta(&seed[..n], p, seed.len() as u64, None).unwrap();
+        assert_eq!((bare.id, bare.kms_key_id), (m.meta.id, Some(key.id)));
+        versions.insert(seed[8]);
     }
+    // Both encrypted manifest versions: meta readable (2) and sealed (3).
+    assert_eq!(versions.into_iter().collect::<Vec<_>>(), [2, 3]);
     replay("sealed_manifest", |b| {
         let _ = Manifest::decode_with(b, p, &key_for);
         let _ = Manifest::chunk_names(b, p);
         let _ = Manifest::sealed_header(b);
         if let Some(n) = Manifest::meta_prefix_len(b) {
-            let _ = Manifest::decode_meta(&b[..n.min(b.len())], p, b.len() as u64);
+            let head = &b[..n.min(b.len())];
+            let _ = Manifest::decode_meta(head, p, b.len() as u64, None);
+            let _ = Manifest::decode_meta(head, p, b.len() as u64, Some(&key));
         }
     });
 }

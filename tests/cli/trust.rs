@@ -576,18 +576,18 @@ fn formats_from_a_newer_blocksnap_are_never_called_damage() {
         "{err}"
     );
 
-    // A manifest of a later version (3: 2 is an encrypted manifest, known)
-    // says "upgrade"; version 0 never existed, so it is damage.
+    // A manifest of a later version (4: 2 and 3 are encrypted manifests,
+    // known) says "upgrade"; version 0 never existed, so it is damage.
     let manifest = env.store().join("local/snapshots").join(&snap);
     let original = fs::read(&manifest).unwrap();
-    for (version, says) in [(3u32, "newer blocksnap"), (0, "never written")] {
+    for (version, says) in [(4u32, "newer blocksnap"), (0, "never written")] {
         let mut m = original.clone();
         m[8..12].copy_from_slice(&version.to_le_bytes());
         fs::write(&manifest, &m).unwrap();
         let out = env.run(&["snapshot", "describe", &snap]);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(says), "version {version}: {err}");
-        assert_eq!(err.contains("upgrade"), version == 3, "{err}");
+        assert_eq!(err.contains("upgrade"), version == 4, "{err}");
     }
 }
 

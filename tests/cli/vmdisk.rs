@@ -495,8 +495,9 @@ fn a_killed_blocksnap_leaves_no_qemu_nbd_behind() {
         .unwrap();
     let started = Instant::now();
     while !running() {
+        // Generous: the whole suite shares two cores.
         assert!(
-            started.elapsed() < Duration::from_secs(10),
+            started.elapsed() < Duration::from_secs(60),
             "qemu-nbd never started"
         );
         std::thread::sleep(Duration::from_millis(10));
