@@ -1,5 +1,5 @@
 //! Throughput of the hot paths, in bytes per second: hashing, zero
-//! detection, chunk encode/decode, reading a volume with pread vs a memory
+//! detection, chunk encode/decode, sealing and opening a chunk, reading a volume with pread vs a memory
 //! map, and a whole snapshot and restore of an in-page-cache image.
 
 use std::fs::File;
@@ -84,6 +84,27 @@ fn blocks(c: &mut Criterion) {
             )
             .unwrap()
         })
+    });
+    let key = blocksnap::format::key::DataKey::new(
+        blocksnap::id::KeyId([1; 16]),
+        &blocksnap::format::key::Material::from_bytes([7; 32]),
+    );
+    let rid = ChunkId::of(&r);
+    let renc = chunk::encode(&r).unwrap();
+    g.bench_function("seal(random)", |b| {
+        b.iter_batched(
+            || renc.clone(),
+            |plain| chunk::seal(&key, &rid, plain),
+            BatchSize::LargeInput,
+        )
+    });
+    let sealed = chunk::seal(&key, &rid, renc.clone());
+    g.bench_function("unseal(random)", |b| {
+        b.iter_batched(
+            || sealed.clone(),
+            |stored| chunk::unseal(&key, &rid, stored).unwrap(),
+            BatchSize::LargeInput,
+        )
     });
     g.finish();
 }

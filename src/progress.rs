@@ -12,6 +12,9 @@ pub trait Progress: Sync {
     /// Something the user should know that does not stop the operation
     /// (a volume that changed while it was read).
     fn warn(&self, _message: &str) {}
+    /// Something the user should know about a choice made for them (the
+    /// parent taken for a volume with no lineage).
+    fn note(&self, _message: &str) {}
 }
 
 /// Reports nothing.

@@ -671,9 +671,20 @@ impl Progress for Bar {
     }
 
     fn warn(&self, message: &str) {
+        self.say("warning", message);
+    }
+
+    fn note(&self, message: &str) {
+        self.say("note", message);
+    }
+}
+
+impl Bar {
+    /// One line on stderr, past the progress bar.
+    fn say(&self, kind: &str, message: &str) {
         match &self.0 {
-            Some(pb) => pb.suspend(|| eprintln!("blocksnap: warning: {message}")),
-            None => eprintln!("blocksnap: warning: {message}"),
+            Some(pb) => pb.suspend(|| eprintln!("blocksnap: {kind}: {message}")),
+            None => eprintln!("blocksnap: {kind}: {message}"),
         }
     }
 }

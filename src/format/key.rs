@@ -89,9 +89,7 @@ impl Cipher {
     pub fn seal_in_place(&self, ad: &[u8], buf: &mut Vec<u8>, from: usize) {
         let mut nonce = [0u8; NONCE_LEN];
         getrandom::fill(&mut nonce).expect("the OS random number generator failed");
-        let tag = self
-            .message_cipher(&nonce)
-            .encrypt_inout_detached(&Nonce::default(), ad, (&mut buf[from..]).into())
+        let tag = crypt(&self.message_cipher(&nonce), ad, &mut buf[from..], None)
             .expect("a message shorter than 64 GiB always seals");
         buf.reserve(SEAL_OVERHEAD);
         buf.extend_from_slice(&nonce);
@@ -108,15 +106,13 @@ impl Cipher {
         let end = buf.len() - SEAL_OVERHEAD;
         let nonce: [u8; NONCE_LEN] = buf[end..end + NONCE_LEN].try_into().expect("24 bytes");
         let tag: [u8; TAG_LEN] = buf[end + NONCE_LEN..].try_into().expect("16 bytes");
-        let ok = self
-            .message_cipher(&nonce)
-            .decrypt_inout_detached(
-                &Nonce::default(),
-                ad,
-                (&mut buf[from..end]).into(),
-                &tag.into(),
-            )
-            .is_ok();
+        let ok = crypt(
+            &self.message_cipher(&nonce),
+            ad,
+            &mut buf[from..end],
+            Some(tag),
+        )
+        .is_some();
         buf.truncate(end);
         ok
     }
@@ -139,6 +135,32 @@ impl Cipher {
         }
         ok
     }
+}
+
+/// Seals `buf` in place and returns its tag (`tag: None`), or opens it in
+/// place if it authenticates under `tag`. One function for both, run with
+/// the CPU's AES instructions compiled in (see
+/// [`crate::sys::with_crypto_instructions`]): the code both share is then
+/// compiled once, for them.
+fn crypt(
+    cipher: &Aes256Gcm,
+    ad: &[u8],
+    buf: &mut [u8],
+    tag: Option<[u8; TAG_LEN]>,
+) -> Option<[u8; TAG_LEN]> {
+    crate::sys::with_crypto_instructions(
+        #[inline(always)]
+        || match tag {
+            None => cipher
+                .encrypt_inout_detached(&Nonce::default(), ad, buf.into())
+                .ok()
+                .map(Into::into),
+            Some(tag) => cipher
+                .decrypt_inout_detached(&Nonce::default(), ad, buf.into(), &tag.into())
+                .ok()
+                .map(|()| tag),
+        },
+    )
 }
 
 /// A key's secret material, wiped from memory when dropped.

@@ -1,6 +1,7 @@
 //! Operations on the snapshots of a region, one file each: [`snapshot`]
 //! (create, compare), [`restore`] (restore a volume), [`verify`] (verify a
-//! volume against a snapshot), [`gc`] (`store gc`), [`check`]
+//! volume against a snapshot), [`parent`] (a parent for a volume with no
+//! lineage), [`gc`] (`store gc`), [`check`]
 //! (`store verify`, `store stats`), and [`access`] (who may use a snapshot: restore,
 //! describe, delete, share).
 //!
@@ -10,6 +11,7 @@
 pub mod access;
 pub mod check;
 pub mod gc;
+pub mod parent;
 pub mod restore;
 pub mod snapshot;
 pub mod verify;

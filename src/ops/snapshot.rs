@@ -12,6 +12,7 @@ use crate::format::manifest::{self, Block, Manifest, SnapshotMeta, SnapshotStats
 use crate::format::nbd::{DIRTY_BITMAP_PREFIX, STATE_DIRTY};
 use crate::id::{AccountId, ChunkId, KeyId, SnapshotId};
 use crate::ops::access::readable;
+use crate::ops::parent;
 use crate::progress::Progress;
 use crate::region::catalog::Region;
 use crate::store::chain;
@@ -511,36 +512,36 @@ pub fn commit(region: &Region, taken: Taken) -> Result<SnapshotMeta> {
     Ok(m.meta)
 }
 
-/// The latest snapshot `owner` took of the volume at `source` (only the
-/// owner's own lineage: another account's snapshot of the same path is no
-/// parent of this one). An encrypted snapshot's source path is sealed: if
-/// the owner has snapshots whose key this process cannot use without
-/// asking, the key is asked for (or its absence refused, exit 6) rather
-/// than taking a plain full snapshot of what may be an encrypted volume.
-fn latest_of(region: &Region, source: &str, owner: &AccountId) -> Result<Option<SnapshotMeta>> {
+/// The snapshots `owner` took, their meta opened: an encrypted snapshot's
+/// source path is sealed, so if the owner has snapshots whose key this
+/// process cannot use without asking, the key is asked for (or its absence
+/// refused, exit 6) rather than take a plain full snapshot of what may be
+/// an encrypted volume. Only the owner's own: another account's snapshot
+/// of the same path is no parent of this one.
+fn owned_snapshots(region: &Region, source: &str, owner: &AccountId) -> Result<Vec<SnapshotMeta>> {
     let mut listing = region.list_snapshots()?.snapshots;
     listing.retain(|m| &m.owner == owner);
     let mut unread: Vec<&SnapshotMeta> = listing.iter().filter(|m| m.sealed).collect();
     unread.sort_by_key(|m| m.kms_key_id);
     unread.dedup_by_key(|m| m.kms_key_id);
-    if !unread.is_empty() {
-        for m in unread {
-            let k = m.kms_key_id.expect("a sealed meta names its key");
-            region.keys().data_key(&k).map_err(|e| match e {
-                Error::Key(why) | Error::NotFound(why) => Error::Key(format!(
-                    "{} is encrypted under key {k}, and only that key shows which volume it is                      of: it may be the last snapshot of {source}. {why}; or take a full snapshot                      with --no-parent",
-                    m.id
-                )),
-                e => e,
-            })?;
-        }
-        listing = region.list_snapshots()?.snapshots;
-        listing.retain(|m| &m.owner == owner);
+    if unread.is_empty() {
+        return Ok(listing);
     }
-    Ok(listing
-        .into_iter()
-        .filter(|m| m.source == source)
-        .max_by_key(|m| m.created_ns))
+    for m in unread {
+        let k = m.kms_key_id.expect("a sealed meta names its key");
+        region.keys().data_key(&k).map_err(|e| match e {
+            Error::Key(why) | Error::NotFound(why) => Error::Key(format!(
+                "{} is encrypted under key {k}, and only that key shows which volume it is \
+                 of: it may be the last snapshot of {source}. {why}; or take a full snapshot \
+                 with --no-parent",
+                m.id
+            )),
+            e => e,
+        })?;
+    }
+    let mut listing = region.list_snapshots()?.snapshots;
+    listing.retain(|m| &m.owner == owner);
+    Ok(listing)
 }
 
 /// Snapshots the volume at `path` into `region`.
@@ -562,7 +563,25 @@ pub fn create(
             readable(region, id, &owner, "take as a parent")?;
             Some(region.read_snapshot_meta(id)?)
         }
-        ParentChoice::Latest => latest_of(region, &source, &owner)?,
+        ParentChoice::Latest => {
+            let owned = owned_snapshots(region, &source, &owner)?;
+            let latest = owned
+                .iter()
+                .filter(|m| m.source == source)
+                .max_by_key(|m| m.created_ns);
+            match latest {
+                Some(m) => Some(m.clone()),
+                None => parent::find(region, &volume, &owner, opts.block_size, owned)?.map(|f| {
+                    progress.note(&format!(
+                        "{source} has no snapshot yet: taking {} as its parent, as {}; \
+                         --no-parent takes a full snapshot instead",
+                        f.meta.id,
+                        f.reason()
+                    ));
+                    f.meta
+                }),
+            }
+        }
     };
     let explicit = matches!(opts.parent, ParentChoice::Explicit(_));
     let (key, parent) = choose_key(region, parent, explicit, &opts.encryption, progress)?;

@@ -898,3 +898,93 @@ fn changed_blocks_are_stored_as_deltas_that_survive_deletion_gc_and_copy_case(en
     ]);
     assert!(fs::read(&out).unwrap() == versions[8].1);
 }
+
+/// A 64 MiB ext4 image holding `files` MiB of random files from `seed`.
+fn random_ext4(env: &Env, name: &str, seed: u64, files: usize) -> std::path::PathBuf {
+    let src = env.path(&format!("{name}-src"));
+    fs::create_dir_all(&src).unwrap();
+    for i in 0..files {
+        let len = MIB as usize - 4096 * (i % 7);
+        fs::write(
+            src.join(format!("f{i}")),
+            random_bytes(seed * 1000 + i as u64, len),
+        )
+        .unwrap();
+    }
+    let img = env.path(&format!("{name}.img"));
+    sh_ok(&format!(
+        "truncate -s 64M '{0}' && mkfs.ext4 -q -F -d '{1}' '{0}'",
+        img.display(),
+        src.display()
+    ));
+    img
+}
+
+#[test]
+fn a_copy_at_a_new_path_finds_its_parent_by_a_sample_of_its_blocks() {
+    let env = Env::new();
+    let img = random_ext4(&env, "disk", 1, 48);
+    let first = env.snapshot(&img, &[]);
+    // A copy, changed by 4 KiB writes at 1 % of its pages, spread at random.
+    let copy = env.path("copy.img");
+    fs::copy(&img, &copy).unwrap();
+    let pages = 64 * MIB / 4096;
+    let f = fs::OpenOptions::new().write(true).open(&copy).unwrap();
+    let picks = random_bytes(7, 8 * (pages as usize / 100));
+    let mut changed = std::collections::BTreeSet::new();
+    for (n, p) in picks.chunks_exact(8).enumerate() {
+        let page = u64::from_le_bytes(p.try_into().unwrap()) % pages;
+        f.write_all_at(&random_bytes(100 + n as u64, 4096), page * 4096)
+            .unwrap();
+        changed.insert(page);
+    }
+    drop(f);
+    let changed_bytes = changed.len() as u64 * 4096;
+
+    let o = env.run(&["snapshot", "create", s(&copy), "--json"]);
+    assert!(o.status.success(), "{o:?}");
+    let snap: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let said = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(snap["ParentSnapshotId"], first["SnapshotId"], "{snap}");
+    assert!(
+        said.contains(&format!("taking {} as its parent", id(&first)))
+            && said.contains("sampled data blocks are the same")
+            && said.contains("--no-parent"),
+        "{said}"
+    );
+    let stored = snap["Stats"]["NewBytesStored"].as_u64().unwrap();
+    // Without the parent the same copy stores its changed blocks whole.
+    env.ok(&["region", "add", "alone"]);
+    env.ok(&["snapshot", "create", s(&img), "--region", "alone"]);
+    let alone = env.json(&[
+        "snapshot",
+        "create",
+        s(&copy),
+        "--no-parent",
+        "--region",
+        "alone",
+    ]);
+    let whole = alone["Stats"]["NewBytesStored"].as_u64().unwrap();
+    assert!(
+        stored * 5 < whole && stored < 3 * changed_bytes,
+        "{stored} bytes stored with the parent, {whole} without, {changed_bytes} changed"
+    );
+    let out = env.path("restored.img");
+    env.ok(&["volume", "restore", &id(&snap), s(&out)]);
+    assert_same(&copy, &out);
+    assert_fsck_clean(&out);
+    // The copy now has a lineage of its own.
+    let next = env.snapshot(&copy, &[]);
+    assert_eq!(next["ParentSnapshotId"], snap["SnapshotId"]);
+
+    // A volume of the same size sharing nothing takes no parent.
+    let other = random_ext4(&env, "other", 2, 40);
+    let o = env.run(&["snapshot", "create", s(&other), "--json"]);
+    assert!(o.status.success(), "{o:?}");
+    let fresh: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(fresh.get("ParentSnapshotId").is_none(), "{fresh}");
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("as its parent"));
+    let out = env.path("other-restored.img");
+    env.ok(&["volume", "restore", &id(&fresh), s(&out)]);
+    assert_same(&other, &out);
+}

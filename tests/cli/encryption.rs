@@ -690,7 +690,13 @@ fn encryption_by_default_encrypts_every_new_snapshot() {
     env.ok(&["region", "encryption", "--by-default", "off"]);
     let other = env.path("other.img");
     sparse_copy(&img, &other);
-    assert_eq!(env.snapshot(&other, &[])["Encrypted"], false);
+    // A copy of the volume finds its parent by its blocks, and an
+    // incremental stays under its parent's key; a fresh lineage follows
+    // the region's setting.
+    let copy = env.snapshot(&other, &[]);
+    assert_eq!(copy["ParentSnapshotId"], s["SnapshotId"], "{copy}");
+    assert_eq!(copy["Encrypted"], true, "{copy}");
+    assert_eq!(env.snapshot(&other, &["--no-parent"])["Encrypted"], false);
     env.fails(&["region", "encryption", "--by-default", "maybe"], 2);
 }
 
