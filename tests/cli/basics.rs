@@ -629,23 +629,19 @@ fn frozen_encrypted_formats_still_read() {
     assert_eq!(v["Clean"], true, "{v}");
     assert_eq!(v["ChunksChecked"], 11, "{v}");
     assert_eq!(v["ChunksUnchecked"], 0, "{v}");
+    // Restores `snap` as the fixture's `volume` was.
+    let restores_as = |snap: &str, volume: &str, extra: &[&str]| {
+        let out = env.path(&format!("{snap}.img"));
+        let restore = ["volume", "restore", snap, s(&out), owner[0], owner[1]];
+        env.ok(&[&restore[..], extra].concat());
+        assert_same(&out, &fixture.join(volume));
+    };
     for (snap, volume) in [
         ("snap-dfe9010889cffe50b", "volume-v1.img"),
         ("snap-03bcf05e62c8f12e1", "volume-v2.img"),
         ("snap-a1bb55f288bdf4d62", "volume-v1.img"),
     ] {
-        let out = env.path(&format!("{snap}.img"));
-        env.ok(&[
-            "volume",
-            "restore",
-            snap,
-            s(&out),
-            owner[0],
-            owner[1],
-            kf[0],
-            kf[1],
-        ]);
-        assert_same(&out, &fixture.join(volume));
+        restores_as(snap, volume, &kf);
     }
     let d = env.json(&[
         "snapshot",
@@ -701,18 +697,7 @@ fn frozen_encrypted_formats_still_read() {
         ("snap-89b869ed9e7956225", "volume-v1.img", "v3 full"),
         ("snap-0456c306c45040b5e", "volume-v2.img", "v3 incremental"),
     ] {
-        let out = env.path(&format!("{snap}.img"));
-        env.ok(&[
-            "volume",
-            "restore",
-            snap,
-            s(&out),
-            owner[0],
-            owner[1],
-            v3[0],
-            v3[1],
-        ]);
-        assert_same(&out, &fixture.join(volume));
+        restores_as(snap, volume, &v3);
         let d = env.json(&[
             "snapshot", "describe", snap, owner[0], owner[1], v3[0], v3[1],
         ]);
