@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 use crate::error::Result;
 use crate::format::manifest::{self, Block, SnapshotMeta};
 use crate::id::{AccountId, ChunkId, KeyId, Namer};
+use crate::progress::Progress;
 use crate::region::catalog::Region;
 use crate::volume::io::{Volume, is_zero};
 
@@ -47,13 +48,16 @@ impl Found {
 
 /// The best parent for `volume` among `snapshots` (the region's, read
 /// with their keys where those are at hand), if one shares enough of it.
-/// `block_size` narrows the candidates to those of that block size.
+/// `block_size` narrows the candidates to those of that block size. A
+/// candidate that cannot be read (a damaged manifest, a key that cannot be
+/// used) is passed over with a warning: it could not be a parent anyway.
 pub fn find(
     region: &Region,
     volume: &Volume,
     owner: &AccountId,
     block_size: Option<u32>,
     snapshots: Vec<SnapshotMeta>,
+    progress: &dyn Progress,
 ) -> Result<Option<Found>> {
     // The newest snapshot of each source path of the same size.
     let mut newest: BTreeMap<String, SnapshotMeta> = BTreeMap::new();
@@ -86,19 +90,35 @@ pub fn find(
         let mut keys: Vec<Option<KeyId>> = group.iter().map(|c| c.kms_key_id).collect();
         keys.sort();
         keys.dedup();
-        let namers = keys
-            .iter()
-            .map(|k| match k {
-                Some(k) => Ok(region.keys().data_key(k)?.namer()),
-                None => Ok(Namer::Plain),
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let mut namers = Vec::with_capacity(keys.len());
+        keys.retain(|k| match k {
+            None => {
+                namers.push(Namer::Plain);
+                true
+            }
+            Some(k) => match region.keys().data_key(k) {
+                Ok(d) => {
+                    namers.push(d.namer());
+                    true
+                }
+                Err(e) => {
+                    progress.warn(&format!("not comparing with snapshots under key {k}: {e}"));
+                    false
+                }
+            },
+        });
         let named = sample(volume, block_size, &namers)?;
         for c in group {
-            let under = keys
-                .binary_search(&c.kms_key_id)
-                .expect("every key is named");
-            let blocks = region.read_snapshot(&c.id)?.blocks;
+            let Ok(under) = keys.binary_search(&c.kms_key_id) else {
+                continue;
+            };
+            let blocks = match region.read_snapshot(&c.id) {
+                Ok(m) => m.blocks,
+                Err(e) => {
+                    progress.warn(&format!("not comparing with {}: {e}", c.id));
+                    continue;
+                }
+            };
             let same = named
                 .iter()
                 .filter(|(i, ids)| blocks.get(*i as usize) == Some(&Block::Data(ids[under])))

@@ -571,15 +571,16 @@ pub fn create(
                 .max_by_key(|m| m.created_ns);
             match latest {
                 Some(m) => Some(m.clone()),
-                None => parent::find(region, &volume, &owner, opts.block_size, owned)?.map(|f| {
-                    progress.note(&format!(
-                        "{source} has no snapshot yet: taking {} as its parent, as {}; \
+                None => parent::find(region, &volume, &owner, opts.block_size, owned, progress)?
+                    .map(|f| {
+                        progress.note(&format!(
+                            "{source} has no snapshot yet: taking {} as its parent, as {}; \
                          --no-parent takes a full snapshot instead",
-                        f.meta.id,
-                        f.reason()
-                    ));
-                    f.meta
-                }),
+                            f.meta.id,
+                            f.reason()
+                        ));
+                        f.meta
+                    }),
             }
         }
     };

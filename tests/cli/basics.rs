@@ -975,4 +975,21 @@ fn a_copy_at_a_new_path_finds_its_parent_by_a_sample_of_its_blocks() {
     let out = env.path("other-restored.img");
     env.ok(&["volume", "restore", &id(&fresh), s(&out)]);
     assert_same(&other, &out);
+
+    // A candidate whose manifest is damaged is passed over, and said.
+    let manifest = env.store().join("local/snapshots").join(id(&first));
+    let mut m = fs::read(&manifest).unwrap();
+    *m.last_mut().unwrap() ^= 1;
+    fs::write(&manifest, &m).unwrap();
+    let third = env.path("third.img");
+    fs::copy(&copy, &third).unwrap();
+    let o = env.run(&["snapshot", "create", s(&third), "--json"]);
+    assert!(o.status.success(), "{o:?}");
+    let taken: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(taken["ParentSnapshotId"], next["SnapshotId"], "{taken}");
+    let said = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        said.contains(&format!("not comparing with {}", id(&first))),
+        "{said}"
+    );
 }
