@@ -4,7 +4,7 @@
 //!
 //! | file                                     | format (magic or name)                  | version | module         |
 //! |------------------------------------------|-----------------------------------------|---------|----------------|
-//! | `chunks/<4 hex>/<64 hex>`                | `BSCK`, codecs 0 raw, 1 zstd, 2 delta   | 1; 2 sealed | [`chunk`]  |
+//! | `chunks/<2 or 4 hex>/<64 hex>`           | `BSCK`, codecs 0 raw, 1 zstd, 2 delta   | 1; 2 sealed | [`chunk`]  |
 //! | `snapshots/<snap>`                       | `BSNAPMAN`                              | 1; 2, 3 encrypted | [`manifest`] |
 //! | `images/<ami>.json`                      | `blocksnap-image` ([`envelope`])        | 1; 2 with `Encrypted` | [`image`] |
 //! | `keys/<key id>.json`                     | `blocksnap-key`                         | 1       | [`key`]        |
@@ -13,7 +13,7 @@
 //! | `images/<ami>.launch.json`               | `blocksnap-launch-permissions`          | 1       | [`image`]      |
 //! | `images/<ami>.state.json`                | `blocksnap-image-state`                 | 1       | [`image`]      |
 //! | `snapshot-permissions/<snap>.json`       | `blocksnap-create-volume-permissions`   | 1       | [`image`]      |
-//! | `store.json` (a region's root)           | `blocksnap-region`                      | 1       | [`region`]     |
+//! | `store.json` (a region's root)           | `blocksnap-region`                      | 1; 2 two-digit fan-out | [`region`] |
 //! | `regions.json` (the store's root)        | `blocksnap-regions`                     | 1       | [`regions`]    |
 //! | `instance.json` (an instance directory)  | `blocksnap-instance` (absent: 1)        | 1, 2    | [`instance`]   |
 //! | `FILE.dirty` (beside a writable overlay) | `BSDM`                                  | 1       | [`dirty_map`]  |

@@ -4,11 +4,14 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Location, Result};
-use crate::format::check_format;
+use crate::format::check_format_versions;
 use crate::id::AccountId;
 
 pub const STORE_FORMAT: &str = "blocksnap-region";
-pub const STORE_VERSION: u32 = 1;
+/// Version 2: a local region's chunks fan out by two hex digits (see
+/// `store::chunk_store::Fanout`). Version 1 (four) is still read and
+/// written as it is.
+pub const STORE_VERSION: u32 = 2;
 pub const MAX_STORE_JSON: u64 = 64 << 10;
 /// Contents of `store.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -29,12 +32,13 @@ pub fn decode_region_info(bytes: &[u8], at: &Location, name: &str) -> Result<Reg
     }
     let info: RegionInfo = serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
     let (format, version) = (&info.format, info.version);
-    check_format(
+    check_format_versions(
         "store description",
         at,
         format,
         STORE_FORMAT,
         version,
+        1,
         STORE_VERSION,
     )?;
     if info.region != name {

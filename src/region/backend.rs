@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::error::{Error, IoContext, Location, Result};
 use crate::store::chunk_store::ChunkStore;
+use crate::store::chunk_store::Fanout;
 use crate::store::files::{
     Durability, ctime, for_each_entry, is_temp_name, read_bounded, sync_dir, temp_path_for,
     write_atomic,
@@ -55,7 +56,9 @@ pub trait Backend: Send + Sync {
     /// Names of the objects directly under `dir` (not recursive).
     fn list(&self, dir: &str) -> Result<Vec<String>>;
     /// The region's chunk store.
-    fn chunk_store(&self) -> Box<dyn ChunkStore>;
+    /// The region's chunks, laid out as its store version (`store.json`)
+    /// says.
+    fn chunk_store(&self, store_version: u32) -> Box<dyn ChunkStore>;
     /// Takes the region lock (see the crate docs), waiting up to
     /// `BLOCKSNAP_LOCK_WAIT` (default 60 s) for a conflicting holder.
     fn lock(&self, mode: LockMode, purpose: &str) -> Result<RegionLock>;
@@ -197,8 +200,11 @@ impl Backend for LocalBackend {
         Ok(names)
     }
 
-    fn chunk_store(&self) -> Box<dyn ChunkStore> {
-        Box::new(LocalChunkStore::new(self.root.join("chunks")))
+    fn chunk_store(&self, store_version: u32) -> Box<dyn ChunkStore> {
+        Box::new(LocalChunkStore::new(
+            self.root.join("chunks"),
+            Fanout::of_local_store(store_version),
+        ))
     }
 
     fn lock(&self, mode: LockMode, purpose: &str) -> Result<RegionLock> {

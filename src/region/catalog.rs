@@ -123,7 +123,7 @@ impl Region {
             }
         };
         Ok(Region {
-            chunks: backend.chunk_store(),
+            chunks: backend.chunk_store(info.version),
             backend,
             info,
         })

@@ -173,6 +173,7 @@ pub fn walk_bases(
 mod tests {
     use super::*;
     use crate::format::chunk::{HEADER_LEN, decode, encode, encode_delta};
+    use crate::store::chunk_store::Fanout;
     use crate::store::local::LocalChunkStore;
 
     fn random(len: usize, seed: u64) -> Vec<u8> {
@@ -190,7 +191,7 @@ mod tests {
     #[test]
     fn a_delta_costs_about_the_changed_bytes_and_chains_are_bounded() {
         let dir = tempfile::tempdir().unwrap();
-        let store = LocalChunkStore::new(dir.path().to_path_buf());
+        let store = LocalChunkStore::new(dir.path().to_path_buf(), Fanout::NARROW);
         let block = 512 << 10;
         let mut versions = vec![random(block, 1)];
         for v in 1..=5u64 {
@@ -252,7 +253,7 @@ mod tests {
     #[test]
     fn a_corrupt_base_fails_its_deltas() {
         let dir = tempfile::tempdir().unwrap();
-        let store = LocalChunkStore::new(dir.path().to_path_buf());
+        let store = LocalChunkStore::new(dir.path().to_path_buf(), Fanout::NARROW);
         let a = random(65536, 7);
         let mut b = a.clone();
         b[100..200].fill(9);

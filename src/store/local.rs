@@ -7,12 +7,12 @@ use std::time::SystemTime;
 
 use crate::error::{Error, IoContext, Result};
 use crate::id::ChunkId;
-use crate::store::chunk_store::{ChunkStore, StoredChunk, chunk_name};
+use crate::store::chunk_store::{ChunkStore, Fanout, StoredChunk};
 use crate::store::files::{
     Durability, ctime, for_each_entry, is_temp_name, sync_dir, write_atomic,
 };
 
-/// Chunks as files: `chunks/<first 4 hex>/<64 hex>`.
+/// Chunks as files: `chunks/<first 2 or 4 hex>/<64 hex>` (see [`Fanout`]).
 ///
 /// A chunk is written to a temporary name and renamed, without an fsync of
 /// its own; it becomes durable at the next `sync`, one `syncfs(2)` of the
@@ -22,11 +22,12 @@ use crate::store::files::{
 /// the store is verified before a new snapshot relies on it.
 pub struct LocalChunkStore {
     root: PathBuf,
+    fanout: Fanout,
 }
 
 impl LocalChunkStore {
-    pub fn new(root: PathBuf) -> Self {
-        LocalChunkStore { root }
+    pub fn new(root: PathBuf, fanout: Fanout) -> Self {
+        LocalChunkStore { root, fanout }
     }
 
     pub fn root(&self) -> &Path {
@@ -34,11 +35,11 @@ impl LocalChunkStore {
     }
 
     pub fn path_of(&self, id: &ChunkId) -> PathBuf {
-        self.root.join(chunk_name(id))
+        self.root.join(self.fanout.name(id))
     }
 
     /// Calls `f` with the name and path of every file under
-    /// `chunks/<4 hex>/`: chunks, quarantined chunks, temporary files.
+    /// `chunks/<prefix>/`: chunks, quarantined chunks, temporary files.
     fn for_each_file(&self, mut f: impl FnMut(&str, &Path) -> Result<()>) -> Result<()> {
         for_each_entry(&self.root, |sub| {
             for_each_entry(&sub, |file| {
@@ -219,7 +220,7 @@ mod tests {
     #[test]
     fn put_get_list_remove() {
         let dir = tempfile::tempdir().unwrap();
-        let store = LocalChunkStore::new(dir.path().join("chunks"));
+        let store = LocalChunkStore::new(dir.path().join("chunks"), Fanout::NARROW);
         let id = ChunkId::of(b"abc");
         assert!(!store.has(&id).unwrap());
         assert!(matches!(store.get(&id), Err(Error::MissingChunk { .. })));
@@ -237,7 +238,7 @@ mod tests {
         assert!(
             store
                 .path_of(&id)
-                .ends_with(format!("{}/{}", &hex[..4], hex))
+                .ends_with(format!("{}/{}", &hex[..2], hex))
         );
         store.remove(&id).unwrap();
         store.remove(&id).unwrap();
@@ -247,7 +248,7 @@ mod tests {
     #[test]
     fn temp_files_are_not_listed_and_are_cleaned() {
         let dir = tempfile::tempdir().unwrap();
-        let store = LocalChunkStore::new(dir.path().join("chunks"));
+        let store = LocalChunkStore::new(dir.path().join("chunks"), Fanout::WIDE);
         let id = ChunkId::of(b"x");
         store.put(&id, b"x").unwrap();
         let tmp = temp_path_for(&store.path_of(&id));

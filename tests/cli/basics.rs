@@ -300,9 +300,8 @@ fn corrupt_chunk_stops_restore_naming_chunk_snapshot_and_offset() {
         .unwrap();
     let path = env
         .store()
-        .join("local/chunks")
-        .join(&chunk[..4])
-        .join(&chunk);
+        .join("local")
+        .join(env.chunk_key_of(&chunk, "local"));
     let mut bytes = fs::read(&path).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x01;
@@ -694,8 +693,8 @@ fn frozen_encrypted_formats_still_read() {
     ));
     let v3 = ["--region", "v3"];
     for (snap, volume, description) in [
-        ("snap-89b869ed9e7956225", "volume-v1.img", "v3 full"),
-        ("snap-0456c306c45040b5e", "volume-v2.img", "v3 incremental"),
+        ("snap-6103cc8f6efc80782", "volume-v1.img", "v3 full"),
+        ("snap-f15809be8f5e0c6f6", "volume-v2.img", "v3 incremental"),
     ] {
         restores_as(snap, volume, &v3);
         let d = env.json(&[
@@ -714,7 +713,7 @@ fn frozen_encrypted_formats_still_read() {
     let d = env.json(&[
         "snapshot",
         "describe",
-        "snap-0456c306c45040b5e",
+        "snap-f15809be8f5e0c6f6",
         owner[0],
         owner[1],
         v3[0],
@@ -722,7 +721,7 @@ fn frozen_encrypted_formats_still_read() {
     ]);
     assert_eq!(d["Snapshots"][0]["Sealed"], true, "{d}");
     assert_eq!(
-        d["Snapshots"][0]["ParentSnapshotId"], "snap-89b869ed9e7956225",
+        d["Snapshots"][0]["ParentSnapshotId"], "snap-6103cc8f6efc80782",
         "{d}"
     );
 }
@@ -757,6 +756,30 @@ fn frozen_v1_formats_still_read() {
         mine[1],
     ]);
     assert_same(&out, &fixture.join("volume.img"));
+
+    // A region of store version 1 keeps its layout (chunks under four hex
+    // digits) as new snapshots are added; a new region fans out by two.
+    let other = env.path("other.img");
+    fs::write(&other, random_bytes(11, 3 << 20)).unwrap();
+    env.snapshot(&other, &[]);
+    env.ok(&["region", "add", "fresh"]);
+    env.snapshot(&other, &["--region", "fresh"]);
+    for (region, version, digits) in [("local", 1, 4), ("fresh", 2, 2)] {
+        let root = env.store().join(region);
+        let info: serde_json::Value =
+            serde_json::from_slice(&fs::read(root.join("store.json")).unwrap()).unwrap();
+        assert_eq!(info["version"], version, "{info}");
+        for dir in fs::read_dir(root.join("chunks")).unwrap() {
+            let name = dir.unwrap().file_name();
+            assert_eq!(name.len(), digits, "{region}: {name:?}");
+        }
+        let v = env.json(&["store", "verify", "--region", region]);
+        assert_eq!(v["Clean"], true, "{v}");
+    }
+    let restored = env.path("other-restored.img");
+    let snap = env.json(&["snapshot", "list", "--volume", s(&other)])["Snapshots"][0].clone();
+    env.ok(&["volume", "restore", &id(&snap), s(&restored)]);
+    assert_same(&other, &restored);
 }
 
 #[test]

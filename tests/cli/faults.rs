@@ -23,7 +23,7 @@ use blocksnap::ops::snapshot::{self, CreateOptions, ParentChoice};
 use blocksnap::progress::NoProgress;
 use blocksnap::region::backend::{Backend, LocalBackend, RegionLock};
 use blocksnap::region::catalog::Region;
-use blocksnap::store::chunk_store::{ChunkStore, StoredChunk};
+use blocksnap::store::chunk_store::{ChunkStore, Fanout, StoredChunk};
 use blocksnap::store::local::LocalChunkStore;
 
 /// What a simulated power loss takes: chunk files whose names were not yet
@@ -35,7 +35,7 @@ impl Disk {
     /// Power loss: every chunk put since the last sync is lost, either
     /// entirely or (its name durable, its data not) cut to half its length.
     fn crash(&self, root: &Path) {
-        let store = LocalChunkStore::new(root.join("chunks"));
+        let store = LocalChunkStore::new(root.join("chunks"), Fanout::NARROW);
         for (i, id) in self.0.lock().unwrap().drain().enumerate() {
             let path = store.path_of(&id);
             if i % 2 == 0 {
@@ -67,6 +67,7 @@ impl FaultyStore {
                     .local_root()
                     .expect("a local region")
                     .join("chunks"),
+                Fanout::of_local_store(region.info().version),
             ),
             ops: AtomicU64::new(0),
             fail_at,
@@ -407,8 +408,8 @@ impl Backend for FaultyBackend {
     fn list(&self, dir: &str) -> Result<Vec<String>> {
         self.inner.list(dir)
     }
-    fn chunk_store(&self) -> Box<dyn ChunkStore> {
-        self.inner.chunk_store()
+    fn chunk_store(&self, store_version: u32) -> Box<dyn ChunkStore> {
+        self.inner.chunk_store(store_version)
     }
     fn lock(&self, mode: LockMode, purpose: &str) -> Result<RegionLock> {
         self.inner.lock(mode, purpose)

@@ -431,7 +431,7 @@ fn every_kind_of_damage_is_found_by_verify_and_refused_by_restore() {
         .iter()
         .filter_map(|b| b["Checksum"].as_str().map(String::from))
         .collect();
-    let chunk_path = |c: &str| env.store().join("local/chunks").join(&c[..4]).join(c);
+    let chunk_path = |c: &str| env.store().join("local").join(env.chunk_key_of(c, "local"));
     let manifest = env.store().join("local/snapshots").join(&snap);
     let good_manifest = fs::read(&manifest).unwrap();
     let out = env.path("out.img");

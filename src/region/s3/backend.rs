@@ -91,7 +91,7 @@ impl Backend for S3Backend {
             .collect())
     }
 
-    fn chunk_store(&self) -> Box<dyn ChunkStore> {
+    fn chunk_store(&self, _store_version: u32) -> Box<dyn ChunkStore> {
         Box::new(S3ChunkStore::new(self.s3.clone()))
     }
 

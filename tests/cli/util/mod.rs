@@ -325,15 +325,34 @@ impl Env {
         stderr
     }
 
-    /// The store key (`chunks/<4 hex>/<64 hex>`) of the chunk holding block
-    /// `index` of snapshot `snap` in `region`.
+    /// The store key (`chunks/<2 or 4 hex>/<64 hex>`) of the chunk holding
+    /// block `index` of snapshot `snap` in `region`.
     pub fn chunk_key(&self, snap: &str, index: usize, region: &str) -> String {
         let blocks = self.json(&["snapshot", "blocks", snap, "--region", region]);
         let digest = blocks["Blocks"][index]["Checksum"]
             .as_str()
             .unwrap_or_else(|| panic!("no digest for block {index}: {}", blocks["Blocks"][index]))
             .to_string();
-        format!("chunks/{}/{digest}", &digest[..4])
+        self.chunk_key_of(&digest, region)
+    }
+
+    /// The store key of chunk `digest` in `region`: a local region of
+    /// store version 2 fans chunks out by 2 hex digits, object stores and
+    /// older local regions by 4.
+    pub fn chunk_key_of(&self, digest: &str, region: &str) -> String {
+        let store_json = self.store().join(region).join("store.json");
+        let prefix = match fs::read(&store_json) {
+            Ok(b) => {
+                let v: Value = serde_json::from_slice(&b).unwrap();
+                if v["version"].as_u64().unwrap() >= 2 {
+                    2
+                } else {
+                    4
+                }
+            }
+            Err(_) => 4,
+        };
+        format!("chunks/{}/{digest}", &digest[..prefix])
     }
 
     /// Flips the last byte of the chunk holding block `index` of `snap` in
