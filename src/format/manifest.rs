@@ -291,7 +291,7 @@ impl Manifest {
     pub fn chunk_names(bytes: &[u8], at: &Location) -> Result<Vec<ChunkId>> {
         if Self::sealed_header(bytes).is_some() {
             let s = Sealed::parse(bytes, at, bytes.len() as u64)?;
-            s.meta(bytes, at, None)?;
+            s.readable_meta(bytes, at)?;
             s.check_body(bytes, at)?;
             return Ok(s.names(bytes));
         }
@@ -389,7 +389,7 @@ impl Manifest {
     pub fn decode(bytes: &[u8], at: &Location) -> Result<Manifest> {
         if Self::sealed_header(bytes).is_some() {
             let s = Sealed::parse(bytes, at, bytes.len() as u64)?;
-            let meta = s.meta(bytes, at, None)?;
+            let meta = s.readable_meta(bytes, at)?;
             return Err(Error::CorruptFile {
                 what: "snapshot manifest",
                 location: at.clone(),
@@ -543,10 +543,19 @@ impl Sealed {
         SEALED_HEADER_LEN..SEALED_HEADER_LEN + self.meta_len + self.sealed_meta_len
     }
 
-    /// The meta, checked by its checksum; its sealed part opened with
-    /// `key` where that is the manifest's key, else left
-    /// [`SnapshotMeta::sealed`].
+    /// The meta, checked by its checksum, its sealed part opened with `key`
+    /// where that is the manifest's key (see [`Sealed::open`]).
     fn meta(&self, bytes: &[u8], at: &Location, key: Option<&DataKey>) -> Result<SnapshotMeta> {
+        let mut meta = self.readable_meta(bytes, at)?;
+        if let Some(key) = key {
+            self.open(bytes, at, &mut meta, key)?;
+        }
+        Ok(meta)
+    }
+
+    /// The meta as anyone may read it, checked by its checksum: for
+    /// version 3, [`SnapshotMeta::sealed`] with the sealed part unopened.
+    fn readable_meta(&self, bytes: &[u8], at: &Location) -> Result<SnapshotMeta> {
         let corrupt = Error::corrupt_file("snapshot manifest", at);
         let metas = &bytes[self.metas_range()];
         if header_checksum(&bytes[..48], metas) != bytes[48..80] {
@@ -557,11 +566,10 @@ impl Sealed {
             meta.kms_key_id = Some(self.key);
             return Ok(meta);
         }
-        let (readable, private) = metas.split_at(self.meta_len);
-        let r: ReadableMeta =
-            postcard::from_bytes(readable).map_err(|e| corrupt(format!("meta: {e}")))?;
+        let r: ReadableMeta = postcard::from_bytes(&metas[..self.meta_len])
+            .map_err(|e| corrupt(format!("meta: {e}")))?;
         check_block_size(r.block_size, &corrupt)?;
-        let mut meta = SnapshotMeta {
+        Ok(SnapshotMeta {
             id: r.id,
             parent: r.parent,
             owner: r.owner,
@@ -575,10 +583,23 @@ impl Sealed {
             stats: SnapshotStats::default(),
             kms_key_id: Some(self.key),
             sealed: true,
-        };
-        let Some(key) = key.filter(|k| k.id == self.key) else {
-            return Ok(meta);
-        };
+        })
+    }
+
+    /// Opens the sealed part of `meta` (read by [`Sealed::readable_meta`])
+    /// with `key`; a key other than the manifest's leaves it sealed.
+    fn open(
+        &self,
+        bytes: &[u8],
+        at: &Location,
+        meta: &mut SnapshotMeta,
+        key: &DataKey,
+    ) -> Result<()> {
+        if !meta.sealed || key.id != self.key {
+            return Ok(());
+        }
+        let corrupt = Error::corrupt_file("snapshot manifest", at);
+        let (readable, private) = bytes[self.metas_range()].split_at(self.meta_len);
         let mut plain = zeroize::Zeroizing::new(Vec::new());
         if !key
             .manifest_cipher()
@@ -597,7 +618,7 @@ impl Sealed {
         meta.root_digest = p.root_digest;
         meta.stats = p.stats;
         meta.sealed = false;
-        Ok(meta)
+        Ok(())
     }
 
     fn table_range(&self) -> std::ops::Range<usize> {
@@ -638,10 +659,10 @@ impl Sealed {
     ) -> Result<Manifest> {
         let corrupt = Error::corrupt_file("snapshot manifest", at);
         // Damage shows before a key is asked for.
-        self.meta(bytes, at, None)?;
+        let mut meta = self.readable_meta(bytes, at)?;
         self.check_body(bytes, at)?;
         let key = key_for(&self.key)?;
-        let meta = self.meta(bytes, at, Some(&key))?;
+        self.open(bytes, at, &mut meta, &key)?;
         let table = &bytes[self.table_range()];
         let ad = sealed_ad(&bytes[..80], &bytes[self.metas_range()], table);
         let mut entries = Vec::new();

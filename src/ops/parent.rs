@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 
 use crate::error::Result;
 use crate::format::manifest::{self, Block, SnapshotMeta};
-use crate::id::{AccountId, ChunkId, KeyId, Namer};
+use crate::id::{ChunkId, KeyId, Namer};
 use crate::progress::Progress;
 use crate::region::catalog::Region;
 use crate::volume::io::{Volume, is_zero};
@@ -46,15 +46,14 @@ impl Found {
     }
 }
 
-/// The best parent for `volume` among `snapshots` (the region's, read
-/// with their keys where those are at hand), if one shares enough of it.
+/// The best parent for `volume` among `snapshots` (the acting account's
+/// own, their meta opened), if one shares enough of it.
 /// `block_size` narrows the candidates to those of that block size. A
 /// candidate that cannot be read (a damaged manifest, a key that cannot be
 /// used) is passed over with a warning: it could not be a parent anyway.
 pub fn find(
     region: &Region,
     volume: &Volume,
-    owner: &AccountId,
     block_size: Option<u32>,
     snapshots: Vec<SnapshotMeta>,
     progress: &dyn Progress,
@@ -62,8 +61,7 @@ pub fn find(
     // The newest snapshot of each source path of the same size.
     let mut newest: BTreeMap<String, SnapshotMeta> = BTreeMap::new();
     for m in snapshots {
-        if &m.owner != owner
-            || m.sealed
+        if m.sealed
             || m.volume_size != volume.size()
             || block_size.is_some_and(|b| b != m.block_size)
         {

@@ -521,14 +521,14 @@ pub fn commit(region: &Region, taken: Taken) -> Result<SnapshotMeta> {
 fn owned_snapshots(region: &Region, source: &str, owner: &AccountId) -> Result<Vec<SnapshotMeta>> {
     let mut listing = region.list_snapshots()?.snapshots;
     listing.retain(|m| &m.owner == owner);
-    let mut unread: Vec<&SnapshotMeta> = listing.iter().filter(|m| m.sealed).collect();
-    unread.sort_by_key(|m| m.kms_key_id);
-    unread.dedup_by_key(|m| m.kms_key_id);
-    if unread.is_empty() {
-        return Ok(listing);
-    }
-    for m in unread {
+    let mut opened = Vec::with_capacity(listing.len());
+    for m in listing {
+        if !m.sealed {
+            opened.push(m);
+            continue;
+        }
         let k = m.kms_key_id.expect("a sealed meta names its key");
+        // Asked once per key: the keyring keeps it unlocked.
         region.keys().data_key(&k).map_err(|e| match e {
             Error::Key(why) | Error::NotFound(why) => Error::Key(format!(
                 "{} is encrypted under key {k}, and only that key shows which volume it is \
@@ -538,10 +538,14 @@ fn owned_snapshots(region: &Region, source: &str, owner: &AccountId) -> Result<V
             )),
             e => e,
         })?;
+        match region.read_snapshot_meta(&m.id) {
+            Ok(m) => opened.push(m),
+            // Deleted since the listing.
+            Err(Error::SnapshotNotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
     }
-    let mut listing = region.list_snapshots()?.snapshots;
-    listing.retain(|m| &m.owner == owner);
-    Ok(listing)
+    Ok(opened)
 }
 
 /// Snapshots the volume at `path` into `region`.
@@ -571,16 +575,15 @@ pub fn create(
                 .max_by_key(|m| m.created_ns);
             match latest {
                 Some(m) => Some(m.clone()),
-                None => parent::find(region, &volume, &owner, opts.block_size, owned, progress)?
-                    .map(|f| {
-                        progress.note(&format!(
-                            "{source} has no snapshot yet: taking {} as its parent, as {}; \
+                None => parent::find(region, &volume, opts.block_size, owned, progress)?.map(|f| {
+                    progress.note(&format!(
+                        "{source} has no snapshot yet: taking {} as its parent, as {}; \
                          --no-parent takes a full snapshot instead",
-                            f.meta.id,
-                            f.reason()
-                        ));
-                        f.meta
-                    }),
+                        f.meta.id,
+                        f.reason()
+                    ));
+                    f.meta
+                }),
             }
         }
     };

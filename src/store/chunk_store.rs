@@ -113,13 +113,6 @@ pub trait ChunkStore: Send + Sync {
     }
 }
 
-/// Where a chunk lives under a region's `chunks/`: `<first 4 hex>/<64
-/// hex>` on an object store and in a local region of store version 1
-/// (frozen: the store layout).
-pub fn chunk_name(id: &ChunkId) -> String {
-    Fanout::WIDE.name(id)
-}
-
 /// How many hex digits of a chunk's name name its directory under
 /// `chunks/`. A local region of store version 2 or later uses two: 256
 /// directories, made once, where four made a new store pay a `mkdir` for
@@ -146,7 +139,8 @@ impl Fanout {
         }
     }
 
-    /// `<prefix>/<64 hex>`.
+    /// `<prefix>/<64 hex>`: where a chunk lives under a region's
+    /// `chunks/` (frozen: the store layout).
     pub fn name(self, id: &ChunkId) -> String {
         let hex = id.to_hex();
         format!("{}/{hex}", &hex[..self.0])

@@ -11,13 +11,15 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload}
 use crate::error::{Error, ErrorKind, Result};
 use crate::id::ChunkId;
 use crate::region::s3::client::{Requests, S3, absent, modified, remote_error};
-use crate::store::chunk_store::{ChunkStore, StoredChunk, chunk_name};
+use crate::store::chunk_store::{ChunkStore, Fanout, StoredChunk};
 
 /// Existence questions answered by HEAD before listing every chunk once.
 pub const HEAD_BUDGET: usize = 256;
 
+/// Four hex digits on an object store, whatever the store version: no
+/// directories to create, and prefixes spread the request load.
 fn chunk_key(id: &ChunkId) -> String {
-    format!("chunks/{}", chunk_name(id))
+    format!("chunks/{}", Fanout::WIDE.name(id))
 }
 
 #[derive(Default)]
