@@ -278,9 +278,14 @@ pub fn run(
 }
 
 /// Says on stderr why encrypted snapshots were shown without their sealed
-/// meta: the keys this process could not use, and why.
+/// meta: why each key this process could not use was refused, naming the
+/// key where the reason does not.
 fn explain_sealed(what: &str) {
     for (key, why) in blocksnap::region::keys::refusals() {
-        eprintln!("blocksnap: note: {what}: key {key}: {why}");
+        let key = key.to_string();
+        match why.contains(&key) {
+            true => eprintln!("blocksnap: note: {what}: {why}"),
+            false => eprintln!("blocksnap: note: {what}: key {key}: {why}"),
+        }
     }
 }
