@@ -9,7 +9,7 @@ folder's `mod.rs` that only declares its files is reached by nobody.
 
 The rooms, from the top (see the crate docs in src/lib.rs):
 
-    cli -> image -> lazy -> ops -> region -> store | volume -> format -> foundation
+    cli -> lifecycle -> image -> lazy -> ops -> region -> store | volume -> format -> foundation
 
 A file may use its own room (without cycles), the rooms below it and the
 foundation (error, id, progress, settings, sys); `store` and `volume` sit
@@ -35,9 +35,10 @@ RANKS = {
     "ops": 4,
     "lazy": 5,
     "image": 6,
-    "crate": 7,  # lib.rs: the crate docs and re-exports
-    "cli": 8,
-    "main": 9,
+    "lifecycle": 7,
+    "crate": 8,  # lib.rs: the crate docs and re-exports
+    "cli": 9,
+    "main": 10,
 }
 FOUNDATION = {"error", "id", "progress", "settings", "sys"}
 

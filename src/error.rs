@@ -79,6 +79,17 @@ pub enum Error {
     #[error("{0}")]
     Key(String),
 
+    /// The state of an object forbids the change (a locked retention rule,
+    /// a snapshot an image in the recycle bin keeps); the message names it
+    /// and what to do.
+    #[error("{0}")]
+    Conflict(String),
+
+    /// The acting account may not touch an object of another account (a
+    /// policy, a retention rule); the message names both.
+    #[error("{0}")]
+    Forbidden(String),
+
     /// Something named on the command line does not exist (a mapped
     /// snapshot or volume, an instance, a region); the message names it.
     #[error("{0}")]
@@ -269,15 +280,17 @@ impl Error {
             | Error::NotFound(_)
             | Error::SnapshotNotFound { .. }
             | Error::ImageNotFound { .. } => ErrorKind::NotFound,
-            Error::NotPermitted { .. } | Error::SnapshotNotPermitted { .. } | Error::Key(_) => {
-                ErrorKind::Permission
-            }
+            Error::NotPermitted { .. }
+            | Error::SnapshotNotPermitted { .. }
+            | Error::Key(_)
+            | Error::Forbidden(_) => ErrorKind::Permission,
             Error::CorruptChunk { .. }
             | Error::MissingChunk { .. }
             | Error::BadChunkInSnapshot { .. }
             | Error::CorruptFile { .. } => ErrorKind::Integrity,
             Error::TargetExists(_)
             | Error::AlreadyExists(_)
+            | Error::Conflict(_)
             | Error::DeviceBusy(_)
             | Error::TargetSizeDiffers { .. }
             | Error::TargetTooSmall { .. }

@@ -268,6 +268,14 @@ prefixed_id!(
     ImageId, "ami", "image id", "ami-0123456789abcdef0"
 );
 prefixed_id!(
+    /// A lifecycle policy: `policy-` + 17 lowercase hex digits (as DLM's).
+    PolicyId, "policy", "policy id", "policy-0123456789abcdef0"
+);
+prefixed_id!(
+    /// A recycle bin retention rule: `rule-` + 17 lowercase hex digits.
+    RuleId, "rule", "retention rule id", "rule-0123456789abcdef0"
+);
+prefixed_id!(
     /// A launched instance: `i-` + 17 lowercase hex digits.
     InstanceId, "i", "instance id", "i-0123456789abcdef0"
 );

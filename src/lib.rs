@@ -17,6 +17,7 @@
 //!
 //! ```text
 //! cli (the binary)      parse, dispatch, print; exit codes
+//!   lifecycle/          policies on a schedule, with retention (snapshots, images, copies)
 //!   image/              AMIs and instances, built out of snapshot operations
 //!   lazy/               snapshots used in place: a reader, overlays, NBD, FUSE, dirty-map snapshots
 //!   ops/                operations on a region's snapshots, one file each
@@ -41,12 +42,14 @@
 //!   snapshotted from the dirty map, controlled over a socket.
 //! - [`image`]: image rules, register/deregister, create, instances (lazy
 //!   ones too), copy.
+//! - [`lifecycle`]: policies that snapshot volumes and instances on a
+//!   schedule, copy to another region and keep a count or an age.
 //! - Foundation: [`error`], [`id`], [`progress`], [`settings`] (the tuning
 //!   values the binary parses once), `sys` (the only `unsafe`).
 //!
 //! **Arrows point down.** A module may use the rooms below its own and
 //! the foundation, and files of its own room that do not use it back: the
-//! order is `image` → `lazy` → `ops` → `region` → `store` | `volume` → `format` →
+//! order is `lifecycle` → `image` → `lazy` → `ops` → `region` → `store` | `volume` → `format` →
 //! foundation (`store` and `volume` are side by side and do not use each
 //! other). A folder's `mod.rs` only declares its files, so no file is
 //! reached through it. `scripts/check-layout.py` draws every file's
@@ -122,6 +125,7 @@ pub mod format;
 pub mod id;
 pub mod image;
 pub mod lazy;
+pub mod lifecycle;
 pub mod ops;
 pub mod progress;
 pub mod region;

@@ -188,6 +188,7 @@ fn create_options(
             .iter()
             .map(|t| parse_tag(t))
             .collect::<Result<_>>()?,
+        snapshot_tags: Vec::new(),
         volume_sizes: volume_sizes(&args.volume_sizes)?,
         keep_on_termination: args
             .keep

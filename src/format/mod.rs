@@ -20,6 +20,10 @@
 //! | `FILE.present` (beside an overlay)       | `BSPM`                                  | 1       | [`dirty_map`]  |
 //! | control socket messages (not stored)     | JSON lines with `Version`               | 1       | [`control`]    |
 //! | `leases/<snap>/<key>.json`               | `blocksnap-lease`                       | 1       | [`lease`]      |
+//! | `policies/<policy>.json`                 | `blocksnap-lifecycle-policy`            | 1       | [`lifecycle`]  |
+//! | `policies/<policy>.state.json`           | `blocksnap-lifecycle-policy-state`      | 1       | [`lifecycle`]  |
+//! | `recycle-bin/rules/<rule>.json`          | `blocksnap-retention-rule`              | 1       | [`lifecycle`]  |
+//! | `recycle-bin/{snapshots,images}/<id>.json` | `blocksnap-recycle-bin-entry`         | 1       | [`lifecycle`]  |
 //!
 //! # The rule: never modify, only add
 //!
@@ -43,6 +47,7 @@ pub mod image;
 pub mod instance;
 pub mod key;
 pub mod lease;
+pub mod lifecycle;
 pub mod manifest;
 pub mod nbd;
 pub mod region;

@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::format::chunk;
 use crate::format::image::{Image, MappingTarget};
-use crate::format::manifest::{self, Manifest, SnapshotStats};
+use crate::format::manifest::{self, Manifest, SnapshotStats, Tag};
 use crate::id::{AccountId, ChunkId, ImageId, KeyId, SnapshotId};
 use crate::image::create::ebs_mapping;
 use crate::image::ops::{RegisterOptions, read_launchable, register};
@@ -95,43 +95,40 @@ fn discard(dst: &Region, made: &[CopiedSnapshot], e: Error) -> Error {
     e
 }
 
-/// Copies `ami` from `src` to `dst`. Allowed to its owner and to accounts
-/// with launch permission; the copy belongs to the caller.
-pub fn copy_image(
+/// Chunks a copy moved, and found there already.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CopyCounts {
+    pub chunks_copied: u64,
+    /// Stored (compressed) bytes written to the target region.
+    pub bytes_copied: u64,
+    pub chunks_present: u64,
+    pub bytes_present: u64,
+}
+
+/// What [`copy_manifests`] made: each source snapshot with its copy's
+/// meta, and the counts.
+struct Copies {
+    renamed: Vec<(SnapshotId, manifest::SnapshotMeta)>,
+    snapshots: Vec<CopiedSnapshot>,
+    counts: CopyCounts,
+}
+
+/// Describes and tags the copy of a snapshot.
+type Label<'a> = dyn Fn(&manifest::SnapshotMeta) -> (String, Vec<Tag>) + 'a;
+
+/// Copies the snapshots `manifests` from `src` to `dst` (the caller holds
+/// both regions' locks, shared): chunks first, bases before deltas, then
+/// each copy's manifest, owned by the caller and standing alone. A copy
+/// that fails leaves no copied manifest behind.
+fn copy_manifests(
     src: &Region,
-    ami: &ImageId,
     dst: &Region,
+    manifests: &[Manifest],
     opts: &CopyOptions,
+    label: &Label,
     progress: &dyn Progress,
-) -> Result<CopyReport> {
-    let view = read_launchable(src, ami, &opts.caller, "copy")?;
-    // EC2: "To copy an AMI that was shared with you from another account,
-    // the owner of the source AMI must grant you read permissions for the
-    // storage that backs the AMI, which is the associated EBS snapshot."
-    if view.image.owner_id != opts.caller {
-        for id in view.image.snapshot_ids() {
-            readable(src, id, &opts.caller, "copy the image backed by")?;
-        }
-    }
-    let name = opts.name.clone().unwrap_or_else(|| view.image.name.clone());
-    validate_name(&name)?;
-    check_name_free(dst, &opts.caller, &name)?;
-
-    let _src_lock = src.lock(LockMode::Shared, "image copy")?;
-    let _dst_lock = if src.location() == dst.location() {
-        None
-    } else {
-        Some(dst.lock(LockMode::Shared, "image copy")?)
-    };
-
-    let new_ami = ImageId::random();
-    let mut manifests: Vec<Manifest> = Vec::new();
-    for id in view.image.snapshot_ids() {
-        if !manifests.iter().any(|m| &m.meta.id == id) {
-            manifests.push(src.read_snapshot(id)?);
-        }
-    }
-    let targets = target_keys(src, dst, &manifests, &opts.encryption)?;
+) -> Result<Copies> {
+    let targets = target_keys(src, dst, manifests, &opts.encryption)?;
     // Each snapshot's chunks as its key sees them, on both sides.
     let src_views = manifests
         .iter()
@@ -287,7 +284,7 @@ pub fn copy_image(
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
-    let mut renamed: HashMap<SnapshotId, manifest::SnapshotMeta> = HashMap::new();
+    let mut renamed: Vec<(SnapshotId, manifest::SnapshotMeta)> = Vec::new();
     let mut report_snaps: Vec<CopiedSnapshot> = Vec::new();
     for (mi, m) in manifests.iter().enumerate() {
         let new_id = SnapshotId::random();
@@ -297,12 +294,7 @@ pub fn copy_image(
         meta.parent = None;
         meta.owner = opts.caller.clone();
         meta.created_ns = now;
-        meta.description = format!(
-            "Copied for DestinationAmi {new_ami} from SourceAmi {ami} for SourceSnapshot {} from region {}",
-            m.meta.id,
-            src.name()
-        );
-        meta.tags = Vec::new();
+        (meta.description, meta.tags) = label(&m.meta);
         let data_blocks = m.blocks.iter().filter(|b| b.chunk().is_some()).count() as u64;
         meta.stats = SnapshotStats {
             data_blocks,
@@ -325,13 +317,101 @@ pub fn copy_image(
         if let Err(e) = dst.write_snapshot(&copy) {
             return Err(discard(dst, &report_snaps, e));
         }
-        renamed.insert(m.meta.id.clone(), copy.meta);
+        renamed.push((m.meta.id.clone(), copy.meta));
         report_snaps.push(CopiedSnapshot {
             source: m.meta.id.clone(),
             copy: new_id,
         });
     }
 
+    Ok(Copies {
+        renamed,
+        snapshots: report_snaps,
+        counts: CopyCounts {
+            chunks_copied: copied.into_inner(),
+            bytes_copied: bytes_copied.into_inner(),
+            chunks_present: present.into_inner(),
+            bytes_present: bytes_present.into_inner(),
+        },
+    })
+}
+
+/// Copies snapshot `id` from `src` to `dst` for `opts.caller`, who must
+/// be able to restore it (CopySnapshot); the copy is described and tagged
+/// as given.
+pub fn copy_snapshot(
+    src: &Region,
+    id: &SnapshotId,
+    dst: &Region,
+    opts: &CopyOptions,
+    description: String,
+    tags: Vec<Tag>,
+    progress: &dyn Progress,
+) -> Result<(manifest::SnapshotMeta, CopyCounts)> {
+    readable(src, id, &opts.caller, "copy")?;
+    let _src_lock = src.lock(LockMode::Shared, "snapshot copy")?;
+    let _dst_lock = if src.location() == dst.location() {
+        None
+    } else {
+        Some(dst.lock(LockMode::Shared, "snapshot copy")?)
+    };
+    let manifests = vec![src.read_snapshot(id)?];
+    let label = |_: &manifest::SnapshotMeta| (description.clone(), tags.clone());
+    let mut copies = copy_manifests(src, dst, &manifests, opts, &label, progress)?;
+    let (_, meta) = copies.renamed.remove(0);
+    Ok((meta, copies.counts))
+}
+
+/// Copies `ami` from `src` to `dst`. Allowed to its owner and to accounts
+/// with launch permission; the copy belongs to the caller.
+pub fn copy_image(
+    src: &Region,
+    ami: &ImageId,
+    dst: &Region,
+    opts: &CopyOptions,
+    progress: &dyn Progress,
+) -> Result<CopyReport> {
+    let view = read_launchable(src, ami, &opts.caller, "copy")?;
+    // EC2: "To copy an AMI that was shared with you from another account,
+    // the owner of the source AMI must grant you read permissions for the
+    // storage that backs the AMI, which is the associated EBS snapshot."
+    if view.image.owner_id != opts.caller {
+        for id in view.image.snapshot_ids() {
+            readable(src, id, &opts.caller, "copy the image backed by")?;
+        }
+    }
+    let name = opts.name.clone().unwrap_or_else(|| view.image.name.clone());
+    validate_name(&name)?;
+    check_name_free(dst, &opts.caller, &name)?;
+
+    let _src_lock = src.lock(LockMode::Shared, "image copy")?;
+    let _dst_lock = if src.location() == dst.location() {
+        None
+    } else {
+        Some(dst.lock(LockMode::Shared, "image copy")?)
+    };
+
+    let new_ami = ImageId::random();
+    let mut manifests: Vec<Manifest> = Vec::new();
+    for id in view.image.snapshot_ids() {
+        if !manifests.iter().any(|m| &m.meta.id == id) {
+            manifests.push(src.read_snapshot(id)?);
+        }
+    }
+    let label = |m: &manifest::SnapshotMeta| {
+        let d = format!(
+            "Copied for DestinationAmi {new_ami} from SourceAmi {ami} for SourceSnapshot {} from region {}",
+            m.id,
+            src.name()
+        );
+        (d, Vec::new())
+    };
+    let Copies {
+        renamed,
+        snapshots: report_snaps,
+        counts,
+    } = copy_manifests(src, dst, &manifests, opts, &label, progress)?;
+    let renamed: HashMap<SnapshotId, manifest::SnapshotMeta> = renamed.into_iter().collect();
     let mut mappings = view.image.block_device_mappings.clone();
     for m in &mut mappings {
         if let MappingTarget::Ebs(e) = &mut m.target {
@@ -364,9 +444,9 @@ pub fn copy_image(
     Ok(CopyReport {
         image,
         snapshots: report_snaps,
-        chunks_copied: copied.into_inner(),
-        bytes_copied: bytes_copied.into_inner(),
-        chunks_present: present.into_inner(),
-        bytes_present: bytes_present.into_inner(),
+        chunks_copied: counts.chunks_copied,
+        bytes_copied: counts.bytes_copied,
+        chunks_present: counts.chunks_present,
+        bytes_present: counts.bytes_present,
     })
 }

@@ -79,6 +79,8 @@ pub struct ImageCreateOptions {
     /// Default: the first mapped device.
     pub root_device: Option<DeviceName>,
     pub tags: Vec<Tag>,
+    /// Tags for the snapshots it takes (the image's own are `tags`).
+    pub snapshot_tags: Vec<Tag>,
     /// GiB per device; default: the smallest that holds the snapshot.
     pub volume_sizes: HashMap<DeviceName, u64>,
     /// Devices whose volumes survive `instance terminate`.
@@ -100,6 +102,7 @@ impl ImageCreateOptions {
             architecture: None,
             root_device: None,
             tags: Vec::new(),
+            snapshot_tags: Vec::new(),
             volume_sizes: HashMap::new(),
             keep_on_termination: Vec::new(),
             owner,
@@ -315,7 +318,7 @@ pub fn create_from_instance(
     let take_lazy = |devices: &[DeviceName], description: String| {
         let lopts = LazySnapshotOptions {
             description,
-            tags: Vec::new(),
+            tags: opts.snapshot_tags.clone(),
             owner: Some(opts.owner.clone()),
             threads: opts.threads,
             no_delta: false,
@@ -479,6 +482,7 @@ fn take_and_register(
                     parent,
                     block_size: None,
                     description: format!("Created by {call} for {image_id} ({dev})"),
+                    tags: opts.snapshot_tags.clone(),
                     owner: Some(opts.owner.clone()),
                     threads: opts.threads,
                     encryption: opts.encryption.clone(),

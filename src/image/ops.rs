@@ -8,15 +8,18 @@ use crate::error::{Error, Result};
 use crate::format::image::{
     BlockDeviceMapping, DeviceName, Image, ImageState, LaunchPermissions, StateRecord,
 };
+use crate::format::lifecycle::{BinEntry, ResourceType};
 use crate::format::manifest::Tag;
 use crate::id::{AccountId, ImageId, SnapshotId};
-use crate::image::rules::{check_labels, host_architecture, validate_mappings};
-use crate::ops::access::check_no_lazy_volume;
+use crate::image::rules::{check_labels, check_name_free, host_architecture, validate_mappings};
+use crate::ops::access::{Deleted, check_no_lazy_volume, remove_or_bin};
+use crate::ops::recycle::{entry_for, keeping_rule, require_bin_owner};
 use crate::region::catalog::Region;
 use crate::region::images::{
     self, ImageView, read, users_of, write_new, write_permissions, write_state,
 };
 use crate::region::permissions::{Grantee, Grants, PermissionChange};
+use crate::region::recycle::{remove_entry, write_entry};
 use crate::sys::LockMode;
 
 /// Reads an image that `caller` may `action` (launch, copy): it must be
@@ -135,8 +138,12 @@ pub fn set_deprecation(
 #[derive(Debug, Clone, Default)]
 pub struct DeregisterReport {
     pub deleted_snapshots: Vec<SnapshotId>,
+    /// Snapshots a retention rule moved to the recycle bin.
+    pub binned_snapshots: Vec<BinEntry>,
     /// Snapshots kept because another registered image uses them.
     pub kept_snapshots: Vec<KeptSnapshot>,
+    /// Where a retention rule keeps the image: its recycle bin entry.
+    pub binned: Option<BinEntry>,
 }
 
 #[derive(Debug, Clone)]
@@ -149,6 +156,9 @@ pub struct KeptSnapshot {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SnapshotUser {
     Image(ImageId),
+    /// The image deregistered, kept in the recycle bin: restoring it needs
+    /// its snapshots.
+    BinnedImage(ImageId),
     /// A lazy volume: its overlay's path.
     LazyVolume(String),
 }
@@ -157,7 +167,7 @@ impl SnapshotUser {
     /// The image id or the overlay's path.
     pub fn name(&self) -> &str {
         match self {
-            SnapshotUser::Image(i) => i.as_str(),
+            SnapshotUser::Image(i) | SnapshotUser::BinnedImage(i) => i.as_str(),
             SnapshotUser::LazyVolume(p) => p,
         }
     }
@@ -167,6 +177,7 @@ impl std::fmt::Display for SnapshotUser {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             SnapshotUser::Image(i) => write!(f, "registered image {i}"),
+            SnapshotUser::BinnedImage(i) => write!(f, "image {i} in the recycle bin"),
             SnapshotUser::LazyVolume(p) => write!(f, "lazy volume {p}"),
         }
     }
@@ -174,17 +185,40 @@ impl std::fmt::Display for SnapshotUser {
 
 /// Deregisters an image; owner only (DeregisterImage). With
 /// `delete_snapshots`, deletes its snapshots that no other registered
-/// image uses.
+/// image uses. Where a retention rule of the owner's keeps images, the
+/// image goes to the recycle bin, and keeps its snapshots.
 pub fn deregister(
     region: &Region,
     id: &ImageId,
     caller: &AccountId,
     delete_snapshots: bool,
 ) -> Result<DeregisterReport> {
+    deregister_at(region, id, caller, delete_snapshots, SystemTime::now())
+}
+
+/// [`deregister`] at time `now` (when a bin entry starts).
+pub fn deregister_at(
+    region: &Region,
+    id: &ImageId,
+    caller: &AccountId,
+    delete_snapshots: bool,
+    now: SystemTime,
+) -> Result<DeregisterReport> {
     let _catalog = region.catalog_lock("image deregister")?;
+    // Held shared so that gc, which purges the bin, is not running.
+    let _lock = region.lock(LockMode::Shared, "image deregister")?;
     let view = read(region, id)?;
     view.require_owner(caller, "deregister")?;
     view.require_available()?;
+    let mut report = DeregisterReport::default();
+    let kind = ResourceType::Ec2Image;
+    if let Some(rule) = keeping_rule(region, &view.image.owner_id, kind, Some(&view.image.tags))? {
+        // The entry first: cut short here, the image is still available
+        // and gc drops the entry.
+        let entry = entry_for(kind, id.as_str(), &view.image.owner_id, &rule, now);
+        write_entry(region, &entry)?;
+        report.binned = Some(entry);
+    }
     write_state(
         region,
         id,
@@ -193,9 +227,7 @@ pub fn deregister(
             ..view.state.clone()
         },
     )?;
-    let mut report = DeregisterReport::default();
     if delete_snapshots {
-        let _lock = region.lock(LockMode::Shared, "image deregister")?;
         let others = images::list(region)?.images;
         let mut seen = Vec::new();
         for snap in view.image.snapshot_ids() {
@@ -203,32 +235,75 @@ pub fn deregister(
                 continue;
             }
             seen.push(snap);
-            let user = match users_of(&others, snap).into_iter().find(|o| o != id) {
-                Some(image) => Some(SnapshotUser::Image(image)),
-                None => match check_no_lazy_volume(region, snap) {
-                    Ok(()) => None,
-                    Err(Error::SnapshotUnderLazyVolume { overlay, .. }) => {
-                        Some(SnapshotUser::LazyVolume(overlay))
-                    }
-                    Err(e) => return Err(e),
-                },
+            let user = if report.binned.is_some() {
+                Some(SnapshotUser::BinnedImage(id.clone()))
+            } else {
+                match users_of(&others, snap).into_iter().find(|o| o != id) {
+                    Some(image) => Some(SnapshotUser::Image(image)),
+                    None => match check_no_lazy_volume(region, snap) {
+                        Ok(()) => None,
+                        Err(Error::SnapshotUnderLazyVolume { overlay, .. }) => {
+                            Some(SnapshotUser::LazyVolume(overlay))
+                        }
+                        Err(e) => return Err(e),
+                    },
+                }
             };
-            match user {
-                Some(user) => report.kept_snapshots.push(KeptSnapshot {
+            if let Some(user) = user {
+                report.kept_snapshots.push(KeptSnapshot {
                     snapshot: snap.clone(),
                     used_by: user,
-                }),
-                None => {
-                    match region.delete_snapshot(snap) {
-                        Ok(()) | Err(Error::SnapshotNotFound { .. }) => {}
-                        Err(e) => return Err(e),
-                    }
-                    report.deleted_snapshots.push(snap.clone());
-                }
+                });
+                continue;
+            }
+            let meta = match region.read_snapshot_meta(snap) {
+                Ok(m) => m,
+                Err(Error::SnapshotNotFound { .. }) => continue,
+                Err(e) => return Err(e),
+            };
+            match remove_or_bin(region, &meta, now)? {
+                Deleted::Removed => report.deleted_snapshots.push(snap.clone()),
+                Deleted::Binned(e) => report.binned_snapshots.push(e),
             }
         }
     }
     Ok(report)
+}
+
+/// Brings image `id` back from the recycle bin, available again (its
+/// name must still be free among the owner's images).
+pub fn restore_from_bin(region: &Region, id: &ImageId, caller: &AccountId) -> Result<BinEntry> {
+    let _catalog = region.catalog_lock("image restore-from-recycle-bin")?;
+    let _lock = region.lock(LockMode::Shared, "image restore-from-recycle-bin")?;
+    let (entry, view) = images::binned(region)?
+        .into_iter()
+        .find(|(e, _)| e.id == id.as_str())
+        .ok_or_else(|| {
+            Error::NotFound(format!(
+                "image {id} is not in the recycle bin of region {}: run `blocksnap recycle-bin list`",
+                region.name()
+            ))
+        })?;
+    require_bin_owner(&entry, caller)?;
+    for snap in view.image.snapshot_ids() {
+        if !region.has_snapshot(snap)? {
+            return Err(Error::Conflict(format!(
+                "image {id} cannot come back: its snapshot {snap} is gone (restore it first \
+                 with `blocksnap snapshot restore-from-recycle-bin {snap}` if it is in the bin)"
+            )));
+        }
+    }
+    check_name_free(region, caller, &view.image.name)?;
+    write_state(
+        region,
+        id,
+        &StateRecord {
+            state: ImageState::Available,
+            ..view.state
+        },
+    )?;
+    remove_entry(region, ResourceType::Ec2Image, id.as_str())?;
+    Ok(entry)
 }
 
 /// Which images `image list` shows, as DescribeImages filters them.

@@ -10,12 +10,15 @@
 //! envelope); a snapshot without that file is private.
 
 use std::path::Path;
+use std::time::SystemTime;
 
 use crate::error::{Error, Location, Result};
 use crate::format::dirty_map::{DirtyHeader, HEADER_LEN, MapKind};
 use crate::format::image::CreateVolumePermissions;
+use crate::format::lifecycle::{BinEntry, ResourceType};
 use crate::format::manifest::SnapshotMeta;
 use crate::id::{AccountId, SnapshotId};
+use crate::ops::recycle::{bin_snapshot, keeping_rule};
 use crate::region::catalog::Region;
 use crate::region::images::check_snapshot_unused;
 use crate::region::permissions::{self, Grantee, Grants, PermissionChange};
@@ -131,16 +134,51 @@ pub fn modify(
     Ok(perms)
 }
 
+/// What deleting a snapshot did.
+#[derive(Debug, Clone)]
+pub enum Deleted {
+    /// The manifest is gone; its chunks stay until `store gc`.
+    Removed,
+    /// A retention rule moved it to the recycle bin.
+    Binned(BinEntry),
+}
+
 /// Deletes snapshot `id`; owner only (DeleteSnapshot). Refused while a
 /// registered image uses it. Under the catalog lock, so an image cannot be
-/// registered on it meanwhile; its chunks stay until `store gc`.
-pub fn delete(region: &Region, id: &SnapshotId, caller: &AccountId) -> Result<()> {
+/// registered on it meanwhile; its chunks stay until `store gc`. Where a
+/// retention rule of the owner's keeps it, it goes to the recycle bin.
+pub fn delete(region: &Region, id: &SnapshotId, caller: &AccountId) -> Result<Deleted> {
+    delete_at(region, id, caller, SystemTime::now())
+}
+
+/// [`delete`] at time `now` (when a bin entry starts).
+pub fn delete_at(
+    region: &Region,
+    id: &SnapshotId,
+    caller: &AccountId,
+    now: SystemTime,
+) -> Result<Deleted> {
     let _catalog = region.catalog_lock("snapshot delete")?;
     let _lock = region.lock(LockMode::Shared, "snapshot delete")?;
-    check_owned(region, id, caller, "delete")?;
+    let meta = region.read_snapshot_meta(id)?;
+    require_owner(&meta, caller, "delete")?;
     check_snapshot_unused(region, id)?;
     check_no_lazy_volume(region, id)?;
-    region.delete_snapshot(id)
+    remove_or_bin(region, &meta, now)
+}
+
+/// Removes the snapshot `meta` describes, or moves it to the recycle bin
+/// where a rule of its owner's keeps it. The caller holds the catalog lock
+/// and the region lock (shared), and has checked the snapshot is unused.
+pub fn remove_or_bin(region: &Region, meta: &SnapshotMeta, now: SystemTime) -> Result<Deleted> {
+    let tags = (!meta.sealed).then_some(meta.tags.as_slice());
+    match keeping_rule(region, &meta.owner, ResourceType::EbsSnapshot, tags)? {
+        Some(rule) => Ok(Deleted::Binned(bin_snapshot(region, meta, &rule, now)?)),
+        None => {
+            region.delete_snapshot(&meta.id)?;
+            Ok(Deleted::Removed)
+        }
+    }
 }
 
 /// Refuses a snapshot that a lazy volume (an overlay) still reads, as its

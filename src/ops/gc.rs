@@ -7,9 +7,11 @@
 //! because the chunks it names are unknown.
 
 use std::collections::HashSet;
+use std::time::SystemTime;
 
 use crate::error::Result;
 use crate::id::ChunkId;
+use crate::ops::recycle::{purge_images, purge_snapshots};
 use crate::region::catalog::Region;
 use crate::store::chain::walk_bases;
 use crate::sys::LockMode;
@@ -25,15 +27,31 @@ pub struct GcReport {
     pub quarantined_kept: u64,
     /// Quarantined chunks deleted (`--purge-quarantine`).
     pub quarantined_removed: u64,
+    /// Snapshots in the recycle bin, whose chunks are kept.
+    pub binned_kept: u64,
+    /// Snapshots and images past their recycle bin retention, purged.
+    pub binned_purged: u64,
 }
 
 /// Deletes every chunk no snapshot names, and leftover temporary files;
 /// with `purge_quarantine`, also the chunks `verify --repair` moved aside.
+/// First purges what the recycle bin holds past its retention.
 pub fn gc(region: &Region, purge_quarantine: bool) -> Result<GcReport> {
+    gc_at(region, purge_quarantine, SystemTime::now())
+}
+
+/// [`gc`] at time `now` (which decides what the recycle bin purges).
+pub fn gc_at(region: &Region, purge_quarantine: bool, now: SystemTime) -> Result<GcReport> {
     let lock = region.lock(LockMode::Exclusive, "store gc")?;
     let cutoff = region.backend().gc_cutoff(&lock)?;
     let mut report = GcReport::default();
     let mut live = HashSet::new();
+    let binned = purge_snapshots(region, now)?;
+    report.binned_purged = binned.snapshots + purge_images(region, now)?;
+    for id in &binned.kept {
+        live.extend(region.binned_snapshot_chunk_names(id)?);
+        report.binned_kept += 1;
+    }
     for id in region.snapshot_ids()? {
         // By name, from the manifest's name table: no key needed.
         live.extend(region.snapshot_chunk_names(&id)?);

@@ -2,8 +2,10 @@
 //! (create, compare), [`restore`] (restore a volume), [`verify`] (verify a
 //! volume against a snapshot), [`parent`] (a parent for a volume with no
 //! lineage), [`gc`] (`store gc`), [`check`]
-//! (`store verify`, `store stats`), and [`access`] (who may use a snapshot: restore,
-//! describe, delete, share).
+//! (`store verify`, `store stats`), [`access`] (who may use a snapshot: restore,
+//! describe, delete, share), [`recycle`] (the recycle bin: retention rules,
+//! binned snapshots, purging) and [`prune`] (`snapshot prune`: keep-last,
+//! hourly, daily, weekly, monthly and yearly buckets).
 //!
 //! Uses `region`, `store`, `volume`, `format` and the foundation; the
 //! image room above builds on these.
@@ -12,6 +14,8 @@ pub mod access;
 pub mod check;
 pub mod gc;
 pub mod parent;
+pub mod prune;
+pub mod recycle;
 pub mod restore;
 pub mod snapshot;
 pub mod verify;

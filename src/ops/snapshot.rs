@@ -159,44 +159,7 @@ impl Default for CreateOptions {
     }
 }
 
-const MAX_DESCRIPTION: usize = 255;
-const MAX_TAG_KEY: usize = 128;
-const MAX_TAG_VALUE: usize = 256;
-const MAX_TAGS: usize = 50;
-
-/// Checks description and tags against EC2's limits.
-pub fn validate_labels(description: &str, tags: &[Tag]) -> Result<()> {
-    let bad = |m: String| Err(Error::InvalidArgument(m));
-    if description.chars().count() > MAX_DESCRIPTION {
-        return bad(format!(
-            "description is longer than {MAX_DESCRIPTION} characters"
-        ));
-    }
-    if tags.len() > MAX_TAGS {
-        return bad(format!(
-            "{} tags given, at most {MAX_TAGS} allowed",
-            tags.len()
-        ));
-    }
-    for t in tags {
-        if t.key.is_empty() || t.key.chars().count() > MAX_TAG_KEY {
-            return bad(format!(
-                "tag key {:?} must be 1-{MAX_TAG_KEY} characters",
-                t.key
-            ));
-        }
-        if t.value.chars().count() > MAX_TAG_VALUE {
-            return bad(format!(
-                "tag value for {:?} is longer than {MAX_TAG_VALUE} characters",
-                t.key
-            ));
-        }
-        if tags.iter().filter(|o| o.key == t.key).count() > 1 {
-            return bad(format!("tag key {:?} is given twice", t.key));
-        }
-    }
-    Ok(())
-}
+pub use crate::format::manifest::validate_labels;
 
 /// What happened to one block during create.
 pub enum Outcome {

@@ -69,6 +69,10 @@ pub trait Backend: Send + Sync {
     /// whoever holds both holds the region lock shared, and gc (its only
     /// exclusive taker) never takes this one, so they cannot deadlock.
     fn catalog_lock(&self, purpose: &str) -> Result<RegionLock>;
+    /// Takes the region's policy lock, exclusive: held by `policy run`
+    /// while it does a policy's work, so two runs at once do it once.
+    /// Independent of the other two locks, and taken before them.
+    fn policy_lock(&self, purpose: &str) -> Result<RegionLock>;
     /// Unreferenced chunks written after this instant may belong to a
     /// snapshot still being written and are kept by gc; `None` when the
     /// region lock alone is proof (a local `flock`). Called under gc's lock.
@@ -216,6 +220,15 @@ impl Backend for LocalBackend {
     fn catalog_lock(&self, purpose: &str) -> Result<RegionLock> {
         flock_file(
             &self.root.join("catalog.lock"),
+            LockMode::Exclusive,
+            purpose,
+            None,
+        )
+    }
+
+    fn policy_lock(&self, purpose: &str) -> Result<RegionLock> {
+        flock_file(
+            &self.root.join("policy.lock"),
             LockMode::Exclusive,
             purpose,
             None,

@@ -30,6 +30,12 @@ pub fn permissions_key(id: &SnapshotId) -> String {
     format!("snapshot-permissions/{id}.json")
 }
 
+/// Where snapshot `id`'s manifest lies while it is in the recycle bin:
+/// byte for byte as it was under `snapshots/`.
+pub fn binned_snapshot_key(id: &SnapshotId) -> String {
+    format!("recycle-bin/snapshots/{id}")
+}
+
 pub struct Region {
     backend: Box<dyn Backend>,
     info: RegionInfo,
@@ -189,7 +195,8 @@ impl Region {
         Ok(Keyed::new(self.chunks(), key))
     }
 
-    fn snapshot_key(id: &SnapshotId) -> String {
+    /// Where snapshot `id`'s manifest lies.
+    pub fn snapshot_key(id: &SnapshotId) -> String {
         format!("snapshots/{id}")
     }
 
@@ -209,12 +216,16 @@ impl Region {
 
     /// The bytes of snapshot `id`'s manifest, and where they are.
     fn manifest_bytes(&self, id: &SnapshotId) -> Result<(Vec<u8>, Location)> {
-        let key = Self::snapshot_key(id);
+        self.manifest_bytes_at(id, &Self::snapshot_key(id))
+    }
+
+    /// The bytes of snapshot `id`'s manifest at `key`, and where they are.
+    fn manifest_bytes_at(&self, id: &SnapshotId, key: &str) -> Result<(Vec<u8>, Location)> {
         let bytes = self
             .backend
-            .read(&key, "snapshot manifest", manifest::MAX_MANIFEST_LEN)?
+            .read(key, "snapshot manifest", manifest::MAX_MANIFEST_LEN)?
             .ok_or_else(|| self.not_found(id))?;
-        Ok((bytes, self.backend.locate(&key)))
+        Ok((bytes, self.backend.locate(key)))
     }
 
     /// Reads and checks a whole snapshot manifest.
@@ -228,7 +239,16 @@ impl Region {
 
     /// The distinct chunk names snapshot `id` holds, read without a key.
     pub fn snapshot_chunk_names(&self, id: &SnapshotId) -> Result<Vec<ChunkId>> {
-        let (bytes, path) = self.manifest_bytes(id)?;
+        self.chunk_names_at(id, &Self::snapshot_key(id))
+    }
+
+    /// The distinct chunk names of snapshot `id` in the recycle bin.
+    pub fn binned_snapshot_chunk_names(&self, id: &SnapshotId) -> Result<Vec<ChunkId>> {
+        self.chunk_names_at(id, &binned_snapshot_key(id))
+    }
+
+    fn chunk_names_at(&self, id: &SnapshotId, key: &str) -> Result<Vec<ChunkId>> {
+        let (bytes, path) = self.manifest_bytes_at(id, key)?;
         let names = Manifest::chunk_names(&bytes, &path)?;
         let head = Manifest::meta_prefix_len(&bytes)
             .unwrap_or(bytes.len())
@@ -246,18 +266,26 @@ impl Region {
     /// its key is at hand without asking ([`Keys::data_key_at_hand`]), and
     /// otherwise left [`SnapshotMeta::sealed`].
     pub fn read_snapshot_meta(&self, id: &SnapshotId) -> Result<SnapshotMeta> {
-        let key = Self::snapshot_key(id);
-        let path = self.backend.locate(&key);
+        self.meta_at(id, &Self::snapshot_key(id))
+    }
+
+    /// [`Region::read_snapshot_meta`] of a snapshot in the recycle bin.
+    pub fn read_binned_snapshot_meta(&self, id: &SnapshotId) -> Result<SnapshotMeta> {
+        self.meta_at(id, &binned_snapshot_key(id))
+    }
+
+    fn meta_at(&self, id: &SnapshotId, key: &str) -> Result<SnapshotMeta> {
+        let path = self.backend.locate(key);
         let (mut head, file_len) = self
             .backend
-            .read_head(&key, manifest::HEADER_LEN as u64)?
+            .read_head(key, manifest::HEADER_LEN as u64)?
             .ok_or_else(|| self.not_found(id))?;
         if let Some(n) = Manifest::meta_prefix_len(&head)
             && n > head.len()
         {
             head = self
                 .backend
-                .read_head(&key, n as u64)?
+                .read_head(key, n as u64)?
                 .ok_or_else(|| self.not_found(id))?
                 .0;
         }
@@ -304,6 +332,37 @@ impl Region {
                 self.name()
             )));
         }
+        Ok(())
+    }
+
+    /// Moves snapshot `id`'s manifest into the recycle bin (its bin entry
+    /// is written first, by the caller): a copy at
+    /// [`binned_snapshot_key`], then the original removed. Interrupted, the
+    /// snapshot is still there and gc drops the half-made copy.
+    pub fn move_snapshot_to_bin(&self, id: &SnapshotId) -> Result<()> {
+        let (bytes, _) = self.manifest_bytes(id)?;
+        self.backend.create(&binned_snapshot_key(id), &bytes)?;
+        if !self.backend.remove(&Self::snapshot_key(id))? {
+            return Err(self.not_found(id));
+        }
+        Ok(())
+    }
+
+    /// Moves snapshot `id`'s manifest back out of the recycle bin (the
+    /// caller then removes its bin entry). Interrupted, the snapshot is
+    /// back and gc drops what is left in the bin.
+    pub fn move_snapshot_from_bin(&self, id: &SnapshotId) -> Result<()> {
+        let (bytes, _) = self.manifest_bytes_at(id, &binned_snapshot_key(id))?;
+        self.backend.create(&Self::snapshot_key(id), &bytes)?;
+        self.backend.remove(&binned_snapshot_key(id))?;
+        Ok(())
+    }
+
+    /// Removes snapshot `id`'s manifest from the recycle bin for good, and
+    /// its permissions (the caller then removes its bin entry).
+    pub fn purge_binned_snapshot(&self, id: &SnapshotId) -> Result<()> {
+        self.backend.remove(&binned_snapshot_key(id))?;
+        self.backend.remove(&permissions_key(id))?;
         Ok(())
     }
 
@@ -386,6 +445,11 @@ impl Region {
     /// Takes the catalog lock (see [`Backend::catalog_lock`]).
     pub fn catalog_lock(&self, purpose: &str) -> Result<RegionLock> {
         self.backend.catalog_lock(purpose)
+    }
+
+    /// Takes the policy lock (see [`Backend::policy_lock`]).
+    pub fn policy_lock(&self, purpose: &str) -> Result<RegionLock> {
+        self.backend.policy_lock(purpose)
     }
 
     /// Takes the region lock, waiting up to a minute for a conflicting one.

@@ -16,9 +16,11 @@ use crate::format::image::{
     Image, ImageState, LaunchPermissions, MAX_JSON, StateRecord, decode_image, decode_permissions,
     decode_state, encode_image, encode_permissions, encode_state,
 };
+use crate::format::lifecycle::{BinEntry, ResourceType};
 use crate::id::{AccountId, ImageId, SnapshotId};
 use crate::region::catalog::Region;
 use crate::region::permissions::Grants;
+use crate::region::recycle;
 use crate::store::pool::map_io;
 
 pub fn image_key(id: &ImageId) -> String {
@@ -194,18 +196,46 @@ pub fn users_of(images: &[ImageView], snapshot: &SnapshotId) -> Vec<ImageId> {
         .collect()
 }
 
-/// Fails if a registered image in the region uses `snapshot`.
+/// The images in the recycle bin (deregistered, with a bin entry), with
+/// their entries.
+pub fn binned(region: &Region) -> Result<Vec<(BinEntry, ImageView)>> {
+    let mut out = Vec::new();
+    for e in recycle::entries(region, ResourceType::Ec2Image)? {
+        let Ok(id) = e.id.parse::<ImageId>() else {
+            continue;
+        };
+        match read(region, &id) {
+            Ok(v) if v.state.state == ImageState::Deregistered => out.push((e, v)),
+            Ok(_) | Err(Error::ImageNotFound { .. }) => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(out)
+}
+
+/// Fails if a registered image in the region uses `snapshot`, or an image
+/// in the recycle bin (which would need it back).
 pub fn check_snapshot_unused(region: &Region, snapshot: &SnapshotId) -> Result<()> {
     let listing = list(region)?;
     if let Some(e) = listing.damaged.into_iter().next() {
         // An unreadable image might use the snapshot: refuse rather than guess.
         return Err(e);
     }
-    match users_of(&listing.images, snapshot).into_iter().next() {
-        Some(image) => Err(Error::SnapshotInUse {
+    if let Some(image) = users_of(&listing.images, snapshot).into_iter().next() {
+        return Err(Error::SnapshotInUse {
             snapshot: snapshot.clone(),
             image,
-        }),
-        None => Ok(()),
+        });
     }
+    for (entry, view) in binned(region)? {
+        if view.image.snapshot_ids().any(|s| s == snapshot) {
+            return Err(Error::Conflict(format!(
+                "snapshot {snapshot} backs image {}, which is in the recycle bin until {}: \
+                 restore the image with `blocksnap image restore-from-recycle-bin {}` and \
+                 deregister it with its snapshots, or wait until it is purged",
+                entry.id, entry.recycle_bin_exit_time, entry.id
+            )));
+        }
+    }
+    Ok(())
 }

@@ -6,7 +6,8 @@
 //! trait a region's files go through and the local backend; [`defs`] the
 //! region names a store defines (`regions.json`); [`s3`] the object-store
 //! backend; [`images`] the image files a region holds; [`permissions`]
-//! grants and the snapshot permission files; [`keys`] the region's
+//! grants and the snapshot permission files; [`recycle`] the recycle
+//! bin's rules and entries; [`keys`] the region's
 //! encryption keys and the keyring that unlocks them.
 //!
 //! Uses `store`, `format` and the foundation; knows no operation.
@@ -17,4 +18,5 @@ pub mod defs;
 pub mod images;
 pub mod keys;
 pub mod permissions;
+pub mod recycle;
 pub mod s3;

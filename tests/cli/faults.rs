@@ -417,6 +417,10 @@ impl Backend for FaultyBackend {
     fn catalog_lock(&self, purpose: &str) -> Result<RegionLock> {
         self.inner.catalog_lock(purpose)
     }
+
+    fn policy_lock(&self, purpose: &str) -> Result<RegionLock> {
+        self.inner.policy_lock(purpose)
+    }
 }
 
 /// The default region of `store_root` over a [`FaultyBackend`].

@@ -105,6 +105,11 @@ impl Backend for S3Backend {
         S3Lock::take(&self.s3, "catalog-locks", LockMode::Exclusive, purpose)
     }
 
+    /// The same protocol again, over `policy-locks/exclusive-<random>`.
+    fn policy_lock(&self, purpose: &str) -> Result<RegionLock> {
+        S3Lock::take(&self.s3, "policy-locks", LockMode::Exclusive, purpose)
+    }
+
     fn gc_cutoff(&self, lock: &RegionLock) -> Result<Option<SystemTime>> {
         let grace = crate::settings::get().gc_grace();
         Ok(lock.since.map(|t| t - grace))
@@ -112,7 +117,7 @@ impl Backend for S3Backend {
 
     fn remove_leftovers(&self) -> Result<u64> {
         let mut removed = 0;
-        for dir in ["locks", "catalog-locks"] {
+        for dir in ["locks", "catalog-locks", "policy-locks"] {
             let locks = self.s3.list_meta(dir)?;
             let Some(newest) = locks.iter().map(modified).max() else {
                 continue;
