@@ -12,11 +12,15 @@ use crate::cli::image::ImageCmd;
 use crate::cli::instance::InstanceCmd;
 use crate::cli::key::KeyCmd;
 use crate::cli::output::Out;
+use crate::cli::policy::PolicyCmd;
+use crate::cli::recycle_bin::RecycleBinCmd;
 use crate::cli::region::RegionCmd;
 use crate::cli::snapshot::SnapshotCmd;
 use crate::cli::store::StoreCmd;
 use crate::cli::volume::VolumeCmd;
-use crate::cli::{exit, image, instance, key, region, snapshot, store, volume};
+use crate::cli::{
+    exit, image, instance, key, policy, recycle_bin, region, snapshot, store, volume,
+};
 
 /// The region used without `--region`: the only one created on first use.
 const DEFAULT_REGION: &str = "local";
@@ -95,6 +99,12 @@ pub enum Command {
     /// Encryption keys: create, list, grant, disable [KMS]
     #[command(subcommand)]
     Key(KeyCmd),
+    /// Lifecycle policies: snapshots and images on a schedule, with retention [DLM]
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+    /// The recycle bin: retention rules that make deletions recoverable [Recycle Bin]
+    #[command(subcommand)]
+    RecycleBin(RecycleBinCmd),
 }
 
 /// The store root: `--store`, `$BLOCKSNAP_STORE`, or a per-user directory.
@@ -168,6 +178,8 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Store(cmd) => store::run(&region, &out, cmd),
         Command::Key(cmd) => key::run(&region, &out, &caller, cmd),
         Command::Region(cmd) => region::run_in(&region, &out, cmd),
+        Command::Policy(cmd) => policy::run(&root, &region, &out, &caller, cmd),
+        Command::RecycleBin(cmd) => recycle_bin::run(&region, &out, &caller, cmd),
     }
 }
 

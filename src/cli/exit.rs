@@ -13,8 +13,26 @@ Exit codes:
   4  integrity: a chunk or manifest is corrupt, truncated or missing
   5  conflict: already exists (region, image name), target exists, differs in
      size or is too small, device in use,
-     store locked, image deregistered, snapshot in use by an image
-  6  permission: the account may not use or change that image or snapshot";
+     store locked, image deregistered, snapshot in use by an image, retention
+     rule locked
+  6  permission: the account may not use or change that image, snapshot,
+     policy or retention rule";
+
+fn code_of_kind(kind: Option<ErrorKind>) -> u8 {
+    match kind {
+        Some(ErrorKind::Usage) => 2,
+        Some(ErrorKind::NotFound) => 3,
+        Some(ErrorKind::Integrity) => 4,
+        Some(ErrorKind::Conflict) => 5,
+        Some(ErrorKind::Permission) => 6,
+        Some(ErrorKind::Other) | None => 1,
+    }
+}
+
+/// The exit code of a library error.
+pub fn code_of(e: &Error) -> u8 {
+    code_of_kind(Some(e.kind()))
+}
 
 pub fn describe_error(err: &anyhow::Error) -> (u8, String) {
     // A malformed id parsed here is a usage error like any other.
@@ -23,14 +41,7 @@ pub fn describe_error(err: &anyhow::Error) -> (u8, String) {
             .map(Error::kind)
             .or_else(|| e.downcast_ref::<InvalidId>().map(|_| ErrorKind::Usage))
     };
-    let code = match err.chain().find_map(kind) {
-        Some(ErrorKind::Usage) => 2,
-        Some(ErrorKind::NotFound) => 3,
-        Some(ErrorKind::Integrity) => 4,
-        Some(ErrorKind::Conflict) => 5,
-        Some(ErrorKind::Permission) => 6,
-        Some(ErrorKind::Other) | None => 1,
-    };
+    let code = code_of_kind(err.chain().find_map(kind));
     // Library errors already carry their cause in the message; context
     // added here comes first.
     let mut parts: Vec<String> = Vec::new();

@@ -18,11 +18,13 @@ use blocksnap::region::images::{self, ImageView};
 use blocksnap::region::permissions::Grants;
 use blocksnap::{AccountId, Error, ImageId, Region};
 
+use crate::cli::output::bin_entry_json;
 use crate::cli::output::{Out, human, print_grants};
 use crate::cli::parse::{
     EncryptionArgs, PermissionArgs, account_or_self, grantee_or_self, parse_image, parse_tag,
     permission_change,
 };
+use crate::cli::recycle_bin::restored_from_bin;
 
 #[derive(Subcommand, Debug)]
 pub enum ImageCmd {
@@ -121,6 +123,8 @@ pub enum ImageCmd {
         #[arg(long)]
         cancel: bool,
     },
+    /// Bring an image back from the recycle bin, available again [RestoreImageFromRecycleBin]
+    RestoreFromRecycleBin { image: String },
     /// Deregister an image; owner only [DeregisterImage]
     Deregister {
         image: String,
@@ -432,6 +436,12 @@ pub fn run(
             }
             Ok(0)
         }
+        ImageCmd::RestoreFromRecycleBin { image } => {
+            let id = parse_image(&image)?;
+            let e = image_ops::restore_from_bin(region, &id, &caller)?;
+            restored_from_bin(out, &e);
+            Ok(0)
+        }
         ImageCmd::Deregister {
             image: id,
             delete_associated_snapshots,
@@ -442,13 +452,28 @@ pub fn run(
                 out.print(json!({
                     "ImageId": id.as_str(),
                     "State": "deregistered",
+                    "RecycleBin": r.binned.as_ref().map(bin_entry_json),
                     "DeletedSnapshots": r.deleted_snapshots.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+                    "RecycledSnapshots": r.binned_snapshots.iter().map(bin_entry_json).collect::<Vec<_>>(),
                     "KeptSnapshots": r.kept_snapshots.iter().map(|k| json!({"SnapshotId": k.snapshot.as_str(), "UsedBy": k.used_by.name()})).collect::<Vec<_>>(),
                 }));
             } else {
-                println!("{id} deregistered");
+                match &r.binned {
+                    Some(e) => println!(
+                        "{id} deregistered and kept in the recycle bin until {} (rule {}); \
+                         `blocksnap image restore-from-recycle-bin {id}` brings it back",
+                        e.recycle_bin_exit_time, e.rule
+                    ),
+                    None => println!("{id} deregistered"),
+                }
                 for s in &r.deleted_snapshots {
                     println!("  deleted {s}");
+                }
+                for e in &r.binned_snapshots {
+                    println!(
+                        "  moved {} to the recycle bin until {}",
+                        e.id, e.recycle_bin_exit_time
+                    );
                 }
                 for k in &r.kept_snapshots {
                     println!("  kept {}: {} still uses it", k.snapshot, k.used_by);

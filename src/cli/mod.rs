@@ -1,5 +1,6 @@
 //! The `blocksnap` command line: one file per noun (`snapshot`, `volume`,
-//! `store`, `region`, `image`, `instance`, `key`), each holding its clap
+//! `store`, `region`, `image`, `instance`, `key`, `policy`,
+//! `recycle_bin`), each holding its clap
 //! definitions and the glue to the library; [`app`] the global options
 //! and the dispatch; [`parse`] value parsers; [`output`] how results print;
 //! [`exit`] exit codes. The CLI parses and prints: every rule lives in the
@@ -12,6 +13,8 @@ pub mod instance;
 pub mod key;
 pub mod output;
 pub mod parse;
+pub mod policy;
+pub mod recycle_bin;
 pub mod region;
 pub mod snapshot;
 pub mod store;

@@ -11,8 +11,10 @@ use blocksnap::format::image::LaunchPermission;
 use blocksnap::format::manifest::{Block, Manifest, SnapshotMeta};
 use blocksnap::format::regions::RegionDef;
 use blocksnap::id::hex;
+use blocksnap::ops::access::Deleted;
 use blocksnap::ops::check::{BadChunk, RegionStats, VerifyReport};
 use blocksnap::ops::gc::GcReport;
+use blocksnap::ops::prune::PruneReport;
 use blocksnap::ops::restore::RestoreReport;
 use blocksnap::ops::snapshot::ChangedBlock;
 use blocksnap::ops::snapshot::Incremental;
@@ -24,6 +26,7 @@ use blocksnap::{Region, SnapshotId};
 
 pub struct Out {
     pub json: bool,
+    quiet: bool,
     bars: bool,
     /// The region acted on, to name keys by their ARNs.
     region: Option<std::sync::Arc<Region>>,
@@ -34,10 +37,16 @@ impl Out {
     pub fn new(json: bool, quiet: bool) -> Self {
         Out {
             json,
+            quiet,
             bars: !json && !quiet && std::io::stderr().is_terminal(),
             region: None,
             key_arns: Default::default(),
         }
+    }
+
+    /// `--quiet`: print only what matters.
+    pub fn quiet(&self) -> bool {
+        self.quiet
     }
 
     pub fn set_region(&mut self, region: std::sync::Arc<Region>) {
@@ -336,11 +345,97 @@ impl Out {
         );
     }
 
-    pub fn deleted(&self, id: &SnapshotId) {
-        if self.json {
-            return self.print(json!({ "SnapshotId": id.as_str(), "Deleted": true }));
+    pub fn deleted(&self, id: &SnapshotId, done: &Deleted) {
+        match done {
+            Deleted::Removed if self.json => {
+                self.print(json!({ "SnapshotId": id.as_str(), "Deleted": true }))
+            }
+            Deleted::Removed => println!(
+                "{id} deleted; run `blocksnap store gc` to reclaim chunks no other snapshot uses"
+            ),
+            Deleted::Binned(e) if self.json => self.print(json!({
+                "SnapshotId": id.as_str(),
+                "Deleted": true,
+                "RecycleBin": bin_entry_json(e),
+            })),
+            Deleted::Binned(e) => println!(
+                "{id} moved to the recycle bin until {} (rule {}); `blocksnap snapshot \
+                 restore-from-recycle-bin {id}` brings it back",
+                e.recycle_bin_exit_time, e.rule
+            ),
         }
-        println!("{id} deleted; run `blocksnap store gc` to reclaim chunks no other snapshot uses");
+    }
+
+    /// What `snapshot prune` kept and removed, and why.
+    pub fn pruned(&self, source: &str, r: &PruneReport, dry_run: bool) {
+        let removed = |m: &SnapshotMeta| {
+            if dry_run {
+                return "would be removed".to_string();
+            }
+            match r.deleted.iter().find(|(d, _)| d.id == m.id) {
+                Some((_, Deleted::Removed)) => "removed".to_string(),
+                Some((_, Deleted::Binned(e))) => {
+                    format!("moved to the recycle bin until {}", e.recycle_bin_exit_time)
+                }
+                None => match r.failed.iter().find(|(d, _)| d.id == m.id) {
+                    Some((_, e)) => format!("not removed: {e}"),
+                    None => "removed".to_string(),
+                },
+            }
+        };
+        if self.json {
+            let decisions: Vec<Value> = r
+                .decisions
+                .iter()
+                .map(|d| {
+                    json!({
+                        "SnapshotId": d.meta.id.as_str(),
+                        "StartTime": start_time(&d.meta),
+                        "Keep": d.keep(),
+                        "Reasons": d.reasons,
+                        "Outcome": if d.keep() { "kept".to_string() } else { removed(&d.meta) },
+                    })
+                })
+                .collect();
+            let held: Vec<Value> = r
+                .held
+                .iter()
+                .map(|(m, why)| json!({"SnapshotId": m.id.as_str(), "Reason": why}))
+                .collect();
+            return self.print(json!({
+                "Volume": source,
+                "DryRun": dry_run,
+                "Snapshots": decisions,
+                "Held": held,
+                "SealedNotJudged": r.sealed,
+            }));
+        }
+        let kept = r.decisions.iter().filter(|d| d.keep()).count();
+        println!(
+            "{source}: keep {kept} of {} snapshots{}",
+            r.decisions.len(),
+            if dry_run { " (dry run)" } else { "" }
+        );
+        for d in &r.decisions {
+            let what = match d.keep() {
+                true => format!("keep    ({})", d.reasons.join(", ")),
+                false => removed(&d.meta),
+            };
+            println!("  {}  {}  {what}", d.meta.id, start_time(&d.meta));
+        }
+        for (m, why) in &r.held {
+            println!("  {}  {}  keep    ({why})", m.id, start_time(m));
+        }
+        if r.sealed > 0 {
+            eprintln!(
+                "blocksnap: note: {} encrypted snapshots of yours were not judged: their source is \
+                 sealed and their key is not at hand (give the passphrase to include them)",
+                r.sealed
+            );
+        }
+        if !dry_run && r.deleted.iter().any(|(_, d)| matches!(d, Deleted::Removed)) {
+            println!("run `blocksnap store gc` to reclaim chunks no other snapshot uses");
+        }
     }
 
     pub fn restore(&self, r: &RestoreReport) {
@@ -566,6 +661,8 @@ impl Out {
                 "TempFilesRemoved": r.temp_files_removed,
                 "QuarantinedKept": r.quarantined_kept,
                 "QuarantinedRemoved": r.quarantined_removed,
+                "RecycleBinKept": r.binned_kept,
+                "RecycleBinPurged": r.binned_purged,
             }));
         }
         println!(
@@ -583,6 +680,12 @@ impl Out {
             );
         }
         quarantine_hint("kept", r.quarantined_kept);
+        if r.binned_kept + r.binned_purged > 0 {
+            println!(
+                "recycle bin: {} snapshots kept (their chunks too), {} objects purged past their retention",
+                r.binned_kept, r.binned_purged
+            );
+        }
     }
 
     pub fn stats(&self, s: &RegionStats) {
@@ -784,4 +887,25 @@ pub fn print_grants(
             LaunchPermission::Group(g) => println!("{id}: group {g} (public)"),
         }
     }
+}
+
+/// When a snapshot was taken, to the second, UTC.
+fn start_time(m: &SnapshotMeta) -> String {
+    humantime::format_rfc3339_seconds(m.created()).to_string()
+}
+
+/// A recycle bin entry in AWS's shape (ListSnapshotsInRecycleBin).
+pub fn bin_entry_json(e: &blocksnap::format::lifecycle::BinEntry) -> Value {
+    let id_key = match e.resource_type {
+        blocksnap::format::lifecycle::ResourceType::EbsSnapshot => "SnapshotId",
+        blocksnap::format::lifecycle::ResourceType::Ec2Image => "ImageId",
+    };
+    json!({
+        id_key: e.id,
+        "ResourceType": serde_json::to_value(e.resource_type).expect("serializes"),
+        "RecycleBinEnterTime": e.recycle_bin_enter_time,
+        "RecycleBinExitTime": e.recycle_bin_exit_time,
+        "RuleIdentifier": e.rule.as_str(),
+        "OwnerId": e.owner_id.as_str(),
+    })
 }

@@ -39,12 +39,26 @@ pub fn parse_size(s: &str, what: &str) -> Result<u64> {
 
 pub fn parse_tag(s: &str) -> Result<Tag> {
     match s.split_once('=') {
-        Some((k, v)) => Ok(Tag {
-            key: k.to_string(),
-            value: v.to_string(),
-        }),
+        Some((k, v)) => {
+            let tag = Tag {
+                key: k.to_string(),
+                value: v.to_string(),
+            };
+            blocksnap::lifecycle::policy::check_user_tags(std::slice::from_ref(&tag))?;
+            Ok(tag)
+        }
         None => Err(Error::InvalidArgument(format!("tag {s:?} is not KEY=VALUE")).into()),
     }
+}
+
+/// Parses a duration such as `7d`, `12h` or `30m`.
+pub fn parse_duration(s: &str, what: &str) -> Result<std::time::Duration> {
+    humantime::parse_duration(s.trim()).map_err(|e| {
+        Error::InvalidArgument(format!(
+            "{what} {s:?} is not a duration ({e}): write it as 7d, 12h or 30m"
+        ))
+        .into()
+    })
 }
 
 pub fn parse_image(s: &str) -> Result<ImageId> {

@@ -13,6 +13,7 @@ use blocksnap::image::instance;
 use blocksnap::lazy::control;
 use blocksnap::lazy::overlay::is_overlay;
 use blocksnap::lazy::snapshot::LazySnapshotOptions;
+use blocksnap::ops::prune::{self, Keep, KeepPolicy};
 use blocksnap::ops::snapshot::{self, CreateOptions, ParentChoice};
 use blocksnap::{AccountId, Region};
 
@@ -21,6 +22,7 @@ use crate::cli::parse::{
     EncryptionArgs, PermissionArgs, account_or_self, grantee_or_self, parse_size, parse_snapshot,
     parse_tag, permission_change,
 };
+use crate::cli::recycle_bin::restored_from_bin;
 
 #[derive(Subcommand, Debug)]
 pub enum SnapshotCmd {
@@ -92,7 +94,56 @@ pub enum SnapshotCmd {
     /// Blocks whose content differs between two snapshots, from the manifests alone [ListChangedBlocks]
     ChangedBlocks { first: String, second: String },
     /// Delete a snapshot; its chunks are reclaimed by `store gc` [DeleteSnapshot]
+    ///
+    /// Where a recycle bin retention rule of yours matches, the snapshot
+    /// goes to the recycle bin instead and can be restored until the
+    /// rule's retention ends.
     Delete { snapshot: String },
+    /// Bring a snapshot back from the recycle bin [RestoreSnapshotFromRecycleBin]
+    RestoreFromRecycleBin { snapshot: String },
+    /// Delete a volume's snapshots a keep policy does not keep (restic's forget buckets)
+    ///
+    /// Snapshots are taken newest first; each --keep-* option keeps the
+    /// newest snapshot of each of its newest N buckets (hours, days, ISO
+    /// weeks, months, years; UTC), --keep-last the newest N; a snapshot is
+    /// kept if any option keeps it. N may be `unlimited`. Snapshots that back
+    /// a registered image are never deleted.
+    Prune {
+        /// The volume whose snapshots (yours) are pruned
+        #[arg(long, value_name = "PATH")]
+        volume: PathBuf,
+        #[arg(long, value_name = "N")]
+        keep_last: Option<String>,
+        #[arg(long, value_name = "N")]
+        keep_hourly: Option<String>,
+        #[arg(long, value_name = "N")]
+        keep_daily: Option<String>,
+        #[arg(long, value_name = "N")]
+        keep_weekly: Option<String>,
+        #[arg(long, value_name = "N")]
+        keep_monthly: Option<String>,
+        #[arg(long, value_name = "N")]
+        keep_yearly: Option<String>,
+        /// Show what would be kept and removed; delete nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+fn parse_keep(s: Option<String>, what: &str) -> Result<Option<Keep>> {
+    let Some(s) = s else {
+        return Ok(None);
+    };
+    if s == "unlimited" || s == "-1" {
+        return Ok(Some(Keep::Unlimited));
+    }
+    match s.parse::<u32>() {
+        Ok(n) => Ok(Some(Keep::Count(n))),
+        Err(_) => Err(blocksnap::Error::InvalidArgument(format!(
+            "{what} {s:?}: give a number or `unlimited`"
+        ))
+        .into()),
+    }
 }
 
 pub fn run(
@@ -270,9 +321,42 @@ pub fn run(
         }
         SnapshotCmd::Delete { snapshot } => {
             let id = parse_snapshot(&snapshot)?;
-            access::delete(region, &id, caller)?;
-            out.deleted(&id);
+            let done = access::delete(region, &id, caller)?;
+            out.deleted(&id, &done);
             Ok(0)
+        }
+        SnapshotCmd::RestoreFromRecycleBin { snapshot } => {
+            let id = parse_snapshot(&snapshot)?;
+            let e = blocksnap::ops::recycle::restore_snapshot(region, &id, caller)?;
+            restored_from_bin(out, &e);
+            Ok(0)
+        }
+        SnapshotCmd::Prune {
+            volume,
+            keep_last,
+            keep_hourly,
+            keep_daily,
+            keep_weekly,
+            keep_monthly,
+            keep_yearly,
+            dry_run,
+        } => {
+            let policy = KeepPolicy {
+                last: parse_keep(keep_last, "--keep-last")?,
+                hourly: parse_keep(keep_hourly, "--keep-hourly")?,
+                daily: parse_keep(keep_daily, "--keep-daily")?,
+                weekly: parse_keep(keep_weekly, "--keep-weekly")?,
+                monthly: parse_keep(keep_monthly, "--keep-monthly")?,
+                yearly: parse_keep(keep_yearly, "--keep-yearly")?,
+            };
+            let source = blocksnap::volume::io::source_path(&volume);
+            let now = std::time::SystemTime::now();
+            let r = prune::prune(region, caller, &source, &policy, dry_run, now)?;
+            out.pruned(&source, &r, dry_run);
+            match r.failed.first() {
+                Some((_, e)) => Ok(crate::cli::exit::code_of(e)),
+                None => Ok(0),
+            }
         }
     }
 }
