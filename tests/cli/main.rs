@@ -14,6 +14,7 @@ mod basics; // snapshot, incremental, restore, verify, gc on each backend
 mod encryption; // encrypted snapshots and images: keys, sealed chunks, EBS's rules
 mod images; // images and instances: create, register, share, copy, launch
 mod lazy; // lazy instances: launch --lazy, attach, ext4 through FUSE, dirty-map snapshots
+mod lifecycle; // policies, prune and the recycle bin, by the library's clock and the CLI
 mod misuse; // hostile and careless use: wrong order, races, bad input
 mod mount; // volume mount: a FUSE file read by cmp, cp, e2fsck, loop and ext4
 mod s3; // regions on an S3 server: locks, gc beside writers, requests
