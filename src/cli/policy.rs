@@ -165,8 +165,8 @@ fn describe(out: &Out, p: &Policy, state: &PolicyState, now: SystemTime) -> Resu
     let retain = match &p.retain {
         Retain::Count(n) => format!("the newest {n}"),
         Retain::AgeSeconds(s) => format!(
-            "{} (and the newest)",
-            humantime::format_duration(std::time::Duration::from_secs(*s))
+            "what is under {} old (and the newest)",
+            blocksnap::ops::recycle::days_or_hours(*s)
         ),
     };
     println!(
@@ -333,8 +333,11 @@ pub fn run(
                         "blocksnap: note: another policy run is at work ({holder}); it does what is due"
                     );
                 }
+                // Quiet (cron): only what failed, so mail means trouble.
                 for (p, r) in &report.ran {
-                    print_run_text(&p.name, r);
+                    if !out.quiet() || r.outcome != "succeeded" {
+                        print_run_text(&p.name, r);
+                    }
                 }
                 if !out.quiet() {
                     for (p, next) in &report.idle {

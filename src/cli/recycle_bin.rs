@@ -7,7 +7,7 @@ use clap::Subcommand;
 use serde_json::{Value, json};
 
 use blocksnap::format::lifecycle::{BinEntry, ResourceType, RetentionRule};
-use blocksnap::ops::recycle::{self, RuleSpec, lock_state};
+use blocksnap::ops::recycle::{self, RuleSpec, days_or_hours, lock_state};
 use blocksnap::region::images;
 use blocksnap::{AccountId, Error, Region};
 
@@ -120,7 +120,7 @@ fn print_rule(out: &Out, r: &RetentionRule, now: SystemTime) {
         "{}  {}s ({tags}) kept {} after deletion  {}{}",
         r.identifier,
         r.resource_type.noun(),
-        humantime::format_duration(std::time::Duration::from_secs(r.retention_seconds)),
+        days_or_hours(r.retention_seconds),
         lock_state(r, now),
         r.lock
             .as_ref()

@@ -38,6 +38,15 @@ const MAX_RETENTION: Duration = Duration::from_secs(365 * 86400);
 const MIN_UNLOCK_DELAY: Duration = Duration::from_secs(7 * 86400);
 const MAX_UNLOCK_DELAY: Duration = Duration::from_secs(30 * 86400);
 
+/// A period as people write it here: `7d`, `36h`.
+pub fn days_or_hours(secs: u64) -> String {
+    match secs {
+        s if s.is_multiple_of(86_400) => format!("{}d", s / 86_400),
+        s if s.is_multiple_of(3600) => format!("{}h", s / 3600),
+        s => humantime::format_duration(Duration::from_secs(s)).to_string(),
+    }
+}
+
 pub fn time_string(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
@@ -158,9 +167,7 @@ fn refuse_locked(rule: &RetentionRule, now: SystemTime, what: &str) -> Result<()
                     "unlock it with `blocksnap recycle-bin rule unlock {}`, then wait its unlock \
                      delay of {}",
                     rule.identifier,
-                    humantime::format_duration(Duration::from_secs(
-                        rule.lock.as_ref().map_or(0, |l| l.unlock_delay_seconds)
-                    ))
+                    days_or_hours(rule.lock.as_ref().map_or(0, |l| l.unlock_delay_seconds))
                 ),
             };
             Err(Error::Conflict(format!(
@@ -208,7 +215,7 @@ pub fn lock_rule(
         return Err(Error::Conflict(format!(
             "retention rule {id} is locked with an unlock delay of {}: a locked rule's delay \
              cannot be shortened",
-            humantime::format_duration(Duration::from_secs(l.unlock_delay_seconds))
+            days_or_hours(l.unlock_delay_seconds)
         )));
     }
     rule.lock = Some(RuleLock {

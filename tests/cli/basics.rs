@@ -608,6 +608,59 @@ fn frozen_formats_of_every_kind_still_read() {
 }
 
 #[test]
+fn frozen_lifecycle_formats_still_read() {
+    // testdata/v4-lifecycle: a policy and its state after a run, retention
+    // rules (one locked), a snapshot and an image in the recycle bin.
+    let env = Env::new();
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/v4-lifecycle");
+    sh_ok(&format!(
+        "mkdir -p '{0}' && cp -r '{1}' '{0}/local'",
+        env.store().display(),
+        fixture.join("store").display()
+    ));
+    let owner = ["--account", "031894645168"];
+    let (binned, ami, made) = (
+        "snap-a0ec66861b46eff92",
+        "ami-7b1b5d8ee611dec8b",
+        "snap-376877e9085bd0f18",
+    );
+    let v = env.json(&["store", "verify"]);
+    assert_eq!(v["Clean"], true, "{v}");
+    let rules = env.json(&["recycle-bin", "rule", "list", owner[0], owner[1]]);
+    let states: Vec<&str> = rules["Rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["LockState"].as_str().unwrap())
+        .collect();
+    assert_eq!(states.len(), 2, "{rules}");
+    assert!(states.contains(&"locked"), "{rules}");
+    let bin = env.json(&["recycle-bin", "list", owner[0], owner[1]]);
+    assert_eq!(bin["Snapshots"][0]["SnapshotId"], binned, "{bin}");
+    assert_eq!(bin["Images"][0]["ImageId"], ami, "{bin}");
+    let p = env.json(&["policy", "describe", "fixture-policy", owner[0], owner[1]]);
+    assert_eq!(p["LastRun"]["Outcome"], "succeeded", "{p}");
+    assert_eq!(p["LastRun"]["Targets"][0]["Created"][0], made, "{p}");
+    assert_eq!(p["PolicyDetails"]["Schedules"][0]["RetainRule"]["Count"], 2);
+    env.ok(&[
+        "snapshot",
+        "restore-from-recycle-bin",
+        binned,
+        owner[0],
+        owner[1],
+    ]);
+    env.ok(&["image", "restore-from-recycle-bin", ami, owner[0], owner[1]]);
+    let img = env.json(&["image", "describe", ami, owner[0], owner[1]]);
+    assert_eq!(img["Images"][0]["State"], "available", "{img}");
+    let v1 = fixture.join("../v1-all-formats/volume-v1.img");
+    for (snap, volume) in [(binned, v1), (made, fixture.join("volume-v2.img"))] {
+        let out = env.path(&format!("{snap}.img"));
+        env.ok(&["volume", "restore", snap, s(&out), owner[0], owner[1]]);
+        assert_same(&out, &volume);
+    }
+}
+
+#[test]
 fn frozen_encrypted_formats_still_read() {
     // testdata/v2-encrypted: keys (one wrapped in the region, one in a key
     // file), the region's encryption by default, sealed chunks of every

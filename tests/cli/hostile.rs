@@ -326,3 +326,38 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// The lifecycle's records (read from a shared region): every file of the
+/// released fixture, and its mutations.
+#[test]
+fn lifecycle_record_decoders_survive_mutations() {
+    use blocksnap::format::lifecycle::{
+        decode_bin_entry, decode_policy, decode_policy_state, decode_rule,
+    };
+    let dir = Path::new(CORPUS).join("../v4-lifecycle/store");
+    let p = &Location::from(dir.as_path());
+    let files = [
+        ("policies/policy-9fe627ac135222dce.json", 0),
+        ("policies/policy-9fe627ac135222dce.state.json", 1),
+        ("recycle-bin/rules/rule-3d52ff2e123a7cf4d.json", 2),
+        ("recycle-bin/snapshots/snap-a0ec66861b46eff92.json", 3),
+        ("recycle-bin/images/ami-7b1b5d8ee611dec8b.json", 3),
+    ];
+    for (name, kind) in files {
+        let bytes = std::fs::read(dir.join(name)).unwrap();
+        let decode = |b: &[u8]| match kind {
+            0 => decode_policy(b, p).is_ok(),
+            1 => decode_policy_state(b, p).is_ok(),
+            2 => decode_rule(b, p).is_ok(),
+            _ => decode_bin_entry(b, p).is_ok(),
+        };
+        assert!(decode(&bytes), "{name} decodes");
+        for input in mutations(&bytes) {
+            let r = std::panic::catch_unwind(|| decode(&input));
+            assert!(r.is_ok(), "the decoder of {name} panicked");
+        }
+        // Another kind's record is refused by name, never taken for this one.
+        let other = std::fs::read(dir.join(files[(kind + 1) % 4].0)).unwrap();
+        assert!(!decode(&other), "{name}: another format accepted");
+    }
+}

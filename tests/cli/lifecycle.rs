@@ -46,6 +46,10 @@ fn ext4_volume(path: &Path, seed: u64) {
 }
 
 fn open(env: &Env, name: &str) -> Arc<Region> {
+    // The library reads no environment: S3 credentials come in as the
+    // binary passes them, through the settings.
+    let settings = blocksnap::settings::Settings::from_vars(|n| std::env::var(n).ok());
+    blocksnap::settings::install(settings.unwrap());
     let region = match name {
         "local" => Region::open_or_create(&env.store(), name),
         _ => Region::open(&env.store(), name),
