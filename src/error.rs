@@ -95,10 +95,13 @@ pub enum Error {
     #[error("{0}")]
     NotFound(String),
 
-    #[error(
-        "snapshot {id} not found in region {region}: run `blocksnap snapshot list` to see the snapshots there"
-    )]
-    SnapshotNotFound { id: SnapshotId, region: String },
+    #[error("{}", snapshot_not_found(id, region, *binned))]
+    SnapshotNotFound {
+        id: SnapshotId,
+        region: String,
+        /// It is in the recycle bin.
+        binned: bool,
+    },
 
     #[error(
         "parent {parent} uses {parent_block_size}-byte blocks but this snapshot asks for \
@@ -248,6 +251,19 @@ pub enum Error {
         #[source]
         source: Option<std::sync::Arc<dyn std::error::Error + Send + Sync>>,
     },
+}
+
+fn snapshot_not_found(id: &SnapshotId, region: &str, binned: bool) -> String {
+    match binned {
+        true => format!(
+            "snapshot {id} is in the recycle bin of region {region}: bring it back with \
+             `blocksnap snapshot restore-from-recycle-bin {id}`"
+        ),
+        false => format!(
+            "snapshot {id} not found in region {region}: run `blocksnap snapshot list` to see the \
+             snapshots there"
+        ),
+    }
 }
 
 impl Error {

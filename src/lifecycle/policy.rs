@@ -37,8 +37,10 @@ use crate::image::copy::{CopyOptions, copy_image, copy_snapshot};
 use crate::image::create::{
     ImageCreateOptions, MapSource, MapSpec, create_from_instance, create_from_volumes,
 };
+use crate::image::instance::lazy_device_of;
 use crate::image::ops::deregister_at;
 use crate::image::rules::validate_name;
+use crate::lazy::overlay::is_overlay;
 use crate::lifecycle::schedule::Schedule;
 use crate::ops::access::{Deleted, delete_at};
 use crate::ops::recycle::{parse_time, time_string};
@@ -211,6 +213,17 @@ pub fn create(
     }
     if spec.image_name_prefix.is_some() && !spec.create_image {
         return bad("--image-name-prefix needs --create-image".into());
+    }
+    for t in &spec.targets {
+        if let PolicyTarget::Volume(v) = t {
+            let path = Path::new(v);
+            if is_overlay(path) || lazy_device_of(path)?.is_some() {
+                return bad(format!(
+                    "{v} is a lazy volume: a policy takes it through its instance \
+                     (--instance DIR --create-image), or through `snapshot create` by hand"
+                ));
+            }
+        }
     }
     let schedule = Schedule::from_str(&spec.schedule)?;
     if schedule.next_slot(now).is_none() {

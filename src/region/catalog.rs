@@ -201,9 +201,14 @@ impl Region {
     }
 
     fn not_found(&self, id: &SnapshotId) -> Error {
+        let binned = self
+            .backend
+            .read_head(&binned_snapshot_key(id), 0)
+            .is_ok_and(|h| h.is_some());
         Error::SnapshotNotFound {
             id: id.clone(),
             region: self.name().to_string(),
+            binned,
         }
     }
 

@@ -282,6 +282,24 @@ fn a_missing_target_is_reported_and_the_others_proceed() {
     );
     assert_eq!(targets[1]["Outcome"], "succeeded");
     assert_eq!(of_policy(&region, &p).len(), 1);
+    // Another account: its own policies only.
+    env.fails(
+        &["--account", "222222222222", "policy", "describe", "two"],
+        3,
+    );
+    let id = p.policy_id.to_string();
+    env.fails(&["--account", "222222222222", "policy", "delete", &id], 6);
+    env.fails(
+        &[
+            "--account",
+            "222222222222",
+            "policy",
+            "run",
+            "--policy",
+            &id,
+        ],
+        6,
+    );
     // The slot is done: running again does nothing until the next one.
     let again = env.ok(&["policy", "run"]);
     assert!(again.contains("nothing due"), "{again}");
@@ -613,7 +631,8 @@ fn recycle_bin_round_trip(env: &Env) {
     assert!(d.get("RecycleBin").is_none(), "{d}");
     let d = env.json(&["snapshot", "delete", &keep]);
     assert_eq!(d["RecycleBin"]["SnapshotId"], keep.as_str(), "{d}");
-    env.fails(&["snapshot", "describe", &keep], 3);
+    let e = env.fails(&["snapshot", "describe", &keep], 3);
+    assert!(e.contains("recycle bin"), "{e}");
     env.fails(&["volume", "restore", &keep, s(&env.path("x.img"))], 3);
     // Another account may neither see nor bring it back.
     let other = env.json(&["--account", "222222222222", "recycle-bin", "list"]);
