@@ -647,9 +647,20 @@ fn retire_snapshots(
         if !users_of(&images.images, &m.id).is_empty() {
             continue;
         }
-        let d = delete_at(region, &m.id, ctx.caller, ctx.now)?;
-        out.deleted.push(deleted_name(m.id.as_str(), &d));
+        retire(region, ctx, &m.id, out)?;
     }
+    Ok(())
+}
+
+/// Deletes (or bins) snapshot `id` and says so in `out`.
+fn retire(
+    region: &Region,
+    ctx: &RunContext,
+    id: &SnapshotId,
+    out: &mut TargetOutcome,
+) -> Result<()> {
+    let d = delete_at(region, id, ctx.caller, ctx.now)?;
+    out.deleted.push(deleted_name(id.as_str(), &d));
     Ok(())
 }
 
@@ -727,8 +738,7 @@ fn discard_strays(
         .collect();
     for m in made_snapshots(region, ctx.caller, policy, target)? {
         if !used.contains(&&m.id) {
-            let d = delete_at(region, &m.id, ctx.caller, ctx.now)?;
-            out.deleted.push(deleted_name(m.id.as_str(), &d));
+            retire(region, ctx, &m.id, out)?;
         }
     }
     Ok(())

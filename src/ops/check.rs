@@ -12,6 +12,7 @@ use crate::format::chunk;
 use crate::format::image::ImageState;
 use crate::format::key::DataKey;
 use crate::id::{ChunkId, KeyId, Namer, SnapshotId};
+use crate::ops::recycle::binned_snapshots;
 use crate::progress::Progress;
 use crate::region::catalog::Region;
 use crate::region::{images, permissions};
@@ -92,6 +93,24 @@ pub fn verify(
 /// [`verify`], and with `repair` move every corrupt chunk aside
 /// (`<chunk>.bad`): the snapshots that need it stay unrestorable until a
 /// new snapshot of the same data stores the chunk again.
+/// Records that snapshot `id`, under `key`, needs each chunk of `names`
+/// (known by name only: no offset).
+fn need_all(
+    needed: &mut HashMap<ChunkId, ChunkUse>,
+    under: &mut HashMap<ChunkId, Option<KeyId>>,
+    id: &SnapshotId,
+    key: Option<KeyId>,
+    names: Vec<ChunkId>,
+) {
+    for c in names {
+        under.entry(c).or_insert(key);
+        needed.entry(c).or_insert_with(|| ChunkUse {
+            snapshot: id.clone(),
+            offset: 0,
+        });
+    }
+}
+
 pub fn verify_and_repair(
     region: &Region,
     only: Option<&SnapshotId>,
@@ -124,13 +143,7 @@ pub fn verify_and_repair(
                     .and_then(|m| Ok((m.kms_key_id, region.snapshot_chunk_names(&id)?)));
                 match names {
                     Ok((key, names)) => {
-                        for c in names {
-                            under.entry(c).or_insert(key);
-                            needed.entry(c).or_insert_with(|| ChunkUse {
-                                snapshot: id.clone(),
-                                offset: 0,
-                            });
-                        }
+                        need_all(&mut needed, &mut under, &id, key, names);
                         report.snapshots_checked += 1;
                         continue;
                     }
@@ -158,6 +171,23 @@ pub fn verify_and_repair(
         }
     }
     if only.is_none() {
+        // Snapshots in the recycle bin: the chunks they name (from the name
+        // table, no key needed) must be there and sound to bring them back.
+        for e in binned_snapshots(region)? {
+            let Ok(id) = e.id.parse::<SnapshotId>() else {
+                continue;
+            };
+            let names = region
+                .read_binned_snapshot_meta(&id)
+                .and_then(|m| Ok((m.kms_key_id, region.binned_snapshot_chunk_names(&id)?)));
+            match names {
+                Ok((key, names)) => {
+                    need_all(&mut needed, &mut under, &id, key, names);
+                    report.snapshots_checked += 1;
+                }
+                Err(e) => report.damaged_manifests.push(e.to_string()),
+            }
+        }
         // Snapshot permission files: readable (a damaged one grants
         // nothing, so it is damage to report).
         for id in permissions::listed(region)? {

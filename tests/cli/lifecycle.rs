@@ -45,6 +45,29 @@ fn ext4_volume(path: &Path, seed: u64) {
     sh_ok(&format!("mkfs.ext4 -q -F -d {} {} 16M", s(&dir), s(path)));
 }
 
+/// One ext4 volume (`disk.img`, files from `seed`) in the local region:
+/// the region, its owner and the volume as a policy target.
+struct World {
+    vol: std::path::PathBuf,
+    region: Arc<Region>,
+    me: AccountId,
+    target: PolicyTarget,
+}
+
+fn world(env: &Env, seed: u64) -> World {
+    let vol = env.path("disk.img");
+    ext4_volume(&vol, seed);
+    let region = open(env, "local");
+    let me = region.info().owner.clone();
+    let target = PolicyTarget::Volume(blocksnap::volume::io::source_path(&vol));
+    World {
+        vol,
+        region,
+        me,
+        target,
+    }
+}
+
 fn open(env: &Env, name: &str) -> Arc<Region> {
     // The library reads no environment: S3 credentials come in as the
     // binary passes them, through the settings.
@@ -112,11 +135,12 @@ fn of_policy(region: &Region, p: &blocksnap::format::lifecycle::Policy) -> Vec<S
 #[test]
 fn a_week_of_hourly_runs_keeps_the_newest_24_of_that_policy_and_nothing_of_another() {
     let env = Env::new();
-    let vol = env.path("disk.img");
-    ext4_volume(&vol, 1);
-    let region = open(&env, "local");
-    let me = region.info().owner.clone();
-    let target = PolicyTarget::Volume(blocksnap::volume::io::source_path(&vol));
+    let World {
+        vol,
+        region,
+        me,
+        target,
+    } = world(&env, 1);
     let t0 = t("2026-11-02T00:30:00Z");
     let hourly = policy::create(
         &region,
@@ -182,12 +206,13 @@ fn a_week_of_hourly_runs_keeps_the_newest_24_of_that_policy_and_nothing_of_anoth
 }
 
 fn age_retention_and_copies(env: &Env) {
-    let vol = env.path("disk.img");
-    ext4_volume(&vol, 2);
-    let region = open(env, "local");
+    let World {
+        vol,
+        region,
+        me,
+        target,
+    } = world(env, 2);
     let west = open(env, "eu-west-1");
-    let me = region.info().owner.clone();
-    let target = PolicyTarget::Volume(blocksnap::volume::io::source_path(&vol));
     let mut sp = spec("daily", vec![target], "1d", Retain::AgeSeconds(3 * DAY));
     sp.copy = Some(blocksnap::format::lifecycle::CrossRegionCopy {
         target_region: "eu-west-1".into(),
@@ -393,11 +418,12 @@ fn two_runs_at_once_do_the_work_once_and_a_killed_run_is_completed_by_the_next()
 #[test]
 fn a_snapshot_made_for_the_slot_before_a_crash_is_not_made_twice() {
     let env = Env::new();
-    let vol = env.path("disk.img");
-    ext4_volume(&vol, 5);
-    let region = open(&env, "local");
-    let me = region.info().owner.clone();
-    let target = PolicyTarget::Volume(blocksnap::volume::io::source_path(&vol));
+    let World {
+        vol,
+        region,
+        me,
+        target,
+    } = world(&env, 5);
     let t0 = t("2026-11-02T00:30:00Z");
     let p = policy::create(
         &region,
@@ -697,10 +723,9 @@ on_each_backend!(
 #[test]
 fn the_bin_is_purged_after_its_retention_and_only_then() {
     let env = Env::new();
-    let vol = env.path("disk.img");
-    ext4_volume(&vol, 8);
-    let region = open(&env, "local");
-    let me = region.info().owner.clone();
+    let World {
+        vol, region, me, ..
+    } = world(&env, 8);
     let snap = snapshot::create(&region, &vol, &CreateOptions::default(), &NoProgress).unwrap();
     let rule = RuleSpec {
         resource_type: ResourceType::EbsSnapshot,
@@ -716,6 +741,20 @@ fn the_bin_is_purged_after_its_retention_and_only_then() {
     let chunks = || region.chunks().list_stored().unwrap().len();
     let stored = chunks();
     assert!(stored > 0);
+    // store verify checks what a binned snapshot needs: a chunk removed
+    // under it is damage.
+    let v = blocksnap::ops::check::verify(&region, None, 1, &NoProgress).unwrap();
+    assert!(v.is_clean());
+    assert_eq!(v.snapshots_checked, 1);
+    let victim = region.chunks().list_stored().unwrap()[0].id;
+    let bytes = region.chunks().get(&victim).unwrap();
+    region.chunks().remove(&victim).unwrap();
+    let v = blocksnap::ops::check::verify(&region, None, 1, &NoProgress).unwrap();
+    assert!(
+        !v.is_clean(),
+        "a missing chunk of a binned snapshot is damage"
+    );
+    region.chunks().put(&victim, &bytes).unwrap();
     let r = gc_at(&region, false, t0 + Duration::from_secs(HOUR - 60)).unwrap();
     assert_eq!(
         (r.binned_kept, r.binned_purged, r.chunks_removed),
