@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use blocksnap::error::Error;
-use blocksnap::format::lifecycle::{PolicyTarget, ResourceType, Retain};
+use blocksnap::format::lifecycle::{Policy, PolicyTarget, ResourceType, Retain};
 use blocksnap::format::manifest::{SnapshotMeta, Tag};
 use blocksnap::lifecycle::policy::{self, POLICY_TAG, PolicySpec, RunContext, SLOT_TAG};
 use blocksnap::ops::access::{self, Deleted};
@@ -52,6 +52,13 @@ struct World {
     region: Arc<Region>,
     me: AccountId,
     target: PolicyTarget,
+}
+
+impl World {
+    /// Policy `sp` of the volume's owner, created at `at`.
+    fn policy(&self, env: &Env, sp: &PolicySpec, at: SystemTime) -> Policy {
+        policy::create(&self.region, &env.store(), &self.me, sp, at).unwrap()
+    }
 }
 
 fn world(env: &Env, seed: u64) -> World {
@@ -135,29 +142,24 @@ fn of_policy(region: &Region, p: &blocksnap::format::lifecycle::Policy) -> Vec<S
 #[test]
 fn a_week_of_hourly_runs_keeps_the_newest_24_of_that_policy_and_nothing_of_another() {
     let env = Env::new();
-    let World {
-        vol,
-        region,
-        me,
-        target,
-    } = world(&env, 1);
+    let w = world(&env, 1);
+    let (vol, region, me, target) = (
+        w.vol.clone(),
+        w.region.clone(),
+        w.me.clone(),
+        w.target.clone(),
+    );
     let t0 = t("2026-11-02T00:30:00Z");
-    let hourly = policy::create(
-        &region,
-        &env.store(),
-        &me,
+    let hourly = w.policy(
+        &env,
         &spec("hourly", vec![target.clone()], "1h", Retain::Count(24)),
         t0,
-    )
-    .unwrap();
-    let daily = policy::create(
-        &region,
-        &env.store(),
-        &me,
+    );
+    let daily = w.policy(
+        &env,
         &spec("daily", vec![target], "1d", Retain::Count(1000)),
         t0,
-    )
-    .unwrap();
+    );
     // Made by hand: no policy's to retire.
     let manual = snapshot::create(&region, &vol, &CreateOptions::default(), &NoProgress).unwrap();
     // Created at 00:30: the 00:00 slot predates the policy.
@@ -418,21 +420,19 @@ fn two_runs_at_once_do_the_work_once_and_a_killed_run_is_completed_by_the_next()
 #[test]
 fn a_snapshot_made_for_the_slot_before_a_crash_is_not_made_twice() {
     let env = Env::new();
-    let World {
-        vol,
-        region,
-        me,
-        target,
-    } = world(&env, 5);
+    let w = world(&env, 5);
+    let (vol, region, me, target) = (
+        w.vol.clone(),
+        w.region.clone(),
+        w.me.clone(),
+        w.target.clone(),
+    );
     let t0 = t("2026-11-02T00:30:00Z");
-    let p = policy::create(
-        &region,
-        &env.store(),
-        &me,
+    let p = w.policy(
+        &env,
         &spec("hourly-db", vec![target.clone()], "1h", Retain::Count(5)),
         t0,
-    )
-    .unwrap();
+    );
     let mut tags = p.tags.clone();
     for (k, v) in [
         (POLICY_TAG, p.policy_id.as_str()),
