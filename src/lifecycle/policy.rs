@@ -48,6 +48,7 @@ use crate::ops::snapshot::{self, CreateOptions, ParentChoice, validate_labels};
 use crate::progress::Progress;
 use crate::region::catalog::Region;
 use crate::region::images::{self, ImageView, users_of};
+use crate::volume::nbd::is_nbd_uri;
 
 /// The tag naming the policy that made a snapshot or image.
 pub const POLICY_TAG: &str = "blocksnap:lifecycle-policy-id";
@@ -190,7 +191,13 @@ pub fn create(
     now: SystemTime,
 ) -> Result<Policy> {
     let bad = |m: String| Err(Error::InvalidArgument(m));
-    validate_name(&spec.name)?;
+    let name_ok = |c: char| c.is_ascii_alphanumeric() || " -_.".contains(c);
+    if spec.name.is_empty() || spec.name.chars().count() > 128 || !spec.name.chars().all(name_ok) {
+        return bad(format!(
+            "policy name {:?} is not allowed: use 1 to 128 letters, digits, spaces, '-', '_' or '.'",
+            spec.name
+        ));
+    }
     if spec.name.starts_with("policy-") {
         return bad(format!(
             "policy name {:?} looks like a policy id: pick a name that does not start with policy-",
@@ -215,6 +222,18 @@ pub fn create(
         return bad("--image-name-prefix needs --create-image".into());
     }
     for t in &spec.targets {
+        // A typo is caught now, not at the first run; a target that goes
+        // away later is reported by the run it fails.
+        let there = match t {
+            PolicyTarget::Volume(v) => is_nbd_uri(v) || Path::new(v).exists(),
+            PolicyTarget::Instance(d) => Path::new(d).join("instance.json").is_file(),
+        };
+        if !there {
+            return Err(Error::NotFound(format!(
+                "{t} does not exist: check the path (an instance is a directory made by \
+                 `blocksnap instance launch`)"
+            )));
+        }
         if let PolicyTarget::Volume(v) = t {
             let path = Path::new(v);
             if is_overlay(path) || lazy_device_of(path)?.is_some() {
