@@ -328,7 +328,7 @@ pub fn run(
                     "Busy": report.busy,
                 }));
             } else {
-                if let Some(holder) = &report.busy {
+                if let Some(holder) = report.busy.as_ref().filter(|_| !out.quiet()) {
                     eprintln!(
                         "blocksnap: note: another policy run is at work ({holder}); it does what is due"
                     );
