@@ -2,7 +2,11 @@
 # blocksnap beside the tools its users would pick instead, on the same
 # images, in one run: full snapshot, incremental, bytes the incremental
 # stored, restore (and whether it is sparse), delta restore; plus the
-# floors `b3sum` (hashing) and `zstd -1` (compression). Medians of RUNS.
+# floors `b3sum` (hashing) and `zstd -1` (compression), and each target's
+# floor from the same run (the incremental's: b3sum of v2 plus zstd -1 of
+# the changed blocks; the delta restore's: b3sum of the target plus
+# writing the differing blocks; the increment's: the changed 4 KiB pages).
+# Medians of RUNS. PEERS="" measures blocksnap and the floors alone.
 #
 # Usage: scripts/bench-peers.sh [WORKDIR]
 #   RUNS=3 SIZE=4G TEXT_MB=1350 RANDOM_MB=1350 WRITES=1311 scripts/bench-peers.sh
@@ -183,6 +187,55 @@ for peer in $PEERS; do
     esac || true
 done
 
+# The floors of the incremental and the delta restore, from the same
+# images: which 512 KiB blocks and 4 KiB pages v2 changes, their bytes.
+python3 - <<'PY'
+import os
+bs, page = 512 << 10, 4096
+blocks, pages = [], 0
+with open("v1.img", "rb") as a, open("v2.img", "rb") as b, open(".changed.bin", "wb") as out:
+    size = os.fstat(a.fileno()).st_size
+    for off in range(0, size, bs):
+        x, y = a.read(bs), b.read(bs)
+        if x != y:
+            blocks.append(off)
+            out.write(y)
+            pages += sum(x[i:i + page] != y[i:i + page] for i in range(0, len(x), page))
+with open(".changed.txt", "w") as f:
+    f.write(" ".join(map(str, blocks)) + "\n%d %d\n" % (len(blocks), pages * page))
+PY
+read -r CHANGED_BLOCKS CHANGED_PAGE_BYTES < <(sed -n 2p .changed.txt)
+B3_V2=$(floor b3sum --num-threads "$cores" v2.img)
+ZSTD_CHANGED=$(floor zstd -1 -T"$cores" -c .changed.bin)
+INC_FLOOR=$(awk -v a="$B3_V2" -v b="$ZSTD_CHANGED" 'BEGIN{printf "%.2f", a+b}')
+# Writing the differing blocks back in place, durably (what a delta restore
+# of v1 onto v2 must write), beside hashing the target.
+write_changed() {
+    cp --sparse=always v2.img out/w.img; sync
+    t python3 -c '
+import os
+offs = list(map(int, open(".changed.txt").readline().split()))
+src = os.open("v1.img", os.O_RDONLY); dst = os.open("out/w.img", os.O_WRONLY)
+for o in offs:
+    os.pwrite(dst, os.pread(src, 512 << 10, o), o)
+os.fsync(dst)'
+}
+WCS=(); for _ in $(seq 1 "$RUNS"); do WCS+=("$(write_changed)"); done
+WRITE_CHANGED=$(printf '%s\n' "${WCS[@]}" | median)
+DELTA_FLOOR=$(awk -v a="$B3_V2" -v b="$WRITE_CHANGED" 'BEGIN{printf "%.2f", a+b}')
+# A full snapshot into a store that exists already (its chunk directories
+# made by another volume's snapshot) beside a fresh one, alternating.
+FRESH=(); EXISTING=()
+for _ in $(seq 1 "$RUNS"); do
+    rm -rf repo; sync
+    FRESH+=("$(t "$bin" -q --store repo snapshot create v1.img --no-parent)")
+    rm -rf repo; "$bin" -q --store repo snapshot create dense1g.img --no-parent >/dev/null; sync
+    EXISTING+=("$(t "$bin" -q --store repo snapshot create v1.img --no-parent)")
+done
+FULL_FRESH=$(printf '%s\n' "${FRESH[@]}" | median)
+FULL_EXISTING=$(printf '%s\n' "${EXISTING[@]}" | median)
+rm -rf repo
+
 # Sparse vs dense (target 7).
 rm -rf repo; sync
 SPARSE8=$(t "$bin" -q --store repo snapshot create sparse8g.img --no-parent); rm -rf repo; sync
@@ -218,3 +271,14 @@ echo "| 5. full store size ÷ borg zstd-3's | $(ratio "${FULLSTORE[blocksnap]}" 
 echo "| 7. 8 GiB sparse (1 GiB data) ÷ dense 1 GiB | $(ratio "$SPARSE8" "$DENSE1") | ≤ 1.30 |"
 echo
 echo "blocksnap full store: $(mb "${FULLSTORE[blocksnap]}"); largest manifest: $bs_manifest bytes; sparse 8 GiB: $SPARSE8 s; dense 1 GiB: $DENSE1 s"
+echo
+echo "Floors, same run ($CHANGED_BLOCKS changed blocks, $(mb "$CHANGED_PAGE_BYTES") in changed 4 KiB pages):"
+echo
+echo "| target | floor | blocksnap | ratio | goal |"
+echo "|---|---|---|---|---|"
+echo "| full snapshot, existing store | zstd -1 -T$cores: $ZSTD s | $FULL_EXISTING s | $(ratio "$FULL_EXISTING" "$ZSTD") | ≤ 1.2 |"
+echo "| full snapshot, fresh store | zstd -1 -T$cores: $ZSTD s | $FULL_FRESH s | $(ratio "$FULL_FRESH" "$ZSTD") | ≤ 1.3 |"
+echo "| incremental, no dirty map | b3sum v2 $B3_V2 s + zstd -1 of the changed blocks $ZSTD_CHANGED s = $INC_FLOOR s | ${INC[blocksnap]} s | $(ratio "${INC[blocksnap]}" "$INC_FLOOR") | ≤ 1.2 |"
+echo "| increment stored | changed 4 KiB pages: $(mb "$CHANGED_PAGE_BYTES") | $(mb "${STORED[blocksnap]}") | $(ratio "${STORED[blocksnap]}" "$CHANGED_PAGE_BYTES") | ≤ 1.25 |"
+echo "| delta restore | b3sum of the target $B3_V2 s + writing the differing blocks $WRITE_CHANGED s = $DELTA_FLOOR s | ${DELTA[blocksnap]} s | $(ratio "${DELTA[blocksnap]}" "$DELTA_FLOOR") | ≤ 1.3 |"
+rm -f .changed.bin .changed.txt
