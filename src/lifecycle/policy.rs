@@ -25,7 +25,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::format::image::{DeviceName, ImageState};
 use crate::format::lifecycle::{
     CrossRegionCopy, MAX_RECORD, Policy, PolicyRun, PolicyState, PolicyStatus, PolicyTarget,
@@ -671,15 +671,20 @@ fn retire_snapshots(
     Ok(())
 }
 
-/// Deletes (or bins) snapshot `id` and says so in `out`.
+/// Deletes (or bins) snapshot `id` and says so in `out`. One that must
+/// stay (a lazy volume reads it, an image uses it) stays, and is tried
+/// again by the next run.
 fn retire(
     region: &Region,
     ctx: &RunContext,
     id: &SnapshotId,
     out: &mut TargetOutcome,
 ) -> Result<()> {
-    let d = delete_at(region, id, ctx.caller, ctx.now)?;
-    out.deleted.push(deleted_name(id.as_str(), &d));
+    match delete_at(region, id, ctx.caller, ctx.now) {
+        Ok(d) => out.deleted.push(deleted_name(id.as_str(), &d)),
+        Err(e) if e.kind() == ErrorKind::Conflict => {}
+        Err(e) => return Err(e),
+    }
     Ok(())
 }
 
