@@ -22,7 +22,7 @@ SIZE=${SIZE:-4G}
 TEXT_MB=${TEXT_MB:-1350}
 RANDOM_MB=${RANDOM_MB:-1350}
 WRITES=${WRITES:-1311}
-PEERS=${PEERS:-"borg-lz4 borg-zstd borg-fixed restic casync rustic"}
+PEERS=${PEERS-"borg-lz4 borg-zstd borg-fixed restic casync rustic"}
 cores=$(nproc)
 work=${1:-/tmp/blocksnap-peers}
 mkdir -p "$work"

@@ -59,7 +59,7 @@ pub struct Global {
     /// Print one JSON document in AWS CLI shapes
     #[arg(long, global = true)]
     pub json: bool,
-    /// No progress bar
+    /// No progress bar; `policy run` prints only what failed
     #[arg(long, short, global = true)]
     pub quiet: bool,
     /// Read the passphrase of encryption keys from FILE (its first line)
