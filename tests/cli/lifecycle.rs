@@ -267,6 +267,58 @@ on_each_backend!(
     age_retention_and_copies
 );
 
+/// The images a region holds that policy `p` made, available ones only,
+/// oldest slot first.
+fn images_of(region: &Region, p: &Policy) -> Vec<blocksnap::region::images::ImageView> {
+    let mut v: Vec<_> = blocksnap::region::images::list(region)
+        .unwrap()
+        .images
+        .into_iter()
+        .filter(|v| {
+            v.state.state == blocksnap::format::image::ImageState::Available
+                && v.image
+                    .tags
+                    .iter()
+                    .any(|t| t.key == POLICY_TAG && t.value == p.policy_id.as_str())
+        })
+        .collect();
+    v.sort_by(|a, b| a.image.name.cmp(&b.image.name));
+    v
+}
+
+#[test]
+fn an_image_policy_copies_its_images_and_retires_them_with_their_snapshots() {
+    let env = Env::with_test_regions();
+    let w = world(&env, 9);
+    let west = open(&env, "eu-west-1");
+    let mut sp = spec("images", vec![w.target.clone()], "1d", Retain::Count(2));
+    sp.create_image = true;
+    sp.copy = Some(blocksnap::format::lifecycle::CrossRegionCopy {
+        target_region: "eu-west-1".into(),
+        retain_count: 1,
+    });
+    let t0 = t("2026-11-01T12:00:00Z");
+    let p = w.policy(&env, &sp, t0);
+    for d in 1..=4u64 {
+        let r = run_at(&env, &w.region, &w.me, t0 + Duration::from_secs(d * DAY));
+        assert!(!r.failed(), "{:?}", r.ran);
+    }
+    let here = images_of(&w.region, &p);
+    let names: Vec<&str> = here.iter().map(|v| v.image.name.as_str()).collect();
+    assert_eq!(names, ["images-20261104T0000Z", "images-20261105T0000Z"]);
+    // Retired images took their snapshots with them: only the two kept
+    // images' snapshots are the policy's.
+    assert_eq!(of_policy(&w.region, &p).len(), 2);
+    let there = images_of(&west, &p);
+    assert_eq!(there.len(), 1, "the copies keep their own count");
+    assert_eq!(there[0].image.name, "images-20261105T0000Z");
+    let snap = there[0].image.snapshot_ids().next().unwrap().clone();
+    let out = env.path("copy.img");
+    restore::restore(&west, &snap, &out, &RestoreOptions::default(), &NoProgress).unwrap();
+    assert_same(&out, &w.vol);
+    assert_fsck_clean(&out);
+}
+
 #[test]
 fn a_missing_target_is_reported_and_the_others_proceed() {
     let env = Env::new();
