@@ -20,7 +20,7 @@ use blocksnap::ops::recycle::{self, RuleSpec};
 use blocksnap::ops::restore::{self, RestoreOptions};
 use blocksnap::ops::snapshot::{self, CreateOptions};
 use blocksnap::progress::NoProgress;
-use blocksnap::{AccountId, Region};
+use blocksnap::{AccountId, Region, SnapshotId};
 
 use crate::util::{Env, assert_fsck_clean, assert_same, id, s, sh_ok};
 
@@ -73,6 +73,26 @@ fn world(env: &Env, seed: u64) -> World {
         me,
         target,
     }
+}
+
+/// A world (seed `seed`) with an hourly policy `name` keeping `keep`,
+/// created at 00:30 on 2 November 2026 (returned).
+fn hourly_world(env: &Env, seed: u64, name: &str, keep: u32) -> (World, Policy, SystemTime) {
+    let w = world(env, seed);
+    let t0 = t("2026-11-02T00:30:00Z");
+    let sp = spec(name, vec![w.target.clone()], "1h", Retain::Count(keep));
+    let p = w.policy(env, &sp, t0);
+    (w, p, t0)
+}
+
+/// Restores `snap` of `region` to a new file and checks it is `vol`, byte
+/// for byte, and a clean ext4.
+fn restores_as(env: &Env, region: &Region, snap: &SnapshotId, vol: &Path) {
+    let out = env.path("restored-check.img");
+    let _ = fs::remove_file(&out);
+    restore::restore(region, snap, &out, &RestoreOptions::default(), &NoProgress).unwrap();
+    assert_same(&out, vol);
+    assert_fsck_clean(&out);
 }
 
 fn open(env: &Env, name: &str) -> Arc<Region> {
@@ -142,18 +162,12 @@ fn of_policy(region: &Region, p: &blocksnap::format::lifecycle::Policy) -> Vec<S
 #[test]
 fn a_week_of_hourly_runs_keeps_the_newest_24_of_that_policy_and_nothing_of_another() {
     let env = Env::new();
-    let w = world(&env, 1);
+    let (w, hourly, t0) = hourly_world(&env, 1, "hourly", 24);
     let (vol, region, me, target) = (
         w.vol.clone(),
         w.region.clone(),
         w.me.clone(),
         w.target.clone(),
-    );
-    let t0 = t("2026-11-02T00:30:00Z");
-    let hourly = w.policy(
-        &env,
-        &spec("hourly", vec![target.clone()], "1h", Retain::Count(24)),
-        t0,
     );
     let daily = w.policy(
         &env,
@@ -193,16 +207,7 @@ fn a_week_of_hourly_runs_keeps_the_newest_24_of_that_policy_and_nothing_of_anoth
     assert_eq!(tag(&days[0], SLOT_TAG), Some("2026-11-03T00:00:00Z"));
     assert!(region.has_snapshot(&manual.id).unwrap());
     // The newest restores byte for byte.
-    let out = env.path("restored.img");
-    restore::restore(
-        &region,
-        &kept[23].id,
-        &out,
-        &RestoreOptions::default(),
-        &NoProgress,
-    )
-    .unwrap();
-    assert_same(&out, &vol);
+    restores_as(&env, &region, &kept[23].id, &vol);
     let st = policy::read_state(&region, &hourly.policy_id).unwrap();
     assert_eq!(st.completed_slot.as_deref(), Some(want[23].as_str()));
 }
@@ -242,17 +247,7 @@ fn age_retention_and_copies(env: &Env) {
     let there = of_policy(&west, &p);
     assert_eq!(there.len(), 2, "the copies keep their own count");
     assert_eq!(tag(&there[1], SLOT_TAG), Some("2026-11-07T00:00:00Z"));
-    let out = env.path("copy.img");
-    restore::restore(
-        &west,
-        &there[1].id,
-        &out,
-        &RestoreOptions::default(),
-        &NoProgress,
-    )
-    .unwrap();
-    assert_same(&out, &vol);
-    assert_fsck_clean(&out);
+    restores_as(env, &west, &there[1].id, &vol);
     // Long after, with no runs between: one run does the newest slot, and
     // age retention still keeps the newest.
     let late = t0 + Duration::from_secs(60 * DAY);
@@ -313,10 +308,7 @@ fn an_image_policy_copies_its_images_and_retires_them_with_their_snapshots() {
     assert_eq!(there.len(), 1, "the copies keep their own count");
     assert_eq!(there[0].image.name, "images-20261105T0000Z");
     let snap = there[0].image.snapshot_ids().next().unwrap().clone();
-    let out = env.path("copy.img");
-    restore::restore(&west, &snap, &out, &RestoreOptions::default(), &NoProgress).unwrap();
-    assert_same(&out, &w.vol);
-    assert_fsck_clean(&out);
+    restores_as(&env, &west, &snap, &w.vol);
 }
 
 #[test]
@@ -519,18 +511,12 @@ fn two_runs_at_once_do_the_work_once_and_a_killed_run_is_completed_by_the_next()
 #[test]
 fn a_snapshot_made_for_the_slot_before_a_crash_is_not_made_twice() {
     let env = Env::new();
-    let w = world(&env, 5);
+    let (w, p, _) = hourly_world(&env, 5, "hourly-db", 5);
     let (vol, region, me, target) = (
         w.vol.clone(),
         w.region.clone(),
         w.me.clone(),
         w.target.clone(),
-    );
-    let t0 = t("2026-11-02T00:30:00Z");
-    let p = w.policy(
-        &env,
-        &spec("hourly-db", vec![target.clone()], "1h", Retain::Count(5)),
-        t0,
     );
     let mut tags = p.tags.clone();
     for (k, v) in [
