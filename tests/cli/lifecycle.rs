@@ -353,53 +353,19 @@ fn a_missing_target_is_reported_and_the_others_proceed() {
     );
     assert_eq!(targets[1]["Outcome"], "succeeded");
     assert_eq!(of_policy(&region, &p).len(), 1);
-    // A typo is caught when the policy is made.
-    let e = env.fails(
-        &[
-            "policy",
-            "create",
-            "--name",
-            "typo",
-            "--volume",
-            "nosuch.img",
-            "--every",
-            "1h",
-            "--retain-count",
-            "2",
-        ],
-        3,
-    );
+    // A typo is caught when the policy is made; so are a bad name and a
+    // name taken.
+    let create = |name: &str, vol: &str, code: i32| {
+        let args = ["policy", "create", "--name", name, "--volume", vol];
+        env.fails(
+            &[&args[..], &["--every", "1h", "--retain-count", "2"]].concat(),
+            code,
+        )
+    };
+    let e = create("typo", "nosuch.img", 3);
     assert!(e.contains("nosuch.img"), "{e}");
-    env.fails(
-        &[
-            "policy",
-            "create",
-            "--name",
-            "no/slash",
-            "--volume",
-            s(&b),
-            "--every",
-            "1h",
-            "--retain-count",
-            "2",
-        ],
-        2,
-    );
-    env.fails(
-        &[
-            "policy",
-            "create",
-            "--name",
-            "two",
-            "--volume",
-            s(&b),
-            "--every",
-            "1h",
-            "--retain-count",
-            "2",
-        ],
-        5,
-    );
+    create("no/slash", s(&b), 2);
+    create("two", s(&b), 5);
     // Another account: its own policies only.
     env.fails(
         &["--account", "222222222222", "policy", "describe", "two"],
