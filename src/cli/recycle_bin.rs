@@ -8,7 +8,6 @@ use serde_json::{Value, json};
 
 use blocksnap::format::lifecycle::{BinEntry, ResourceType, RetentionRule};
 use blocksnap::ops::recycle::{self, RuleSpec, days_or_hours, lock_state};
-use blocksnap::region::images;
 use blocksnap::{AccountId, Error, Region};
 
 use crate::cli::output::{Out, bin_entry_json};
@@ -145,11 +144,7 @@ pub fn run(region: &Region, out: &Out, caller: &AccountId, cmd: RecycleBinCmd) -
     let now = SystemTime::now();
     match cmd {
         RecycleBinCmd::List => {
-            let binned_images = images::binned(region)?
-                .into_iter()
-                .map(|(e, _)| e)
-                .collect();
-            let entries = recycle::list_binned(region, caller, binned_images)?;
+            let entries = recycle::list_binned(region, caller)?;
             if out.json {
                 let snaps: Vec<Value> = entries
                     .iter()

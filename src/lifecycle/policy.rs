@@ -511,10 +511,15 @@ fn made_snapshots(
         .into_iter()
         .filter(|m| &m.owner == caller && made_by(&m.tags, policy, target))
         .collect();
-    out.sort_by(|a, b| {
+    by_slot(&mut out);
+    Ok(out)
+}
+
+/// Sorts snapshots a policy made oldest slot first.
+fn by_slot(made: &mut [SnapshotMeta]) {
+    made.sort_by(|a, b| {
         (tag(&a.tags, SLOT_TAG), a.created_ns).cmp(&(tag(&b.tags, SLOT_TAG), b.created_ns))
     });
-    Ok(out)
 }
 
 /// The caller's available images the policy made of `target`, oldest
@@ -600,7 +605,7 @@ fn run_snapshot_target(
     out: &mut TargetOutcome,
 ) -> Result<()> {
     let region: &Region = ctx.region;
-    let made = made_snapshots(region, ctx.caller, policy, target)?;
+    let mut made = made_snapshots(region, ctx.caller, policy, target)?;
     let tags = made_tags(policy, target, slot);
     let snap = match made.iter().find(|m| tag(&m.tags, SLOT_TAG) == Some(slot)) {
         // Made by a run that was cut short.
@@ -616,12 +621,14 @@ fn run_snapshot_target(
             };
             let meta = snapshot::create(region, Path::new(target.path()), &opts, ctx.progress)?;
             out.created.push(meta.id.to_string());
+            made.push(meta.clone());
+            by_slot(&mut made);
             meta
         }
     };
     if let Some(copy) = &policy.copy {
         let dst = Region::open(ctx.store_root, &copy.target_region)?;
-        let copies = made_snapshots(&dst, ctx.caller, policy, target)?;
+        let mut copies = made_snapshots(&dst, ctx.caller, policy, target)?;
         if !copies.iter().any(|m| tag(&m.tags, SLOT_TAG) == Some(slot)) {
             let description = format!(
                 "Copied for policy {} from {} in region {}",
@@ -641,12 +648,12 @@ fn run_snapshot_target(
             )?;
             out.created
                 .push(format!("{} ({})", c.id, copy.target_region));
+            copies.push(c);
+            by_slot(&mut copies);
         }
-        let copies = made_snapshots(&dst, ctx.caller, policy, target)?;
         let retain = Retain::Count(copy.retain_count);
         retire_snapshots(&dst, ctx, &copies, &retain, out)?;
     }
-    let made = made_snapshots(region, ctx.caller, policy, target)?;
     retire_snapshots(region, ctx, &made, &policy.retain, out)
 }
 

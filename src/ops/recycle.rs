@@ -335,13 +335,6 @@ pub fn bin_snapshot(
     Ok(entry)
 }
 
-fn binned_copy_exists(region: &Region, id: &SnapshotId) -> Result<bool> {
-    Ok(region
-        .backend()
-        .read_head(&binned_snapshot_key(id), 0)?
-        .is_some())
-}
-
 /// The snapshots in the bin (the moves that finished), of every account.
 pub fn binned_snapshots(region: &Region) -> Result<Vec<BinEntry>> {
     let mut out = Vec::new();
@@ -349,22 +342,17 @@ pub fn binned_snapshots(region: &Region) -> Result<Vec<BinEntry>> {
         let Ok(id) = e.id.parse::<SnapshotId>() else {
             continue;
         };
-        if binned_copy_exists(region, &id)? && !region.has_snapshot(&id)? {
+        if region.has_binned_snapshot(&id)? && !region.has_snapshot(&id)? {
             out.push(e);
         }
     }
     Ok(out)
 }
 
-/// The caller's objects in the bin: snapshots, then images (whose entries
-/// the image room keeps; `images` is its list of binned images).
-pub fn list_binned(
-    region: &Region,
-    caller: &AccountId,
-    images: Vec<BinEntry>,
-) -> Result<Vec<BinEntry>> {
+/// The caller's objects in the bin: snapshots, then images.
+pub fn list_binned(region: &Region, caller: &AccountId) -> Result<Vec<BinEntry>> {
     let mut out: Vec<BinEntry> = binned_snapshots(region)?;
-    out.extend(images);
+    out.extend(images::binned(region)?.into_iter().map(|(e, _)| e));
     out.retain(|e| &e.owner_id == caller);
     Ok(out)
 }
@@ -396,15 +384,13 @@ pub fn restore_snapshot(region: &Region, id: &SnapshotId, caller: &AccountId) ->
     let _catalog = region.catalog_lock("snapshot restore-from-recycle-bin")?;
     let _lock = region.lock(LockMode::Shared, "snapshot restore-from-recycle-bin")?;
     let kind = ResourceType::EbsSnapshot;
-    let entry = read_entry(region, kind, id.as_str())?
-        .filter(|_| binned_copy_exists(region, id).unwrap_or(false))
-        .ok_or_else(|| not_in_bin(region, kind, id.as_str()))?;
+    let entry = match read_entry(region, kind, id.as_str())? {
+        Some(e) if region.has_binned_snapshot(id)? => e,
+        _ => return Err(not_in_bin(region, kind, id.as_str())),
+    };
     require_bin_owner(&entry, caller)?;
-    if !region.has_snapshot(id)? {
-        region.move_snapshot_from_bin(id)?;
-    }
+    region.move_snapshot_from_bin(id)?;
     remove_entry(region, kind, id.as_str())?;
-    region.backend().remove(&binned_snapshot_key(id))?;
     Ok(entry)
 }
 
@@ -425,20 +411,20 @@ pub struct Purged {
 pub fn purge_snapshots(region: &Region, now: SystemTime) -> Result<Purged> {
     let mut out = Purged::default();
     let kind = ResourceType::EbsSnapshot;
-    let mut seen = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for e in recycle::entries(region, kind)? {
         let id: SnapshotId = match e.id.parse() {
             Ok(id) => id,
             Err(_) => continue,
         };
-        seen.push(id.clone());
+        seen.insert(id.clone());
         if region.has_snapshot(&id)? {
             // A move into the bin or out of it was cut short; the snapshot
             // is where it was.
             region.backend().remove(&binned_snapshot_key(&id))?;
             remove_entry(region, kind, id.as_str())?;
             out.leftovers += 1;
-        } else if !binned_copy_exists(region, &id)? {
+        } else if !region.has_binned_snapshot(&id)? {
             remove_entry(region, kind, id.as_str())?;
             out.leftovers += 1;
         } else if parse_time(&e.recycle_bin_exit_time).is_some_and(|t| t <= now) {

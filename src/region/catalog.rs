@@ -201,15 +201,20 @@ impl Region {
     }
 
     fn not_found(&self, id: &SnapshotId) -> Error {
-        let binned = self
-            .backend
-            .read_head(&binned_snapshot_key(id), 0)
-            .is_ok_and(|h| h.is_some());
+        let binned = self.has_binned_snapshot(id).unwrap_or(false);
         Error::SnapshotNotFound {
             id: id.clone(),
             region: self.name().to_string(),
             binned,
         }
+    }
+
+    /// Whether snapshot `id`'s manifest lies in the recycle bin.
+    pub fn has_binned_snapshot(&self, id: &SnapshotId) -> Result<bool> {
+        Ok(self
+            .backend
+            .read_head(&binned_snapshot_key(id), 0)?
+            .is_some())
     }
 
     pub fn has_snapshot(&self, id: &SnapshotId) -> Result<bool> {
@@ -354,8 +359,9 @@ impl Region {
     }
 
     /// Moves snapshot `id`'s manifest back out of the recycle bin (the
-    /// caller then removes its bin entry). Interrupted, the snapshot is
-    /// back and gc drops what is left in the bin.
+    /// caller then removes its bin entry); where a move cut short left it
+    /// in both places, only the bin's copy goes. Interrupted, the snapshot
+    /// is back and gc drops what is left in the bin.
     pub fn move_snapshot_from_bin(&self, id: &SnapshotId) -> Result<()> {
         let (bytes, _) = self.manifest_bytes_at(id, &binned_snapshot_key(id))?;
         self.backend.create(&Self::snapshot_key(id), &bytes)?;

@@ -199,15 +199,22 @@ pub fn users_of(images: &[ImageView], snapshot: &SnapshotId) -> Vec<ImageId> {
 /// The images in the recycle bin (deregistered, with a bin entry), with
 /// their entries.
 pub fn binned(region: &Region) -> Result<Vec<(BinEntry, ImageView)>> {
+    binned_among(region, &list(region)?.images)
+}
+
+/// The images of `images` (a listing of the region) in the recycle bin.
+fn binned_among(region: &Region, images: &[ImageView]) -> Result<Vec<(BinEntry, ImageView)>> {
     let mut out = Vec::new();
     for e in recycle::entries(region, ResourceType::Ec2Image)? {
-        let Ok(id) = e.id.parse::<ImageId>() else {
-            continue;
-        };
-        match read(region, &id) {
-            Ok(v) if v.state.state == ImageState::Deregistered => out.push((e, v)),
-            Ok(_) | Err(Error::ImageNotFound { .. }) => {}
-            Err(err) => return Err(err),
+        match images.iter().find(|v| v.image.image_id.as_str() == e.id) {
+            Some(v) if v.state.state == ImageState::Deregistered => out.push((e, v.clone())),
+            Some(_) => {}
+            // Not listed: gone, or unreadable, which is an error here (the
+            // entry may be all that keeps it).
+            None => match e.id.parse::<ImageId>().map(|id| read(region, &id)) {
+                Ok(Err(err)) if !matches!(err, Error::ImageNotFound { .. }) => return Err(err),
+                _ => {}
+            },
         }
     }
     Ok(out)
@@ -227,7 +234,7 @@ pub fn check_snapshot_unused(region: &Region, snapshot: &SnapshotId) -> Result<(
             image,
         });
     }
-    for (entry, view) in binned(region)? {
+    for (entry, view) in binned_among(region, &listing.images)? {
         if view.image.snapshot_ids().any(|s| s == snapshot) {
             return Err(Error::Conflict(format!(
                 "snapshot {snapshot} backs image {}, which is in the recycle bin until {}: \
