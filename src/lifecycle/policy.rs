@@ -56,6 +56,8 @@ pub const POLICY_TAG: &str = "blocksnap:lifecycle-policy-id";
 pub const TARGET_TAG: &str = "blocksnap:lifecycle-target";
 /// The tag naming the scheduled time it was made for.
 pub const SLOT_TAG: &str = "blocksnap:lifecycle-slot";
+/// The longest `--retain-age`: a hundred years.
+const MAX_RETAIN_AGE: u64 = 36_500 * 86_400;
 /// Tag keys with this prefix are blocksnap's own, as `aws:` is AWS's.
 pub const RESERVED_TAG_PREFIX: &str = "blocksnap:";
 
@@ -236,6 +238,12 @@ pub fn create(
         }
         if let PolicyTarget::Volume(v) = t {
             let path = Path::new(v);
+            // A FIFO, a directory or a character device is never a volume.
+            use std::os::unix::fs::FileTypeExt;
+            let kind = std::fs::metadata(path).map(|m| m.file_type());
+            if !is_nbd_uri(v) && !kind.is_ok_and(|k| k.is_file() || k.is_block_device()) {
+                return Err(Error::NotAVolume(path.to_path_buf()));
+            }
             if is_overlay(path) || lazy_device_of(path)?.is_some() {
                 return bad(format!(
                     "{v} is a lazy volume: a policy takes it through its instance \
@@ -251,6 +259,9 @@ pub fn create(
     match spec.retain {
         Retain::Count(0) => return bad("--retain-count must be at least 1".into()),
         Retain::AgeSeconds(0) => return bad("--retain-age must be longer than 0".into()),
+        Retain::AgeSeconds(a) if a > MAX_RETAIN_AGE => {
+            return bad("--retain-age is at most 100 years (36500d)".into());
+        }
         _ => {}
     }
     check_user_tags(&spec.tags)?;
@@ -560,7 +571,8 @@ fn expired(slots: &[Option<&str>], retain: &Retain, now: SystemTime) -> Vec<usiz
             Retain::Count(keep) => i + (*keep as usize) < n,
             Retain::AgeSeconds(age) => slots[i]
                 .and_then(parse_time)
-                .is_some_and(|t| t + Duration::from_secs(*age) <= now),
+                .and_then(|t| t.checked_add(Duration::from_secs(*age)))
+                .is_some_and(|end| end <= now),
         })
         .collect()
 }

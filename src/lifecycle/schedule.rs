@@ -13,6 +13,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::error::{Error, Result};
 
 const MINUTE: u64 = 60;
+/// The longest interval: a year (leap or not).
+const MAX_INTERVAL: u64 = 366 * 86_400;
 /// How far a cron search looks, back or ahead: long enough for any
 /// expression that ever matches (29 February comes within 8 years).
 const CRON_HORIZON: u64 = 8 * 366 * 24 * 60;
@@ -115,6 +117,12 @@ impl FromStr for Schedule {
         if d.as_secs() < MINUTE || !d.as_secs().is_multiple_of(MINUTE) || d.subsec_nanos() != 0 {
             return Err(bad(s, "an interval is whole minutes, at least one"));
         }
+        if d.as_secs() > MAX_INTERVAL {
+            return Err(bad(
+                s,
+                "an interval is at most 366d (a cron expression says more)",
+            ));
+        }
         Ok(Schedule::Every(d))
     }
 }
@@ -205,7 +213,15 @@ mod tests {
             d.latest_slot(t("2026-11-27T23:59:59Z")),
             Some(t("2026-11-27T00:00:00Z"))
         );
-        for bad in ["0s", "30s", "90s", "soon", "cron(* * *)", "61 * * * *"] {
+        for bad in [
+            "0s",
+            "30s",
+            "90s",
+            "367d",
+            "soon",
+            "cron(* * *)",
+            "61 * * * *",
+        ] {
             assert!(bad.parse::<Schedule>().is_err(), "{bad}");
         }
     }
