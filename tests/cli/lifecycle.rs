@@ -365,6 +365,20 @@ fn a_missing_target_is_reported_and_the_others_proceed() {
     let e = create("typo", "nosuch.img", 3);
     assert!(e.contains("nosuch.img"), "{e}");
     create("no/slash", s(&b), 2);
+    // A FIFO is refused at once, without being opened.
+    let fifo = env.path("fifo");
+    sh_ok(&format!("mkfifo {}", s(&fifo)));
+    create("fifo", s(&fifo), 2);
+    // Sizes past what a clock can count are refused, not wrapped.
+    let args = ["policy", "create", "--name", "huge", "--volume", s(&b)];
+    env.fails(
+        &[&args[..], &["--every", "400d", "--retain-count", "1"]].concat(),
+        2,
+    );
+    env.fails(
+        &[&args[..], &["--every", "1d", "--retain-age", "99999999d"]].concat(),
+        2,
+    );
     create("two", s(&b), 5);
     // Another account: its own policies only.
     env.fails(
@@ -874,4 +888,49 @@ fn a_locked_rule_cannot_be_deleted_or_shortened_until_its_unlock_delay_ends() {
     let later = SystemTime::now() + Duration::from_secs(8 * DAY);
     recycle::delete_rule(&region, &me, &rid, later).unwrap();
     assert!(recycle::list_rules(&region, &me).unwrap().is_empty());
+}
+
+/// A move into the bin cut short after its entry and its copy were
+/// written, before the original went (as a kill would leave it): the
+/// snapshot is where it was, the bin shows nothing, gc removes the
+/// leftover and keeps the chunks, and the delete then goes through.
+#[test]
+fn a_move_into_the_bin_cut_short_leaves_the_snapshot_where_it_was() {
+    let env = Env::new();
+    let w = world(&env, 10);
+    let snap = snapshot::create(&w.region, &w.vol, &CreateOptions::default(), &NoProgress).unwrap();
+    let rule = RuleSpec {
+        resource_type: ResourceType::EbsSnapshot,
+        retention: Duration::from_secs(DAY),
+        tags: Vec::new(),
+        description: String::new(),
+        lock: None,
+    };
+    let now = SystemTime::now();
+    let rule = recycle::create_rule(&w.region, &w.me, &rule, now).unwrap();
+    let entry = recycle::entry_for(
+        ResourceType::EbsSnapshot,
+        snap.id.as_str(),
+        &w.me,
+        &rule,
+        now,
+    );
+    blocksnap::region::recycle::write_entry(&w.region, &entry).unwrap();
+    let key = blocksnap::region::catalog::Region::snapshot_key(&snap.id);
+    let bytes = w
+        .region
+        .backend()
+        .read(&key, "manifest", 1 << 30)
+        .unwrap()
+        .unwrap();
+    let copy = blocksnap::region::catalog::binned_snapshot_key(&snap.id);
+    w.region.backend().create(&copy, &bytes).unwrap();
+    assert!(recycle::list_binned(&w.region, &w.me).unwrap().is_empty());
+    restores_as(&env, &w.region, &snap.id, &w.vol);
+    let r = gc_at(&w.region, false, now).unwrap();
+    assert_eq!((r.binned_kept, r.chunks_removed), (0, 0));
+    assert!(!w.region.has_binned_snapshot(&snap.id).unwrap());
+    let done = access::delete_at(&w.region, &snap.id, &w.me, now).unwrap();
+    assert!(matches!(done, Deleted::Binned(_)));
+    assert_eq!(recycle::list_binned(&w.region, &w.me).unwrap().len(), 1);
 }
