@@ -1,6 +1,6 @@
 //! The only module with `unsafe`: thin wrappers over the Linux calls that
 //! `std` does not expose (`SEEK_DATA`/`SEEK_HOLE`, `BLKGETSIZE64`, `flock`,
-//! hole punching). Each wrapper passes a live file descriptor borrowed from a
+//! hole punching, guarded `mmap`). Each wrapper passes a live file descriptor borrowed from a
 //! `&File` and plain integers, and turns the C return convention into an
 //! `io::Result`, so callers never touch raw pointers. Also the one call
 //! into code compiled for instructions found at run time
@@ -11,6 +11,8 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// `_IOR(0x12, 114, u64)`: the size of a block device in bytes.
 const BLKGETSIZE64: libc::c_ulong = ior(0x12, 114, std::mem::size_of::<u64>());
@@ -497,12 +499,249 @@ pub fn with_crypto_instructions<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// A read-only view of `[offset, offset + len)` of a file, mapped
+/// (`mmap`) instead of copied out of the page cache: the pages the kernel
+/// already holds are read in place. Where the file cannot give a page (it
+/// shrank while mapped, or the read failed) the access does not raise
+/// `SIGBUS`: the missing pages read as zeros and [`MappedRange::faulted`]
+/// turns true, so the caller reads again with `pread` for the error.
+///
+/// Another process may write the file while it is viewed, so the bytes can
+/// change between two reads of them: callers hash or compare them, and copy
+/// what they keep.
+pub struct MappedRange {
+    ptr: *mut libc::c_void,
+    len: usize,
+    slot: &'static GuardSlot,
+}
+
+// SAFETY: the mapping is read-only and owned by this value; the slot is
+// only touched through atomics.
+unsafe impl Send for MappedRange {}
+unsafe impl Sync for MappedRange {}
+
+/// One mapping the `SIGBUS` handler answers for: `[start, end)`, 0 when
+/// free.
+struct GuardSlot {
+    claimed: AtomicBool,
+    start: AtomicUsize,
+    end: AtomicUsize,
+    faulted: AtomicBool,
+}
+
+#[allow(clippy::declare_interior_mutable_const)]
+const FREE_SLOT: GuardSlot = GuardSlot {
+    claimed: AtomicBool::new(false),
+    start: AtomicUsize::new(0),
+    end: AtomicUsize::new(0),
+    faulted: AtomicBool::new(false),
+};
+
+/// Mappings guarded at once (a scan holds one a window; restores and
+/// lazy readers do not map).
+static GUARDS: [GuardSlot; 64] = [FREE_SLOT; 64];
+static PAGE: AtomicUsize = AtomicUsize::new(0);
+static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
+static INSTALLED: OnceLock<Result<(), io::ErrorKind>> = OnceLock::new();
+
+impl MappedRange {
+    /// Maps `[offset, offset + len)` of `file` (`offset` a multiple of the
+    /// page size, `len` > 0). An error (the file system cannot map, too
+    /// many mappings at once) leaves the caller to read with `pread`.
+    pub fn map(file: &File, offset: u64, len: usize) -> io::Result<MappedRange> {
+        install_sigbus_guard()?;
+        let page = PAGE.load(Ordering::Relaxed);
+        if len == 0 || !offset.is_multiple_of(page as u64) {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        let off = libc::off64_t::try_from(offset)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let slot = GUARDS
+            .iter()
+            .find(|s| {
+                s.claimed
+                    .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
+            })
+            .ok_or_else(|| io::Error::other("too many guarded mappings"))?;
+        // SAFETY: a new shared read-only mapping of a valid descriptor at an
+        // address the kernel chooses; nothing else is touched.
+        let ptr = unsafe {
+            libc::mmap64(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                off,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            let e = io::Error::last_os_error();
+            slot.claimed.store(false, Ordering::Release);
+            return Err(e);
+        }
+        slot.faulted.store(false, Ordering::Relaxed);
+        slot.end.store(ptr as usize + len, Ordering::Relaxed);
+        slot.start.store(ptr as usize, Ordering::Release);
+        // SAFETY: advice on the range just mapped; errors are harmless.
+        unsafe {
+            libc::madvise(ptr, len, libc::MADV_WILLNEED);
+        }
+        Ok(MappedRange { ptr, len, slot })
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: `ptr` is a live read-only mapping of `len` bytes for as
+        // long as `self` lives; pages the file cannot give are replaced by
+        // zero pages by the SIGBUS handler, so every read succeeds.
+        unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
+    }
+
+    /// Whether a page could not be read from the file (and read as zeros).
+    pub fn faulted(&self) -> bool {
+        self.slot.faulted.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for MappedRange {
+    fn drop(&mut self) {
+        self.slot.start.store(0, Ordering::Release);
+        // SAFETY: unmaps exactly the range `map` mapped; no slice of it
+        // outlives `self`.
+        unsafe {
+            libc::munmap(self.ptr, self.len);
+        }
+        self.slot.claimed.store(false, Ordering::Release);
+    }
+}
+
+fn install_sigbus_guard() -> io::Result<()> {
+    let result = INSTALLED.get_or_init(|| {
+        // SAFETY: sysconf reads a constant; `action` and `old` are plain
+        // values initialised before use; the handler only reads atomics and
+        // calls mmap and sigaction.
+        unsafe {
+            let page = libc::sysconf(libc::_SC_PAGESIZE);
+            PAGE.store(
+                if page > 0 { page as usize } else { 4096 },
+                Ordering::Relaxed,
+            );
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_sigbus as *const () as usize;
+            action.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
+            libc::sigemptyset(&mut action.sa_mask);
+            let mut old: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(libc::SIGBUS, &action, &mut old) != 0 {
+                return Err(io::Error::last_os_error().kind());
+            }
+            let _ = PREVIOUS.set(old);
+            Ok(())
+        }
+    });
+    result.as_ref().map(|_| ()).map_err(|&k| io::Error::from(k))
+}
+
+/// The `SIGBUS` handler: a fault inside a guarded mapping replaces the
+/// mapping from the faulting page on with zero pages and marks it; any
+/// other fault goes to the handler that was there before (Rust's stack
+/// guard, or the default action, which ends the process).
+extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
+    let addr = unsafe { (*info).si_addr() } as usize;
+    let page = PAGE.load(Ordering::Relaxed).max(1);
+    for slot in &GUARDS {
+        let start = slot.start.load(Ordering::Acquire);
+        let end = slot.end.load(Ordering::Relaxed);
+        if start != 0 && (start..end).contains(&addr) {
+            let from = addr - addr % page;
+            // SAFETY: replaces pages of a mapping this process owns with
+            // anonymous zero pages (async-signal-safe system call).
+            let p = unsafe {
+                libc::mmap64(
+                    from as *mut libc::c_void,
+                    end - from,
+                    libc::PROT_READ,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                    -1,
+                    0,
+                )
+            };
+            if p != libc::MAP_FAILED {
+                slot.faulted.store(true, Ordering::Release);
+                return;
+            }
+        }
+    }
+    // SAFETY: calls the previous handler as it was registered, or restores
+    // the default action so the faulting access ends the process.
+    unsafe {
+        match PREVIOUS.get() {
+            Some(old) if old.sa_sigaction != libc::SIG_DFL && old.sa_sigaction != libc::SIG_IGN => {
+                if old.sa_flags & libc::SA_SIGINFO != 0 {
+                    let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+                        std::mem::transmute(old.sa_sigaction);
+                    f(sig, info, ctx);
+                } else {
+                    let f: extern "C" fn(libc::c_int) = std::mem::transmute(old.sa_sigaction);
+                    f(sig);
+                }
+            }
+            _ => {
+                libc::signal(libc::SIGBUS, libc::SIG_DFL);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     fn blkgetsize64_is_the_kernels_number() {
         // From <linux/fs.h> on x86_64 and aarch64.
         assert_eq!(super::BLKGETSIZE64, 0x8008_1272);
+    }
+
+    #[test]
+    fn a_mapping_of_a_file_that_shrinks_reads_zeros_and_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.img");
+        let data: Vec<u8> = (0..256u32 << 10).map(|i| (i % 251) as u8 + 1).collect();
+        std::fs::write(&path, &data).unwrap();
+        let file = File::open(&path).unwrap();
+        let whole = MappedRange::map(&file, 0, data.len()).unwrap();
+        let tail = MappedRange::map(&file, 128 << 10, 128 << 10).unwrap();
+        assert_eq!(whole.bytes(), &data[..]);
+        assert!(!whole.faulted());
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(64 << 10)
+            .unwrap();
+        // Past the new end: zeros, no SIGBUS, and the mapping says so.
+        let bytes = whole.bytes();
+        assert_eq!(&bytes[..64 << 10], &data[..64 << 10]);
+        assert!(bytes[64 << 10..].iter().all(|&b| b == 0));
+        assert!(whole.faulted());
+        assert!(!tail.faulted(), "only the mapping that was read is marked");
+        assert!(tail.bytes().iter().all(|&b| b == 0));
+        assert!(tail.faulted());
+        drop(whole);
+        drop(tail);
+        // Slots are given back: more mappings than there are slots, one
+        // after another.
+        for _ in 0..GUARDS.len() * 2 {
+            let m = MappedRange::map(&file, 0, 4096).unwrap();
+            assert_eq!(&m.bytes()[..16], &data[..16]);
+        }
+        assert!(
+            MappedRange::map(&file, 100, 4096).is_err(),
+            "unaligned offset"
+        );
+        assert!(MappedRange::map(&file, 0, 0).is_err(), "empty range");
     }
 }

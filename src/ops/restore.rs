@@ -372,6 +372,7 @@ impl Job<'_> {
                 len: snap_size,
                 block_size: self.manifest.meta.block_size,
                 namer: self.store.namer(),
+                map: true,
             },
             self.pool,
             self.progress,

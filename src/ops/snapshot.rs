@@ -195,10 +195,8 @@ pub fn store_block(
 ) -> Result<Outcome> {
     let block = Block::Data(id);
     Ok(
-        if parent_block == Some(&block) && chain::reusable(store, &id, parent_committed)? {
-            Outcome::Unchanged(block)
-        } else if chain::present_and_sound(store, &id)? {
-            Outcome::Known(block, bytes.len() as u64)
+        if let Some(known) = settled(store, parent_block, parent_committed, &id, bytes.len())? {
+            known
         } else {
             // A delta first: when it works, the block is not compressed a
             // second time.
@@ -218,6 +216,28 @@ pub fn store_block(
                 },
                 None => Outcome::Known(block, bytes.len() as u64),
             }
+        },
+    )
+}
+
+/// What storing a block named `id` comes to without its bytes: unchanged
+/// from the parent, or already in the store; `None` when it must be
+/// stored.
+fn settled(
+    store: &dyn ChunkStore,
+    parent_block: Option<&Block>,
+    parent_committed: Option<SystemTime>,
+    id: &ChunkId,
+    len: usize,
+) -> Result<Option<Outcome>> {
+    let block = Block::Data(*id);
+    Ok(
+        if parent_block == Some(&block) && chain::reusable(store, id, parent_committed)? {
+            Some(Outcome::Unchanged(block))
+        } else if chain::present_and_sound(store, id)? {
+            Some(Outcome::Known(block, len as u64))
+        } else {
+            None
         },
     )
 }
@@ -594,21 +614,36 @@ pub fn create(
             len: size,
             block_size,
             namer: store.namer(),
+            // With a parent most blocks are only hashed and found
+            // unchanged; without one every block is copied to be stored,
+            // and `pread` copies no more than a mapping would.
+            map: parent.is_some(),
         },
         &pool,
         progress,
         |pos, content| match content {
             Content::Hole => Ok(Outcome::Hole),
             Content::Zero => Ok(Outcome::Zero),
-            Content::Data { bytes, id } => store_block(
-                store,
-                parent_blocks.get(pos.index as usize),
-                parent_committed,
-                bytes,
-                id,
-                opts.delta,
-                None,
-            ),
+            Content::Data { bytes, id, mapped } => {
+                let parent_block = parent_blocks.get(pos.index as usize);
+                if mapped
+                    && let Some(known) =
+                        settled(store, parent_block, parent_committed, &id, bytes.len())?
+                {
+                    return Ok(known);
+                }
+                blocks::steady(bytes, id, mapped, store.namer(), |bytes, id| {
+                    store_block(
+                        store,
+                        parent_block,
+                        parent_committed,
+                        bytes,
+                        id,
+                        opts.delta,
+                        None,
+                    )
+                })
+            }
         },
         |pos, outcome| {
             blocks.push(tally(&mut stats, pos.len as u64, outcome));

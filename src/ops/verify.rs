@@ -106,6 +106,7 @@ pub fn verify_volume(
             len: whole,
             block_size: m.meta.block_size,
             namer,
+            map: true,
         },
         &pool,
         progress,

@@ -153,6 +153,16 @@ impl Volume {
         }
     }
 
+    /// A view of `[offset, offset + len)` of a file or block device read in
+    /// place (see [`sys::MappedRange`]); `None` for an NBD export, or where
+    /// it cannot be mapped (the caller reads with `pread`).
+    pub fn map(&self, offset: u64, len: usize) -> Option<sys::MappedRange> {
+        match &self.source {
+            Source::File(f) => sys::MappedRange::map(f, offset, len).ok(),
+            Source::Nbd(_) => None,
+        }
+    }
+
     /// A cursor over the data segments of this volume, for hole detection.
     pub fn data_map(&self) -> DataMap<'_> {
         match &self.source {
