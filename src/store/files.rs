@@ -75,7 +75,8 @@ pub enum Durability {
     /// Before `write_atomic` returns: fsync the file, rename, fsync the
     /// directory.
     Now,
-    /// At the next [`crate::store::chunk_store::ChunkStore::sync`]: write and rename only. After a
+    /// At the next [`crate::store::chunk_store::ChunkStore::sync`]: write,
+    /// start the writeback without waiting for it, rename. After a
     /// crash before that sync the file may be missing or hold partial
     /// content under its final name; readers of such files verify them
     /// (chunks are checked against their names).
@@ -93,8 +94,13 @@ pub fn write_atomic(path: &Path, data: &[u8], durability: Durability) -> Result<
             .open(&tmp)
             .ctx("create temporary file", &tmp)?;
         f.write_all(data).ctx("write", &tmp)?;
-        if durability == Durability::Now {
-            f.sync_all().ctx("fsync", &tmp)?;
+        match durability {
+            Durability::Now => f.sync_all().ctx("fsync", &tmp)?,
+            // The disk starts writing now, while the next chunks are
+            // compressed, instead of all at once in the sync: a full
+            // snapshot of a 4 GiB image waited 3.4 s in `syncfs` for
+            // 1.6 GB of chunks, a third of its time.
+            Durability::AtSync => crate::sys::start_writeback(&f, 0, 0),
         }
         fs::rename(&tmp, path).ctx("rename into place", path)
     })();
