@@ -1,6 +1,8 @@
 //! Throughput of the hot paths, in bytes per second: hashing, zero
-//! detection, chunk encode/decode, sealing and opening a chunk, reading a volume with pread vs a memory
-//! map, and a whole snapshot and restore of an in-page-cache image.
+//! detection, chunk encode/decode, sealing and opening a chunk, a changed
+//! block as a zstd delta vs a page-level diff, reading a volume with pread
+//! vs a memory map, and a whole snapshot and restore of an in-page-cache
+//! image.
 
 use std::fs::File;
 use std::hint::black_box;
@@ -194,5 +196,55 @@ fn pipeline(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, blocks, reading, pipeline);
+/// A changed block stored against its parent's: the zstd delta blocksnap
+/// writes (the parent's raw bytes as zstd's reference prefix) beside a
+/// page-level diff (compare the 128 pages, compress the changed ones with a
+/// bitmap), for three kinds of change. Both start from the parent's raw
+/// bytes, already decoded. Prints the bytes each stores.
+fn deltas(c: &mut Criterion) {
+    const PAGE: usize = 4096;
+    let page_diff = |raw: &[u8], base: &[u8]| -> Vec<u8> {
+        let pages = raw.len() / PAGE;
+        let mut out = vec![0u8; pages.div_ceil(8)];
+        for i in 0..pages {
+            let at = i * PAGE..(i + 1) * PAGE;
+            if raw[at.clone()] != base[at.clone()] {
+                out[i / 8] |= 1 << (i % 8);
+                out.extend_from_slice(&raw[at]);
+            }
+        }
+        zstd::bulk::compress(&out, 1).unwrap()
+    };
+    let base = text(BLOCK);
+    let mut scattered = base.clone();
+    scattered[40 * PAGE..41 * PAGE].copy_from_slice(&random(PAGE));
+    let mut write64k = base.clone();
+    write64k[64 * PAGE..80 * PAGE].copy_from_slice(&random(16 * PAGE));
+    let mut edited = base.clone();
+    for k in 0..8 {
+        let at = 7_000 + k * 60_000;
+        edited[at..at + 12].copy_from_slice(b"EDITED HERE!");
+    }
+    let id = ChunkId::of(&base);
+    let mut g = c.benchmark_group("delta of a 512 KiB block");
+    g.throughput(Throughput::Bytes(BLOCK as u64));
+    for (name, raw) in [
+        ("one 4 KiB page random", &scattered),
+        ("a 64 KiB random write", &write64k),
+        ("8 twelve-byte text edits", &edited),
+    ] {
+        let zd = chunk::encode_delta(raw, &id, &base, 0, BLOCK).map_or(0, |d| d.len());
+        let pd = page_diff(raw, &base).len();
+        eprintln!("{name}: zstd delta {zd} bytes, page diff {pd} bytes");
+        g.bench_function(format!("zstd delta, {name}"), |b| {
+            b.iter(|| chunk::encode_delta(black_box(raw), &id, &base, 0, BLOCK))
+        });
+        g.bench_function(format!("page diff, {name}"), |b| {
+            b.iter(|| page_diff(black_box(raw), &base))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, blocks, deltas, reading, pipeline);
 criterion_main!(benches);

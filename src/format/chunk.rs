@@ -15,27 +15,42 @@
 //! 45      3     reserved, zero
 //! 48      ..    payload: a zstd frame compressed with the base's raw bytes
 //!               as its reference prefix
+//!
+//! codec 3 (page delta), format version 3 only:
+//! 0       48    as codec 2: magic, version 3, codec 3, raw length, base,
+//!               depth (the base's raw length is this chunk's)
+//! 48      ..    payload: one zstd frame of a bitmap of the block's 4 KiB
+//!               pages (bit i of byte i/8: page i changed; unused bits zero)
+//!               followed by each changed page in order (the last page of a
+//!               block may be short)
 //! ```
 //!
 //! A changed block is usually its parent's block with a few writes in it;
-//! stored as a zstd delta against the parent's chunk it costs about the
-//! bytes that changed instead of the whole block. Chains are bounded: a
-//! block whose base is already at depth 3 is stored plain.
+//! stored as a delta against the parent's chunk it costs about the bytes
+//! that changed instead of the whole block. A page delta compares the two
+//! blocks page by page and keeps the changed pages: 10 to 27 times faster
+//! than zstd's delta at level 1 and smaller for block writes (see README,
+//! Speed); zstd's delta stays for a base of another length. Chains are
+//! bounded: a block whose base is already at depth 3 is stored plain.
+//!
+//! Version 3 exists only for codec 3, so a blocksnap that predates page
+//! deltas says "written by a newer blocksnap" rather than "corrupt"; every
+//! other codec is still written at version 1.
 //!
 //! A chunk is named by the BLAKE3-256 of its raw bytes (keyed BLAKE3 under
 //! an encryption key, see [`Namer`]); [`decode_into`] and
 //! `store::chain::load_into` check the name before they return a single
 //! byte.
 //!
-//! # Sealed chunks (version 2)
+//! # Sealed chunks (versions 2 and 4)
 //!
 //! A chunk under an encryption key keeps the plain header of its codec
-//! (version byte 2 instead of 1, so a blocksnap that predates encryption
-//! says "written by a newer blocksnap"); its payload is encrypted where it
-//! lies, and a trailer follows:
+//! (version byte 2 instead of 1, 4 instead of 3, so a blocksnap that
+//! predates encryption says "written by a newer blocksnap"); its payload is
+//! encrypted where it lies, and a trailer follows:
 //!
 //! ```text
-//! 0       H     the plain header, version 2     H = 12, or 48 for codec 2
+//! 0       H     the plain header, version 2/4   H = 12, or 48 for codecs 2, 3
 //! H       ..    the payload of the plain chunk, encrypted (`key::Cipher`)
 //! end-56  24    random nonce
 //! end-32  16    tag; associated data: the chunk's name, bytes 0..H, key id
@@ -58,6 +73,12 @@ pub const CHUNK_MAGIC: &[u8; 4] = b"BSCK";
 pub const CHUNK_VERSION: u8 = 1;
 /// The version of a sealed (encrypted) chunk.
 pub const SEALED_VERSION: u8 = 2;
+/// The version of a plain page delta (codec 3), the only codec written at it.
+pub const PAGE_DELTA_VERSION: u8 = 3;
+/// The version of a sealed page delta.
+pub const SEALED_PAGE_DELTA_VERSION: u8 = 4;
+/// The unit a page delta compares and keeps.
+pub const DELTA_PAGE: usize = 4096;
 const KEY_ID_LEN: usize = 16;
 pub const HEADER_LEN: usize = 12;
 pub const DELTA_HEADER_LEN: usize = 48;
@@ -74,6 +95,23 @@ pub enum Codec {
     Raw = 0,
     Zstd = 1,
     ZstdDelta = 2,
+    PageDelta = 3,
+}
+
+/// Whether `version` is that of a sealed chunk.
+fn sealed_version(version: u8) -> bool {
+    version == SEALED_VERSION || version == SEALED_PAGE_DELTA_VERSION
+}
+
+/// Whether the stored bytes are a sealed chunk (by magic and version).
+pub fn is_sealed(stored: &[u8]) -> bool {
+    stored.len() > 4 && &stored[..4] == CHUNK_MAGIC && sealed_version(stored[4])
+}
+
+/// Whether `codec` is one of the delta codecs (a base and a depth follow
+/// the header).
+fn is_delta(codec: u8) -> bool {
+    codec == Codec::ZstdDelta as u8 || codec == Codec::PageDelta as u8
 }
 
 /// The chunk a delta chunk is decoded against.
@@ -87,10 +125,7 @@ pub struct Base {
 /// The base of a stored delta chunk, from its first [`DELTA_HEADER_LEN`]
 /// bytes; `None` for a plain chunk or bytes that are not a delta header.
 pub fn base_of(head: &[u8]) -> Option<Base> {
-    if head.len() < DELTA_HEADER_LEN
-        || &head[..4] != CHUNK_MAGIC
-        || head[5] != Codec::ZstdDelta as u8
-    {
+    if head.len() < DELTA_HEADER_LEN || &head[..4] != CHUNK_MAGIC || !is_delta(head[5]) {
         return None;
     }
     Some(Base {
@@ -138,8 +173,73 @@ pub fn encode_delta(
     Some(out)
 }
 
-/// Decodes the codec-2 chunk `stored` over its base's raw bytes and
-/// checks the result against the name `id`.
+/// Encodes `raw` against `base_raw` (the bytes of chunk `base`, at depth
+/// `base_depth`) as a page delta, or as a zstd delta when the two differ
+/// in length. `None` when the chain would be too long or the delta is not
+/// smaller than `limit` bytes.
+pub fn encode_against(
+    raw: &[u8],
+    base: &ChunkId,
+    base_raw: &[u8],
+    base_depth: u8,
+    limit: usize,
+) -> Option<Vec<u8>> {
+    if raw.len() == base_raw.len() {
+        encode_page_delta(raw, base, base_raw, base_depth, limit)
+    } else {
+        encode_delta(raw, base, base_raw, base_depth, limit)
+    }
+}
+
+/// Encodes `raw` as a page delta against `base_raw` (the bytes of chunk
+/// `base`, at depth `base_depth`, as long as `raw`). `None` when the chain
+/// would be too long or the delta is not smaller than `limit` bytes.
+pub fn encode_page_delta(
+    raw: &[u8],
+    base: &ChunkId,
+    base_raw: &[u8],
+    base_depth: u8,
+    limit: usize,
+) -> Option<Vec<u8>> {
+    if base_depth >= MAX_DEPTH || raw.len() > MAX_RAW_LEN || raw.len() != base_raw.len() {
+        return None;
+    }
+    let pages = raw.len().div_ceil(DELTA_PAGE);
+    let bitmap = pages.div_ceil(8);
+    let mut diff = vec![0u8; bitmap];
+    for (i, (now, was)) in raw
+        .chunks(DELTA_PAGE)
+        .zip(base_raw.chunks(DELTA_PAGE))
+        .enumerate()
+    {
+        if now != was {
+            diff[i / 8] |= 1 << (i % 8);
+            diff.extend_from_slice(now);
+        }
+    }
+    let payload = COMPRESSOR
+        .with(|cell| -> std::io::Result<Vec<u8>> {
+            let mut slot = cell.borrow_mut();
+            if slot.is_none() {
+                *slot = Some((zstd::bulk::Compressor::new(ZSTD_LEVEL)?, Vec::new()));
+            }
+            let (c, _) = slot.as_mut().expect("compressor was just created");
+            c.compress(&diff)
+        })
+        .ok()?;
+    if DELTA_HEADER_LEN + payload.len() >= limit {
+        return None;
+    }
+    let mut out = Vec::with_capacity(DELTA_HEADER_LEN + payload.len() + SEALED_TRAILER_LEN);
+    push_header(&mut out, Codec::PageDelta, raw.len());
+    out.extend_from_slice(&base.0);
+    out.extend_from_slice(&[base_depth + 1, 0, 0, 0]);
+    out.extend_from_slice(&payload);
+    Some(out)
+}
+
+/// Decodes the delta chunk `stored` (codec 2 or 3) over its base's raw
+/// bytes and checks the result against the name `id`.
 pub fn decode_delta(
     id: &ChunkId,
     stored: &[u8],
@@ -147,9 +247,81 @@ pub fn decode_delta(
     out: &mut Vec<u8>,
     namer: &Namer,
 ) -> Result<()> {
+    let raw_len = checked_raw_len(id, stored)?;
+    match stored[5] {
+        c if c == Codec::ZstdDelta as u8 => decode_zstd_delta(id, stored, raw_len, base_raw, out)?,
+        c if c == Codec::PageDelta as u8 => decode_page_delta(id, stored, raw_len, base_raw, out)?,
+        _ => {
+            return Err(Error::corrupt_chunk(*id)(
+                "it is not a delta chunk, but is read as one".into(),
+            ));
+        }
+    }
+    check_name(id, out, namer)
+}
+
+fn decode_page_delta(
+    id: &ChunkId,
+    stored: &[u8],
+    raw_len: usize,
+    base_raw: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    let corrupt = Error::corrupt_chunk(*id);
+    if base_raw.len() != raw_len {
+        return Err(corrupt(format!(
+            "a page delta of {raw_len} bytes over a base of {} bytes",
+            base_raw.len()
+        )));
+    }
+    let pages = raw_len.div_ceil(DELTA_PAGE);
+    let bitmap = pages.div_ceil(8);
+    let mut diff = Vec::with_capacity(bitmap + raw_len);
+    DECOMPRESSOR
+        .with(|cell| -> std::io::Result<usize> {
+            let mut slot = cell.borrow_mut();
+            if slot.is_none() {
+                *slot = Some(zstd::bulk::Decompressor::new()?);
+            }
+            let d = slot.as_mut().expect("decompressor was just created");
+            d.decompress_to_buffer(&stored[DELTA_HEADER_LEN..], &mut diff)
+        })
+        .map_err(|e| corrupt(format!("zstd: {e}")))?;
+    if diff.len() < bitmap {
+        return Err(corrupt("page delta shorter than its page bitmap".into()));
+    }
+    if !pages.is_multiple_of(8) && diff[bitmap - 1] >> (pages % 8) != 0 {
+        return Err(corrupt("page bitmap marks pages past the block".into()));
+    }
+    out.clear();
+    out.extend_from_slice(base_raw);
+    let mut at = bitmap;
+    for i in (0..pages).filter(|i| diff[i / 8] & (1 << (i % 8)) != 0) {
+        let page = i * DELTA_PAGE..((i + 1) * DELTA_PAGE).min(raw_len);
+        let Some(bytes) = diff.get(at..at + page.len()) else {
+            return Err(corrupt("page delta shorter than the pages it marks".into()));
+        };
+        out[page].copy_from_slice(bytes);
+        at += bytes.len();
+    }
+    if at != diff.len() {
+        return Err(corrupt(format!(
+            "page delta holds {} bytes past the pages it marks",
+            diff.len() - at
+        )));
+    }
+    Ok(())
+}
+
+fn decode_zstd_delta(
+    id: &ChunkId,
+    stored: &[u8],
+    raw_len: usize,
+    base_raw: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<()> {
     use zstd::zstd_safe::DCtx;
     let corrupt = Error::corrupt_chunk(*id);
-    let raw_len = checked_raw_len(id, stored)?;
     let mut dctx = DCtx::create();
     dctx.ref_prefix(base_raw)
         .map_err(|c| corrupt(format!("zstd: {}", zstd::zstd_safe::get_error_name(c))))?;
@@ -163,7 +335,7 @@ pub fn decode_delta(
             "decompressed to {n} bytes, header says {raw_len}"
         )));
     }
-    check_name(id, out, namer)
+    Ok(())
 }
 
 fn check_name(id: &ChunkId, raw: &[u8], namer: &Namer) -> Result<()> {
@@ -188,46 +360,58 @@ fn checked_raw_len(id: &ChunkId, stored: &[u8]) -> Result<usize> {
     if &stored[..4] != CHUNK_MAGIC {
         return Err(corrupt("bad magic".into()));
     }
-    if stored[4] == SEALED_VERSION {
+    if sealed_version(stored[4]) {
         return Err(corrupt(
             "it is encrypted, but is read as a plain chunk: the snapshot naming it is not \
              encrypted, so the chunk was put there from elsewhere"
                 .into(),
         ));
     }
-    if stored[4] > SEALED_VERSION {
+    if stored[4] > SEALED_PAGE_DELTA_VERSION {
         return Err(Error::NewerChunk {
             chunk: *id,
             detail: format!("chunk format version {}", stored[4]),
         });
     }
-    if stored[4] != CHUNK_VERSION {
+    if stored[4] != CHUNK_VERSION && stored[4] != PAGE_DELTA_VERSION {
         return Err(corrupt(format!(
             "chunk format version {} was never written",
             stored[4]
         )));
     }
-    if stored[5] > Codec::ZstdDelta as u8 {
-        // A codec added later must come with a version bump; a reader
-        // still never calls an unknown codec damage.
-        return Err(Error::NewerChunk {
-            chunk: *id,
-            detail: format!("codec {}", stored[5]),
-        });
-    }
+    check_codec(id, stored[4], stored[5])?;
     let raw_len = u32::from_le_bytes(stored[8..12].try_into().expect("4 bytes")) as usize;
     if raw_len > MAX_RAW_LEN {
         return Err(corrupt(format!(
             "raw length {raw_len} exceeds the {MAX_RAW_LEN}-byte limit"
         )));
     }
-    if stored[5] == Codec::ZstdDelta as u8 && stored.len() < DELTA_HEADER_LEN {
+    if is_delta(stored[5]) && stored.len() < DELTA_HEADER_LEN {
         return Err(corrupt(format!(
             "{} bytes is shorter than a delta chunk header",
             stored.len()
         )));
     }
     Ok(raw_len)
+}
+
+/// A codec unknown to this blocksnap is a newer one (a codec added later
+/// comes with a version bump; a reader still never calls it damage); a
+/// page delta lives at version 3 (4 sealed) and nothing else does.
+fn check_codec(id: &ChunkId, version: u8, codec: u8) -> Result<()> {
+    if codec > Codec::PageDelta as u8 {
+        return Err(Error::NewerChunk {
+            chunk: *id,
+            detail: format!("codec {codec}"),
+        });
+    }
+    let page_delta_version = matches!(version, PAGE_DELTA_VERSION | SEALED_PAGE_DELTA_VERSION);
+    if (codec == Codec::PageDelta as u8) != page_delta_version {
+        return Err(Error::corrupt_chunk(*id)(format!(
+            "codec {codec} in a chunk of format version {version}, which is never written"
+        )));
+    }
+    Ok(())
 }
 
 thread_local! {
@@ -237,7 +421,11 @@ thread_local! {
 
 fn push_header(out: &mut Vec<u8>, codec: Codec, raw_len: usize) {
     out.extend_from_slice(CHUNK_MAGIC);
-    out.push(CHUNK_VERSION);
+    out.push(if codec == Codec::PageDelta {
+        PAGE_DELTA_VERSION
+    } else {
+        CHUNK_VERSION
+    });
     out.push(codec as u8);
     out.extend_from_slice(&[0, 0]);
     out.extend_from_slice(&(raw_len as u32).to_le_bytes());
@@ -319,7 +507,7 @@ pub fn decode_into(id: &ChunkId, stored: &[u8], out: &mut Vec<u8>, namer: &Namer
                 )));
             }
         }
-        c if c == Codec::ZstdDelta as u8 => {
+        c if is_delta(c) => {
             return Err(corrupt(
                 "a delta chunk decodes only with its base (see load_into)".into(),
             ));
@@ -338,7 +526,7 @@ pub fn decode(id: &ChunkId, stored: &[u8]) -> Result<Vec<u8>> {
 
 /// The length of the plain header of a chunk whose codec byte is `codec`.
 fn plain_header_len(codec: u8) -> usize {
-    if codec == Codec::ZstdDelta as u8 {
+    if is_delta(codec) {
         DELTA_HEADER_LEN
     } else {
         HEADER_LEN
@@ -351,7 +539,7 @@ pub const SEALED_TRAILER_LEN: usize = KEY_ID_LEN + SEAL_OVERHEAD;
 /// The key a sealed chunk is under, from its whole stored bytes; `None`
 /// for a plain chunk or bytes that are not a sealed chunk.
 pub fn sealed_key_of(stored: &[u8]) -> Option<KeyId> {
-    if stored.len() < HEADER_LEN || &stored[..4] != CHUNK_MAGIC || stored[4] != SEALED_VERSION {
+    if stored.len() < HEADER_LEN || !is_sealed(stored) {
         return None;
     }
     if stored.len() < plain_header_len(stored[5]) + SEALED_TRAILER_LEN {
@@ -369,7 +557,11 @@ fn sealed_ad(id: &ChunkId, header: &[u8], key: &KeyId) -> Vec<u8> {
 /// it) named `id` under `key`, in place.
 pub fn seal(key: &DataKey, id: &ChunkId, mut plain: Vec<u8>) -> Vec<u8> {
     let hl = plain_header_len(plain[5]);
-    plain[4] = SEALED_VERSION;
+    plain[4] = if plain[4] == PAGE_DELTA_VERSION {
+        SEALED_PAGE_DELTA_VERSION
+    } else {
+        SEALED_VERSION
+    };
     let ad = sealed_ad(id, &plain[..hl], &key.id);
     plain.reserve(SEALED_TRAILER_LEN);
     key.chunk_cipher().seal_in_place(&ad, &mut plain, hl);
@@ -386,16 +578,17 @@ pub fn unseal(key: &DataKey, id: &ChunkId, mut stored: Vec<u8>) -> Result<Vec<u8
     if stored.len() < HEADER_LEN || &stored[..4] != CHUNK_MAGIC {
         return Err(corrupt("not a chunk (bad magic or too short)".into()));
     }
-    match stored[4] {
-        SEALED_VERSION => {}
-        CHUNK_VERSION => {
+    let plain_version = match stored[4] {
+        SEALED_VERSION => CHUNK_VERSION,
+        SEALED_PAGE_DELTA_VERSION => PAGE_DELTA_VERSION,
+        CHUNK_VERSION | PAGE_DELTA_VERSION => {
             return Err(corrupt(format!(
                 "it is not encrypted, but the snapshot naming it is encrypted under key {}: \
                  the chunk was put there from elsewhere",
                 key.id
             )));
         }
-        v if v > SEALED_VERSION => {
+        v if v > SEALED_PAGE_DELTA_VERSION => {
             return Err(Error::NewerChunk {
                 chunk: *id,
                 detail: format!("chunk format version {v}"),
@@ -406,13 +599,8 @@ pub fn unseal(key: &DataKey, id: &ChunkId, mut stored: Vec<u8>) -> Result<Vec<u8
                 "chunk format version {v} was never written"
             )));
         }
-    }
-    if stored[5] > Codec::ZstdDelta as u8 {
-        return Err(Error::NewerChunk {
-            chunk: *id,
-            detail: format!("codec {}", stored[5]),
-        });
-    }
+    };
+    check_codec(id, stored[4], stored[5])?;
     let hl = plain_header_len(stored[5]);
     let Some(under) = sealed_key_of(&stored) else {
         return Err(corrupt(format!(
@@ -436,7 +624,7 @@ pub fn unseal(key: &DataKey, id: &ChunkId, mut stored: Vec<u8>) -> Result<Vec<u8
                 .into(),
         ));
     }
-    stored[4] = CHUNK_VERSION;
+    stored[4] = plain_version;
     Ok(stored)
 }
 
@@ -455,17 +643,102 @@ mod tests {
             decode_into(&id, &b, &mut Vec::new(), &Namer::Plain).unwrap_err()
         };
         for (at, v) in [
-            (4, SEALED_VERSION + 1),
-            (5, Codec::ZstdDelta as u8 + 1),
+            (4, SEALED_PAGE_DELTA_VERSION + 1),
+            (5, Codec::PageDelta as u8 + 1),
             (5, 255),
         ] {
             let e = with(at, v);
             assert!(matches!(e, Error::NewerChunk { .. }), "{e}");
             assert!(e.to_string().contains("newer blocksnap"), "{e}");
         }
-        let e = with(4, 0);
-        assert!(matches!(e, Error::CorruptChunk { .. }), "{e}");
-        assert!(!e.to_string().contains("upgrade"), "{e}");
+        // Version 0 was never written; a page delta is written at version 3
+        // only, and only a page delta is.
+        for (at, v) in [(4, 0), (4, PAGE_DELTA_VERSION), (5, Codec::PageDelta as u8)] {
+            let e = with(at, v);
+            assert!(matches!(e, Error::CorruptChunk { .. }), "{at} = {v}: {e}");
+            assert!(!e.to_string().contains("newer"), "{e}");
+        }
+    }
+
+    /// A 100,000-byte block (its last page short) and a base that differs
+    /// from it in three pages, the short one among them.
+    fn page_delta_case() -> (Vec<u8>, Vec<u8>) {
+        let base: Vec<u8> = (0..100_000u32).map(|i| (i * 31 % 251) as u8).collect();
+        let mut raw = base.clone();
+        raw[5] ^= 0xff;
+        raw[4096 * 7 + 100..4096 * 7 + 3000].fill(0xaa);
+        raw[99_999] ^= 1;
+        (base, raw)
+    }
+
+    #[test]
+    fn a_page_delta_keeps_the_changed_pages_and_decodes_over_its_base() {
+        let (base, raw) = page_delta_case();
+        let (bid, id) = (ChunkId::of(&base), ChunkId::of(&raw));
+        let d = encode_page_delta(&raw, &bid, &base, 1, usize::MAX).unwrap();
+        assert_eq!((d[4], d[5]), (PAGE_DELTA_VERSION, Codec::PageDelta as u8));
+        assert!(
+            d.len() < 3 * DELTA_PAGE + DELTA_HEADER_LEN,
+            "{} bytes",
+            d.len()
+        );
+        assert_eq!(base_of(&d), Some(Base { id: bid, depth: 2 }));
+        let mut out = Vec::new();
+        decode_delta(&id, &d, &base, &mut out, &Namer::Plain).unwrap();
+        assert_eq!(out, raw);
+        // Over another base, or one of another length: damage, named.
+        let mut other = base.clone();
+        other[50_000] ^= 1;
+        let e = decode_delta(&id, &d, &other, &mut out, &Namer::Plain).unwrap_err();
+        assert!(e.to_string().contains("BLAKE3"), "{e}");
+        let e = decode_delta(&id, &d, &base[..90_000], &mut out, &Namer::Plain).unwrap_err();
+        assert!(e.to_string().contains("over a base of 90000 bytes"), "{e}");
+        // Every flipped byte of the header and payload, and every
+        // truncation, is refused (the base and depth are the chain's to
+        // check, the reserved bytes no one's).
+        for pos in (0..6).chain(8..12).chain(DELTA_HEADER_LEN..d.len()) {
+            let mut bad = d.clone();
+            bad[pos] ^= 0x01;
+            assert!(
+                decode_delta(&id, &bad, &base, &mut out, &Namer::Plain).is_err(),
+                "flip at {pos} accepted"
+            );
+        }
+        for len in 0..d.len() {
+            assert!(decode_delta(&id, &d[..len], &base, &mut out, &Namer::Plain).is_err());
+        }
+        // The chain bound, a base of another length, and no saving.
+        assert!(encode_page_delta(&raw, &bid, &base, MAX_DEPTH, usize::MAX).is_none());
+        assert!(encode_page_delta(&raw, &bid, &base[..4096], 0, usize::MAX).is_none());
+        assert!(encode_page_delta(&raw, &bid, &base, 0, 100).is_none());
+        // encode_against takes zstd's delta for a base of another length.
+        let z = encode_against(&raw, &bid, &base[..60_000], 0, usize::MAX).unwrap();
+        assert_eq!((z[4], z[5]), (CHUNK_VERSION, Codec::ZstdDelta as u8));
+        decode_delta(&id, &z, &base[..60_000], &mut out, &Namer::Plain).unwrap();
+        assert_eq!(out, raw);
+    }
+
+    #[test]
+    fn a_page_delta_bitmap_marking_pages_past_the_block_is_damage() {
+        let (base, raw) = page_delta_case();
+        let bid = ChunkId::of(&base);
+        let pages = raw.len().div_ceil(DELTA_PAGE);
+        let mut diff = vec![0u8; pages.div_ceil(8)];
+        diff[0] = 1;
+        diff.extend_from_slice(&raw[..DELTA_PAGE]);
+        diff[pages / 8] |= 1 << (pages % 8);
+        let mut d = encode_page_delta(&raw, &bid, &base, 0, usize::MAX).unwrap();
+        d.truncate(DELTA_HEADER_LEN);
+        d.extend_from_slice(&zstd::bulk::compress(&diff, 1).unwrap());
+        let e = decode_delta(
+            &ChunkId::of(&raw),
+            &d,
+            &base,
+            &mut Vec::new(),
+            &Namer::Plain,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("past the block"), "{e}");
     }
 
     #[test]
@@ -522,6 +795,22 @@ mod tests {
         assert_eq!(base_of(&sd).unwrap().id, id);
         let back = unseal(&key, &did, sd).unwrap();
         let mut out = Vec::new();
+        decode_delta(&did, &back, &raw, &mut out, &key.namer()).unwrap();
+        assert_eq!(out, changed);
+        // A page delta seals at version 4 and opens back to version 3.
+        let pd = encode_page_delta(&changed, &id, &raw, 0, usize::MAX).unwrap();
+        let spd = seal(&key, &did, pd.clone());
+        assert_eq!(spd[4], SEALED_PAGE_DELTA_VERSION);
+        assert!(is_sealed(&spd) && !is_sealed(&pd));
+        assert_eq!(sealed_key_of(&spd), Some(key.id));
+        assert_eq!(base_of(&spd).unwrap().id, id);
+        assert!(!spd.windows(13).any(|w| w == b"secret block "));
+        assert!(matches!(
+            decode(&did, &spd),
+            Err(Error::CorruptChunk { .. })
+        ));
+        let back = unseal(&key, &did, spd).unwrap();
+        assert_eq!(back, pd);
         decode_delta(&did, &back, &raw, &mut out, &key.namer()).unwrap();
         assert_eq!(out, changed);
     }

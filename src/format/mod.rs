@@ -4,7 +4,7 @@
 //!
 //! | file                                     | format (magic or name)                  | version | module         |
 //! |------------------------------------------|-----------------------------------------|---------|----------------|
-//! | `chunks/<2 or 4 hex>/<64 hex>`           | `BSCK`, codecs 0 raw, 1 zstd, 2 delta   | 1; 2 sealed | [`chunk`]  |
+//! | `chunks/<2 or 4 hex>/<64 hex>`           | `BSCK`, codecs 0 raw, 1 zstd, 2 delta, 3 page delta | 1; 2 sealed; 3 page delta, 4 sealed | [`chunk`]  |
 //! | `snapshots/<snap>`                       | `BSNAPMAN`                              | 1; 2, 3 encrypted | [`manifest`] |
 //! | `images/<ami>.json`                      | `blocksnap-image` ([`envelope`])        | 1; 2 with `Encrypted` | [`image`] |
 //! | `keys/<key id>.json`                     | `blocksnap-key`                         | 1       | [`key`]        |

@@ -356,8 +356,7 @@ fn check_chunk(
     buf: &mut Vec<u8>,
 ) -> Result<Option<u64>> {
     let stored = store.get(c)?;
-    let sealed = stored.get(..4) == Some(&chunk::CHUNK_MAGIC[..])
-        && stored.get(4) == Some(&chunk::SEALED_VERSION);
+    let sealed = chunk::is_sealed(&stored);
     let named = match expected {
         Some(k) => k,
         None if sealed => match chunk::sealed_key_of(&stored) {

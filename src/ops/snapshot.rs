@@ -700,7 +700,7 @@ fn delta_against(
         }
     };
     if depth < chunk::MAX_DEPTH {
-        return chunk::encode_delta(raw, base, base_bytes, depth, limit);
+        return chunk::encode_against(raw, base, base_bytes, depth, limit);
     }
     let mut root = *base;
     for _ in 0..chunk::MAX_DEPTH {
@@ -711,7 +711,7 @@ fn delta_against(
         }
     }
     let depth = chain::load_into(store, &root, &mut base_raw).ok()?;
-    (depth == 0).then(|| chunk::encode_delta(raw, &root, &base_raw, 0, limit))?
+    (depth == 0).then(|| chunk::encode_against(raw, &root, &base_raw, 0, limit))?
 }
 
 /// A block that differs between two snapshots.

@@ -608,6 +608,48 @@ fn frozen_formats_of_every_kind_still_read() {
 }
 
 #[test]
+fn frozen_page_delta_formats_still_read() {
+    // testdata/v5-page-delta: page deltas plain (chunk format version 3)
+    // and sealed (version 4) beside chunks of versions 1 and 2.
+    let env = Env::new();
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/v5-page-delta");
+    sh_ok(&format!(
+        "mkdir -p '{0}' && cp -r '{1}' '{0}/local'",
+        env.store().display(),
+        fixture.join("store").display()
+    ));
+    let mut versions: Vec<u8> = fs::read_dir(fixture.join("store/chunks"))
+        .unwrap()
+        .flat_map(|d| fs::read_dir(d.unwrap().path()).unwrap())
+        .map(|f| fs::read(f.unwrap().path()).unwrap()[4])
+        .collect();
+    versions.sort();
+    versions.dedup();
+    assert_eq!(
+        versions,
+        [1, 2, 3, 4],
+        "the fixture holds every chunk version"
+    );
+    env.set_passphrase(Some("blocksnap fixture passphrase"));
+    let owner = ["--account", "475138931851"];
+    let v = env.json(&["store", "verify"]);
+    assert_eq!(v["Clean"], true, "{v}");
+    assert_eq!(v["ChunksChecked"], 10, "{v}");
+    assert_eq!(v["ChunksUnchecked"], 0, "{v}");
+    let volumes = fixture.join("../v1-all-formats");
+    for (snap, volume) in [
+        ("snap-62cd89ef25571841c", "volume-v1.img"),
+        ("snap-f0f52b21cee495d23", "volume-v2.img"),
+        ("snap-56a5a3b864315cec5", "volume-v1.img"),
+        ("snap-a6d41eecdf0b41a55", "volume-v2.img"),
+    ] {
+        let out = env.path(&format!("{snap}.img"));
+        env.ok(&["volume", "restore", snap, s(&out), owner[0], owner[1]]);
+        assert_same(&out, &volumes.join(volume));
+    }
+}
+
+#[test]
 fn frozen_lifecycle_formats_still_read() {
     // testdata/v4-lifecycle: a policy and its state after a run, retention
     // rules (one locked), a snapshot and an image in the recycle bin.

@@ -558,10 +558,11 @@ fn formats_from_a_newer_blocksnap_are_never_called_damage() {
         .join("local")
         .join(env.chunk_key(&snap, 0, "local"));
 
-    // A chunk in a later format version (3: 2 is a sealed chunk, known):
-    // reported as such, and `--repair` leaves it where it is.
+    // A chunk in a later format version (5: 2 is a sealed chunk, 3 and 4
+    // page deltas, known): reported as such, and `--repair` leaves it where
+    // it is.
     let mut bytes = fs::read(&chunk).unwrap();
-    bytes[4] = 3;
+    bytes[4] = 5;
     fs::write(&chunk, &bytes).unwrap();
     let out = env.run(&["store", "verify", "--repair", "--json"]);
     assert_eq!(out.status.code(), Some(4), "{out:?}");
