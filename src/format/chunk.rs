@@ -215,6 +215,11 @@ pub fn encode_page_delta(
         if now != was {
             diff[i / 8] |= 1 << (i % 8);
             diff.extend_from_slice(now);
+            if diff.len() >= limit {
+                // Nearly every page changed: the block alone compresses as
+                // well and needs no base to restore.
+                return None;
+            }
         }
     }
     let payload = COMPRESSOR
@@ -711,6 +716,10 @@ mod tests {
         assert!(encode_page_delta(&raw, &bid, &base, MAX_DEPTH, usize::MAX).is_none());
         assert!(encode_page_delta(&raw, &bid, &base[..4096], 0, usize::MAX).is_none());
         assert!(encode_page_delta(&raw, &bid, &base, 0, 100).is_none());
+        // Every page rewritten: stored plain, even where it would compress.
+        let rewritten: Vec<u8> = base.iter().map(|b| b ^ 0x55).collect();
+        let limit = base.len() - base.len() / 8;
+        assert!(encode_page_delta(&rewritten, &bid, &base, 0, limit).is_none());
         // encode_against takes zstd's delta for a base of another length.
         let z = encode_against(&raw, &bid, &base[..60_000], 0, usize::MAX).unwrap();
         assert_eq!((z[4], z[5]), (CHUNK_VERSION, Codec::ZstdDelta as u8));
