@@ -28,7 +28,7 @@
 //! A changed block is usually its parent's block with a few writes in it;
 //! stored as a delta against the parent's chunk it costs about the bytes
 //! that changed instead of the whole block. A page delta compares the two
-//! blocks page by page and keeps the changed pages: 10 to 27 times faster
+//! blocks page by page and keeps the changed pages: 7 to 22 times faster
 //! than zstd's delta at level 1 and smaller for block writes (see README,
 //! Speed); zstd's delta stays for a base of another length. Chains are
 //! bounded: a block whose base is already at depth 3 is stored plain.
