@@ -222,16 +222,7 @@ pub fn encode_page_delta(
             }
         }
     }
-    let payload = COMPRESSOR
-        .with(|cell| -> std::io::Result<Vec<u8>> {
-            let mut slot = cell.borrow_mut();
-            if slot.is_none() {
-                *slot = Some((zstd::bulk::Compressor::new(ZSTD_LEVEL)?, Vec::new()));
-            }
-            let (c, _) = slot.as_mut().expect("compressor was just created");
-            c.compress(&diff)
-        })
-        .ok()?;
+    let payload = with_compressor(|c, _| c.compress(&diff)).ok()?;
     if DELTA_HEADER_LEN + payload.len() >= limit {
         return None;
     }
@@ -282,15 +273,7 @@ fn decode_page_delta(
     let pages = raw_len.div_ceil(DELTA_PAGE);
     let bitmap = pages.div_ceil(8);
     let mut diff = Vec::with_capacity(bitmap + raw_len);
-    DECOMPRESSOR
-        .with(|cell| -> std::io::Result<usize> {
-            let mut slot = cell.borrow_mut();
-            if slot.is_none() {
-                *slot = Some(zstd::bulk::Decompressor::new()?);
-            }
-            let d = slot.as_mut().expect("decompressor was just created");
-            d.decompress_to_buffer(&stored[DELTA_HEADER_LEN..], &mut diff)
-        })
+    decompress_into(&stored[DELTA_HEADER_LEN..], &mut diff)
         .map_err(|e| corrupt(format!("zstd: {e}")))?;
     if diff.len() < bitmap {
         return Err(corrupt("page delta shorter than its page bitmap".into()));
@@ -424,6 +407,35 @@ thread_local! {
     static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
 }
 
+/// Runs `f` with this thread's zstd compressor (at [`ZSTD_LEVEL`]) and its
+/// scratch buffer.
+fn with_compressor<T>(
+    f: impl FnOnce(&mut zstd::bulk::Compressor<'static>, &mut Vec<u8>) -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some((zstd::bulk::Compressor::new(ZSTD_LEVEL)?, Vec::new()));
+        }
+        let (c, scratch) = slot.as_mut().expect("compressor was just created");
+        f(c, scratch)
+    })
+}
+
+/// Decompresses the zstd frame `payload` into `out` (replacing its
+/// content, at most its capacity) with this thread's decompressor; returns
+/// the bytes written.
+fn decompress_into(payload: &[u8], out: &mut Vec<u8>) -> std::io::Result<usize> {
+    DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(zstd::bulk::Decompressor::new()?);
+        }
+        let d = slot.as_mut().expect("decompressor was just created");
+        d.decompress_to_buffer(payload, out)
+    })
+}
+
 fn push_header(out: &mut Vec<u8>, codec: Codec, raw_len: usize) {
     out.extend_from_slice(CHUNK_MAGIC);
     out.push(if codec == Codec::PageDelta {
@@ -445,28 +457,22 @@ pub fn encode(raw: &[u8]) -> Result<Vec<u8>> {
     // Compress into a per-thread scratch buffer no larger than the raw
     // block: output that does not fit is not worth storing compressed,
     // and nothing is zero-filled.
-    let compressed = COMPRESSOR
-        .with(|cell| -> std::io::Result<Option<Vec<u8>>> {
-            let mut slot = cell.borrow_mut();
-            if slot.is_none() {
-                *slot = Some((zstd::bulk::Compressor::new(ZSTD_LEVEL)?, Vec::new()));
+    let compressed = with_compressor(|c, scratch| {
+        scratch.clear();
+        scratch.reserve(raw.len());
+        match c.compress_to_buffer(raw, scratch) {
+            Ok(n) if n < raw.len() => {
+                // Room for a seal's trailer: sealing never moves it.
+                let mut out = Vec::with_capacity(HEADER_LEN + n + SEALED_TRAILER_LEN);
+                push_header(&mut out, Codec::Zstd, raw.len());
+                out.extend_from_slice(&scratch[..n]);
+                Ok(Some(out))
             }
-            let (c, scratch) = slot.as_mut().expect("compressor was just created");
-            scratch.clear();
-            scratch.reserve(raw.len());
-            match c.compress_to_buffer(raw, scratch) {
-                Ok(n) if n < raw.len() => {
-                    // Room for a seal's trailer: sealing never moves it.
-                    let mut out = Vec::with_capacity(HEADER_LEN + n + SEALED_TRAILER_LEN);
-                    push_header(&mut out, Codec::Zstd, raw.len());
-                    out.extend_from_slice(&scratch[..n]);
-                    Ok(Some(out))
-                }
-                _ => Ok(None),
-            }
-        })
-        // No compression context (out of memory): store the block raw.
-        .unwrap_or(None);
+            _ => Ok(None),
+        }
+    })
+    // No compression context (out of memory): store the block raw.
+    .unwrap_or(None);
     let out = compressed.unwrap_or_else(|| {
         let mut out = Vec::with_capacity(HEADER_LEN + raw.len() + SEALED_TRAILER_LEN);
         push_header(&mut out, Codec::Raw, raw.len());
@@ -496,16 +502,7 @@ pub fn decode_into(id: &ChunkId, stored: &[u8], out: &mut Vec<u8>, namer: &Namer
         }
         c if c == Codec::Zstd as u8 => {
             out.reserve(raw_len);
-            let n = DECOMPRESSOR
-                .with(|cell| -> std::io::Result<usize> {
-                    let mut slot = cell.borrow_mut();
-                    if slot.is_none() {
-                        *slot = Some(zstd::bulk::Decompressor::new()?);
-                    }
-                    let d = slot.as_mut().expect("decompressor was just created");
-                    d.decompress_to_buffer(payload, &mut *out)
-                })
-                .map_err(|e| corrupt(format!("zstd: {e}")))?;
+            let n = decompress_into(payload, out).map_err(|e| corrupt(format!("zstd: {e}")))?;
             if n != raw_len {
                 return Err(corrupt(format!(
                     "decompressed to {n} bytes, header says {raw_len}"
