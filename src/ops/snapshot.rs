@@ -193,31 +193,42 @@ pub fn store_block(
     delta: bool,
     loaded: Option<LoadedBase>,
 ) -> Result<Outcome> {
+    match settled(store, parent_block, parent_committed, &id, bytes.len())? {
+        Some(known) => Ok(known),
+        None => store_new(store, parent_block, bytes, id, delta, loaded),
+    }
+}
+
+/// Stores data block `bytes` (named `id`), which [`settled`] found neither
+/// the parent's nor in the store: as a delta against the parent's block
+/// when `delta` and that is much smaller, else plain.
+fn store_new(
+    store: &dyn ChunkStore,
+    parent_block: Option<&Block>,
+    bytes: &[u8],
+    id: ChunkId,
+    delta: bool,
+    loaded: Option<LoadedBase>,
+) -> Result<Outcome> {
     let block = Block::Data(id);
-    Ok(
-        if let Some(known) = settled(store, parent_block, parent_committed, &id, bytes.len())? {
-            known
-        } else {
-            // A delta first: when it works, the block is not compressed a
-            // second time.
-            let delta = match parent_block {
-                Some(Block::Data(base)) if delta => delta_against(store, base, bytes, loaded),
-                _ => None,
-            };
-            let stored = match delta {
-                Some(d) => d,
-                None => chunk::encode(bytes)?,
-            };
-            match store.put_owned(&id, stored)? {
-                Some(stored) => Outcome::New {
-                    block,
-                    raw: bytes.len() as u64,
-                    stored,
-                },
-                None => Outcome::Known(block, bytes.len() as u64),
-            }
+    // A delta first: when it works, the block is not compressed a second
+    // time.
+    let delta = match parent_block {
+        Some(Block::Data(base)) if delta => delta_against(store, base, bytes, loaded),
+        _ => None,
+    };
+    let stored = match delta {
+        Some(d) => d,
+        None => chunk::encode(bytes)?,
+    };
+    Ok(match store.put_owned(&id, stored)? {
+        Some(stored) => Outcome::New {
+            block,
+            raw: bytes.len() as u64,
+            stored,
         },
-    )
+        None => Outcome::Known(block, bytes.len() as u64),
+    })
 }
 
 /// What storing a block named `id` comes to without its bytes: unchanged
@@ -626,22 +637,27 @@ pub fn create(
             Content::Zero => Ok(Outcome::Zero),
             Content::Data { bytes, id, mapped } => {
                 let parent_block = parent_blocks.get(pos.index as usize);
-                if mapped
-                    && let Some(known) =
-                        settled(store, parent_block, parent_committed, &id, bytes.len())?
+                if let Some(known) =
+                    settled(store, parent_block, parent_committed, &id, bytes.len())?
                 {
                     return Ok(known);
                 }
-                blocks::steady(bytes, id, mapped, store.namer(), |bytes, id| {
-                    store_block(
-                        store,
-                        parent_block,
-                        parent_committed,
-                        bytes,
-                        id,
-                        opts.delta,
-                        None,
-                    )
+                // A block changed by a writer since it was hashed is looked
+                // up again under its new name.
+                blocks::steady(bytes, id, mapped, store.namer(), |steady, named| {
+                    if named == id {
+                        store_new(store, parent_block, steady, named, opts.delta, None)
+                    } else {
+                        store_block(
+                            store,
+                            parent_block,
+                            parent_committed,
+                            steady,
+                            named,
+                            opts.delta,
+                            None,
+                        )
+                    }
                 })
             }
         },
