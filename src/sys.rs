@@ -420,11 +420,17 @@ pub fn terminate(pid: u32) {
 /// outlives a blocksnap that was killed.
 pub fn die_with_parent(cmd: &mut std::process::Command) {
     use std::os::unix::process::CommandExt;
-    // SAFETY: prctl with PR_SET_PDEATHSIG takes integers only and is
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: prctl, getppid and _exit take integers only and are
     // async-signal-safe.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            // A parent killed between fork and prctl sends no signal:
+            // the child sees it already gone and does not start.
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
             Ok(())
         });
     }
