@@ -9,7 +9,7 @@ folder's `mod.rs` that only declares its files is reached by nobody.
 
 The rooms, from the top (see the crate docs in src/lib.rs):
 
-    cli -> lifecycle -> image -> lazy -> ops -> region -> store | volume -> format -> foundation
+    cli -> server -> lifecycle -> image -> lazy -> ops -> region -> store | volume -> format -> foundation
 
 A file may use its own room (without cycles), the rooms below it and the
 foundation (error, id, progress, settings, sys); `store` and `volume` sit
@@ -36,9 +36,10 @@ RANKS = {
     "lazy": 5,
     "image": 6,
     "lifecycle": 7,
-    "crate": 8,  # lib.rs: the crate docs and re-exports
-    "cli": 9,
-    "main": 10,
+    "server": 8,
+    "crate": 9,  # lib.rs: the crate docs and re-exports
+    "cli": 10,
+    "main": 11,
 }
 FOUNDATION = {"error", "id", "progress", "settings", "sys"}
 

@@ -17,6 +17,7 @@
 //!
 //! ```text
 //! cli (the binary)      parse, dispatch, print; exit codes
+//!   server/             `serve`: accounts and keys, SigV4, the EBS direct API over HTTP
 //!   lifecycle/          policies on a schedule, with retention (snapshots, images, copies)
 //!   image/              AMIs and instances, built out of snapshot operations
 //!   lazy/               snapshots used in place: a reader, overlays, NBD, FUSE, dirty-map snapshots
@@ -129,6 +130,7 @@ pub mod lifecycle;
 pub mod ops;
 pub mod progress;
 pub mod region;
+pub mod server;
 pub mod settings;
 pub mod store;
 mod sys;

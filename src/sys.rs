@@ -128,6 +128,24 @@ pub fn try_lock(file: &File, mode: LockMode) -> io::Result<bool> {
     Ok(true)
 }
 
+/// Takes an advisory lock on `file`, waiting for a conflicting holder.
+pub fn lock(file: &File, mode: LockMode) -> io::Result<()> {
+    let op = match mode {
+        LockMode::Shared => libc::LOCK_SH,
+        LockMode::Exclusive => libc::LOCK_EX,
+    };
+    loop {
+        // SAFETY: flock only reads its integer arguments; the fd is valid.
+        if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
 /// Flushes every dirty page and inode of the file system that holds
 /// `file`: after it returns, all writes and renames there are durable,
 /// whichever process made them.

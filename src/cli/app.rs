@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 
 use blocksnap::{AccountId, Error, Region};
 
+use crate::cli::account::AccountCmd;
 use crate::cli::image::ImageCmd;
 use crate::cli::instance::InstanceCmd;
 use crate::cli::key::KeyCmd;
@@ -19,7 +20,7 @@ use crate::cli::snapshot::SnapshotCmd;
 use crate::cli::store::StoreCmd;
 use crate::cli::volume::VolumeCmd;
 use crate::cli::{
-    exit, image, instance, key, policy, recycle_bin, region, snapshot, store, volume,
+    account, exit, image, instance, key, policy, recycle_bin, region, snapshot, store, volume,
 };
 
 /// The region used without `--region`: the only one created on first use.
@@ -105,6 +106,25 @@ pub enum Command {
     /// The recycle bin: retention rules that make deletions recoverable [Recycle Bin]
     #[command(subcommand)]
     RecycleBin(RecycleBinCmd),
+    /// The server's accounts and their access keys [IAM CreateAccessKey, ...]
+    #[command(subcommand)]
+    Account(AccountCmd),
+    /// Serve the store over HTTP to clients that sign their requests (AWS SigV4):
+    /// the EBS direct API
+    Serve {
+        /// Address to listen on (port 0: any free port, printed on start)
+        #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
+        listen: String,
+        /// Connections served at once; more wait to be accepted
+        #[arg(long, default_value_t = 256)]
+        max_connections: usize,
+        /// Seconds a client has to send a request's headers
+        #[arg(long, default_value = "10", value_parser = account::seconds, value_name = "SECS")]
+        header_timeout: std::time::Duration,
+        /// Seconds a client has to send a request's body
+        #[arg(long, default_value = "60", value_parser = account::seconds, value_name = "SECS")]
+        body_timeout: std::time::Duration,
+    },
 }
 
 /// The store root: `--store`, `$BLOCKSNAP_STORE`, or a per-user directory.
@@ -149,6 +169,30 @@ pub fn run(cli: Cli) -> Result<u8> {
     let command = match cli.command {
         // Region definitions work without opening a region.
         Command::Region(cmd) if !cmd.needs_region() => return region::run(&root, &out, cmd),
+        // The server's accounts and the server are the store's, not a region's.
+        Command::Account(cmd) => return account::run(&root, &out, cmd),
+        Command::Serve {
+            listen,
+            max_connections,
+            header_timeout,
+            body_timeout,
+        } => {
+            if g.account.is_some() {
+                return Err(Error::InvalidArgument(
+                    "serve takes no --account: each request's access key decides its account"
+                        .into(),
+                )
+                .into());
+            }
+            let opts = blocksnap::server::ServeOptions {
+                listen,
+                max_connections: max_connections.max(1),
+                header_timeout,
+                body_timeout,
+                ..Default::default()
+            };
+            return account::serve_store(&root, opts, g.quiet);
+        }
         other => other,
     };
     // Only the default region is created on first use; any other must
@@ -180,6 +224,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Region(cmd) => region::run_in(&region, &out, cmd),
         Command::Policy(cmd) => policy::run(&root, &region, &out, &caller, cmd),
         Command::RecycleBin(cmd) => recycle_bin::run(&region, &out, &caller, cmd),
+        Command::Account(_) | Command::Serve { .. } => unreachable!("run before a region opens"),
     }
 }
 

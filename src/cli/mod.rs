@@ -1,11 +1,12 @@
 //! The `blocksnap` command line: one file per noun (`snapshot`, `volume`,
 //! `store`, `region`, `image`, `instance`, `key`, `policy`,
-//! `recycle_bin`), each holding its clap
+//! `recycle_bin`, `account` with `serve`), each holding its clap
 //! definitions and the glue to the library; [`app`] the global options
 //! and the dispatch; [`parse`] value parsers; [`output`] how results print;
 //! [`exit`] exit codes. The CLI parses and prints: every rule lives in the
 //! library.
 
+pub mod account;
 pub mod app;
 pub mod exit;
 pub mod image;

@@ -44,6 +44,11 @@ impl Out {
         }
     }
 
+    /// `--json`: one JSON document.
+    pub fn json(&self) -> bool {
+        self.json
+    }
+
     /// `--quiet`: print only what matters.
     pub fn quiet(&self) -> bool {
         self.quiet

@@ -479,12 +479,18 @@ pub struct Taken {
 /// Writes the manifest of `taken` under a new id: the snapshot exists
 /// from here on.
 pub fn commit(region: &Region, taken: Taken) -> Result<SnapshotMeta> {
+    commit_as(region, SnapshotId::random(), taken)
+}
+
+/// [`commit`] under id `id`, given out before the blocks arrived (the EBS
+/// direct API's `StartSnapshot`).
+pub fn commit_as(region: &Region, id: SnapshotId, taken: Taken) -> Result<SnapshotMeta> {
     let created_ns = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
     let meta = SnapshotMeta {
-        id: SnapshotId::random(),
+        id,
         parent: taken.parent,
         owner: taken.owner,
         volume_size: taken.volume_size,

@@ -1,0 +1,652 @@
+//! The EBS direct API (`ebs`, 2019-11-02): snapshots written block by
+//! block (`StartSnapshot`, `PutSnapshotBlock`, `CompleteSnapshot`) and
+//! read block by block (`ListSnapshotBlocks`, `ListChangedBlocks`,
+//! `GetSnapshotBlock`), with AWS's paths, headers, JSON shapes and errors.
+//!
+//! A snapshot being written is held in memory with its region's lock
+//! taken shared (gc waits for it) until it is completed or its `Timeout`
+//! passes; each block is stored as a chunk when it arrives, so what an
+//! abandoned or interrupted upload leaves is only chunks no manifest
+//! names, which gc reclaims. The manifest is written on completion, under
+//! the id `StartSnapshot` gave out: before that no one sees the snapshot.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use aws_lc_rs::digest;
+use base64::Engine;
+use serde_json::{Value, json};
+
+use crate::error::{Error, Result};
+use crate::format::manifest::{self, Block, DEFAULT_BLOCK_SIZE, Manifest, Tag};
+use crate::id::{AccountId, ChunkId, SnapshotId};
+use crate::ops::access::readable;
+use crate::ops::snapshot::{
+    Outcome, Taken, changed_blocks, commit_as, merge_with_parent, store_block,
+};
+use crate::region::backend::RegionLock;
+use crate::region::catalog::Region;
+use crate::store::chain::load_into;
+use crate::store::chunk_store::ChunkStore;
+use crate::sys::LockMode;
+use crate::volume::io::is_zero;
+
+use super::Reply;
+
+/// The only block size of the EBS direct API.
+pub const BLOCK: u32 = DEFAULT_BLOCK_SIZE;
+const GIB: u64 = 1 << 30;
+/// `StartSnapshot`'s `Timeout` bounds, in minutes, and its default.
+const TIMEOUT_MIN: u64 = 10;
+const TIMEOUT_MAX: u64 = 4320;
+const TIMEOUT_DEFAULT: u64 = 60;
+/// How long block tokens are said to be good for.
+const TOKEN_LIFE: Duration = Duration::from_secs(7 * 24 * 3600);
+const MAX_RESULTS: usize = 10_000;
+
+/// A snapshot being written.
+struct Pending {
+    region: Arc<Region>,
+    owner: AccountId,
+    volume_size: u64,
+    parent: Option<Manifest>,
+    parent_committed: Option<SystemTime>,
+    description: String,
+    tags: Vec<Tag>,
+    started: SystemTime,
+    deadline: Instant,
+    /// Block index -> what storing it did, and its SHA-256.
+    blocks: BTreeMap<u64, (Outcome, [u8; 32])>,
+    /// Kept shared while the upload lasts: gc cannot delete its chunks.
+    _lock: RegionLock,
+}
+
+/// The snapshots being written, and the client tokens already answered.
+#[derive(Default)]
+pub struct Uploads {
+    pending: Mutex<HashMap<SnapshotId, Arc<Mutex<Pending>>>>,
+    /// (account, client token) -> the snapshot that token started.
+    tokens: Mutex<HashMap<(AccountId, String), SnapshotId>>,
+}
+
+impl Uploads {
+    /// Drops uploads past their deadline; their chunks are left to gc.
+    pub fn expire(&self, now: Instant) -> usize {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let before = pending.len();
+        pending.retain(|_, p| p.lock().map(|p| p.deadline > now).unwrap_or(false));
+        before - pending.len()
+    }
+
+    fn get(&self, id: &SnapshotId, caller: &AccountId) -> Result<Arc<Mutex<Pending>>> {
+        let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        match pending.get(id) {
+            Some(p) if &p.lock().unwrap_or_else(|p| p.into_inner()).owner == caller => {
+                Ok(p.clone())
+            }
+            _ => Err(Error::NotFound(format!(
+                "no snapshot {id} is being written by account {caller}: StartSnapshot first \
+                 (an upload ends when it is completed or its Timeout passes)"
+            ))),
+        }
+    }
+}
+
+/// `POST /snapshots`.
+pub fn start_snapshot(
+    uploads: &Uploads,
+    region: Arc<Region>,
+    caller: &AccountId,
+    body: &[u8],
+) -> Result<Reply> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| Error::InvalidArgument(format!("the request body is not JSON: {e}")))?;
+    let gib = v
+        .get("VolumeSize")
+        .and_then(Value::as_u64)
+        .filter(|&g| (1..=65_536).contains(&g))
+        .ok_or_else(|| {
+            Error::InvalidArgument("VolumeSize must be a whole number of GiB, 1 to 65536".into())
+        })?;
+    let str_field = |name: &str| -> Result<Option<String>> {
+        match v.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(Error::InvalidArgument(format!("{name} must be a string"))),
+        }
+    };
+    if v.get("Encrypted").and_then(Value::as_bool) == Some(true)
+        || str_field("KmsKeyArn")?.is_some()
+    {
+        return Err(Error::InvalidArgument(
+            "encrypted snapshots cannot be written through the EBS direct API of this server \
+             yet: write it unencrypted, or snapshot the volume with the CLI (--encrypted)"
+                .into(),
+        ));
+    }
+    let timeout = match v.get("Timeout") {
+        None | Some(Value::Null) => TIMEOUT_DEFAULT,
+        Some(t) => t
+            .as_u64()
+            .filter(|t| (TIMEOUT_MIN..=TIMEOUT_MAX).contains(t))
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "Timeout is in minutes, {TIMEOUT_MIN} to {TIMEOUT_MAX}"
+                ))
+            })?,
+    };
+    let description = str_field("Description")?.unwrap_or_default();
+    let tags = parse_tags(&v)?;
+    let client_token = str_field("ClientToken")?;
+    if let Some(token) = &client_token {
+        if token.len() > 64 {
+            return Err(Error::InvalidArgument(
+                "ClientToken is at most 64 characters".into(),
+            ));
+        }
+        let known = uploads
+            .tokens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(caller.clone(), token.clone()))
+            .cloned();
+        if let Some(id) = known {
+            return answer_again(uploads, &region, caller, &id);
+        }
+    }
+    let volume_size = gib * GIB;
+    let parent = match str_field("ParentSnapshotId")? {
+        None => None,
+        Some(p) => {
+            let id: SnapshotId = p.parse()?;
+            let meta = readable(&region, &id, caller, "take as a parent")?;
+            if meta.kms_key_id.is_some() {
+                return Err(Error::InvalidArgument(format!(
+                    "{id} is encrypted, and encrypted snapshots cannot be written through the \
+                     EBS direct API of this server yet"
+                )));
+            }
+            if meta.block_size != BLOCK {
+                return Err(Error::InvalidArgument(format!(
+                    "{id} has {}-byte blocks; the EBS direct API writes 512 KiB blocks",
+                    meta.block_size
+                )));
+            }
+            if meta.volume_size > volume_size {
+                return Err(Error::InvalidArgument(format!(
+                    "VolumeSize {gib} GiB is smaller than parent {id}'s {} bytes",
+                    meta.volume_size
+                )));
+            }
+            Some(region.read_snapshot(&id)?)
+        }
+    };
+    let parent_committed = match &parent {
+        Some(p) => region.snapshot_committed_at(&p.meta.id)?,
+        None => None,
+    };
+    let lock = region.lock(LockMode::Shared, "EBS direct API snapshot upload")?;
+    let id = SnapshotId::random();
+    let started = SystemTime::now();
+    let p = Pending {
+        region,
+        owner: caller.clone(),
+        volume_size,
+        parent,
+        parent_committed,
+        description,
+        tags,
+        started,
+        deadline: Instant::now() + Duration::from_secs(timeout * 60),
+        blocks: BTreeMap::new(),
+        _lock: lock,
+    };
+    let body = started_json(&id, &p, "pending");
+    uploads
+        .pending
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(id.clone(), Arc::new(Mutex::new(p)));
+    if let Some(token) = client_token {
+        uploads
+            .tokens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((caller.clone(), token), id);
+    }
+    Ok(Reply::json(201, body))
+}
+
+/// `StartSnapshot` again with a token already used: the same snapshot.
+fn answer_again(
+    uploads: &Uploads,
+    region: &Region,
+    caller: &AccountId,
+    id: &SnapshotId,
+) -> Result<Reply> {
+    if let Ok(p) = uploads.get(id, caller) {
+        let p = p.lock().unwrap_or_else(|p| p.into_inner());
+        return Ok(Reply::json(201, started_json(id, &p, "pending")));
+    }
+    let meta = readable(region, id, caller, "describe")?;
+    Ok(Reply::json(
+        201,
+        json!({
+            "SnapshotId": id.to_string(),
+            "OwnerId": meta.owner.to_string(),
+            "Status": "completed",
+            "StartTime": meta.created_ns as f64 / 1e9,
+            "VolumeSize": meta.volume_size.div_ceil(GIB),
+            "BlockSize": meta.block_size,
+            "Description": meta.description,
+            "ParentSnapshotId": meta.parent.map(|p| p.to_string()),
+            "Tags": tags_json(&meta.tags),
+        }),
+    ))
+}
+
+fn started_json(id: &SnapshotId, p: &Pending, status: &str) -> Value {
+    json!({
+        "SnapshotId": id.to_string(),
+        "OwnerId": p.owner.to_string(),
+        "Status": status,
+        "StartTime": epoch(p.started),
+        "VolumeSize": p.volume_size / GIB,
+        "BlockSize": BLOCK,
+        "Description": p.description,
+        "ParentSnapshotId": p.parent.as_ref().map(|m| m.meta.id.to_string()),
+        "Tags": tags_json(&p.tags),
+    })
+}
+
+fn parse_tags(v: &Value) -> Result<Vec<Tag>> {
+    let Some(list) = v.get("Tags").filter(|t| !t.is_null()) else {
+        return Ok(Vec::new());
+    };
+    let bad =
+        || Error::InvalidArgument("Tags must be a list of {\"Key\": .., \"Value\": ..}".into());
+    list.as_array()
+        .ok_or_else(bad)?
+        .iter()
+        .map(|t| {
+            let key = t.get("Key").and_then(Value::as_str).ok_or_else(bad)?;
+            let value = t.get("Value").and_then(Value::as_str).unwrap_or_default();
+            Ok(Tag {
+                key: key.to_string(),
+                value: value.to_string(),
+            })
+        })
+        .collect()
+}
+
+fn tags_json(tags: &[Tag]) -> Value {
+    Value::Array(
+        tags.iter()
+            .map(|t| json!({"Key": t.key, "Value": t.value}))
+            .collect(),
+    )
+}
+
+/// A header's value, if present and text.
+pub type Headers<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// `PUT /snapshots/{id}/blocks/{index}`.
+pub fn put_snapshot_block(
+    uploads: &Uploads,
+    caller: &AccountId,
+    id: &SnapshotId,
+    index: u64,
+    header: Headers,
+    data: &[u8],
+) -> Result<Reply> {
+    let upload = uploads.get(id, caller)?;
+    let (region, volume_size, parent_block, committed) = {
+        let p = upload.lock().unwrap_or_else(|p| p.into_inner());
+        (
+            p.region.clone(),
+            p.volume_size,
+            p.parent
+                .as_ref()
+                .and_then(|m| m.blocks.get(index as usize).copied()),
+            p.parent_committed,
+        )
+    };
+    let count = manifest::block_count(volume_size, BLOCK);
+    if index >= count {
+        return Err(Error::InvalidArgument(format!(
+            "BlockIndex {index} is past the end of {id}'s {count} blocks"
+        )));
+    }
+    let length = header("x-amz-data-length")
+        .and_then(|l| l.parse::<u64>().ok())
+        .ok_or_else(|| Error::InvalidArgument("x-amz-Data-Length is required".into()))?;
+    if length != BLOCK as u64 || data.len() as u64 != length {
+        return Err(Error::InvalidArgument(format!(
+            "a block is {BLOCK} bytes: x-amz-Data-Length says {length} and the body holds {}",
+            data.len()
+        )));
+    }
+    let sha = sha256(data);
+    check_checksum(header, &sha, "the block")?;
+    let outcome = if is_zero(data) {
+        Outcome::Zero
+    } else {
+        let store = region.chunks_under(None)?;
+        let store: &dyn ChunkStore = &store;
+        store_block(
+            store,
+            parent_block.as_ref(),
+            committed,
+            data,
+            store.namer().name(data),
+            true,
+            None,
+        )?
+    };
+    upload
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .blocks
+        .insert(index, (outcome, sha));
+    Ok(Reply::empty(201)
+        .header("x-amz-Checksum", b64(&sha))
+        .header("x-amz-Checksum-Algorithm", "SHA256"))
+}
+
+/// Checks `x-amz-Checksum` (base64 SHA-256, the only algorithm) against
+/// `sha`, when the request carries one.
+fn check_checksum(header: Headers, sha: &[u8; 32], what: &str) -> Result<()> {
+    let Some(given) = header("x-amz-checksum") else {
+        return Err(Error::InvalidArgument(format!(
+            "x-amz-Checksum (base64 SHA-256 of {what}) is required"
+        )));
+    };
+    if let Some(alg) = header("x-amz-checksum-algorithm")
+        && alg != "SHA256"
+    {
+        return Err(Error::InvalidArgument(format!(
+            "x-amz-Checksum-Algorithm {alg} is not SHA256, the only one"
+        )));
+    }
+    if given != b64(sha) {
+        return Err(Error::InvalidArgument(format!(
+            "x-amz-Checksum is not the SHA-256 of {what}: it was damaged on the way; send it again"
+        )));
+    }
+    Ok(())
+}
+
+/// `POST /snapshots/completion/{id}`.
+pub fn complete_snapshot(
+    uploads: &Uploads,
+    caller: &AccountId,
+    id: &SnapshotId,
+    header: Headers,
+) -> Result<Reply> {
+    let upload = uploads.get(id, caller)?;
+    let mut p = upload.lock().unwrap_or_else(|p| p.into_inner());
+    let count = header("x-amz-changedblockscount")
+        .and_then(|c| c.parse::<u64>().ok())
+        .ok_or_else(|| Error::InvalidArgument("x-amz-ChangedBlocksCount is required".into()))?;
+    if count != p.blocks.len() as u64 {
+        return Err(Error::InvalidArgument(format!(
+            "x-amz-ChangedBlocksCount is {count} but {} blocks were written to {id}",
+            p.blocks.len()
+        )));
+    }
+    if header("x-amz-checksum").is_some() {
+        if let Some(m) = header("x-amz-checksum-aggregation-method")
+            && m != "LINEAR"
+        {
+            return Err(Error::InvalidArgument(format!(
+                "x-amz-Checksum-Aggregation-Method {m} is not LINEAR, the only one"
+            )));
+        }
+        let mut all = Vec::with_capacity(p.blocks.len() * 32);
+        for (_, sha) in p.blocks.values() {
+            all.extend_from_slice(sha);
+        }
+        check_checksum(
+            header,
+            &sha256(&all),
+            "the blocks' SHA-256 digests in order",
+        )?;
+    }
+    let blocks = std::mem::take(&mut p.blocks);
+    let changed: Vec<(u64, Outcome)> = blocks.into_iter().map(|(i, (o, _))| (i, o)).collect();
+    let parent_blocks = p
+        .parent
+        .as_ref()
+        .map(|m| m.blocks.as_slice())
+        .unwrap_or(&[]);
+    let (blocks, stats) = merge_with_parent(parent_blocks, p.volume_size, BLOCK, changed);
+    commit_as(
+        &p.region,
+        id.clone(),
+        Taken {
+            parent: p.parent.as_ref().map(|m| m.meta.id.clone()),
+            owner: p.owner.clone(),
+            volume_size: p.volume_size,
+            block_size: BLOCK,
+            description: p.description.clone(),
+            tags: p.tags.clone(),
+            source: "EBS direct API".into(),
+            blocks,
+            stats,
+            kms_key_id: None,
+        },
+    )?;
+    drop(p);
+    uploads
+        .pending
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(id);
+    Ok(Reply::json(202, json!({"Status": "completed"})))
+}
+
+/// A snapshot readable by `caller` through this API.
+fn readable_manifest(region: &Region, id: &SnapshotId, caller: &AccountId) -> Result<Manifest> {
+    readable(region, id, caller, "read the blocks of")?;
+    let m = region.read_snapshot(id)?;
+    if m.meta.block_size != BLOCK {
+        return Err(Error::InvalidArgument(format!(
+            "{id} has {}-byte blocks; the EBS direct API reads 512 KiB blocks",
+            m.meta.block_size
+        )));
+    }
+    Ok(m)
+}
+
+/// The paging of a list call: `startingBlockIndex`, `pageToken`,
+/// `maxResults`.
+struct Page {
+    start: u64,
+    max: usize,
+}
+
+fn page(query: &HashMap<String, String>) -> Result<Page> {
+    let num = |name: &str| -> Result<Option<u64>> {
+        query
+            .get(name)
+            .map(|v| {
+                v.parse::<u64>()
+                    .map_err(|_| Error::InvalidArgument(format!("{name} must be a whole number")))
+            })
+            .transpose()
+    };
+    let token = match query.get("pageToken") {
+        Some(t) => Some(t.parse::<u64>().map_err(|_| {
+            Error::InvalidArgument("pageToken is not one this server gave out".into())
+        })?),
+        None => None,
+    };
+    let max = num("maxResults")?.unwrap_or(MAX_RESULTS as u64);
+    if !(100..=MAX_RESULTS as u64).contains(&max) {
+        return Err(Error::InvalidArgument(format!(
+            "maxResults is 100 to {MAX_RESULTS}"
+        )));
+    }
+    Ok(Page {
+        start: token.or(num("startingBlockIndex")?).unwrap_or(0),
+        max: max as usize,
+    })
+}
+
+/// `GET /snapshots/{id}/blocks`.
+pub fn list_snapshot_blocks(
+    region: &Region,
+    caller: &AccountId,
+    id: &SnapshotId,
+    query: &HashMap<String, String>,
+) -> Result<Reply> {
+    let m = readable_manifest(region, id, caller)?;
+    let page = page(query)?;
+    let mut out = Vec::new();
+    let mut next = None;
+    for (i, b) in m.blocks.iter().enumerate().skip(page.start as usize) {
+        let Block::Data(c) = b else { continue };
+        if out.len() == page.max {
+            next = Some(i as u64);
+            break;
+        }
+        out.push(json!({"BlockIndex": i, "BlockToken": token(id, i as u64, c)}));
+    }
+    let mut body = json!({
+        "Blocks": out,
+        "ExpiryTime": expiry(),
+        "VolumeSize": m.meta.volume_size.div_ceil(GIB),
+        "BlockSize": BLOCK,
+    });
+    if let Some(n) = next {
+        body["NextToken"] = json!(n.to_string());
+    }
+    Ok(Reply::json(200, body))
+}
+
+/// `GET /snapshots/{second}/changedblocks?firstSnapshotId=`.
+pub fn list_changed_blocks(
+    region: &Region,
+    caller: &AccountId,
+    second: &SnapshotId,
+    query: &HashMap<String, String>,
+) -> Result<Reply> {
+    let b = readable_manifest(region, second, caller)?;
+    let a = match query.get("firstSnapshotId") {
+        Some(f) => Some(readable_manifest(region, &f.parse()?, caller)?),
+        None => None,
+    };
+    let page = page(query)?;
+    let changed = match &a {
+        Some(a) => changed_blocks(a, &b)?,
+        None => changed_blocks(
+            &Manifest {
+                meta: b.meta.clone(),
+                blocks: Vec::new(),
+            },
+            &b,
+        )?,
+    };
+    let tok = |m: &Manifest, i: u64, blk: Option<Block>| match blk {
+        Some(Block::Data(c)) => Some(token(&m.meta.id, i, &c)),
+        _ => None,
+    };
+    let mut out = Vec::new();
+    let mut next = None;
+    for c in changed.into_iter().filter(|c| c.index >= page.start) {
+        if out.len() == page.max {
+            next = Some(c.index);
+            break;
+        }
+        let mut entry = json!({"BlockIndex": c.index});
+        if let Some(a) = &a
+            && let Some(t) = tok(a, c.index, c.first)
+        {
+            entry["FirstBlockToken"] = json!(t);
+        }
+        if let Some(t) = tok(&b, c.index, c.second) {
+            entry["SecondBlockToken"] = json!(t);
+        }
+        out.push(entry);
+    }
+    let mut body = json!({
+        "ChangedBlocks": out,
+        "ExpiryTime": expiry(),
+        "VolumeSize": b.meta.volume_size.div_ceil(GIB),
+        "BlockSize": BLOCK,
+    });
+    if let Some(n) = next {
+        body["NextToken"] = json!(n.to_string());
+    }
+    Ok(Reply::json(200, body))
+}
+
+/// `GET /snapshots/{id}/blocks/{index}?blockToken=`.
+pub fn get_snapshot_block(
+    region: &Region,
+    caller: &AccountId,
+    id: &SnapshotId,
+    index: u64,
+    query: &HashMap<String, String>,
+) -> Result<Reply> {
+    let meta = readable(region, id, caller, "read the blocks of")?;
+    if meta.block_size != BLOCK {
+        return Err(Error::InvalidArgument(format!(
+            "{id} has {}-byte blocks; the EBS direct API reads 512 KiB blocks",
+            meta.block_size
+        )));
+    }
+    let given = query
+        .get("blockToken")
+        .ok_or_else(|| Error::InvalidArgument("blockToken is required".into()))?;
+    let m = region.read_snapshot(id)?;
+    let chunk = match m.blocks.get(index as usize) {
+        Some(Block::Data(c)) if &token(id, index, c) == given => *c,
+        _ => {
+            return Err(Error::InvalidArgument(format!(
+                "blockToken is not that of block {index} of {id}: take it from \
+                 ListSnapshotBlocks or ListChangedBlocks"
+            )));
+        }
+    };
+    let store = region.chunks_for(&m.meta)?;
+    let mut data = Vec::with_capacity(BLOCK as usize);
+    load_into(&store, &chunk, &mut data)?;
+    let sha = sha256(&data);
+    let len = data.len();
+    Ok(Reply::bytes(200, data)
+        .header("x-amz-Data-Length", len.to_string())
+        .header("x-amz-Checksum", b64(&sha))
+        .header("x-amz-Checksum-Algorithm", "SHA256"))
+}
+
+/// A block token: names the snapshot, the index and the chunk, so a token
+/// of one block never reads another.
+fn token(id: &SnapshotId, index: u64, chunk: &ChunkId) -> String {
+    let mut bytes = Vec::with_capacity(64);
+    bytes.extend_from_slice(id.as_str().as_bytes());
+    bytes.extend_from_slice(&index.to_le_bytes());
+    bytes.extend_from_slice(chunk.to_hex().as_bytes());
+    let d = sha256(&bytes);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&d[..24])
+}
+
+fn sha256(data: &[u8]) -> [u8; 32] {
+    let d = digest::digest(&digest::SHA256, data);
+    d.as_ref().try_into().expect("SHA-256 is 32 bytes")
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn epoch(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+fn expiry() -> f64 {
+    epoch(SystemTime::now() + TOKEN_LIFE).floor()
+}

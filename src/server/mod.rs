@@ -1,0 +1,578 @@
+//! `blocksnap serve`: an HTTP server that owns the store and answers AWS's
+//! own protocols, so that every request is made by an account that proved
+//! it holds a key (AWS Signature Version 4), and AWS's clients work
+//! against blocksnap.
+//!
+//! One tokio runtime accepts connections (at most `max_connections` at
+//! once; headers must arrive within `header_timeout`, bodies within
+//! `body_timeout` and at most `MAX_BODY` bytes), and each request's work,
+//! which reads and writes the store, runs on the blocking pool through the
+//! same library calls the CLI makes: permissions are checked by one
+//! implementation. SIGTERM or SIGINT stops accepting, lets requests in
+//! flight finish (at most `drain`), and returns.
+
+pub mod accounts;
+mod ebs;
+pub mod sigv4;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::{Value, json};
+
+use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::id::{AccountId, SnapshotId};
+use crate::region::catalog::Region;
+
+use accounts::{Account, Accounts, FileVersion};
+use ebs::Uploads;
+
+/// The largest request body: one 512 KiB block and room for its framing.
+pub const MAX_BODY: usize = (512 << 10) + (64 << 10);
+
+/// How `serve` runs.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub listen: String,
+    pub max_connections: usize,
+    /// A client must send a request's headers within this.
+    pub header_timeout: Duration,
+    /// ... and its body within this.
+    pub body_timeout: Duration,
+    /// On SIGTERM, how long requests in flight may take to finish.
+    pub drain: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            listen: "127.0.0.1:8080".into(),
+            max_connections: 256,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(60),
+            drain: Duration::from_secs(30),
+        }
+    }
+}
+
+/// One line per request: who, what, how it ended, how long it took.
+#[derive(Debug, Clone)]
+pub struct RequestLog {
+    pub remote: SocketAddr,
+    pub account: Option<AccountId>,
+    pub operation: &'static str,
+    pub status: u16,
+    pub error: Option<&'static str>,
+    pub elapsed: Duration,
+}
+
+impl std::fmt::Display for RequestLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} account={} op={} status={}",
+            self.remote,
+            self.account.as_ref().map_or("-", |a| a.as_str()),
+            self.operation,
+            self.status
+        )?;
+        if let Some(e) = self.error {
+            write!(f, " error={e}")?;
+        }
+        write!(f, " ms={:.1}", self.elapsed.as_secs_f64() * 1e3)
+    }
+}
+
+type Log = Arc<dyn Fn(&RequestLog) + Send + Sync>;
+
+/// What the server shares between requests.
+struct State {
+    root: PathBuf,
+    accounts: Accounts,
+    /// The key file as last read, and its fingerprint.
+    keys: Mutex<(Option<FileVersion>, Vec<Account>)>,
+    regions: Mutex<HashMap<String, Arc<Region>>>,
+    uploads: Uploads,
+}
+
+impl State {
+    /// The account and secret of access key `id`, from the key file as it
+    /// is now.
+    fn secret_of(&self, id: &str) -> Result<Option<(AccountId, String)>> {
+        let version = self.accounts.version();
+        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        if keys.0 != version || version.is_none() {
+            *keys = (version, self.accounts.list()?);
+        }
+        Ok(keys.1.iter().find_map(|a| {
+            a.keys
+                .iter()
+                .find(|k| k.access_key_id == id)
+                .map(|k| (a.id.clone(), k.secret_access_key.clone()))
+        }))
+    }
+
+    fn region(&self, name: &str) -> Result<Arc<Region>> {
+        let mut regions = self.regions.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = regions.get(name) {
+            return Ok(r.clone());
+        }
+        let r = Arc::new(Region::open(&self.root, name).map_err(|e| match e {
+            Error::NotFound(_) => Error::InvalidArgument(format!(
+                "this server has no region {name}: sign requests for one of its regions \
+                 (blocksnap region list)"
+            )),
+            e => e,
+        })?);
+        regions.insert(name.to_string(), r.clone());
+        Ok(r)
+    }
+}
+
+/// Serves the store at `store_root` until SIGTERM or SIGINT. `ready` is
+/// called with the address listened on once connections are accepted;
+/// `log` with each request's line.
+pub fn serve(
+    store_root: &Path,
+    opts: &ServeOptions,
+    ready: &dyn Fn(SocketAddr),
+    log: Log,
+) -> Result<()> {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.clamp(2, 8))
+        .max_blocking_threads(64)
+        .enable_all()
+        .build()
+        .ctx("start the server's runtime", store_root)?;
+    let state = Arc::new(State {
+        root: store_root.to_path_buf(),
+        accounts: Accounts::of_store(store_root),
+        keys: Mutex::new((None, Vec::new())),
+        regions: Mutex::new(HashMap::new()),
+        uploads: Uploads::default(),
+    });
+    runtime.block_on(run(state, opts.clone(), ready, log))
+}
+
+async fn run(
+    state: Arc<State>,
+    opts: ServeOptions,
+    ready: &dyn Fn(SocketAddr),
+    log: Log,
+) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let listener = tokio::net::TcpListener::bind(&opts.listen)
+        .await
+        .map_err(|e| Error::InvalidArgument(format!("cannot listen on {}: {e}", opts.listen)))?;
+    let addr = listener
+        .local_addr()
+        .ctx("read the address of", Path::new(&opts.listen))?;
+    let mut term = signal(SignalKind::terminate()).ctx("catch SIGTERM", Path::new("serve"))?;
+    let mut int = signal(SignalKind::interrupt()).ctx("catch SIGINT", Path::new("serve"))?;
+    let slots = Arc::new(tokio::sync::Semaphore::new(opts.max_connections));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // Uploads past their Timeout are dropped; their chunks await gc.
+    let expiring = state.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(30));
+        loop {
+            tick.tick().await;
+            let s = expiring.clone();
+            let _ = tokio::task::spawn_blocking(move || s.uploads.expire(Instant::now())).await;
+        }
+    });
+    ready(addr);
+    loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        };
+        let (stream, remote) = tokio::select! {
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                // Out of descriptors, say: wait a moment, do not spin.
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let state = state.clone();
+        let log = log.clone();
+        let opts = opts.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                handle(state.clone(), req, remote, opts.body_timeout, log.clone())
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(opts.header_timeout)
+                .max_buf_size(64 << 10)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = stop.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    // Wait for the connections to finish, at most `drain`.
+    let all = opts.max_connections as u32;
+    let _ = tokio::time::timeout(opts.drain, slots.acquire_many(all)).await;
+    Ok(())
+}
+
+async fn handle(
+    state: Arc<State>,
+    req: Request<Incoming>,
+    remote: SocketAddr,
+    body_timeout: Duration,
+    log: Log,
+) -> std::result::Result<Response<Full<Bytes>>, Infallible> {
+    let started = Instant::now();
+    let (parts, body) = req.into_parts();
+    let collected =
+        tokio::time::timeout(body_timeout, Limited::new(body, MAX_BODY).collect()).await;
+    let (reply, account, operation) = match collected {
+        Err(_) => (
+            Reply::error(
+                408,
+                "RequestTimeout",
+                "the request body did not arrive in time",
+            ),
+            None,
+            "-",
+        ),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => (
+            Reply::error(
+                413,
+                "RequestEntityTooLarge",
+                &format!("a request body is at most {MAX_BODY} bytes"),
+            ),
+            None,
+            "-",
+        ),
+        Ok(Err(_)) => (
+            Reply::error(400, "IncompleteBody", "the request body was cut short"),
+            None,
+            "-",
+        ),
+        Ok(Ok(body)) => {
+            let body = body.to_bytes();
+            let s = state.clone();
+            match tokio::task::spawn_blocking(move || dispatch(&s, &parts, &body)).await {
+                Ok(r) => r,
+                Err(_) => (
+                    Reply::error(500, "InternalFailure", "the request's handler failed"),
+                    None,
+                    "-",
+                ),
+            }
+        }
+    };
+    log(&RequestLog {
+        remote,
+        account,
+        operation,
+        status: reply.status,
+        error: reply.code,
+        elapsed: started.elapsed(),
+    });
+    Ok(reply.into_response())
+}
+
+/// An operation, from the request's method and path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Route {
+    StartSnapshot,
+    PutSnapshotBlock(String, String),
+    CompleteSnapshot(String),
+    ListSnapshotBlocks(String),
+    GetSnapshotBlock(String, String),
+    ListChangedBlocks(String),
+}
+
+impl Route {
+    fn of(method: &Method, path: &str) -> Option<Route> {
+        let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        let s = |i: usize| segs[i].to_string();
+        Some(match (method.as_str(), segs.as_slice()) {
+            ("POST", ["snapshots"]) => Route::StartSnapshot,
+            ("PUT", ["snapshots", _, "blocks", _]) => Route::PutSnapshotBlock(s(1), s(3)),
+            ("POST", ["snapshots", "completion", _]) => Route::CompleteSnapshot(s(2)),
+            ("GET", ["snapshots", _, "blocks"]) => Route::ListSnapshotBlocks(s(1)),
+            ("GET", ["snapshots", _, "blocks", _]) => Route::GetSnapshotBlock(s(1), s(3)),
+            ("GET", ["snapshots", _, "changedblocks"]) => Route::ListChangedBlocks(s(1)),
+            _ => return None,
+        })
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Route::StartSnapshot => "StartSnapshot",
+            Route::PutSnapshotBlock(..) => "PutSnapshotBlock",
+            Route::CompleteSnapshot(_) => "CompleteSnapshot",
+            Route::ListSnapshotBlocks(_) => "ListSnapshotBlocks",
+            Route::GetSnapshotBlock(..) => "GetSnapshotBlock",
+            Route::ListChangedBlocks(_) => "ListChangedBlocks",
+        }
+    }
+}
+
+/// Authenticates and answers one request.
+fn dispatch(
+    state: &State,
+    parts: &http::request::Parts,
+    body: &[u8],
+) -> (Reply, Option<AccountId>, &'static str) {
+    let path = parts.uri.path();
+    let query = parts.uri.query().unwrap_or("");
+    let route = Route::of(&parts.method, path);
+    let op = route.as_ref().map_or("-", Route::name);
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let req = sigv4::Request {
+        method: parts.method.as_str(),
+        path,
+        query,
+        headers: &parts.headers,
+        body,
+    };
+    let mut lookup_failed = None;
+    let verified = sigv4::verify(
+        &req,
+        now,
+        matches!(route, Some(Route::PutSnapshotBlock(..))),
+        |id| match state.secret_of(id) {
+            Ok(found) => found,
+            Err(e) => {
+                lookup_failed = Some(e);
+                None
+            }
+        },
+    );
+    if let Some(e) = lookup_failed {
+        return (Reply::from_error(&e), None, op);
+    }
+    let caller = match verified {
+        Ok(c) => c,
+        Err(e) => {
+            let status = match e {
+                sigv4::AuthError::PayloadHashMismatch => 400,
+                _ => 403,
+            };
+            return (Reply::error(status, e.code(), &e.message()), None, op);
+        }
+    };
+    let account = Some(caller.account.clone());
+    let Some(route) = route else {
+        return (
+            Reply::error(
+                404,
+                "UnknownOperationException",
+                &format!("no operation answers {} {path}", parts.method),
+            ),
+            account,
+            op,
+        );
+    };
+    if caller.service != "ebs" {
+        return (
+            Reply::error(
+                403,
+                "SignatureDoesNotMatch",
+                &format!(
+                    "{} is an operation of service ebs, and the request was signed for {}",
+                    route.name(),
+                    caller.service
+                ),
+            ),
+            account,
+            op,
+        );
+    }
+    let reply = answer(state, &caller, route, &parts.headers, query, body)
+        .unwrap_or_else(|e| Reply::from_error(&e));
+    (reply, account, op)
+}
+
+fn answer(
+    state: &State,
+    caller: &sigv4::Caller,
+    route: Route,
+    headers: &HeaderMap,
+    query: &str,
+    body: &[u8],
+) -> Result<Reply> {
+    let region = state.region(&caller.region)?;
+    let who = &caller.account;
+    let query = parse_query(query);
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let snap = |s: &str| s.parse::<SnapshotId>().map_err(Error::from);
+    let index = |s: &str| {
+        s.parse::<u64>()
+            .map_err(|_| Error::InvalidArgument(format!("BlockIndex {s:?} is not a whole number")))
+    };
+    let uploads = &state.uploads;
+    match route {
+        Route::StartSnapshot => ebs::start_snapshot(uploads, region, who, body),
+        Route::PutSnapshotBlock(id, i) => {
+            ebs::put_snapshot_block(uploads, who, &snap(&id)?, index(&i)?, &header, body)
+        }
+        Route::CompleteSnapshot(id) => ebs::complete_snapshot(uploads, who, &snap(&id)?, &header),
+        Route::ListSnapshotBlocks(id) => {
+            ebs::list_snapshot_blocks(&region, who, &snap(&id)?, &query)
+        }
+        Route::GetSnapshotBlock(id, i) => {
+            ebs::get_snapshot_block(&region, who, &snap(&id)?, index(&i)?, &query)
+        }
+        Route::ListChangedBlocks(id) => ebs::list_changed_blocks(&region, who, &snap(&id)?, &query),
+    }
+}
+
+/// The query's parameters, percent-decoded.
+fn parse_query(query: &str) -> HashMap<String, String> {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            let d = |s: &str| {
+                percent_encoding::percent_decode_str(s)
+                    .decode_utf8_lossy()
+                    .into_owned()
+            };
+            (d(k), d(v))
+        })
+        .collect()
+}
+
+/// A response, before it is one.
+pub struct Reply {
+    status: u16,
+    headers: Vec<(&'static str, String)>,
+    body: Bytes,
+    /// The error code, for the log.
+    code: Option<&'static str>,
+}
+
+impl Reply {
+    fn json(status: u16, v: Value) -> Reply {
+        Reply {
+            status,
+            headers: vec![("content-type", "application/json".into())],
+            body: Bytes::from(serde_json::to_vec(&v).expect("JSON serialises")),
+            code: None,
+        }
+    }
+
+    fn bytes(status: u16, data: Vec<u8>) -> Reply {
+        Reply {
+            status,
+            headers: vec![("content-type", "application/octet-stream".into())],
+            body: Bytes::from(data),
+            code: None,
+        }
+    }
+
+    fn empty(status: u16) -> Reply {
+        Reply {
+            status,
+            headers: Vec::new(),
+            body: Bytes::new(),
+            code: None,
+        }
+    }
+
+    fn header(mut self, name: &'static str, value: impl Into<String>) -> Reply {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    /// A REST-JSON error as AWS's services write it.
+    fn error(status: u16, code: &'static str, message: &str) -> Reply {
+        let mut r = Reply::json(status, json!({ "Message": message }));
+        r.headers.push(("x-amzn-ErrorType", code.into()));
+        r.code = Some(code);
+        r
+    }
+
+    fn from_error(e: &Error) -> Reply {
+        let (status, code) = match e.kind() {
+            ErrorKind::Usage => (400, "ValidationException"),
+            ErrorKind::NotFound => (404, "ResourceNotFoundException"),
+            ErrorKind::Permission => (403, "AccessDeniedException"),
+            ErrorKind::Conflict => (409, "ConflictException"),
+            ErrorKind::Integrity | ErrorKind::Other => (500, "InternalServerException"),
+        };
+        Reply::error(status, code, &e.to_string())
+    }
+
+    fn into_response(self) -> Response<Full<Bytes>> {
+        let mut r = Response::new(Full::new(self.body));
+        *r.status_mut() = StatusCode::from_u16(self.status).unwrap_or(StatusCode::OK);
+        let h = r.headers_mut();
+        for (k, v) in self.headers {
+            if let Ok(v) = http::HeaderValue::from_str(&v) {
+                h.append(k, v);
+            }
+        }
+        if let Ok(v) = http::HeaderValue::from_str(&crate::id::random_id("req")) {
+            h.insert("x-amzn-RequestId", v);
+        }
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        let r = |m: &str, p: &str| Route::of(&m.parse().unwrap(), p);
+        assert_eq!(r("POST", "/snapshots"), Some(Route::StartSnapshot));
+        assert_eq!(
+            r("PUT", "/snapshots/snap-1/blocks/7"),
+            Some(Route::PutSnapshotBlock("snap-1".into(), "7".into()))
+        );
+        assert_eq!(
+            r("POST", "/snapshots/completion/snap-1"),
+            Some(Route::CompleteSnapshot("snap-1".into()))
+        );
+        assert_eq!(
+            r("GET", "/snapshots/snap-1/changedblocks"),
+            Some(Route::ListChangedBlocks("snap-1".into()))
+        );
+        assert_eq!(r("DELETE", "/snapshots/snap-1/blocks/7"), None);
+        assert_eq!(r("GET", "/snapshots/a/b/c/d/e"), None);
+        assert_eq!(r("GET", "/"), None);
+    }
+}
