@@ -19,6 +19,7 @@ mod misuse; // hostile and careless use: wrong order, races, bad input
 mod mount; // volume mount: a FUSE file read by cmp, cp, e2fsck, loop and ext4
 mod s3; // regions on an S3 server: locks, gc beside writers, requests
 mod serve; // volume serve: NBD exports read by qemu-img and qemu-io
+mod server; // blocksnap serve: accounts, SigV4, the EBS direct API through the AWS CLI and botocore
 mod trust; // damage found and refused; healing; newer formats never damage
 mod vmdisk; // VM disks through NBD: qcow2 via qemu-nbd, dirty bitmaps, restore into qcow2
 

@@ -1,0 +1,649 @@
+//! `blocksnap serve` against clients nobody here wrote: the AWS CLI and
+//! botocore (AWS's Python SDK) sign every request with keys from `account
+//! create`, write snapshots through the EBS direct API that `volume
+//! restore` gives back byte for byte, and read them back; unsigned, badly
+//! signed, expired and unknown-key requests are refused with AWS's codes;
+//! another account reads nothing private until it is granted.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+use serde_json::Value;
+
+use crate::util::{Env, MIB, assert_fsck_clean, assert_same, s, sh_ok, skip};
+
+/// The AWS CLI of `scripts/awscli.sh`, if installed.
+fn aws_cli() -> Option<PathBuf> {
+    let path = match std::env::var_os("BLOCKSNAP_AWS_VENV") {
+        Some(v) => PathBuf::from(v),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join(".aws-venv"),
+    }
+    .join("bin/aws");
+    if path.exists() {
+        Some(path)
+    } else {
+        skip(format!(
+            "no AWS CLI at {} (scripts/awscli.sh installs it)",
+            path.display()
+        ));
+        None
+    }
+}
+
+/// A running `blocksnap serve` on a free port, stopped with SIGTERM.
+struct Server {
+    child: Child,
+    url: String,
+    log: PathBuf,
+}
+
+impl Server {
+    fn start(env: &Env) -> Server {
+        let log = env.path("serve.log");
+        let mut child = env
+            .command(&["serve", "--listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let url = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("serve printed {line:?}"))
+            .to_string();
+        Server { child, url, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // SAFETY: kill only sends a signal to our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+/// An account's access key.
+#[derive(Clone)]
+struct Key {
+    account: String,
+    id: String,
+    secret: String,
+}
+
+fn create_account(env: &Env, name: &str) -> Key {
+    let v = env.json(&["account", "create", "--name", name]);
+    Key {
+        account: v["AccessKey"]["AccountId"].as_str().unwrap().into(),
+        id: v["AccessKey"]["AccessKeyId"].as_str().unwrap().into(),
+        secret: v["AccessKey"]["SecretAccessKey"].as_str().unwrap().into(),
+    }
+}
+
+/// A client process signing with `key` for region `local`.
+fn client(program: &Path, key: &Key) -> Command {
+    let mut c = Command::new(program);
+    c.env("AWS_ACCESS_KEY_ID", &key.id)
+        .env("AWS_SECRET_ACCESS_KEY", &key.secret)
+        .env("AWS_DEFAULT_REGION", "local")
+        .env_remove("AWS_REGION")
+        .env_remove("AWS_SESSION_TOKEN")
+        .env_remove("AWS_PROFILE")
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_MAX_ATTEMPTS", "1");
+    c
+}
+
+fn aws(cli: &Path, server: &Server, key: &Key, args: &[&str]) -> Output {
+    client(cli, key)
+        .args(["--endpoint-url", &server.url, "--output", "json"])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn aws_ok(cli: &Path, server: &Server, key: &Key, args: &[&str]) -> Value {
+    let out = aws(cli, server, key, args);
+    assert!(
+        out.status.success(),
+        "aws {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+}
+
+/// Runs `aws`, expects it to fail with AWS error `code`.
+fn aws_fails(cli: &Path, server: &Server, key: &Key, args: &[&str], code: &str) -> String {
+    let out = aws(cli, server, key, args);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "aws {args:?} succeeded");
+    assert!(err.contains(&format!("({code})")), "aws {args:?}: {err}");
+    err
+}
+
+/// Uploads `image` with botocore; returns the snapshot id.
+fn upload(cli: &Path, server: &Server, key: &Key, image: &Path, extra: &[&str]) -> String {
+    let python = cli.with_file_name("python3");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cli/clients/ebs_upload.py");
+    let out = client(&python, key)
+        .arg(script)
+        .args([&server.url, s(image)])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "upload: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// A 1 GiB sparse ext4 image with a few MiB of files.
+fn ext4_image(env: &Env, name: &str) -> PathBuf {
+    let dir = env.path(&format!("{name}.d"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("a.bin"),
+        crate::util::random_bytes(7, 3 * MIB as usize),
+    )
+    .unwrap();
+    std::fs::write(dir.join("notes.txt"), "hello from the EBS direct API\n").unwrap();
+    let img = env.path(name);
+    sh_ok(&format!(
+        "truncate -s 1G '{i}' && mkfs.ext4 -q -F -O ^has_journal -E lazy_itable_init=1 -d '{d}' '{i}'",
+        i = s(&img),
+        d = s(&dir)
+    ));
+    img
+}
+
+#[test]
+fn aws_clients_write_and_read_snapshots_that_restore_exactly() {
+    let Some(cli) = aws_cli() else { return };
+    let env = Env::new();
+    env.ok(&["store", "stats"]);
+    let alice = create_account(&env, "alice");
+    let server = Server::start(&env);
+    let v1 = ext4_image(&env, "v1.img");
+    let snap1 = upload(&cli, &server, &alice, &v1, &[]);
+
+    // The snapshot is alice's: restored as her, it is the image.
+    let out = env.path("out1.img");
+    env.ok(&[
+        "--account",
+        &alice.account,
+        "volume",
+        "restore",
+        &snap1,
+        s(&out),
+    ]);
+    assert_same(&v1, &out);
+    assert_fsck_clean(&out);
+
+    // An incremental: one block rewritten, uploaded alone over the parent.
+    let v2 = env.path("v2.img");
+    std::fs::copy(&v1, &v2).unwrap();
+    let block = 1000u64;
+    let changed = crate::util::random_bytes(9, 512 << 10);
+    {
+        let mut f = std::fs::OpenOptions::new().write(true).open(&v2).unwrap();
+        use std::io::Seek;
+        f.seek(std::io::SeekFrom::Start(block * (512 << 10)))
+            .unwrap();
+        f.write_all(&changed).unwrap();
+    }
+    let snap2 = upload(
+        &cli,
+        &server,
+        &alice,
+        &v2,
+        &["--parent", &snap1, "--blocks", &block.to_string()],
+    );
+    let out2 = env.path("out2.img");
+    env.ok(&[
+        "--account",
+        &alice.account,
+        "volume",
+        "restore",
+        &snap2,
+        s(&out2),
+    ]);
+    assert_same(&v2, &out2);
+
+    // The AWS CLI reads them back.
+    let list = aws_ok(
+        &cli,
+        &server,
+        &alice,
+        &["ebs", "list-snapshot-blocks", "--snapshot-id", &snap2],
+    );
+    assert_eq!(list["BlockSize"], 524288);
+    assert_eq!(list["VolumeSize"], 1);
+    let blocks = list["Blocks"].as_array().unwrap();
+    let mut data_blocks = 0;
+    let mut raw = std::fs::File::open(&v2).unwrap();
+    for b in blocks {
+        let i = b["BlockIndex"].as_u64().unwrap();
+        let mut want = vec![0u8; 512 << 10];
+        use std::io::{Seek, SeekFrom};
+        raw.seek(SeekFrom::Start(i * (512 << 10))).unwrap();
+        raw.read_exact(&mut want).unwrap();
+        assert!(
+            want.iter().any(|&x| x != 0),
+            "block {i} is listed but all zeros"
+        );
+        data_blocks += 1;
+    }
+    assert!(data_blocks >= 2, "{list}");
+    let entry = blocks.iter().find(|b| b["BlockIndex"] == block).unwrap();
+    let got = env.path("block.bin");
+    let meta = aws_ok(
+        &cli,
+        &server,
+        &alice,
+        &[
+            "ebs",
+            "get-snapshot-block",
+            "--snapshot-id",
+            &snap2,
+            "--block-index",
+            &block.to_string(),
+            "--block-token",
+            entry["BlockToken"].as_str().unwrap(),
+            s(&got),
+        ],
+    );
+    assert_eq!(std::fs::read(&got).unwrap(), changed);
+    assert_eq!(meta["DataLength"], 524288);
+    assert_eq!(meta["ChecksumAlgorithm"], "SHA256");
+    // A token of another block reads nothing.
+    let other = blocks.iter().find(|b| b["BlockIndex"] != block).unwrap();
+    aws_fails(
+        &cli,
+        &server,
+        &alice,
+        &[
+            "ebs",
+            "get-snapshot-block",
+            "--snapshot-id",
+            &snap2,
+            "--block-index",
+            &block.to_string(),
+            "--block-token",
+            other["BlockToken"].as_str().unwrap(),
+            s(&got),
+        ],
+        "ValidationException",
+    );
+    let changed_list = aws_ok(
+        &cli,
+        &server,
+        &alice,
+        &[
+            "ebs",
+            "list-changed-blocks",
+            "--first-snapshot-id",
+            &snap1,
+            "--second-snapshot-id",
+            &snap2,
+        ],
+    );
+    let changed_blocks = changed_list["ChangedBlocks"].as_array().unwrap();
+    assert_eq!(changed_blocks.len(), 1, "{changed_list}");
+    assert_eq!(changed_blocks[0]["BlockIndex"], block);
+    assert!(changed_blocks[0]["SecondBlockToken"].is_string());
+    assert!(changed_blocks[0].get("FirstBlockToken").is_none());
+
+    // Every request is in the log, with its account; no secret anywhere
+    // but the key file.
+    let log = server.log();
+    assert!(
+        log.contains(&format!(
+            "account={} op=PutSnapshotBlock status=201",
+            alice.account
+        )),
+        "{log}"
+    );
+    assert!(!log.contains(&alice.secret));
+    let key_file = env.store().join("server/accounts.json");
+    for (path, bytes) in env.store_state() {
+        if path != key_file {
+            assert!(
+                !bytes
+                    .windows(alice.secret.len())
+                    .any(|w| w == alice.secret.as_bytes()),
+                "{} holds the secret",
+                path.display()
+            );
+        }
+    }
+}
+
+#[test]
+fn an_upload_is_checked_before_it_is_kept() {
+    let Some(cli) = aws_cli() else { return };
+    let env = Env::new();
+    env.ok(&["store", "stats"]);
+    let alice = create_account(&env, "alice");
+    let server = Server::start(&env);
+    let start = |token: &str| {
+        aws_ok(
+            &cli,
+            &server,
+            &alice,
+            &[
+                "ebs",
+                "start-snapshot",
+                "--volume-size",
+                "1",
+                "--client-token",
+                token,
+            ],
+        )
+    };
+    let started = start("token-1");
+    assert_eq!(started["Status"], "pending");
+    assert_eq!(started["OwnerId"], alice.account.as_str());
+    // The same client token: the same snapshot.
+    assert_eq!(start("token-1")["SnapshotId"], started["SnapshotId"]);
+    let snap = started["SnapshotId"].as_str().unwrap().to_string();
+    assert_ne!(start("token-2")["SnapshotId"], started["SnapshotId"]);
+    let data = env.path("blk");
+    std::fs::write(&data, crate::util::random_bytes(3, 512 << 10)).unwrap();
+    let put = |checksum: &str, index: &str| {
+        aws(
+            &cli,
+            &server,
+            &alice,
+            &[
+                "ebs",
+                "put-snapshot-block",
+                "--snapshot-id",
+                &snap,
+                "--block-index",
+                index,
+                "--block-data",
+                s(&data),
+                "--data-length",
+                "524288",
+                "--checksum",
+                checksum,
+                "--checksum-algorithm",
+                "SHA256",
+            ],
+        )
+    };
+    // A checksum that is not the block's: refused.
+    let out = put("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=", "0");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ValidationException"));
+    // Past the end of a 1 GiB volume.
+    let sum = sh_ok(&format!(
+        "openssl dgst -sha256 -binary '{}' | base64",
+        s(&data)
+    ));
+    let out = put(sum.trim(), "2048");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("past the end"));
+    assert!(put(sum.trim(), "5").status.success());
+    // The count must be what was written.
+    aws_fails(
+        &cli,
+        &server,
+        &alice,
+        &[
+            "ebs",
+            "complete-snapshot",
+            "--snapshot-id",
+            &snap,
+            "--changed-blocks-count",
+            "2",
+        ],
+        "ValidationException",
+    );
+    // Not visible before it is complete.
+    env.fails(
+        &["--account", &alice.account, "snapshot", "describe", &snap],
+        3,
+    );
+    aws_ok(
+        &cli,
+        &server,
+        &alice,
+        &[
+            "ebs",
+            "complete-snapshot",
+            "--snapshot-id",
+            &snap,
+            "--changed-blocks-count",
+            "1",
+        ],
+    );
+    let d = env.json(&["--account", &alice.account, "snapshot", "describe", &snap]);
+    assert_eq!(d["Snapshots"][0]["OwnerId"], alice.account.as_str(), "{d}");
+    // Completed: no more blocks.
+    assert!(!put(sum.trim(), "6").status.success());
+}
+
+#[test]
+fn requests_without_a_good_signature_are_refused() {
+    let Some(cli) = aws_cli() else { return };
+    let env = Env::new();
+    env.ok(&["store", "stats"]);
+    let alice = create_account(&env, "alice");
+    let server = Server::start(&env);
+    let list = [
+        "ebs",
+        "list-snapshot-blocks",
+        "--snapshot-id",
+        "snap-0123456789abcdef0",
+    ];
+    // A wrong secret, an unknown key.
+    let wrong = Key {
+        secret: "x".repeat(40),
+        ..alice.clone()
+    };
+    aws_fails(&cli, &server, &wrong, &list, "SignatureDoesNotMatch");
+    let unknown = Key {
+        id: "AKIAAAAAAAAAAAAAAAAA".into(),
+        ..alice.clone()
+    };
+    aws_fails(&cli, &server, &unknown, &list, "InvalidClientTokenId");
+    // A deleted key stops working at once.
+    let second = env.json(&["account", "keys", "create", &alice.account]);
+    let rotated = Key {
+        id: second["AccessKey"]["AccessKeyId"].as_str().unwrap().into(),
+        secret: second["AccessKey"]["SecretAccessKey"]
+            .as_str()
+            .unwrap()
+            .into(),
+        ..alice.clone()
+    };
+    aws_fails(&cli, &server, &rotated, &list, "ResourceNotFoundException");
+    env.ok(&["account", "keys", "delete", &alice.account, &alice.id]);
+    aws_fails(&cli, &server, &alice, &list, "InvalidClientTokenId");
+    // Unsigned, and signed 20 minutes ago (a replay past the window).
+    let host = server.url.trim_start_matches("http://").to_string();
+    let raw = |extra: &str| {
+        let mut c = std::net::TcpStream::connect(&host).unwrap();
+        write!(
+            c,
+            "GET /snapshots/snap-0123456789abcdef0/blocks HTTP/1.1\r\nhost: {host}\r\n{extra}connection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut resp = String::new();
+        c.read_to_string(&mut resp).unwrap();
+        resp
+    };
+    let resp = raw("");
+    assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
+    assert!(resp.contains("MissingAuthenticationToken"), "{resp}");
+    let then = std::time::SystemTime::now() - std::time::Duration::from_secs(20 * 60);
+    let date = blocksnap::server::sigv4::format_amz_date(then);
+    let mut headers = http::HeaderMap::new();
+    headers.insert("host", host.parse().unwrap());
+    headers.insert("x-amz-date", date.parse().unwrap());
+    let req = blocksnap::server::sigv4::Request {
+        method: "GET",
+        path: "/snapshots/snap-0123456789abcdef0/blocks",
+        query: "",
+        headers: &headers,
+        body: b"",
+    };
+    let empty = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+    let auth = blocksnap::server::sigv4::sign(
+        &req,
+        &rotated.id,
+        &rotated.secret,
+        "local",
+        "ebs",
+        &["host", "x-amz-date"],
+        empty,
+    )
+    .unwrap();
+    let resp = raw(&format!("x-amz-date: {date}\r\nauthorization: {auth}\r\n"));
+    assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
+    assert!(resp.contains("RequestExpired"), "{resp}");
+    // The same request signed now passes the signature check.
+    let now = blocksnap::server::sigv4::format_amz_date(std::time::SystemTime::now());
+    headers.insert("x-amz-date", now.parse().unwrap());
+    let req = blocksnap::server::sigv4::Request {
+        method: "GET",
+        path: "/snapshots/snap-0123456789abcdef0/blocks",
+        query: "",
+        headers: &headers,
+        body: b"",
+    };
+    let auth = blocksnap::server::sigv4::sign(
+        &req,
+        &rotated.id,
+        &rotated.secret,
+        "local",
+        "ebs",
+        &["host", "x-amz-date"],
+        empty,
+    )
+    .unwrap();
+    let resp = raw(&format!("x-amz-date: {now}\r\nauthorization: {auth}\r\n"));
+    assert!(resp.starts_with("HTTP/1.1 404"), "{resp}");
+    assert!(!server.log().contains(&rotated.secret));
+}
+
+#[test]
+fn another_account_reads_nothing_private_until_granted() {
+    let Some(cli) = aws_cli() else { return };
+    let env = Env::new();
+    env.ok(&["store", "stats"]);
+    let alice = create_account(&env, "alice");
+    let bob = create_account(&env, "bob");
+    let server = Server::start(&env);
+    let img = env.path("small.img");
+    std::fs::write(&img, crate::util::random_bytes(5, 2 * MIB as usize)).unwrap();
+    let snap = upload(&cli, &server, &alice, &img, &[]);
+    let list = [
+        "ebs",
+        "list-snapshot-blocks",
+        "--snapshot-id",
+        snap.as_str(),
+    ];
+    aws_fails(&cli, &server, &bob, &list, "AccessDeniedException");
+    aws_fails(
+        &cli,
+        &server,
+        &bob,
+        &[
+            "ebs",
+            "start-snapshot",
+            "--volume-size",
+            "1",
+            "--parent-snapshot-id",
+            &snap,
+        ],
+        "AccessDeniedException",
+    );
+    env.fails(
+        &[
+            "--account",
+            &bob.account,
+            "volume",
+            "restore",
+            &snap,
+            s(&env.path("b.img")),
+        ],
+        6,
+    );
+    // Bob cannot write into alice's upload either.
+    let started = aws_ok(
+        &cli,
+        &server,
+        &alice,
+        &["ebs", "start-snapshot", "--volume-size", "1"],
+    );
+    let pending = started["SnapshotId"].as_str().unwrap();
+    aws_fails(
+        &cli,
+        &server,
+        &bob,
+        &[
+            "ebs",
+            "complete-snapshot",
+            "--snapshot-id",
+            pending,
+            "--changed-blocks-count",
+            "0",
+        ],
+        "ResourceNotFoundException",
+    );
+    // Granted, bob reads it and builds on it; revoked, he reads it no more.
+    env.ok(&[
+        "--account",
+        &alice.account,
+        "snapshot",
+        "permissions",
+        &snap,
+        "--add",
+        &bob.account,
+    ]);
+    let blocks = aws_ok(&cli, &server, &bob, &list);
+    assert_eq!(blocks["Blocks"].as_array().unwrap().len(), 4);
+    let child = upload(
+        &cli,
+        &server,
+        &bob,
+        &img,
+        &["--parent", &snap, "--blocks", "0"],
+    );
+    let out = env.path("bob.img");
+    env.ok(&[
+        "--account",
+        &bob.account,
+        "volume",
+        "restore",
+        &child,
+        s(&out),
+    ]);
+    let want = env.path("want.img");
+    std::fs::copy(&img, &want).unwrap();
+    sh_ok(&format!("truncate -s 1G '{}'", s(&want)));
+    assert_same(&want, &out);
+    env.ok(&[
+        "--account",
+        &alice.account,
+        "snapshot",
+        "permissions",
+        &snap,
+        "--remove",
+        &bob.account,
+    ]);
+    aws_fails(&cli, &server, &bob, &list, "AccessDeniedException");
+}
