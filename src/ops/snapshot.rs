@@ -162,6 +162,7 @@ impl Default for CreateOptions {
 pub use crate::format::manifest::validate_labels;
 
 /// What happened to one block during create.
+#[derive(Debug, Clone)]
 pub enum Outcome {
     Hole,
     Zero,

@@ -44,6 +44,8 @@ const TIMEOUT_DEFAULT: u64 = 60;
 /// How long block tokens are said to be good for.
 const TOKEN_LIFE: Duration = Duration::from_secs(7 * 24 * 3600);
 const MAX_RESULTS: usize = 10_000;
+/// How long a `ClientToken` keeps answering with its snapshot.
+const TOKEN_MEMORY: Duration = Duration::from_secs(24 * 3600);
 
 /// A snapshot being written.
 struct Pending {
@@ -58,6 +60,8 @@ struct Pending {
     deadline: Instant,
     /// Block index -> what storing it did, and its SHA-256.
     blocks: BTreeMap<u64, (Outcome, [u8; 32])>,
+    /// Completed: its manifest is written, and no block is taken.
+    done: bool,
     /// Kept shared while the upload lasts: gc cannot delete its chunks.
     _lock: RegionLock,
 }
@@ -66,13 +70,18 @@ struct Pending {
 #[derive(Default)]
 pub struct Uploads {
     pending: Mutex<HashMap<SnapshotId, Arc<Mutex<Pending>>>>,
-    /// (account, client token) -> the snapshot that token started.
-    tokens: Mutex<HashMap<(AccountId, String), SnapshotId>>,
+    /// (account, client token) -> the snapshot that token started, and
+    /// when; forgotten after [`TOKEN_MEMORY`].
+    tokens: Mutex<HashMap<(AccountId, String), (SnapshotId, Instant)>>,
 }
 
 impl Uploads {
     /// Drops uploads past their deadline; their chunks are left to gc.
     pub fn expire(&self, now: Instant) -> usize {
+        self.tokens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, (_, at)| now.duration_since(*at) < TOKEN_MEMORY);
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         let before = pending.len();
         pending.retain(|_, p| p.lock().map(|p| p.deadline > now).unwrap_or(false));
@@ -150,7 +159,7 @@ pub fn start_snapshot(
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&(caller.clone(), token.clone()))
-            .cloned();
+            .map(|(id, _)| id.clone());
         if let Some(id) = known {
             return answer_again(uploads, &region, caller, &id);
         }
@@ -200,6 +209,7 @@ pub fn start_snapshot(
         started,
         deadline: Instant::now() + Duration::from_secs(timeout * 60),
         blocks: BTreeMap::new(),
+        done: false,
         _lock: lock,
     };
     let body = started_json(&id, &p, "pending");
@@ -213,7 +223,7 @@ pub fn start_snapshot(
             .tokens
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert((caller.clone(), token), id);
+            .insert((caller.clone(), token), (id, Instant::now()));
     }
     Ok(Reply::json(201, body))
 }
@@ -344,11 +354,16 @@ pub fn put_snapshot_block(
             None,
         )?
     };
-    upload
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .blocks
-        .insert(index, (outcome, sha));
+    let mut p = upload.lock().unwrap_or_else(|p| p.into_inner());
+    if p.done {
+        // Completed while this block was being stored: it is not part of
+        // the snapshot, so it must not be acknowledged.
+        return Err(Error::Conflict(format!(
+            "{id} was completed while block {index} was being written: the block is not in it"
+        )));
+    }
+    p.blocks.insert(index, (outcome, sha));
+    drop(p);
     Ok(Reply::empty(201)
         .header("x-amz-Checksum", b64(&sha))
         .header("x-amz-Checksum-Algorithm", "SHA256"))
@@ -386,6 +401,9 @@ pub fn complete_snapshot(
 ) -> Result<Reply> {
     let upload = uploads.get(id, caller)?;
     let mut p = upload.lock().unwrap_or_else(|p| p.into_inner());
+    if p.done {
+        return Ok(Reply::json(202, json!({"Status": "completed"})));
+    }
     let count = header("x-amz-changedblockscount")
         .and_then(|c| c.parse::<u64>().ok())
         .ok_or_else(|| Error::InvalidArgument("x-amz-ChangedBlocksCount is required".into()))?;
@@ -413,8 +431,9 @@ pub fn complete_snapshot(
             "the blocks' SHA-256 digests in order",
         )?;
     }
-    let blocks = std::mem::take(&mut p.blocks);
-    let changed: Vec<(u64, Outcome)> = blocks.into_iter().map(|(i, (o, _))| (i, o)).collect();
+    // Kept until the manifest is written: a completion that fails (a full
+    // disk) can be retried.
+    let changed: Vec<(u64, Outcome)> = p.blocks.iter().map(|(i, (o, _))| (*i, o.clone())).collect();
     let parent_blocks = p
         .parent
         .as_ref()
@@ -437,6 +456,7 @@ pub fn complete_snapshot(
             kms_key_id: None,
         },
     )?;
+    p.done = true;
     drop(p);
     uploads
         .pending
