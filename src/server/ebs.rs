@@ -88,6 +88,14 @@ impl Uploads {
         before - pending.len()
     }
 
+    /// The volume size and start of `caller`'s upload `id`, while it is
+    /// being written.
+    pub fn pending_of(&self, id: &SnapshotId, caller: &AccountId) -> Option<(u64, SystemTime)> {
+        let p = self.get(id, caller).ok()?;
+        let p = p.lock().unwrap_or_else(|p| p.into_inner());
+        (!p.done).then_some((p.volume_size, p.started))
+    }
+
     fn get(&self, id: &SnapshotId, caller: &AccountId) -> Result<Arc<Mutex<Pending>>> {
         let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         match pending.get(id) {

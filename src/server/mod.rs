@@ -13,6 +13,7 @@
 
 pub mod accounts;
 mod ebs;
+mod ec2;
 pub mod sigv4;
 
 use std::collections::HashMap;
@@ -311,6 +312,8 @@ enum Route {
     ListSnapshotBlocks(String),
     GetSnapshotBlock(String, String),
     ListChangedBlocks(String),
+    /// EC2's Query API: the action is a parameter.
+    Ec2,
 }
 
 impl Route {
@@ -324,6 +327,7 @@ impl Route {
             ("GET", ["snapshots", _, "blocks"]) => Route::ListSnapshotBlocks(s(1)),
             ("GET", ["snapshots", _, "blocks", _]) => Route::GetSnapshotBlock(s(1), s(3)),
             ("GET", ["snapshots", _, "changedblocks"]) => Route::ListChangedBlocks(s(1)),
+            ("POST" | "GET", [""]) => Route::Ec2,
             _ => return None,
         })
     }
@@ -336,6 +340,15 @@ impl Route {
             Route::ListSnapshotBlocks(_) => "ListSnapshotBlocks",
             Route::GetSnapshotBlock(..) => "GetSnapshotBlock",
             Route::ListChangedBlocks(_) => "ListChangedBlocks",
+            Route::Ec2 => "ec2",
+        }
+    }
+
+    /// The service a request for this route must be signed for.
+    fn service(&self) -> &'static str {
+        match self {
+            Route::Ec2 => "ec2",
+            _ => "ebs",
         }
     }
 }
@@ -349,7 +362,20 @@ fn dispatch(
     let path = parts.uri.path();
     let query = parts.uri.query().unwrap_or("");
     let route = Route::of(&parts.method, path);
-    let op = route.as_ref().map_or("-", Route::name);
+    // An EC2 action is named by its parameters: the form body of a POST,
+    // the query of a GET.
+    let ec2_params = (route == Some(Route::Ec2)).then(|| {
+        let mut p = ec2::parse_form(query);
+        if parts.method == Method::POST {
+            p.extend(ec2::parse_form(&String::from_utf8_lossy(body)));
+        }
+        p
+    });
+    let op = match (&route, &ec2_params) {
+        (_, Some(p)) => ec2_action_name(p),
+        (Some(r), None) => r.name(),
+        (None, None) => "-",
+    };
     let now = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
@@ -398,20 +424,26 @@ fn dispatch(
             op,
         );
     };
-    if caller.service != "ebs" {
-        return (
-            Reply::error(
-                403,
-                "SignatureDoesNotMatch",
-                &format!(
-                    "{} is an operation of service ebs, and the request was signed for {}",
-                    route.name(),
-                    caller.service
-                ),
-            ),
-            account,
-            op,
+    if caller.service != route.service() {
+        let message = format!(
+            "{op} is an operation of service {}, and the request was signed for {}",
+            route.service(),
+            caller.service
         );
+        let reply = match route {
+            Route::Ec2 => ec2::error(403, "AuthFailure", &message),
+            _ => Reply::error(403, "SignatureDoesNotMatch", &message),
+        };
+        return (reply, account, op);
+    }
+    if let Some(p) = ec2_params {
+        let reply = match state.region(&caller.region) {
+            Ok(region) => {
+                ec2::answer(&region, &state.uploads, &caller.account, &p).unwrap_or_else(|e| e)
+            }
+            Err(e) => ec2::error(400, "InvalidParameterValue", &e.to_string()),
+        };
+        return (reply, account, op);
     }
     let reply = answer(state, &caller, route, &parts.headers, query, body)
         .unwrap_or_else(|e| Reply::from_error(&e));
@@ -454,7 +486,25 @@ fn answer(
             ebs::get_snapshot_block(&region, who, &snap(&id)?, index(&i)?, &query)
         }
         Route::ListChangedBlocks(id) => ebs::list_changed_blocks(&region, who, &snap(&id)?, &query),
+        Route::Ec2 => unreachable!("EC2 actions are answered in dispatch"),
     }
+}
+
+/// The name of the EC2 action in `p`, for the log: only actions this
+/// server knows are named (a client's string never reaches the log).
+fn ec2_action_name(p: &ec2::Params) -> &'static str {
+    const KNOWN: [&str; 8] = [
+        "DescribeSnapshots",
+        "DeleteSnapshot",
+        "DescribeSnapshotAttribute",
+        "ModifySnapshotAttribute",
+        "DescribeImages",
+        "DescribeImageAttribute",
+        "ModifyImageAttribute",
+        "DeregisterImage",
+    ];
+    let action = p.get("Action").map(String::as_str).unwrap_or_default();
+    KNOWN.into_iter().find(|k| *k == action).unwrap_or("ec2")
 }
 
 /// The query's parameters, percent-decoded.
@@ -489,6 +539,15 @@ impl Reply {
             status,
             headers: vec![("content-type", "application/json".into())],
             body: Bytes::from(serde_json::to_vec(&v).expect("JSON serialises")),
+            code: None,
+        }
+    }
+
+    fn xml(status: u16, xml: String) -> Reply {
+        Reply {
+            status,
+            headers: vec![("content-type", "text/xml;charset=UTF-8".into())],
+            body: Bytes::from(xml),
             code: None,
         }
     }
@@ -573,6 +632,8 @@ mod tests {
         );
         assert_eq!(r("DELETE", "/snapshots/snap-1/blocks/7"), None);
         assert_eq!(r("GET", "/snapshots/a/b/c/d/e"), None);
-        assert_eq!(r("GET", "/"), None);
+        assert_eq!(r("GET", "/"), Some(Route::Ec2));
+        assert_eq!(r("POST", "/"), Some(Route::Ec2));
+        assert_eq!(r("PUT", "/"), None);
     }
 }

@@ -647,3 +647,209 @@ fn another_account_reads_nothing_private_until_granted() {
     ]);
     aws_fails(&cli, &server, &bob, &list, "AccessDeniedException");
 }
+
+#[test]
+fn aws_ec2_calls_describe_share_and_deregister_with_the_cli_rules() {
+    let Some(cli) = aws_cli() else { return };
+    let env = Env::new();
+    env.ok(&["store", "stats"]);
+    let alice = create_account(&env, "alice");
+    let bob = create_account(&env, "bob");
+    let server = Server::start(&env);
+    let img = env.path("small.img");
+    std::fs::write(&img, crate::util::random_bytes(6, MIB as usize)).unwrap();
+    let snap = upload(&cli, &server, &alice, &img, &[]);
+    let mine = aws_ok(
+        &cli,
+        &server,
+        &alice,
+        &["ec2", "describe-snapshots", "--owner-ids", "self"],
+    );
+    let snaps = mine["Snapshots"].as_array().unwrap();
+    assert_eq!(snaps.len(), 1, "{mine}");
+    assert_eq!(snaps[0]["SnapshotId"], snap.as_str());
+    assert_eq!(snaps[0]["State"], "completed");
+    assert_eq!(snaps[0]["OwnerId"], alice.account.as_str());
+    assert_eq!(snaps[0]["VolumeSize"], 1);
+    // Bob sees none of it, by listing or by id.
+    let his = aws_ok(&cli, &server, &bob, &["ec2", "describe-snapshots"]);
+    assert_eq!(his["Snapshots"], serde_json::json!([]), "{his}");
+    let by_id = ["ec2", "describe-snapshots", "--snapshot-ids", snap.as_str()];
+    aws_fails(&cli, &server, &bob, &by_id, "UnauthorizedOperation");
+    aws_fails(
+        &cli,
+        &server,
+        &bob,
+        &[
+            "ec2",
+            "describe-snapshots",
+            "--snapshot-ids",
+            "snap-0123456789abcdef0",
+        ],
+        "InvalidSnapshot.NotFound",
+    );
+    // Shared with bob through EC2's own call.
+    aws_ok(
+        &cli,
+        &server,
+        &alice,
+        &[
+            "ec2",
+            "modify-snapshot-attribute",
+            "--snapshot-id",
+            &snap,
+            "--attribute",
+            "createVolumePermission",
+            "--operation-type",
+            "add",
+            "--user-ids",
+            &bob.account,
+        ],
+    );
+    let attr = aws_ok(
+        &cli,
+        &server,
+        &alice,
+        &[
+            "ec2",
+            "describe-snapshot-attribute",
+            "--snapshot-id",
+            &snap,
+            "--attribute",
+            "createVolumePermission",
+        ],
+    );
+    assert_eq!(
+        attr["CreateVolumePermissions"][0]["UserId"],
+        bob.account.as_str(),
+        "{attr}"
+    );
+    aws_ok(&cli, &server, &bob, &by_id);
+    let restorable = aws_ok(
+        &cli,
+        &server,
+        &bob,
+        &[
+            "ec2",
+            "describe-snapshots",
+            "--restorable-by-user-ids",
+            "self",
+            "--owner-ids",
+            &alice.account,
+        ],
+    );
+    assert_eq!(
+        restorable["Snapshots"].as_array().unwrap().len(),
+        1,
+        "{restorable}"
+    );
+    // Only the owner deletes or shares.
+    aws_fails(
+        &cli,
+        &server,
+        &bob,
+        &["ec2", "delete-snapshot", "--snapshot-id", &snap],
+        "UnauthorizedOperation",
+    );
+
+    // An image of alice's, shared and unshared through ModifyImageAttribute.
+    let reg = env.json(&[
+        "--account",
+        &alice.account,
+        "image",
+        "register",
+        "--name",
+        "web",
+        "--map",
+        &format!("/dev/xvda={snap}"),
+    ]);
+    let ami = reg["ImageId"].as_str().unwrap().to_string();
+    let image = ["ec2", "describe-images", "--image-ids", ami.as_str()];
+    let seen = aws_ok(&cli, &server, &alice, &image);
+    let i = &seen["Images"][0];
+    assert_eq!(i["Name"], "web");
+    assert_eq!(i["State"], "available");
+    assert_eq!(i["Public"], false);
+    assert_eq!(i["RootDeviceName"], "/dev/xvda");
+    assert_eq!(
+        i["BlockDeviceMappings"][0]["Ebs"]["SnapshotId"],
+        snap.as_str()
+    );
+    aws_fails(&cli, &server, &bob, &image, "UnauthorizedOperation");
+    let share = |op: &str| {
+        aws_ok(
+            &cli,
+            &server,
+            &alice,
+            &[
+                "ec2",
+                "modify-image-attribute",
+                "--image-id",
+                &ami,
+                "--launch-permission",
+                &format!("{op}=[{{UserId={}}}]", bob.account),
+            ],
+        )
+    };
+    share("Add");
+    assert_eq!(
+        aws_ok(&cli, &server, &bob, &image)["Images"][0]["ImageId"],
+        ami.as_str()
+    );
+    let perms = aws_ok(
+        &cli,
+        &server,
+        &alice,
+        &[
+            "ec2",
+            "describe-image-attribute",
+            "--image-id",
+            &ami,
+            "--attribute",
+            "launchPermission",
+        ],
+    );
+    assert_eq!(
+        perms["LaunchPermissions"][0]["UserId"],
+        bob.account.as_str(),
+        "{perms}"
+    );
+    // What EC2 allows bob, the CLI allows him too: launch it.
+    let vm = env.path("vm");
+    env.ok(&[
+        "--account",
+        &bob.account,
+        "instance",
+        "launch",
+        &ami,
+        s(&vm),
+        "--lazy",
+    ]);
+    aws_fails(
+        &cli,
+        &server,
+        &bob,
+        &["ec2", "deregister-image", "--image-id", &ami],
+        "UnauthorizedOperation",
+    );
+    share("Remove");
+    aws_fails(&cli, &server, &bob, &image, "UnauthorizedOperation");
+    aws_ok(
+        &cli,
+        &server,
+        &alice,
+        &["ec2", "deregister-image", "--image-id", &ami],
+    );
+    assert_eq!(
+        aws_ok(&cli, &server, &alice, &image)["Images"][0]["State"],
+        "deregistered"
+    );
+    // An unknown action, a wrong version: EC2's error shapes.
+    aws_fails(
+        &cli,
+        &server,
+        &alice,
+        &["ec2", "describe-volumes"],
+        "InvalidAction",
+    );
+}

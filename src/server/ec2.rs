@@ -1,0 +1,516 @@
+//! EC2's Query API (`Version=2016-11-15`) for snapshots and images: form
+//! parameters in, XML out, errors in EC2's `<Response><Errors>` shape.
+//! Each action is the CLI's library call with the authenticated account as
+//! the caller, so permissions are the same rules.
+
+use std::collections::BTreeMap;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::format::image::{LaunchPermission, MappingTarget};
+use crate::format::manifest::SnapshotMeta;
+use crate::id::{AccountId, ImageId, SnapshotId};
+use crate::image::ops as images;
+use crate::ops::access;
+use crate::region::catalog::Region;
+use crate::region::images::ImageView;
+use crate::region::permissions::{Grantee, Grants, PermissionChange};
+
+use super::Reply;
+use super::ebs::Uploads;
+
+pub const VERSION: &str = "2016-11-15";
+const XMLNS: &str = "http://ec2.amazonaws.com/doc/2016-11-15/";
+
+/// A request's parameters, decoded (`+` is a space, as in any form).
+pub type Params = BTreeMap<String, String>;
+
+/// Parses `a=1&b=x+y` form encoding.
+pub fn parse_form(text: &str) -> Params {
+    text.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            let d = |s: &str| {
+                percent_encoding::percent_decode_str(&s.replace('+', " "))
+                    .decode_utf8_lossy()
+                    .into_owned()
+            };
+            (d(k), d(v))
+        })
+        .collect()
+}
+
+/// `Prefix.1`, `Prefix.2`, … in order.
+fn list(p: &Params, prefix: &str) -> Vec<String> {
+    (1..)
+        .map_while(|i| p.get(&format!("{prefix}.{i}")).cloned())
+        .collect()
+}
+
+fn required<'a>(p: &'a Params, name: &str) -> Result<&'a str> {
+    p.get(name)
+        .map(String::as_str)
+        .ok_or_else(|| Error::InvalidArgument(format!("MissingParameter: {name} is required")))
+}
+
+/// Answers one EC2 action; `Err` only for errors of the request itself.
+pub fn answer(
+    region: &Region,
+    uploads: &Uploads,
+    caller: &AccountId,
+    p: &Params,
+) -> std::result::Result<Reply, Reply> {
+    let action = p.get("Action").map(String::as_str).unwrap_or_default();
+    if p.get("Version").map(String::as_str) != Some(VERSION) {
+        return Err(error(
+            400,
+            "InvalidParameterValue",
+            &format!("this server speaks EC2 API version {VERSION}: send Version={VERSION}"),
+        ));
+    }
+    let body = match action {
+        "DescribeSnapshots" => describe_snapshots(region, uploads, caller, p),
+        "DeleteSnapshot" => delete_snapshot(region, caller, p),
+        "DescribeSnapshotAttribute" => describe_snapshot_attribute(region, caller, p),
+        "ModifySnapshotAttribute" => modify_snapshot_attribute(region, caller, p),
+        "DescribeImages" => describe_images(region, caller, p),
+        "DescribeImageAttribute" => describe_image_attribute(region, caller, p),
+        "ModifyImageAttribute" => modify_image_attribute(region, caller, p),
+        "DeregisterImage" => deregister_image(region, caller, p),
+        "" => {
+            return Err(error(400, "MissingAction", "the request names no Action"));
+        }
+        other => {
+            return Err(error(
+                400,
+                "InvalidAction",
+                &format!("the action {other} is not valid for this web service"),
+            ));
+        }
+    };
+    match body {
+        Ok(inner) => Ok(response(action, &inner)),
+        Err(e) => Err(from_error(&e, action)),
+    }
+}
+
+/// Wraps an action's elements in its `<ActionResponse>`.
+fn response(action: &str, inner: &str) -> Reply {
+    let xml = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<{action}Response xmlns=\"{XMLNS}\">\
+         <requestId>{}</requestId>{inner}</{action}Response>",
+        crate::id::random_id("req")
+    );
+    Reply::xml(200, xml)
+}
+
+/// An error as EC2 writes it.
+pub fn error(status: u16, code: &'static str, message: &str) -> Reply {
+    let xml = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>{code}</Code>\
+         <Message>{}</Message></Error></Errors><RequestID>{}</RequestID></Response>",
+        esc(message),
+        crate::id::random_id("req")
+    );
+    let mut r = Reply::xml(status, xml);
+    r.code = Some(code);
+    r
+}
+
+fn from_error(e: &Error, action: &str) -> Reply {
+    let msg = e.to_string();
+    let (status, code) = match (e, e.kind()) {
+        (Error::SnapshotNotFound { .. }, _) => (400, "InvalidSnapshot.NotFound"),
+        (Error::ImageNotFound { .. }, _) => (400, "InvalidAMIID.NotFound"),
+        (Error::InvalidId(_), _) if action.contains("Image") => (400, "InvalidAMIID.Malformed"),
+        (Error::InvalidId(_), _) => (400, "InvalidParameterValue"),
+        (_, ErrorKind::Permission) => (403, "UnauthorizedOperation"),
+        (_, ErrorKind::NotFound) => (400, "InvalidParameterValue"),
+        (_, ErrorKind::Usage) if msg.starts_with("MissingParameter") => (400, "MissingParameter"),
+        (_, ErrorKind::Usage) => (400, "InvalidParameterValue"),
+        (_, ErrorKind::Conflict) => (400, "IncorrectState"),
+        (_, ErrorKind::Integrity | ErrorKind::Other) => (500, "InternalError"),
+    };
+    error(status, code, &msg)
+}
+
+/// `self`, `all` or an account id, as EC2's owner and grantee filters
+/// take them.
+fn account_or_self(s: &str, caller: &AccountId) -> Result<AccountId> {
+    if s == "self" {
+        Ok(caller.clone())
+    } else {
+        Ok(s.parse()?)
+    }
+}
+
+fn grantee(s: &str, caller: &AccountId) -> Result<Grantee> {
+    match s {
+        "all" => Ok(Grantee::All),
+        "self" => Ok(Grantee::Account(caller.clone())),
+        other => Ok(Grantee::Account(other.parse()?)),
+    }
+}
+
+fn one_owner(p: &Params, key: &str, caller: &AccountId) -> Result<Option<AccountId>> {
+    let owners = list(p, key);
+    match owners.as_slice() {
+        [] => Ok(None),
+        [one] => account_or_self(one, caller).map(Some),
+        _ => Err(Error::InvalidArgument(format!(
+            "one {key} at a time: this server filters by a single owner"
+        ))),
+    }
+}
+
+fn describe_snapshots(
+    region: &Region,
+    uploads: &Uploads,
+    caller: &AccountId,
+    p: &Params,
+) -> Result<String> {
+    let ids = list(p, "SnapshotId");
+    let mut items = String::new();
+    if !ids.is_empty() {
+        for id in ids {
+            let id: SnapshotId = id.parse()?;
+            if let Some((size, started)) = uploads.pending_of(&id, caller) {
+                items.push_str(&format!(
+                    "<item><snapshotId>{id}</snapshotId><volumeId>vol-ffffffff</volumeId>\
+                     <status>pending</status><startTime>{}</startTime><progress>0%</progress>\
+                     <ownerId>{caller}</ownerId><volumeSize>{}</volumeSize><encrypted>false\
+                     </encrypted><storageTier>standard</storageTier></item>",
+                    iso(started),
+                    size >> 30
+                ));
+                continue;
+            }
+            let meta = access::readable(region, &id, caller, "describe")?;
+            items.push_str(&snapshot_item(&meta));
+        }
+    } else {
+        let filter = access::ListFilter {
+            owner: one_owner(p, "Owner", caller)?,
+            restorable_by: match list(p, "RestorableBy").as_slice() {
+                [] => None,
+                [one] => Some(grantee(one, caller)?),
+                _ => {
+                    return Err(Error::InvalidArgument("one RestorableBy at a time".into()));
+                }
+            },
+        };
+        let (views, _damaged) = access::list(region, caller, &filter)?;
+        for v in views {
+            items.push_str(&snapshot_item(&v.meta));
+        }
+    }
+    Ok(format!("<snapshotSet>{items}</snapshotSet>"))
+}
+
+fn snapshot_item(m: &SnapshotMeta) -> String {
+    let mut s = format!(
+        "<item><snapshotId>{}</snapshotId><volumeId>vol-ffffffff</volumeId>\
+         <status>completed</status><startTime>{}</startTime><progress>100%</progress>\
+         <ownerId>{}</ownerId><volumeSize>{}</volumeSize>",
+        m.id,
+        iso(std::time::UNIX_EPOCH + std::time::Duration::from_nanos(m.created_ns)),
+        m.owner,
+        m.volume_size.div_ceil(1 << 30)
+    );
+    if !m.sealed {
+        s.push_str(&format!(
+            "<description>{}</description>",
+            esc(&m.description)
+        ));
+    }
+    s.push_str(&format!(
+        "<encrypted>{}</encrypted>",
+        m.kms_key_id.is_some()
+    ));
+    if let Some(k) = &m.kms_key_id {
+        s.push_str(&format!("<kmsKeyId>{k}</kmsKeyId>"));
+    }
+    s.push_str(&tag_set(m.tags.iter().map(|t| (&t.key, &t.value))));
+    s.push_str("<storageTier>standard</storageTier></item>");
+    s
+}
+
+fn tag_set<'a>(tags: impl Iterator<Item = (&'a String, &'a String)>) -> String {
+    let items: String = tags
+        .map(|(k, v)| {
+            format!(
+                "<item><key>{}</key><value>{}</value></item>",
+                esc(k),
+                esc(v)
+            )
+        })
+        .collect();
+    if items.is_empty() {
+        String::new()
+    } else {
+        format!("<tagSet>{items}</tagSet>")
+    }
+}
+
+fn delete_snapshot(region: &Region, caller: &AccountId, p: &Params) -> Result<String> {
+    let id: SnapshotId = required(p, "SnapshotId")?.parse()?;
+    access::delete(region, &id, caller)?;
+    Ok("<return>true</return>".into())
+}
+
+fn permission_items(grants: &[LaunchPermission]) -> String {
+    grants
+        .iter()
+        .map(|g| match g {
+            LaunchPermission::Account(a) => format!("<item><userId>{a}</userId></item>"),
+            LaunchPermission::Group(g) => format!("<item><group>{}</group></item>", esc(g)),
+        })
+        .collect()
+}
+
+fn check_attribute(p: &Params, want: &str) -> Result<()> {
+    match p.get("Attribute") {
+        Some(a) if a == want => Ok(()),
+        None => Ok(()),
+        Some(a) => Err(Error::InvalidArgument(format!(
+            "attribute {a} is not one this server keeps: only {want}"
+        ))),
+    }
+}
+
+fn describe_snapshot_attribute(region: &Region, caller: &AccountId, p: &Params) -> Result<String> {
+    let id: SnapshotId = required(p, "SnapshotId")?.parse()?;
+    check_attribute(p, "createVolumePermission")?;
+    let perms = access::permissions_of(region, &id, caller)?;
+    Ok(format!(
+        "<snapshotId>{id}</snapshotId><createVolumePermission>{}</createVolumePermission>",
+        permission_items(&perms.create_volume_permissions)
+    ))
+}
+
+/// The change a Modify…Attribute asks for, in either of EC2's forms:
+/// `OperationType` with `UserId.N` / `UserGroup.N`, or
+/// `{Attr}.Add.N.UserId|Group` and `{Attr}.Remove.N.…`.
+fn permission_change(p: &Params, attr: &str, caller: &AccountId) -> Result<PermissionChange> {
+    let mut change = PermissionChange {
+        add: Vec::new(),
+        remove: Vec::new(),
+        reset: false,
+    };
+    let who = |user: Option<&String>, group: Option<&String>| -> Result<Option<Grantee>> {
+        match (user, group) {
+            (Some(u), _) => Ok(Some(Grantee::Account(account_or_self(u, caller)?))),
+            (None, Some(g)) if g == "all" => Ok(Some(Grantee::All)),
+            (None, Some(g)) => Err(Error::InvalidArgument(format!(
+                "group {g:?} is not known: the only group is all"
+            ))),
+            (None, None) => Ok(None),
+        }
+    };
+    for (side, into) in [("Add", &mut change.add), ("Remove", &mut change.remove)] {
+        for i in 1.. {
+            let user = p.get(&format!("{attr}.{side}.{i}.UserId"));
+            let group = p.get(&format!("{attr}.{side}.{i}.Group"));
+            match who(user, group)? {
+                Some(g) => into.push(g),
+                None => break,
+            }
+        }
+    }
+    if let Some(op) = p.get("OperationType") {
+        let mut grantees: Vec<Grantee> = Vec::new();
+        for u in list(p, "UserId") {
+            grantees.push(Grantee::Account(account_or_self(&u, caller)?));
+        }
+        for g in list(p, "UserGroup") {
+            grantees.push(who(None, Some(&g))?.expect("a group"));
+        }
+        match op.as_str() {
+            "add" => change.add.extend(grantees),
+            "remove" => change.remove.extend(grantees),
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "OperationType {other} is neither add nor remove"
+                )));
+            }
+        }
+    }
+    if change.add.is_empty() && change.remove.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "MissingParameter: say whom to add or remove ({attr}.Add.1.UserId, or OperationType \
+             with UserId.1)"
+        )));
+    }
+    Ok(change)
+}
+
+fn modify_snapshot_attribute(region: &Region, caller: &AccountId, p: &Params) -> Result<String> {
+    let id: SnapshotId = required(p, "SnapshotId")?.parse()?;
+    check_attribute(p, "createVolumePermission")?;
+    let change = permission_change(p, "CreateVolumePermission", caller)?;
+    access::modify(region, &id, caller, &change)?;
+    Ok("<return>true</return>".into())
+}
+
+fn describe_images(region: &Region, caller: &AccountId, p: &Params) -> Result<String> {
+    let ids = list(p, "ImageId");
+    let mut items = String::new();
+    if !ids.is_empty() {
+        for id in ids {
+            let id: ImageId = id.parse()?;
+            let view = crate::region::images::read(region, &id)?;
+            view.require_launch(caller, "describe")?;
+            items.push_str(&image_item(&view));
+        }
+    } else {
+        let filter = images::ListFilter {
+            owner: one_owner(p, "Owner", caller)?,
+            executable_by: match list(p, "ExecutableBy").as_slice() {
+                [] => None,
+                [one] => Some(grantee(one, caller)?),
+                _ => return Err(Error::InvalidArgument("one ExecutableBy at a time".into())),
+            },
+            include_deregistered: false,
+            include_deprecated: p.get("IncludeDeprecated").is_some_and(|v| v == "true"),
+        };
+        let (views, _damaged) = images::list(region, caller, &filter)?;
+        for v in views {
+            items.push_str(&image_item(&v));
+        }
+    }
+    Ok(format!("<imagesSet>{items}</imagesSet>"))
+}
+
+fn image_item(v: &ImageView) -> String {
+    let i = &v.image;
+    let mut mappings = String::new();
+    for m in &i.block_device_mappings {
+        mappings.push_str(&format!("<item><deviceName>{}</deviceName>", m.device_name));
+        match &m.target {
+            MappingTarget::Ebs(e) => mappings.push_str(&format!(
+                "<ebs><snapshotId>{}</snapshotId><volumeSize>{}</volumeSize>\
+                 <deleteOnTermination>{}</deleteOnTermination><volumeType>standard</volumeType>\
+                 <encrypted>{}</encrypted></ebs>",
+                e.snapshot_id, e.volume_size, e.delete_on_termination, e.encrypted
+            )),
+            MappingTarget::NoDevice(_) => mappings.push_str("<noDevice></noDevice>"),
+            MappingTarget::VirtualName(n) => {
+                mappings.push_str(&format!("<virtualName>{}</virtualName>", esc(n)))
+            }
+        }
+        mappings.push_str("</item>");
+    }
+    let mut s = format!(
+        "<item><imageId>{}</imageId><imageState>{}</imageState><imageOwnerId>{}</imageOwnerId>\
+         <creationDate>{}</creationDate><isPublic>{}</isPublic><architecture>{}</architecture>\
+         <imageType>machine</imageType><name>{}</name><description>{}</description>\
+         <rootDeviceType>{}</rootDeviceType><rootDeviceName>{}</rootDeviceName>\
+         <blockDeviceMapping>{mappings}</blockDeviceMapping>\
+         <virtualizationType>hvm</virtualizationType><hypervisor>xen</hypervisor>",
+        i.image_id,
+        v.state.state.as_str(),
+        i.owner_id,
+        esc(&i.creation_date),
+        v.permissions.is_public(),
+        esc(&i.architecture),
+        esc(&i.name),
+        esc(&i.description),
+        esc(&i.root_device_type),
+        i.root_device_name,
+    );
+    if let Some(t) = &v.state.deprecation_time {
+        s.push_str(&format!("<deprecationTime>{}</deprecationTime>", esc(t)));
+    }
+    s.push_str(&tag_set(i.tags.iter().map(|t| (&t.key, &t.value))));
+    s.push_str("</item>");
+    s
+}
+
+fn describe_image_attribute(region: &Region, caller: &AccountId, p: &Params) -> Result<String> {
+    let id: ImageId = required(p, "ImageId")?.parse()?;
+    check_attribute(p, "launchPermission")?;
+    let view = crate::region::images::read(region, &id)?;
+    view.require_owner(caller, "see the launch permissions of")?;
+    Ok(format!(
+        "<imageId>{id}</imageId><launchPermission>{}</launchPermission>",
+        permission_items(&view.permissions.launch_permissions)
+    ))
+}
+
+fn modify_image_attribute(region: &Region, caller: &AccountId, p: &Params) -> Result<String> {
+    let id: ImageId = required(p, "ImageId")?.parse()?;
+    check_attribute(p, "launchPermission")?;
+    let change = permission_change(p, "LaunchPermission", caller)?;
+    images::modify_permissions(region, &id, caller, &change)?;
+    Ok("<return>true</return>".into())
+}
+
+fn deregister_image(region: &Region, caller: &AccountId, p: &Params) -> Result<String> {
+    let id: ImageId = required(p, "ImageId")?.parse()?;
+    let delete = p
+        .get("DeleteAssociatedSnapshots")
+        .is_some_and(|v| v == "true");
+    images::deregister(region, &id, caller, delete)?;
+    Ok("<return>true</return>".into())
+}
+
+fn iso(t: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// XML text escaping.
+fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            c if (c as u32) < 0x20 && !matches!(c, '\t' | '\n' | '\r') => {
+                out.push_str(&format!("&#x{:x};", c as u32))
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forms_lists_and_escapes() {
+        let p = parse_form(
+            "Action=DescribeSnapshots&SnapshotId.1=snap-1&SnapshotId.2=snap%2D2&Name=a+b&Owner.1=self",
+        );
+        assert_eq!(list(&p, "SnapshotId"), ["snap-1", "snap-2"]);
+        assert_eq!(p["Name"], "a b");
+        assert_eq!(esc("<a & 'b'>\u{1}"), "&lt;a &amp; &apos;b&apos;&gt;&#x1;");
+    }
+
+    #[test]
+    fn both_forms_of_a_permission_change() {
+        let me: AccountId = "111111111111".parse().unwrap();
+        let p = parse_form(
+            "LaunchPermission.Add.1.UserId=222222222222&LaunchPermission.Add.2.Group=all&LaunchPermission.Remove.1.UserId=333333333333",
+        );
+        let c = permission_change(&p, "LaunchPermission", &me).unwrap();
+        assert_eq!(c.add.len(), 2);
+        assert_eq!(c.remove.len(), 1);
+        let p = parse_form("OperationType=remove&UserId.1=self&UserGroup.1=all");
+        let c = permission_change(&p, "CreateVolumePermission", &me).unwrap();
+        assert_eq!(c.remove, [Grantee::Account(me.clone()), Grantee::All]);
+        assert!(permission_change(&parse_form(""), "LaunchPermission", &me).is_err());
+        assert!(
+            permission_change(
+                &parse_form("OperationType=add&UserGroup.1=admins"),
+                "X",
+                &me
+            )
+            .is_err()
+        );
+    }
+}
