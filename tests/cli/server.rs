@@ -40,11 +40,23 @@ struct Server {
 
 impl Server {
     fn start(env: &Env) -> Server {
+        Server::start_with(env, &[])
+    }
+
+    fn start_with(env: &Env, extra: &[&str]) -> Server {
         let log = env.path("serve.log");
+        let mut args = vec!["serve", "--listen", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
         let mut child = env
-            .command(&["serve", "--listen", "127.0.0.1:0"])
+            .command(&args)
             .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .unwrap(),
+            )
             .spawn()
             .unwrap();
         let mut line = String::new();
@@ -852,4 +864,196 @@ fn aws_ec2_calls_describe_share_and_deregister_with_the_cli_rules() {
         &["ec2", "describe-volumes"],
         "InvalidAction",
     );
+}
+
+#[test]
+fn sixteen_clients_upload_at_once_and_every_snapshot_restores_exactly() {
+    let Some(cli) = aws_cli() else { return };
+    let env = Env::new();
+    env.ok(&["store", "stats"]);
+    let alice = create_account(&env, "alice");
+    let server = Server::start(&env);
+    let python = cli.with_file_name("python3");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cli/clients/ebs_upload.py");
+    let images: Vec<PathBuf> = (0..16)
+        .map(|i| {
+            let img = env.path(&format!("c{i}.img"));
+            std::fs::write(&img, crate::util::random_bytes(100 + i, 3 * MIB as usize)).unwrap();
+            img
+        })
+        .collect();
+    let clients: Vec<Child> = images
+        .iter()
+        .map(|img| {
+            client(&python, &alice)
+                .arg(&script)
+                .args([&server.url, s(img)])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let ids: Vec<String> = clients
+        .into_iter()
+        .map(|c| {
+            let out = c.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8(out.stdout).unwrap().trim().to_string()
+        })
+        .collect();
+    for (img, id) in images.iter().zip(&ids) {
+        let out = env.path(&format!("{id}.img"));
+        env.ok(&[
+            "--account",
+            &alice.account,
+            "volume",
+            "restore",
+            id,
+            s(&out),
+        ]);
+        let want = env.path("want.img");
+        std::fs::copy(img, &want).unwrap();
+        sh_ok(&format!("truncate -s 1G '{}'", s(&want)));
+        assert_same(&want, &out);
+        std::fs::remove_file(&out).unwrap();
+    }
+    env.ok(&["store", "verify"]);
+}
+
+#[test]
+fn a_client_that_trickles_its_headers_is_cut_off_without_starving_others() {
+    let Some(cli) = aws_cli() else { return };
+    let env = Env::new();
+    env.ok(&["store", "stats"]);
+    let alice = create_account(&env, "alice");
+    let server = Server::start_with(&env, &["--header-timeout", "2"]);
+    let host = server.url.trim_start_matches("http://").to_string();
+    let slow = std::thread::spawn(move || {
+        let mut c = std::net::TcpStream::connect(&host).unwrap();
+        let started = std::time::Instant::now();
+        // One byte every 200 ms, for up to 20 s, until the server hangs up.
+        for b in b"GET /snapshots/snap-0123456789abcdef0/blocks HTTP/1.1\r\nhost: x\r\nx-slow: "
+            .iter()
+            .cycle()
+        {
+            if c.write_all(&[*b]).is_err() || started.elapsed().as_secs() > 20 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        started.elapsed()
+    });
+    // Meanwhile others are served.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let v = aws_ok(
+        &cli,
+        &server,
+        &alice,
+        &["ec2", "describe-snapshots", "--owner-ids", "self"],
+    );
+    assert_eq!(v["Snapshots"], serde_json::json!([]));
+    let held = slow.join().unwrap();
+    assert!(
+        held < std::time::Duration::from_secs(15),
+        "a client sending a byte every 200 ms was still connected after {held:?}"
+    );
+}
+
+#[test]
+fn a_server_killed_mid_upload_shows_no_partial_snapshot_and_the_retry_succeeds() {
+    let Some(cli) = aws_cli() else { return };
+    let env = Env::new();
+    env.ok(&["store", "stats"]);
+    let alice = create_account(&env, "alice");
+    let mut server = Server::start(&env);
+    let started = aws_ok(
+        &cli,
+        &server,
+        &alice,
+        &[
+            "ebs",
+            "start-snapshot",
+            "--volume-size",
+            "1",
+            "--client-token",
+            "job-7",
+        ],
+    );
+    let pending = started["SnapshotId"].as_str().unwrap().to_string();
+    let data = env.path("blk");
+    std::fs::write(&data, crate::util::random_bytes(8, 512 << 10)).unwrap();
+    let sum = sh_ok(&format!(
+        "openssl dgst -sha256 -binary '{}' | base64",
+        s(&data)
+    ));
+    aws_ok(
+        &cli,
+        &server,
+        &alice,
+        &[
+            "ebs",
+            "put-snapshot-block",
+            "--snapshot-id",
+            &pending,
+            "--block-index",
+            "0",
+            "--block-data",
+            s(&data),
+            "--data-length",
+            "524288",
+            "--checksum",
+            sum.trim(),
+            "--checksum-algorithm",
+            "SHA256",
+        ],
+    );
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    let server = Server::start(&env);
+    // Nothing half-written is visible.
+    let listed = aws_ok(
+        &cli,
+        &server,
+        &alice,
+        &["ec2", "describe-snapshots", "--owner-ids", "self"],
+    );
+    assert_eq!(listed["Snapshots"], serde_json::json!([]), "{listed}");
+    aws_fails(
+        &cli,
+        &server,
+        &alice,
+        &[
+            "ebs",
+            "complete-snapshot",
+            "--snapshot-id",
+            &pending,
+            "--changed-blocks-count",
+            "1",
+        ],
+        "ResourceNotFoundException",
+    );
+    // The client's retry, same token, starts again and completes.
+    let img = env.path("one.img");
+    std::fs::copy(&data, &img).unwrap();
+    let id = upload(&cli, &server, &alice, &img, &[]);
+    let out = env.path("out.img");
+    env.ok(&[
+        "--account",
+        &alice.account,
+        "volume",
+        "restore",
+        &id,
+        s(&out),
+    ]);
+    let want = env.path("want.img");
+    std::fs::copy(&img, &want).unwrap();
+    sh_ok(&format!("truncate -s 1G '{}'", s(&want)));
+    assert_same(&want, &out);
+    env.ok(&["store", "verify"]);
+    env.ok(&["store", "gc"]);
 }
