@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 seconds=${SECONDS_PER_TARGET:-${1:-120}}
 export RUSTC_BOOTSTRAP=1
 cargo fuzz build -O
-for target in chunk snapshot_manifest image_manifest store_json instance_json nbd_reply; do
+for target in chunk snapshot_manifest image_manifest store_json instance_json nbd_reply sigv4_request; do
     mkdir -p "fuzz/corpus/$target"
     log=$(mktemp)
     cargo fuzz run -O "$target" "fuzz/corpus/$target" "testdata/fuzz/$target" -- \

@@ -490,6 +490,65 @@ fn answer(
     }
 }
 
+/// Everything the server does with a request's bytes before it trusts
+/// them — the route, EC2's form parameters, the signature's parse and
+/// check (against one fixed key) — on a request written as text: a line
+/// `METHOD PATH[?QUERY]`, header lines `name: value`, an empty line, the
+/// body. Returns whether the signature held. For the fuzz target and the
+/// replay of its corpus: any bytes must return, never panic.
+pub fn examine_untrusted(data: &[u8]) -> bool {
+    const SECRET: &str = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY";
+    let split = data
+        .windows(2)
+        .position(|w| w == b"\n\n")
+        .unwrap_or(data.len());
+    let (head, body) = data.split_at(split);
+    let body = body.get(2..).unwrap_or_default();
+    let head = String::from_utf8_lossy(head);
+    let mut lines = head.lines();
+    let first = lines.next().unwrap_or_default();
+    let (method, target) = first.split_once(' ').unwrap_or((first, "/"));
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let mut headers = HeaderMap::new();
+    for line in lines {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        if let (Ok(n), Ok(v)) = (
+            http::header::HeaderName::from_bytes(name.trim().as_bytes()),
+            http::HeaderValue::from_str(value.trim()),
+        ) {
+            headers.append(n, v);
+        }
+    }
+    if let Ok(m) = method.parse::<Method>() {
+        let _ = Route::of(&m, path).map(|r| (r.name(), r.service()));
+    }
+    let _ = ec2_action_name(&ec2::parse_form(query));
+    let _ = ec2_action_name(&ec2::parse_form(&String::from_utf8_lossy(body)));
+    let _ = parse_query(query);
+    if let Some(v) = headers.get("authorization").and_then(|v| v.to_str().ok()) {
+        let _ = sigv4::parse_authorization(v);
+    }
+    let req = sigv4::Request {
+        method,
+        path,
+        query,
+        headers: &headers,
+        body,
+    };
+    let now = headers
+        .get("x-amz-date")
+        .and_then(|v| v.to_str().ok())
+        .and_then(sigv4::parse_amz_date)
+        .unwrap_or(0);
+    sigv4::verify(&req, now, true, |id| {
+        let account = "123456789012".parse().expect("a valid account id");
+        (id == "AKIDEXAMPLE").then(|| (account, SECRET.to_string()))
+    })
+    .is_ok()
+}
+
 /// The name of the EC2 action in `p`, for the log: only actions this
 /// server knows are named (a client's string never reaches the log).
 fn ec2_action_name(p: &ec2::Params) -> &'static str {

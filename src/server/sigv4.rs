@@ -370,7 +370,11 @@ fn header(headers: &HeaderMap, name: &str) -> Option<String> {
 /// `YYYYMMDD'T'HHMMSS'Z'` as seconds since the epoch.
 pub fn parse_amz_date(s: &str) -> Option<i64> {
     let b = s.as_bytes();
-    if b.len() != 16 || b[8] != b'T' || b[15] != b'Z' {
+    let digits = b
+        .iter()
+        .enumerate()
+        .all(|(i, c)| i == 8 || i == 15 || c.is_ascii_digit());
+    if b.len() != 16 || b[8] != b'T' || b[15] != b'Z' || !digits {
         return None;
     }
     let rfc = format!(
@@ -633,6 +637,8 @@ mod tests {
         assert_eq!(parse_authorization("Basic abc"), Err(AuthError::Missing));
         assert_eq!(parse_amz_date("20261128T120000"), None);
         assert_eq!(parse_amz_date("2026112XT120000Z"), None);
+        // Multi-byte characters where digits belong: refused, not sliced.
+        assert_eq!(parse_amz_date("2026\u{e9}128T12000Z"), None);
     }
 
     #[test]

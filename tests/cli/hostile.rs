@@ -228,6 +228,26 @@ fn nbd_reply_parser_survives_the_corpus() {
     });
 }
 
+#[test]
+fn server_request_parsing_survives_the_corpus() {
+    replay("sigv4_request", |b| {
+        let _ = blocksnap::server::examine_untrusted(b);
+    });
+    // The seed of AWS's get-vanilla test holds a good signature; its
+    // mutations (every byte flipped, every cut) must not.
+    let seed = std::fs::read(format!("{CORPUS}/sigv4_request/get-vanilla")).unwrap();
+    assert!(blocksnap::server::examine_untrusted(&seed));
+    let signed = seed.len() - 2;
+    for i in 0..signed {
+        let mut bad = seed.clone();
+        bad[i] ^= 0x01;
+        assert!(
+            !blocksnap::server::examine_untrusted(&bad),
+            "byte {i} of the signed request changed and the signature still held"
+        );
+    }
+}
+
 /// The fixture key of `testdata/v2-encrypted` (alias/fixture), unwrapped
 /// once with its passphrase.
 fn fixture_key() -> std::sync::Arc<blocksnap::format::key::DataKey> {
