@@ -113,6 +113,7 @@ fn print_key(out: &Out, id: &AccountId, key: &AccessKey, account: Option<&Accoun
 
 /// `serve`: runs until SIGTERM or SIGINT.
 pub fn serve_store(root: &Path, opts: ServeOptions, quiet: bool) -> Result<u8> {
+    let tls = opts.tls.is_some();
     let log: Arc<dyn Fn(&blocksnap::server::RequestLog) + Send + Sync> = Arc::new(move |line| {
         if !quiet {
             eprintln!("{line}");
@@ -122,7 +123,8 @@ pub fn serve_store(root: &Path, opts: ServeOptions, quiet: bool) -> Result<u8> {
         root,
         &opts,
         &|addr| {
-            println!("listening on http://{addr}");
+            let scheme = if tls { "https" } else { "http" };
+            println!("listening on {scheme}://{addr}");
             let _ = std::io::stdout().flush();
         },
         log,

@@ -124,6 +124,12 @@ pub enum Command {
         /// Seconds a client has to send a request's body
         #[arg(long, default_value = "60", value_parser = account::seconds, value_name = "SECS")]
         body_timeout: std::time::Duration,
+        /// Serve HTTPS with this certificate chain (PEM); needs --tls-key
+        #[arg(long, requires = "tls_key", value_name = "PEM")]
+        tls_cert: Option<PathBuf>,
+        /// The private key of --tls-cert (PEM)
+        #[arg(long, requires = "tls_cert", value_name = "PEM")]
+        tls_key: Option<PathBuf>,
     },
 }
 
@@ -176,6 +182,8 @@ pub fn run(cli: Cli) -> Result<u8> {
             max_connections,
             header_timeout,
             body_timeout,
+            tls_cert,
+            tls_key,
         } => {
             if g.account.is_some() {
                 return Err(Error::InvalidArgument(
@@ -189,6 +197,7 @@ pub fn run(cli: Cli) -> Result<u8> {
                 max_connections: max_connections.max(1),
                 header_timeout,
                 body_timeout,
+                tls: tls_cert.zip(tls_key),
                 ..Default::default()
             };
             return account::serve_store(&root, opts, g.quiet);

@@ -51,6 +51,8 @@ pub struct ServeOptions {
     pub body_timeout: Duration,
     /// On SIGTERM, how long requests in flight may take to finish.
     pub drain: Duration,
+    /// Serve HTTPS with this certificate chain and private key (PEM files).
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl Default for ServeOptions {
@@ -61,6 +63,7 @@ impl Default for ServeOptions {
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(60),
             drain: Duration::from_secs(30),
+            tls: None,
         }
     }
 }
@@ -172,6 +175,10 @@ async fn run(
     log: Log,
 ) -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
+    let tls = match &opts.tls {
+        Some((cert, key)) => Some(tls_acceptor(cert, key)?),
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(&opts.listen)
         .await
         .map_err(|e| Error::InvalidArgument(format!("cannot listen on {}: {e}", opts.listen)))?;
@@ -215,23 +222,19 @@ async fn run(
         let state = state.clone();
         let log = log.clone();
         let opts = opts.clone();
-        let mut stop = stop_rx.clone();
+        let stop = stop_rx.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                handle(state.clone(), req, remote, opts.body_timeout, log.clone())
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(opts.header_timeout)
-                .max_buf_size(64 << 10)
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = stop.changed() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
+            match tls {
+                // The handshake, too, must end within the header timeout.
+                Some(acceptor) => {
+                    let accepted =
+                        tokio::time::timeout(opts.header_timeout, acceptor.accept(stream)).await;
+                    if let Ok(Ok(stream)) = accepted {
+                        connection(stream, remote, state, opts, log, stop).await;
+                    }
                 }
+                None => connection(stream, remote, state, opts, log, stop).await,
             }
             drop(permit);
         });
@@ -242,6 +245,69 @@ async fn run(
     let all = opts.max_connections as u32;
     let _ = tokio::time::timeout(opts.drain, slots.acquire_many(all)).await;
     Ok(())
+}
+
+/// Serves one connection's requests until it ends, or finishes the one in
+/// flight once `stop` changes.
+async fn connection<I>(
+    io: I,
+    remote: SocketAddr,
+    state: Arc<State>,
+    opts: ServeOptions,
+    log: Log,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let body_timeout = opts.body_timeout;
+    let service = hyper::service::service_fn(move |req| {
+        handle(state.clone(), req, remote, body_timeout, log.clone())
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(opts.header_timeout)
+        .max_buf_size(64 << 10)
+        .serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = stop.changed() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+/// TLS from a PEM certificate chain and private key, TLS 1.2 and 1.3.
+fn tls_acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |what: &str, path: &Path, e: &dyn std::fmt::Display| {
+        Error::InvalidArgument(format!(
+            "cannot read the TLS {what} {}: {e} (give a PEM file)",
+            path.display()
+        ))
+    };
+    let certs = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| bad("certificate", cert, &e))?
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| bad("certificate", cert, &e))?;
+    if certs.is_empty() {
+        return Err(bad("certificate", cert, &"no certificate in it"));
+    }
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| bad("private key", key, &e))?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .and_then(|b| b.with_no_client_auth().with_single_cert(certs, key_der))
+        .map_err(|e| {
+            Error::InvalidArgument(format!(
+                "the TLS certificate {} and key {} do not make a server: {e}",
+                cert.display(),
+                key.display()
+            ))
+        })?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 async fn handle(

@@ -1057,3 +1057,57 @@ fn a_server_killed_mid_upload_shows_no_partial_snapshot_and_the_retry_succeeds()
     env.ok(&["store", "verify"]);
     env.ok(&["store", "gc"]);
 }
+
+#[test]
+fn https_with_a_certificate_serves_the_aws_cli_and_refuses_plain_http() {
+    let Some(cli) = aws_cli() else { return };
+    let env = Env::new();
+    env.ok(&["store", "stats"]);
+    let alice = create_account(&env, "alice");
+    let (cert, key) = (env.path("cert.pem"), env.path("key.pem"));
+    sh_ok(&format!(
+        "openssl req -x509 -newkey rsa:2048 -nodes -subj /CN=localhost -days 1 \
+         -addext subjectAltName=IP:127.0.0.1 -keyout '{}' -out '{}' 2>/dev/null",
+        s(&key),
+        s(&cert)
+    ));
+    // A key that is not a key: a clear refusal before listening.
+    let err = env.fails(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            s(&cert),
+            "--tls-key",
+            s(&cert),
+        ],
+        2,
+    );
+    assert!(err.contains("private key"), "{err}");
+    let server = Server::start_with(&env, &["--tls-cert", s(&cert), "--tls-key", s(&key)]);
+    assert!(server.url.starts_with("https://"), "{}", server.url);
+    let v = aws_ok(
+        &cli,
+        &server,
+        &alice,
+        &[
+            "--ca-bundle",
+            s(&cert),
+            "ec2",
+            "describe-snapshots",
+            "--owner-ids",
+            "self",
+        ],
+    );
+    assert_eq!(v["Snapshots"], serde_json::json!([]));
+    // Without the CA the client refuses the server; plain HTTP gets no answer.
+    let out = aws(&cli, &server, &alice, &["ec2", "describe-snapshots"]);
+    assert!(!out.status.success());
+    let plain = server.url.replace("https://", "http://");
+    let out = client(&cli, &alice)
+        .args(["--endpoint-url", &plain, "ec2", "describe-snapshots"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
