@@ -1111,3 +1111,103 @@ fn https_with_a_certificate_serves_the_aws_cli_and_refuses_plain_http() {
         .unwrap();
     assert!(!out.status.success());
 }
+
+/// coldsnap 0.12 (`cargo install --locked coldsnap --version 0.12.0`), if
+/// installed: on PATH or in cargo's bin directory.
+fn coldsnap() -> Option<PathBuf> {
+    let cargo_bin = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .map(|d| d.join("bin"));
+    let found = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .chain(cargo_bin)
+        .map(|d| d.join("coldsnap"))
+        .find(|p| p.exists());
+    if found.is_none() {
+        skip("no coldsnap (cargo install --locked coldsnap --version 0.12.0)");
+    }
+    found
+}
+
+fn coldsnap_ok(program: &Path, server: &Server, key: &Key, args: &[&str]) -> String {
+    let out = client(program, key)
+        .args(["--region", "local", "--endpoint", &server.url])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "coldsnap {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn coldsnap_uploads_downloads_and_waits() {
+    let Some(coldsnap) = coldsnap() else { return };
+    let env = Env::new();
+    env.ok(&["store", "stats"]);
+    let alice = create_account(&env, "alice");
+    let server = Server::start(&env);
+    let img = ext4_image(&env, "disk.img");
+    // coldsnap upload --wait: EBS's calls, then EC2's DescribeSnapshots.
+    let up = coldsnap_ok(
+        &coldsnap,
+        &server,
+        &alice,
+        &["upload", "--no-progress", "--wait", s(&img)],
+    );
+    let snap = up.lines().next().unwrap().trim().to_string();
+    assert!(snap.starts_with("snap-"), "{up}");
+    let restored = env.path("restored.img");
+    env.ok(&[
+        "--account",
+        &alice.account,
+        "volume",
+        "restore",
+        &snap,
+        s(&restored),
+    ]);
+    assert_same(&img, &restored);
+    assert_fsck_clean(&restored);
+    coldsnap_ok(&coldsnap, &server, &alice, &["wait", &snap]);
+    // coldsnap download of a snapshot blocksnap took equals its restore.
+    let v2 = env.path("v2.img");
+    std::fs::copy(&img, &v2).unwrap();
+    sh_ok(&format!(
+        "printf 'changed by blocksnap' | dd of='{}' bs=1 seek=300000000 conv=notrunc 2>/dev/null",
+        s(&v2)
+    ));
+    let taken = env.json(&["--account", &alice.account, "snapshot", "create", s(&v2)]);
+    let taken = taken["SnapshotId"].as_str().unwrap().to_string();
+    let down = env.path("down.img");
+    coldsnap_ok(
+        &coldsnap,
+        &server,
+        &alice,
+        &["download", "--no-progress", &taken, s(&down)],
+    );
+    let mine = env.path("mine.img");
+    env.ok(&[
+        "--account",
+        &alice.account,
+        "volume",
+        "restore",
+        &taken,
+        s(&mine),
+    ]);
+    assert_same(&mine, &down);
+    assert_same(&v2, &down);
+    // Another account's coldsnap reads nothing of it.
+    let bob = create_account(&env, "bob");
+    let out = client(&coldsnap, &bob)
+        .args(["--region", "local", "--endpoint", &server.url])
+        .args(["download", "--no-progress", &taken, s(&env.path("bob.img"))])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
