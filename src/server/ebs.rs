@@ -678,3 +678,60 @@ fn epoch(t: SystemTime) -> f64 {
 fn expiry() -> f64 {
     epoch(SystemTime::now() + TOKEN_LIFE).floor()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(
+        uploads: &Uploads,
+        owner: &AccountId,
+        id: &SnapshotId,
+        index: u64,
+        data: &[u8],
+    ) -> Result<Reply> {
+        let sum = b64(&sha256(data));
+        let len = data.len().to_string();
+        let header = move |name: &str| match name {
+            "x-amz-data-length" => Some(len.clone()),
+            "x-amz-checksum" => Some(sum.clone()),
+            _ => None,
+        };
+        put_snapshot_block(uploads, owner, id, index, &header, data)
+    }
+
+    #[test]
+    fn an_upload_past_its_timeout_is_dropped_and_gc_reclaims_its_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let region = Arc::new(Region::open_or_create(dir.path(), "local").unwrap());
+        let owner: AccountId = "111111111111".parse().unwrap();
+        let uploads = Uploads::default();
+        let t0 = Instant::now();
+        let started = start_snapshot(
+            &uploads,
+            region.clone(),
+            &owner,
+            br#"{"VolumeSize": 1, "Timeout": 10}"#,
+        )
+        .unwrap();
+        let v: Value = serde_json::from_slice(&started.body).unwrap();
+        let id: SnapshotId = v["SnapshotId"].as_str().unwrap().parse().unwrap();
+        let data: Vec<u8> = (0..BLOCK).map(|i| (i % 251) as u8 + 1).collect();
+        put(&uploads, &owner, &id, 0, &data).unwrap();
+        // Another account cannot write into it.
+        let other: AccountId = "222222222222".parse().unwrap();
+        assert!(matches!(
+            put(&uploads, &other, &id, 1, &data),
+            Err(Error::NotFound(_))
+        ));
+        assert_eq!(uploads.expire(t0 + Duration::from_secs(9 * 60)), 0);
+        assert_eq!(uploads.expire(t0 + Duration::from_secs(11 * 60)), 1);
+        assert!(matches!(
+            put(&uploads, &owner, &id, 1, &data),
+            Err(Error::NotFound(_))
+        ));
+        assert!(!region.has_snapshot(&id).unwrap());
+        let report = crate::ops::gc::gc(&region, false).unwrap();
+        assert_eq!(report.chunks_removed, 1, "{report:?}");
+    }
+}

@@ -423,11 +423,12 @@ fn an_upload_is_checked_before_it_is_kept() {
         ],
         "ValidationException",
     );
-    // Not visible before it is complete.
+    // Not visible before it is complete, and gc waits for it.
     env.fails(
         &["--account", &alice.account, "snapshot", "describe", &snap],
         3,
     );
+    env.gc_is_held_off("an EBS upload is in progress");
     aws_ok(
         &cli,
         &server,
