@@ -77,6 +77,7 @@ pub fn answer(
         "DescribeImageAttribute" => describe_image_attribute(region, caller, p),
         "ModifyImageAttribute" => modify_image_attribute(region, caller, p),
         "DeregisterImage" => deregister_image(region, caller, p),
+        "RegisterImage" => register_image(region, caller, p),
         "" => {
             return Err(error(400, "MissingAction", "the request names no Action"));
         }
@@ -443,6 +444,61 @@ fn modify_image_attribute(region: &Region, caller: &AccountId, p: &Params) -> Re
     let change = permission_change(p, "LaunchPermission", caller)?;
     images::modify_permissions(region, &id, caller, &change)?;
     Ok("<return>true</return>".into())
+}
+
+/// `RegisterImage` from snapshots: `BlockDeviceMapping.N.DeviceName` with
+/// `.Ebs.SnapshotId` (and `.Ebs.VolumeSize`, `.Ebs.DeleteOnTermination`),
+/// `.NoDevice` or `.VirtualName`; the CLI's `image register` rules.
+fn register_image(region: &Region, caller: &AccountId, p: &Params) -> Result<String> {
+    use crate::image::create::{ImageCreateOptions, MapSource, MapSpec, register_maps};
+    let mut opts = ImageCreateOptions::new(required(p, "Name")?, caller.clone());
+    opts.description = p.get("Description").cloned().unwrap_or_default();
+    opts.architecture = p.get("Architecture").cloned();
+    opts.root_device = p.get("RootDeviceName").map(|d| d.parse()).transpose()?;
+    let mut maps = Vec::new();
+    for i in 1.. {
+        let key = |k: &str| format!("BlockDeviceMapping.{i}.{k}");
+        let Some(device) = p.get(&key("DeviceName")) else {
+            break;
+        };
+        let device: crate::format::image::DeviceName = device.parse()?;
+        let source = if let Some(snap) = p.get(&key("Ebs.SnapshotId")) {
+            if let Some(gib) = p.get(&key("Ebs.VolumeSize")) {
+                let gib = gib.parse::<u64>().map_err(|_| {
+                    Error::InvalidArgument(format!(
+                        "{} is not a whole number of GiB",
+                        key("Ebs.VolumeSize")
+                    ))
+                })?;
+                opts.volume_sizes.insert(device.clone(), gib);
+            }
+            if p.get(&key("Ebs.DeleteOnTermination"))
+                .is_some_and(|v| v == "false")
+            {
+                opts.keep_on_termination.push(device.clone());
+            }
+            MapSource::Snapshot(snap.parse()?)
+        } else if p.contains_key(&key("NoDevice")) {
+            MapSource::NoDevice
+        } else if let Some(v) = p.get(&key("VirtualName")) {
+            MapSource::Ephemeral(v.clone())
+        } else {
+            return Err(Error::InvalidArgument(format!(
+                "{} maps to nothing: give Ebs.SnapshotId, NoDevice or VirtualName",
+                key("DeviceName")
+            )));
+        };
+        maps.push(MapSpec { device, source });
+    }
+    if maps.is_empty() {
+        return Err(Error::InvalidArgument(
+            "MissingParameter: RegisterImage needs BlockDeviceMapping.1.DeviceName with \
+             Ebs.SnapshotId (images here are backed by snapshots)"
+                .into(),
+        ));
+    }
+    let image = register_maps(region, &maps, &opts)?;
+    Ok(format!("<imageId>{}</imageId>", image.image_id))
 }
 
 fn deregister_image(region: &Region, caller: &AccountId, p: &Params) -> Result<String> {

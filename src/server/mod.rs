@@ -618,7 +618,8 @@ pub fn examine_untrusted(data: &[u8]) -> bool {
 /// The name of the EC2 action in `p`, for the log: only actions this
 /// server knows are named (a client's string never reaches the log).
 fn ec2_action_name(p: &ec2::Params) -> &'static str {
-    const KNOWN: [&str; 8] = [
+    const KNOWN: [&str; 9] = [
+        "RegisterImage",
         "DescribeSnapshots",
         "DeleteSnapshot",
         "DescribeSnapshotAttribute",

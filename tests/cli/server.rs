@@ -765,18 +765,38 @@ fn aws_ec2_calls_describe_share_and_deregister_with_the_cli_rules() {
         "UnauthorizedOperation",
     );
 
-    // An image of alice's, shared and unshared through ModifyImageAttribute.
-    let reg = env.json(&[
-        "--account",
-        &alice.account,
-        "image",
-        "register",
-        "--name",
-        "web",
-        "--map",
-        &format!("/dev/xvda={snap}"),
-    ]);
+    // An image of alice's, registered, shared and unshared through EC2's
+    // calls. Bob cannot back an image with her snapshot.
+    let mapping = format!("DeviceName=/dev/xvda,Ebs={{SnapshotId={snap}}}");
+    let register = |key: &Key, name: &str| {
+        aws(
+            &cli,
+            &server,
+            key,
+            &[
+                "ec2",
+                "register-image",
+                "--name",
+                name,
+                "--root-device-name",
+                "/dev/xvda",
+                "--block-device-mappings",
+                &mapping,
+            ],
+        )
+    };
+    let reg = register(&alice, "web");
+    assert!(
+        reg.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reg.stderr)
+    );
+    let reg: Value = serde_json::from_slice(&reg.stdout).unwrap();
     let ami = reg["ImageId"].as_str().unwrap().to_string();
+    let bobs = register(&bob, "mine");
+    assert!(!bobs.status.success());
+    let err = String::from_utf8_lossy(&bobs.stderr);
+    assert!(err.contains("only your own snapshots"), "{err}");
     let image = ["ec2", "describe-images", "--image-ids", ami.as_str()];
     let seen = aws_ok(&cli, &server, &alice, &image);
     let i = &seen["Images"][0];
