@@ -23,8 +23,7 @@ use crate::cli::{
     account, exit, image, instance, key, policy, recycle_bin, region, snapshot, store, volume,
 };
 
-/// The region used without `--region`: the only one created on first use.
-const DEFAULT_REGION: &str = "local";
+use blocksnap::region::catalog::DEFAULT_REGION;
 
 #[derive(Parser, Debug)]
 #[command(

@@ -36,6 +36,9 @@ pub fn binned_snapshot_key(id: &SnapshotId) -> String {
     format!("recycle-bin/snapshots/{id}")
 }
 
+/// The region used when none is named: the only one created on first use.
+pub const DEFAULT_REGION: &str = "local";
+
 pub struct Region {
     backend: Box<dyn Backend>,
     info: RegionInfo,

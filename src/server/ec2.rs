@@ -59,6 +59,7 @@ pub fn answer(
     uploads: &Uploads,
     caller: &AccountId,
     p: &Params,
+    open_region: &dyn Fn(&str) -> Result<std::sync::Arc<Region>>,
 ) -> std::result::Result<Reply, Reply> {
     let action = p.get("Action").map(String::as_str).unwrap_or_default();
     if p.get("Version").map(String::as_str) != Some(VERSION) {
@@ -78,6 +79,7 @@ pub fn answer(
         "ModifyImageAttribute" => modify_image_attribute(region, caller, p),
         "DeregisterImage" => deregister_image(region, caller, p),
         "RegisterImage" => register_image(region, caller, p),
+        "CopyImage" => copy_image(region, caller, p, open_region),
         "" => {
             return Err(error(400, "MissingAction", "the request names no Action"));
         }
@@ -499,6 +501,36 @@ fn register_image(region: &Region, caller: &AccountId, p: &Params) -> Result<Str
     }
     let image = register_maps(region, &maps, &opts)?;
     Ok(format!("<imageId>{}</imageId>", image.image_id))
+}
+
+/// `CopyImage` from `SourceRegion` into the request's region, the CLI's
+/// `image copy`: copies its snapshots (only the chunks the target lacks).
+fn copy_image(
+    region: &Region,
+    caller: &AccountId,
+    p: &Params,
+    open_region: &dyn Fn(&str) -> Result<std::sync::Arc<Region>>,
+) -> Result<String> {
+    use crate::image::copy::{CopyOptions, copy_image};
+    let id: ImageId = required(p, "SourceImageId")?.parse()?;
+    let source = open_region(required(p, "SourceRegion")?)?;
+    if p.get("Encrypted").is_some_and(|v| v == "true") || p.contains_key("KmsKeyId") {
+        return Err(Error::InvalidArgument(
+            "encrypted copies are not made through this server yet: use `blocksnap image copy \
+             --encrypted`"
+                .into(),
+        ));
+    }
+    let opts = CopyOptions {
+        caller: caller.clone(),
+        name: p.get("Name").cloned(),
+        description: p.get("Description").cloned(),
+        copy_tags: p.get("CopyImageTags").is_some_and(|v| v == "true"),
+        threads: 0,
+        encryption: Default::default(),
+    };
+    let report = copy_image(&source, &id, region, &opts, &crate::progress::NoProgress)?;
+    Ok(format!("<imageId>{}</imageId>", report.image.image_id))
 }
 
 fn deregister_image(region: &Region, caller: &AccountId, p: &Params) -> Result<String> {

@@ -32,7 +32,7 @@ use serde_json::{Value, json};
 
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::id::{AccountId, SnapshotId};
-use crate::region::catalog::Region;
+use crate::region::catalog::{DEFAULT_REGION, Region};
 
 use accounts::{Account, Accounts, FileVersion};
 use ebs::Uploads;
@@ -130,7 +130,13 @@ impl State {
         if let Some(r) = regions.get(name) {
             return Ok(r.clone());
         }
-        let r = Arc::new(Region::open(&self.root, name).map_err(|e| match e {
+        // As in the CLI, only the default region is created on first use.
+        let opened = if name == DEFAULT_REGION {
+            Region::open_or_create(&self.root, name)
+        } else {
+            Region::open(&self.root, name)
+        };
+        let r = Arc::new(opened.map_err(|e| match e {
             Error::NotFound(_) => Error::InvalidArgument(format!(
                 "this server has no region {name}: sign requests for one of its regions \
                  (blocksnap region list)"
@@ -504,9 +510,10 @@ fn dispatch(
     }
     if let Some(p) = ec2_params {
         let reply = match state.region(&caller.region) {
-            Ok(region) => {
-                ec2::answer(&region, &state.uploads, &caller.account, &p).unwrap_or_else(|e| e)
-            }
+            Ok(region) => ec2::answer(&region, &state.uploads, &caller.account, &p, &|name| {
+                state.region(name)
+            })
+            .unwrap_or_else(|e| e),
             Err(e) => ec2::error(400, "InvalidParameterValue", &e.to_string()),
         };
         return (reply, account, op);
@@ -618,8 +625,9 @@ pub fn examine_untrusted(data: &[u8]) -> bool {
 /// The name of the EC2 action in `p`, for the log: only actions this
 /// server knows are named (a client's string never reaches the log).
 fn ec2_action_name(p: &ec2::Params) -> &'static str {
-    const KNOWN: [&str; 9] = [
+    const KNOWN: [&str; 10] = [
         "RegisterImage",
+        "CopyImage",
         "DescribeSnapshots",
         "DeleteSnapshot",
         "DescribeSnapshotAttribute",

@@ -1304,3 +1304,115 @@ fn answers_have_the_shapes_moto_gives_but_for_the_differences_kept() {
     );
     assert_eq!(report.as_object().unwrap().len(), 16, "{report}");
 }
+
+#[test]
+fn copy_image_through_ec2_follows_the_cli_rules_across_regions() {
+    let Some(cli) = aws_cli() else { return };
+    let env = Env::with_test_regions();
+    let alice = create_account(&env, "alice");
+    let bob = create_account(&env, "bob");
+    let server = Server::start(&env);
+    let img = env.path("small.img");
+    std::fs::write(&img, crate::util::random_bytes(12, 2 * MIB as usize)).unwrap();
+    let snap = upload(&cli, &server, &alice, &img, &[]);
+    let reg = aws_ok(
+        &cli,
+        &server,
+        &alice,
+        &[
+            "ec2",
+            "register-image",
+            "--name",
+            "base",
+            "--block-device-mappings",
+            &format!("DeviceName=/dev/xvda,Ebs={{SnapshotId={snap}}}"),
+        ],
+    );
+    let ami = reg["ImageId"].as_str().unwrap().to_string();
+    aws_ok(
+        &cli,
+        &server,
+        &alice,
+        &[
+            "ec2",
+            "modify-image-attribute",
+            "--image-id",
+            &ami,
+            "--launch-permission",
+            &format!("Add=[{{UserId={}}}]", bob.account),
+        ],
+    );
+    let copy = [
+        "--region",
+        "eu-west-1",
+        "ec2",
+        "copy-image",
+        "--source-region",
+        "local",
+        "--source-image-id",
+        ami.as_str(),
+        "--name",
+        "bobs",
+    ];
+    // EC2's rule: copying a shared image needs read access to its snapshots.
+    aws_fails(&cli, &server, &bob, &copy, "UnauthorizedOperation");
+    env.ok(&[
+        "--account",
+        &alice.account,
+        "snapshot",
+        "permissions",
+        &snap,
+        "--add",
+        &bob.account,
+    ]);
+    let copied = aws_ok(&cli, &server, &bob, &copy);
+    let new_ami = copied["ImageId"].as_str().unwrap().to_string();
+    let there = aws_ok(
+        &cli,
+        &server,
+        &bob,
+        &[
+            "--region",
+            "eu-west-1",
+            "ec2",
+            "describe-images",
+            "--image-ids",
+            &new_ami,
+        ],
+    );
+    let image = &there["Images"][0];
+    assert_eq!(image["OwnerId"], bob.account.as_str(), "{there}");
+    let copied_snap = image["BlockDeviceMappings"][0]["Ebs"]["SnapshotId"]
+        .as_str()
+        .unwrap();
+    let out = env.path("copy.img");
+    env.ok(&[
+        "--region",
+        "eu-west-1",
+        "--account",
+        &bob.account,
+        "volume",
+        "restore",
+        copied_snap,
+        s(&out),
+    ]);
+    let want = env.path("want.img");
+    std::fs::copy(&img, &want).unwrap();
+    sh_ok(&format!("truncate -s 1G '{}'", s(&want)));
+    assert_same(&want, &out);
+    // The copy is bob's and private: alice does not see it there.
+    aws_fails(
+        &cli,
+        &server,
+        &alice,
+        &[
+            "--region",
+            "eu-west-1",
+            "ec2",
+            "describe-images",
+            "--image-ids",
+            &new_ami,
+        ],
+        "UnauthorizedOperation",
+    );
+}
