@@ -16,12 +16,23 @@ use crate::sys::LockMode;
 const FILE: &str = "regions.json";
 
 /// Checks a region name: 1–63 of lowercase letters, digits and `-`.
+/// What the store root holds beside its regions' directories: the owner
+/// account file and the server's key directory.
+const RESERVED: [&str; 2] = ["account", "server"];
+
 pub fn validate_region_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 63
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    // Names the store root holds beside its regions.
+    if ok && RESERVED.contains(&name) {
+        return Err(Error::InvalidArgument(format!(
+            "region name {name:?} is reserved: the store keeps its own {name} beside its regions; \
+             choose another name"
+        )));
+    }
     if ok {
         Ok(())
     } else {

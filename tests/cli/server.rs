@@ -1416,3 +1416,18 @@ fn copy_image_through_ec2_follows_the_cli_rules_across_regions() {
         "UnauthorizedOperation",
     );
 }
+
+#[test]
+fn no_region_can_take_the_names_the_store_keeps_beside_its_regions() {
+    let env = Env::new();
+    env.ok(&["account", "create"]);
+    for name in ["server", "account"] {
+        let err = env.fails(&["region", "add", name], 2);
+        assert!(err.contains("reserved"), "{err}");
+    }
+    // The key file is still only the server's.
+    let mode = std::os::unix::fs::MetadataExt::mode(
+        &std::fs::metadata(env.store().join("server")).unwrap(),
+    );
+    assert_eq!(mode & 0o777, 0o700);
+}
