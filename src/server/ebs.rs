@@ -541,8 +541,14 @@ pub fn list_snapshot_blocks(
         }
         out.push(json!({"BlockIndex": i, "BlockToken": token(id, i as u64, c)}));
     }
+    Ok(list_page("Blocks", out, &m, next))
+}
+
+/// A page of a list call: the entries under `key`, the snapshot's size and
+/// block size, and where the next page starts.
+fn list_page(key: &str, entries: Vec<Value>, m: &Manifest, next: Option<u64>) -> Reply {
     let mut body = json!({
-        "Blocks": out,
+        key: entries,
         "ExpiryTime": expiry(),
         "VolumeSize": m.meta.volume_size.div_ceil(GIB),
         "BlockSize": BLOCK,
@@ -550,7 +556,7 @@ pub fn list_snapshot_blocks(
     if let Some(n) = next {
         body["NextToken"] = json!(n.to_string());
     }
-    Ok(Reply::json(200, body))
+    Reply::json(200, body)
 }
 
 /// `GET /snapshots/{second}/changedblocks?firstSnapshotId=`.
@@ -598,16 +604,7 @@ pub fn list_changed_blocks(
         }
         out.push(entry);
     }
-    let mut body = json!({
-        "ChangedBlocks": out,
-        "ExpiryTime": expiry(),
-        "VolumeSize": b.meta.volume_size.div_ceil(GIB),
-        "BlockSize": BLOCK,
-    });
-    if let Some(n) = next {
-        body["NextToken"] = json!(n.to_string());
-    }
-    Ok(Reply::json(200, body))
+    Ok(list_page("ChangedBlocks", out, &b, next))
 }
 
 /// `GET /snapshots/{id}/blocks/{index}?blockToken=`.

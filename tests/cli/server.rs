@@ -501,53 +501,38 @@ fn requests_without_a_good_signature_are_refused() {
     let resp = raw("");
     assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
     assert!(resp.contains("MissingAuthenticationToken"), "{resp}");
-    let then = std::time::SystemTime::now() - std::time::Duration::from_secs(20 * 60);
-    let date = blocksnap::server::sigv4::format_amz_date(then);
-    let mut headers = http::HeaderMap::new();
-    headers.insert("host", host.parse().unwrap());
-    headers.insert("x-amz-date", date.parse().unwrap());
-    let req = blocksnap::server::sigv4::Request {
-        method: "GET",
-        path: "/snapshots/snap-0123456789abcdef0/blocks",
-        query: "",
-        headers: &headers,
-        body: b"",
+    // The request signed at `t`, sent raw.
+    let signed_at = |t: std::time::SystemTime| {
+        let date = blocksnap::server::sigv4::format_amz_date(t);
+        let mut headers = http::HeaderMap::new();
+        headers.insert("host", host.parse().unwrap());
+        headers.insert("x-amz-date", date.parse().unwrap());
+        let req = blocksnap::server::sigv4::Request {
+            method: "GET",
+            path: "/snapshots/snap-0123456789abcdef0/blocks",
+            query: "",
+            headers: &headers,
+            body: b"",
+        };
+        let empty = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+        let auth = blocksnap::server::sigv4::sign(
+            &req,
+            &rotated.id,
+            &rotated.secret,
+            "local",
+            "ebs",
+            &["host", "x-amz-date"],
+            empty,
+        )
+        .unwrap();
+        raw(&format!("x-amz-date: {date}\r\nauthorization: {auth}\r\n"))
     };
-    let empty = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
-    let auth = blocksnap::server::sigv4::sign(
-        &req,
-        &rotated.id,
-        &rotated.secret,
-        "local",
-        "ebs",
-        &["host", "x-amz-date"],
-        empty,
-    )
-    .unwrap();
-    let resp = raw(&format!("x-amz-date: {date}\r\nauthorization: {auth}\r\n"));
+    let now = std::time::SystemTime::now();
+    let resp = signed_at(now - std::time::Duration::from_secs(20 * 60));
     assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
     assert!(resp.contains("RequestExpired"), "{resp}");
     // The same request signed now passes the signature check.
-    let now = blocksnap::server::sigv4::format_amz_date(std::time::SystemTime::now());
-    headers.insert("x-amz-date", now.parse().unwrap());
-    let req = blocksnap::server::sigv4::Request {
-        method: "GET",
-        path: "/snapshots/snap-0123456789abcdef0/blocks",
-        query: "",
-        headers: &headers,
-        body: b"",
-    };
-    let auth = blocksnap::server::sigv4::sign(
-        &req,
-        &rotated.id,
-        &rotated.secret,
-        "local",
-        "ebs",
-        &["host", "x-amz-date"],
-        empty,
-    )
-    .unwrap();
-    let resp = raw(&format!("x-amz-date: {now}\r\nauthorization: {auth}\r\n"));
+    let resp = signed_at(now);
     assert!(resp.starts_with("HTTP/1.1 404"), "{resp}");
     assert!(!server.log().contains(&rotated.secret));
 }

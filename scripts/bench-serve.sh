@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Throughput through `blocksnap serve` on loopback beside a local snapshot
+# of the same image, in the same run: `snapshot create` (local), coldsnap
+# upload (the EBS direct API, AWS SDK for Rust), and GetSnapshotBlock
+# latency (botocore, one block at a time). Each into a fresh store.
+#
+#   scripts/bench-serve.sh [IMAGE]     (default /tmp/peers/v1.img, see make-bench-images.sh)
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+img=${1:-/tmp/peers/v1.img}
+bin="$here/../target/release/blocksnap"
+aws=$("$here/awscli.sh")
+python="$(dirname "$aws")/python3"
+coldsnap=$(command -v coldsnap || echo "${CARGO_HOME:-$HOME/.cargo}/bin/coldsnap")
+work=$(mktemp -d "${TMPDIR:-/tmp}/blocksnap-bench-serve.XXXXXX")
+trap 'kill $server 2>/dev/null || true; rm -rf "$work"' EXIT
+secs() { local t0=$(date +%s.%N); "$@" >/dev/null; echo "$(date +%s.%N) - $t0" | bc; }
+
+size=$(stat -c %s "$img")
+local_s=$(BLOCKSNAP_STORE=$work/local secs "$bin" -q snapshot create "$img")
+sync
+export BLOCKSNAP_STORE=$work/served
+key=$("$bin" --json account create --name bench)
+export AWS_ACCESS_KEY_ID=$(echo "$key" | "$python" -c 'import json,sys; print(json.load(sys.stdin)["AccessKey"]["AccessKeyId"])')
+export AWS_SECRET_ACCESS_KEY=$(echo "$key" | "$python" -c 'import json,sys; print(json.load(sys.stdin)["AccessKey"]["SecretAccessKey"])')
+export AWS_DEFAULT_REGION=local AWS_EC2_METADATA_DISABLED=true
+"$bin" -q serve --listen 127.0.0.1:0 > "$work/serve.out" 2>/dev/null &
+server=$!
+while ! grep -q listening "$work/serve.out" 2>/dev/null; do sleep 0.1; done
+url=$(sed -n 's/listening on //p' "$work/serve.out")
+t0=$(date +%s.%N)
+snap=$("$coldsnap" --region local --endpoint "$url" upload --no-progress "$img")
+coldsnap_s=$(echo "$(date +%s.%N) - $t0" | bc)
+latency=$("$python" - "$url" "$snap" <<'PY'
+import sys, time, statistics
+try:
+    from awscli.botocore.session import get_session
+except ImportError:
+    from botocore.session import get_session
+url, snap = sys.argv[1:3]
+ebs = get_session().create_client("ebs", endpoint_url=url, region_name="local")
+blocks = ebs.list_snapshot_blocks(SnapshotId=snap, MaxResults=300)["Blocks"][:200]
+times = []
+for b in blocks:
+    t = time.perf_counter()
+    r = ebs.get_snapshot_block(SnapshotId=snap, BlockIndex=b["BlockIndex"], BlockToken=b["BlockToken"])
+    r["BlockData"].read()
+    times.append((time.perf_counter() - t) * 1e3)
+print(f"{statistics.median(times):.2f} {sorted(times)[int(len(times)*0.9)]:.2f} {len(times)}")
+PY
+)
+mib=$((size >> 20))
+printf 'image: %s (%d MiB)\n' "$img" "$mib"
+printf 'snapshot create (local):     %6.2f s  %7.1f MiB/s\n' "$local_s" "$(echo "$mib / $local_s" | bc -l)"
+printf 'coldsnap upload via serve:   %6.2f s  %7.1f MiB/s  (%.2f x local)\n' "$coldsnap_s" \
+    "$(echo "$mib / $coldsnap_s" | bc -l)" "$(echo "$local_s / $coldsnap_s" | bc -l)"
+read -r med p90 n <<<"$latency"
+printf 'GetSnapshotBlock (botocore, %s blocks): median %s ms, p90 %s ms\n' "$n" "$med" "$p90"
