@@ -44,6 +44,9 @@ const TIMEOUT_DEFAULT: u64 = 60;
 /// How long block tokens are said to be good for.
 const TOKEN_LIFE: Duration = Duration::from_secs(7 * 24 * 3600);
 const MAX_RESULTS: usize = 10_000;
+/// Uploads one account may have in progress at once (EBS has a quota of
+/// concurrent snapshots too); each holds a region lock and its block list.
+pub const MAX_PENDING: usize = 100;
 /// How long a `ClientToken` keeps answering with its snapshot.
 const TOKEN_MEMORY: Duration = Duration::from_secs(24 * 3600);
 
@@ -171,6 +174,23 @@ pub fn start_snapshot(
         if let Some(id) = known {
             return answer_again(uploads, &region, caller, &id);
         }
+    }
+    let in_progress = uploads
+        .pending
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .values()
+        .filter(|p| &p.lock().unwrap_or_else(|p| p.into_inner()).owner == caller)
+        .count();
+    if in_progress >= MAX_PENDING {
+        return Ok(Reply::error(
+            402,
+            "ServiceQuotaExceededException",
+            &format!(
+                "account {caller} has {in_progress} snapshots in progress, the most at once: \
+                 complete them or let their Timeout pass"
+            ),
+        ));
     }
     let volume_size = gib * GIB;
     let parent = match str_field("ParentSnapshotId")? {
@@ -730,5 +750,24 @@ mod tests {
         assert!(!region.has_snapshot(&id).unwrap());
         let report = crate::ops::gc::gc(&region, false).unwrap();
         assert_eq!(report.chunks_removed, 1, "{report:?}");
+    }
+
+    #[test]
+    fn an_account_has_at_most_so_many_uploads_in_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        let region = Arc::new(Region::open_or_create(dir.path(), "local").unwrap());
+        let owner: AccountId = "111111111111".parse().unwrap();
+        let uploads = Uploads::default();
+        let start = |who: &AccountId| {
+            start_snapshot(&uploads, region.clone(), who, br#"{"VolumeSize": 1}"#).unwrap()
+        };
+        for _ in 0..MAX_PENDING {
+            assert_eq!(start(&owner).status, 201);
+        }
+        let refused = start(&owner);
+        assert_eq!(refused.status, 402);
+        assert_eq!(refused.code, Some("ServiceQuotaExceededException"));
+        // Another account is not held back by it.
+        assert_eq!(start(&"222222222222".parse().unwrap()).status, 201);
     }
 }
