@@ -481,7 +481,13 @@ fn dispatch(
                 sigv4::AuthError::PayloadHashMismatch => 400,
                 _ => 403,
             };
-            return (Reply::error(status, e.code(), &e.message()), None, op);
+            // Each protocol's clients parse errors in its own shape.
+            let reply = if route == Some(Route::Ec2) {
+                ec2::error(status, e.code(), &e.message())
+            } else {
+                Reply::error(status, e.code(), &e.message())
+            };
+            return (reply, None, op);
         }
     };
     let account = Some(caller.account.clone());

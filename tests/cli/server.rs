@@ -467,6 +467,14 @@ fn requests_without_a_good_signature_are_refused() {
         ..alice.clone()
     };
     aws_fails(&cli, &server, &wrong, &list, "SignatureDoesNotMatch");
+    // EC2's calls answer in EC2's shape, which its clients parse.
+    aws_fails(
+        &cli,
+        &server,
+        &wrong,
+        &["ec2", "describe-snapshots"],
+        "SignatureDoesNotMatch",
+    );
     let unknown = Key {
         id: "AKIAAAAAAAAAAAAAAAAA".into(),
         ..alice.clone()
