@@ -162,6 +162,15 @@ fn upload(cli: &Path, server: &Server, key: &Key, image: &Path, extra: &[&str]) 
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
+/// Asserts that `restored`, a 1 GiB volume, is `img` followed by zeros.
+fn assert_padded_same(env: &Env, img: &Path, restored: &Path) {
+    let want = env.path("want.img");
+    std::fs::copy(img, &want).unwrap();
+    sh_ok(&format!("truncate -s 1G '{}'", s(&want)));
+    assert_same(&want, restored);
+    std::fs::remove_file(&want).unwrap();
+}
+
 /// A 1 GiB sparse ext4 image with a few MiB of files.
 fn ext4_image(env: &Env, name: &str) -> PathBuf {
     let dir = env.path(&format!("{name}.d"));
@@ -638,10 +647,7 @@ fn another_account_reads_nothing_private_until_granted() {
         &child,
         s(&out),
     ]);
-    let want = env.path("want.img");
-    std::fs::copy(&img, &want).unwrap();
-    sh_ok(&format!("truncate -s 1G '{}'", s(&want)));
-    assert_same(&want, &out);
+    assert_padded_same(&env, &img, &out);
     env.ok(&[
         "--account",
         &alice.account,
@@ -930,10 +936,7 @@ fn sixteen_clients_upload_at_once_and_every_snapshot_restores_exactly() {
             id,
             s(&out),
         ]);
-        let want = env.path("want.img");
-        std::fs::copy(img, &want).unwrap();
-        sh_ok(&format!("truncate -s 1G '{}'", s(&want)));
-        assert_same(&want, &out);
+        assert_padded_same(&env, img, &out);
         std::fs::remove_file(&out).unwrap();
     }
     env.ok(&["store", "verify"]);
@@ -1064,10 +1067,7 @@ fn a_server_killed_mid_upload_shows_no_partial_snapshot_and_the_retry_succeeds()
         &id,
         s(&out),
     ]);
-    let want = env.path("want.img");
-    std::fs::copy(&img, &want).unwrap();
-    sh_ok(&format!("truncate -s 1G '{}'", s(&want)));
-    assert_same(&want, &out);
+    assert_padded_same(&env, &img, &out);
     env.ok(&["store", "verify"]);
     env.ok(&["store", "gc"]);
 }
@@ -1389,10 +1389,7 @@ fn copy_image_through_ec2_follows_the_cli_rules_across_regions() {
         copied_snap,
         s(&out),
     ]);
-    let want = env.path("want.img");
-    std::fs::copy(&img, &want).unwrap();
-    sh_ok(&format!("truncate -s 1G '{}'", s(&want)));
-    assert_same(&want, &out);
+    assert_padded_same(&env, &img, &out);
     // The copy is bob's and private: alice does not see it there.
     aws_fails(
         &cli,
