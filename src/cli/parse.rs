@@ -5,8 +5,8 @@ use anyhow::Result;
 use clap::Args;
 
 use blocksnap::format::manifest::Tag;
-use blocksnap::region::permissions::{Grantee, PermissionChange};
-use blocksnap::{AccountId, Error, ImageId, SnapshotId};
+use blocksnap::region::permissions::PermissionChange;
+use blocksnap::{Error, ImageId, SnapshotId};
 
 pub fn parse_snapshot(s: &str) -> Result<SnapshotId> {
     Ok(s.parse::<SnapshotId>()?)
@@ -94,22 +94,7 @@ pub fn permission_change(args: &PermissionArgs) -> Result<PermissionChange> {
     })
 }
 
-/// `self` or an account id.
-pub fn account_or_self(s: &str, caller: &AccountId) -> Result<AccountId> {
-    if s == "self" {
-        Ok(caller.clone())
-    } else {
-        Ok(s.parse()?)
-    }
-}
-
-/// `self`, `all` or an account id.
-pub fn grantee_or_self(s: &str, caller: &AccountId) -> Result<Grantee> {
-    match s {
-        "self" => Ok(Grantee::Account(caller.clone())),
-        other => Ok(other.parse()?),
-    }
-}
+pub use blocksnap::region::permissions::{account_or_self, grantee_or_self};
 
 /// `--encrypted` and `--kms-key-id`, as EC2 spells them.
 #[derive(clap::Args, Debug, Clone, Default)]

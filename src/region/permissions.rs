@@ -110,6 +110,23 @@ pub struct PermissionChange {
     pub reset: bool,
 }
 
+/// `self` (the caller) or an account id, as EC2's owner filters take them.
+pub fn account_or_self(s: &str, caller: &AccountId) -> Result<AccountId> {
+    if s == "self" {
+        Ok(caller.clone())
+    } else {
+        Ok(s.parse()?)
+    }
+}
+
+/// `self`, `all` or an account id, as EC2's grantee filters take them.
+pub fn grantee_or_self(s: &str, caller: &AccountId) -> Result<Grantee> {
+    match s {
+        "self" => Ok(Grantee::Account(caller.clone())),
+        other => other.parse(),
+    }
+}
+
 /// The permissions of snapshot `id` (none granted when it has no file).
 pub fn read(region: &Region, id: &SnapshotId) -> Result<CreateVolumePermissions> {
     let key = permissions_key(id);

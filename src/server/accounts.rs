@@ -216,8 +216,8 @@ impl Accounts {
     }
 }
 
-/// The account holding `access_key_id` among `accounts`.
-fn find_key(accounts: &[Account], access_key_id: &str) -> Option<(AccountId, AccessKey)> {
+/// The account holding `access_key_id` among `accounts`, and the key.
+pub fn find_key(accounts: &[Account], access_key_id: &str) -> Option<(AccountId, AccessKey)> {
     accounts.iter().find_map(|a| {
         a.keys
             .iter()

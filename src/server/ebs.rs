@@ -32,7 +32,7 @@ use crate::store::chunk_store::ChunkStore;
 use crate::sys::LockMode;
 use crate::volume::io::is_zero;
 
-use super::Reply;
+use super::{Params, Reply};
 
 /// The only block size of the EBS direct API.
 pub const BLOCK: u32 = DEFAULT_BLOCK_SIZE;
@@ -514,7 +514,7 @@ struct Page {
     max: usize,
 }
 
-fn page(query: &HashMap<String, String>) -> Result<Page> {
+fn page(query: &Params) -> Result<Page> {
     let num = |name: &str| -> Result<Option<u64>> {
         query
             .get(name)
@@ -547,7 +547,7 @@ pub fn list_snapshot_blocks(
     region: &Region,
     caller: &AccountId,
     id: &SnapshotId,
-    query: &HashMap<String, String>,
+    query: &Params,
 ) -> Result<Reply> {
     let m = readable_manifest(region, id, caller)?;
     let page = page(query)?;
@@ -584,7 +584,7 @@ pub fn list_changed_blocks(
     region: &Region,
     caller: &AccountId,
     second: &SnapshotId,
-    query: &HashMap<String, String>,
+    query: &Params,
 ) -> Result<Reply> {
     let b = readable_manifest(region, second, caller)?;
     let a = match query.get("firstSnapshotId") {
@@ -633,19 +633,12 @@ pub fn get_snapshot_block(
     caller: &AccountId,
     id: &SnapshotId,
     index: u64,
-    query: &HashMap<String, String>,
+    query: &Params,
 ) -> Result<Reply> {
-    let meta = readable(region, id, caller, "read the blocks of")?;
-    if meta.block_size != BLOCK {
-        return Err(Error::InvalidArgument(format!(
-            "{id} has {}-byte blocks; the EBS direct API reads 512 KiB blocks",
-            meta.block_size
-        )));
-    }
+    let m = readable_manifest(region, id, caller)?;
     let given = query
         .get("blockToken")
         .ok_or_else(|| Error::InvalidArgument("blockToken is required".into()))?;
-    let m = region.read_snapshot(id)?;
     let chunk = match m.blocks.get(index as usize) {
         Some(Block::Data(c)) if &token(id, index, c) == given => *c,
         _ => {

@@ -3,8 +3,6 @@
 //! Each action is the CLI's library call with the authenticated account as
 //! the caller, so permissions are the same rules.
 
-use std::collections::BTreeMap;
-
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::image::{LaunchPermission, MappingTarget};
 use crate::format::manifest::SnapshotMeta;
@@ -13,32 +11,15 @@ use crate::image::ops as images;
 use crate::ops::access;
 use crate::region::catalog::Region;
 use crate::region::images::ImageView;
-use crate::region::permissions::{Grantee, Grants, PermissionChange};
+use crate::region::permissions::{
+    Grantee, Grants, PermissionChange, account_or_self, grantee_or_self,
+};
 
-use super::Reply;
 use super::ebs::Uploads;
+use super::{Params, Reply};
 
 pub const VERSION: &str = "2016-11-15";
 const XMLNS: &str = "http://ec2.amazonaws.com/doc/2016-11-15/";
-
-/// A request's parameters, decoded (`+` is a space, as in any form).
-pub type Params = BTreeMap<String, String>;
-
-/// Parses `a=1&b=x+y` form encoding.
-pub fn parse_form(text: &str) -> Params {
-    text.split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            let d = |s: &str| {
-                percent_encoding::percent_decode_str(&s.replace('+', " "))
-                    .decode_utf8_lossy()
-                    .into_owned()
-            };
-            (d(k), d(v))
-        })
-        .collect()
-}
 
 /// `Prefix.1`, `Prefix.2`, … in order.
 fn list(p: &Params, prefix: &str) -> Vec<String> {
@@ -137,24 +118,6 @@ fn from_error(e: &Error, action: &str) -> Reply {
     error(status, code, &msg)
 }
 
-/// `self`, `all` or an account id, as EC2's owner and grantee filters
-/// take them.
-fn account_or_self(s: &str, caller: &AccountId) -> Result<AccountId> {
-    if s == "self" {
-        Ok(caller.clone())
-    } else {
-        Ok(s.parse()?)
-    }
-}
-
-fn grantee(s: &str, caller: &AccountId) -> Result<Grantee> {
-    match s {
-        "all" => Ok(Grantee::All),
-        "self" => Ok(Grantee::Account(caller.clone())),
-        other => Ok(Grantee::Account(other.parse()?)),
-    }
-}
-
 fn one_owner(p: &Params, key: &str, caller: &AccountId) -> Result<Option<AccountId>> {
     let owners = list(p, key);
     match owners.as_slice() {
@@ -196,7 +159,7 @@ fn describe_snapshots(
             owner: one_owner(p, "Owner", caller)?,
             restorable_by: match list(p, "RestorableBy").as_slice() {
                 [] => None,
-                [one] => Some(grantee(one, caller)?),
+                [one] => Some(grantee_or_self(one, caller)?),
                 _ => {
                     return Err(Error::InvalidArgument("one RestorableBy at a time".into()));
                 }
@@ -370,7 +333,7 @@ fn describe_images(region: &Region, caller: &AccountId, p: &Params) -> Result<St
             owner: one_owner(p, "Owner", caller)?,
             executable_by: match list(p, "ExecutableBy").as_slice() {
                 [] => None,
-                [one] => Some(grantee(one, caller)?),
+                [one] => Some(grantee_or_self(one, caller)?),
                 _ => return Err(Error::InvalidArgument("one ExecutableBy at a time".into())),
             },
             include_deregistered: false,
@@ -568,10 +531,11 @@ fn esc(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::parse_params;
 
     #[test]
     fn forms_lists_and_escapes() {
-        let p = parse_form(
+        let p = parse_params(
             "Action=DescribeSnapshots&SnapshotId.1=snap-1&SnapshotId.2=snap%2D2&Name=a+b&Owner.1=self",
         );
         assert_eq!(list(&p, "SnapshotId"), ["snap-1", "snap-2"]);
@@ -582,19 +546,19 @@ mod tests {
     #[test]
     fn both_forms_of_a_permission_change() {
         let me: AccountId = "111111111111".parse().unwrap();
-        let p = parse_form(
+        let p = parse_params(
             "LaunchPermission.Add.1.UserId=222222222222&LaunchPermission.Add.2.Group=all&LaunchPermission.Remove.1.UserId=333333333333",
         );
         let c = permission_change(&p, "LaunchPermission", &me).unwrap();
         assert_eq!(c.add.len(), 2);
         assert_eq!(c.remove.len(), 1);
-        let p = parse_form("OperationType=remove&UserId.1=self&UserGroup.1=all");
+        let p = parse_params("OperationType=remove&UserId.1=self&UserGroup.1=all");
         let c = permission_change(&p, "CreateVolumePermission", &me).unwrap();
         assert_eq!(c.remove, [Grantee::Account(me.clone()), Grantee::All]);
-        assert!(permission_change(&parse_form(""), "LaunchPermission", &me).is_err());
+        assert!(permission_change(&parse_params(""), "LaunchPermission", &me).is_err());
         assert!(
             permission_change(
-                &parse_form("OperationType=add&UserGroup.1=admins"),
+                &parse_params("OperationType=add&UserGroup.1=admins"),
                 "X",
                 &me
             )

@@ -117,12 +117,7 @@ impl State {
         if keys.0 != version || version.is_none() {
             *keys = (version, self.accounts.list()?);
         }
-        Ok(keys.1.iter().find_map(|a| {
-            a.keys
-                .iter()
-                .find(|k| k.access_key_id == id)
-                .map(|k| (a.id.clone(), k.secret_access_key.clone()))
-        }))
+        Ok(accounts::find_key(&keys.1, id).map(|(a, k)| (a, k.secret_access_key)))
     }
 
     fn region(&self, name: &str) -> Result<Arc<Region>> {
@@ -437,9 +432,9 @@ fn dispatch(
     // An EC2 action is named by its parameters: the form body of a POST,
     // the query of a GET.
     let ec2_params = (route == Some(Route::Ec2)).then(|| {
-        let mut p = ec2::parse_form(query);
+        let mut p = parse_params(query);
         if parts.method == Method::POST {
-            p.extend(ec2::parse_form(&String::from_utf8_lossy(body)));
+            p.extend(parse_params(&String::from_utf8_lossy(body)));
         }
         p
     });
@@ -539,7 +534,7 @@ fn answer(
 ) -> Result<Reply> {
     let region = state.region(&caller.region)?;
     let who = &caller.account;
-    let query = parse_query(query);
+    let query = parse_params(query);
     let header = |name: &str| {
         headers
             .get(name)
@@ -603,9 +598,8 @@ pub fn examine_untrusted(data: &[u8]) -> bool {
     if let Ok(m) = method.parse::<Method>() {
         let _ = Route::of(&m, path).map(|r| (r.name(), r.service()));
     }
-    let _ = ec2_action_name(&ec2::parse_form(query));
-    let _ = ec2_action_name(&ec2::parse_form(&String::from_utf8_lossy(body)));
-    let _ = parse_query(query);
+    let _ = ec2_action_name(&parse_params(query));
+    let _ = ec2_action_name(&parse_params(&String::from_utf8_lossy(body)));
     if let Some(v) = headers.get("authorization").and_then(|v| v.to_str().ok()) {
         let _ = sigv4::parse_authorization(v);
     }
@@ -630,7 +624,7 @@ pub fn examine_untrusted(data: &[u8]) -> bool {
 
 /// The name of the EC2 action in `p`, for the log: only actions this
 /// server knows are named (a client's string never reaches the log).
-fn ec2_action_name(p: &ec2::Params) -> &'static str {
+fn ec2_action_name(p: &Params) -> &'static str {
     const KNOWN: [&str; 10] = [
         "RegisterImage",
         "CopyImage",
@@ -647,15 +641,18 @@ fn ec2_action_name(p: &ec2::Params) -> &'static str {
     KNOWN.into_iter().find(|k| *k == action).unwrap_or("ec2")
 }
 
-/// The query's parameters, percent-decoded.
-fn parse_query(query: &str) -> HashMap<String, String> {
-    query
-        .split('&')
+/// A request's parameters, decoded.
+pub type Params = std::collections::BTreeMap<String, String>;
+
+/// Parses a query string or a form body (`a=1&b=x+y`: `+` is a space, as
+/// in any form; SigV4 clients send `%20`).
+fn parse_params(text: &str) -> Params {
+    text.split('&')
         .filter(|p| !p.is_empty())
         .map(|p| {
             let (k, v) = p.split_once('=').unwrap_or((p, ""));
             let d = |s: &str| {
-                percent_encoding::percent_decode_str(s)
+                percent_encoding::percent_decode_str(&s.replace('+', " "))
                     .decode_utf8_lossy()
                     .into_owned()
             };

@@ -12,7 +12,7 @@
 use aws_lc_rs::{digest, hmac};
 use http::HeaderMap;
 
-use crate::id::AccountId;
+use crate::id::{AccountId, hex};
 
 pub const ALGORITHM: &str = "AWS4-HMAC-SHA256";
 pub const UNSIGNED_PAYLOAD: &str = "UNSIGNED-PAYLOAD";
@@ -415,11 +415,6 @@ fn uri_encode_bytes(bytes: &[u8], keep_slash: bool) -> String {
         }
     }
     out
-}
-
-/// Lowercase hex.
-pub fn hex(bytes: &[u8]) -> String {
-    crate::id::hex(bytes)
 }
 
 /// Compares in time independent of where the inputs differ.
