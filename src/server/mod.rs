@@ -289,6 +289,12 @@ fn tls_acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor> {
             path.display()
         ))
     };
+    // A FIFO or a device would block or never end: only regular files.
+    for (what, path) in [("certificate", cert), ("private key", key)] {
+        if !std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
+            return Err(bad(what, path, &"it is not a regular file"));
+        }
+    }
     let certs = CertificateDer::pem_file_iter(cert)
         .map_err(|e| bad("certificate", cert, &e))?
         .collect::<std::result::Result<Vec<_>, _>>()

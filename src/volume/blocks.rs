@@ -241,7 +241,13 @@ mod tests {
                 }
                 let (id, mapped) = match content {
                     Content::Data { bytes, id, mapped } => {
-                        assert_eq!(ChunkId::of(bytes), id);
+                        // Mapped bytes may change after they were named
+                        // (this test truncates the file under the scan):
+                        // `steady` copies and names them again before a
+                        // block is stored. Copied bytes cannot change.
+                        if !mapped {
+                            assert_eq!(ChunkId::of(bytes), id);
+                        }
                         (Some(id), mapped)
                     }
                     Content::Zero | Content::Hole => (None, false),

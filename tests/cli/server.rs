@@ -1099,6 +1099,22 @@ fn https_with_a_certificate_serves_the_aws_cli_and_refuses_plain_http() {
         2,
     );
     assert!(err.contains("private key"), "{err}");
+    // A FIFO is refused, not waited on.
+    let fifo = env.path("fifo.pem");
+    sh_ok(&format!("mkfifo '{}'", s(&fifo)));
+    let err = env.fails(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            s(&fifo),
+            "--tls-key",
+            s(&key),
+        ],
+        2,
+    );
+    assert!(err.contains("not a regular file"), "{err}");
     let server = Server::start_with(&env, &["--tls-cert", s(&cert), "--tls-key", s(&key)]);
     assert!(server.url.starts_with("https://"), "{}", server.url);
     let v = aws_ok(
