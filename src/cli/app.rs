@@ -20,7 +20,8 @@ use crate::cli::snapshot::SnapshotCmd;
 use crate::cli::store::StoreCmd;
 use crate::cli::volume::VolumeCmd;
 use crate::cli::{
-    account, exit, image, instance, key, policy, recycle_bin, region, snapshot, store, volume,
+    account, exit, image, instance, key, policy, recycle_bin, region, remote, snapshot, store,
+    volume,
 };
 
 use blocksnap::region::catalog::DEFAULT_REGION;
@@ -56,6 +57,11 @@ pub struct Global {
     /// Account acting (12 digits) [default: the region's owner]
     #[arg(long, global = true, env = "BLOCKSNAP_ACCOUNT", value_name = "ID")]
     pub account: Option<String>,
+    /// Send the command to a `blocksnap serve` at URL, signed with
+    /// AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (AWS_CA_BUNDLE: a CA to
+    /// trust); the key decides the account
+    #[arg(long, global = true, env = "BLOCKSNAP_ENDPOINT", value_name = "URL")]
+    pub endpoint: Option<String>,
     /// Print one JSON document in AWS CLI shapes
     #[arg(long, global = true)]
     pub json: bool,
@@ -168,8 +174,18 @@ pub fn run(cli: Cli) -> Result<u8> {
     // Tuning variables are parsed once, here: a bad value is a usage error.
     let settings = blocksnap::settings::Settings::from_vars(|n| std::env::var(n).ok())?;
     blocksnap::settings::install(settings);
-    let root = store_root(g)?;
     let mut out = Out::new(g.json, g.quiet);
+    if let Some(endpoint) = g.endpoint.as_deref().filter(|e| !e.is_empty()) {
+        if g.account.is_some() {
+            return Err(Error::InvalidArgument(format!(
+                "--account with --endpoint {endpoint}: the server takes the account from your \
+                 access key (AWS_ACCESS_KEY_ID); leave out --account and BLOCKSNAP_ACCOUNT"
+            ))
+            .into());
+        }
+        return run_remote(endpoint, &g.region, &out, cli.command);
+    }
+    let root = store_root(g)?;
     install_keyring(g, account.clone(), &cli.command)?;
     let command = match cli.command {
         // Region definitions work without opening a region.
@@ -233,6 +249,25 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Policy(cmd) => policy::run(&root, &region, &out, &caller, cmd),
         Command::RecycleBin(cmd) => recycle_bin::run(&region, &out, &caller, cmd),
         Command::Account(_) | Command::Serve { .. } => unreachable!("run before a region opens"),
+    }
+}
+
+/// Runs `command` against the server at `endpoint`, in `region`.
+fn run_remote(endpoint: &str, region: &str, out: &Out, command: Command) -> Result<u8> {
+    // Instances are directories here: describing or terminating one needs
+    // neither store nor server.
+    if let Command::Instance(cmd @ (InstanceCmd::Describe { .. } | InstanceCmd::Terminate { .. })) =
+        command
+    {
+        return instance::run_local(out, cmd);
+    }
+    let client = blocksnap::server::client::Client::from_env(endpoint, region)?;
+    match command {
+        Command::Snapshot(cmd) => remote::snapshot(&client, out, cmd),
+        Command::Volume(cmd) => remote::restore(&client, out, cmd),
+        Command::Image(cmd) => remote::image(&client, out, cmd),
+        Command::Instance(cmd) => remote::instance(&client, region, out, cmd),
+        other => remote::not_served(None, &other),
     }
 }
 

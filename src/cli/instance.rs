@@ -82,29 +82,7 @@ pub fn run(region: &Arc<Region>, out: &Out, caller: AccountId, cmd: InstanceCmd)
             let bar = out.progress();
             let inst = instance::launch(region, &id, &dir, &opts, &bar)?;
             bar.done();
-            if out.json {
-                out.print(json!({ "Instances": [serde_json::to_value(&inst)?] }));
-            } else {
-                println!(
-                    "{} launched from {} in {}",
-                    inst.instance_id,
-                    id,
-                    dir.display()
-                );
-                for d in &inst.block_device_mappings {
-                    println!(
-                        "  {} -> {}",
-                        d.device_name,
-                        dir.join(&d.volume_file).display()
-                    );
-                }
-                if inst.is_lazy() {
-                    println!(
-                        "  lazy: `blocksnap instance attach {}` serves the volumes",
-                        dir.display()
-                    );
-                }
-            }
+            print_launched(out, &inst, &dir);
             Ok(0)
         }
         InstanceCmd::Attach {
@@ -126,6 +104,13 @@ pub fn run(region: &Arc<Region>, out: &Out, caller: AccountId, cmd: InstanceCmd)
             instance::attach(region, &dir, &opts, &StderrLog)?;
             Ok(0)
         }
+        cmd @ (InstanceCmd::Terminate { .. } | InstanceCmd::Describe { .. }) => run_local(out, cmd),
+    }
+}
+
+/// The commands on an instance directory alone, with no store.
+pub fn run_local(out: &Out, cmd: InstanceCmd) -> Result<u8> {
+    match cmd {
         InstanceCmd::Terminate { dir } => {
             let r = instance::terminate(&dir)?;
             if out.json {
@@ -151,5 +136,37 @@ pub fn run(region: &Arc<Region>, out: &Out, caller: AccountId, cmd: InstanceCmd)
             out.print(json!({ "Instances": [serde_json::to_value(&inst)?] }));
             Ok(0)
         }
+        _ => unreachable!("only commands on the directory"),
+    }
+}
+
+/// What `instance launch` prints.
+pub fn print_launched(
+    out: &Out,
+    inst: &blocksnap::format::instance::Instance,
+    dir: &std::path::Path,
+) {
+    if out.json {
+        out.print(json!({ "Instances": [serde_json::to_value(inst).expect("json serializes")] }));
+        return;
+    }
+    println!(
+        "{} launched from {} in {}",
+        inst.instance_id,
+        inst.image_id,
+        dir.display()
+    );
+    for d in &inst.block_device_mappings {
+        println!(
+            "  {} -> {}",
+            d.device_name,
+            dir.join(&d.volume_file).display()
+        );
+    }
+    if inst.is_lazy() {
+        println!(
+            "  lazy: `blocksnap instance attach {}` serves the volumes",
+            dir.display()
+        );
     }
 }

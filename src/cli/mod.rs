@@ -17,6 +17,7 @@ pub mod parse;
 pub mod policy;
 pub mod recycle_bin;
 pub mod region;
+pub mod remote;
 pub mod snapshot;
 pub mod store;
 pub mod volume;

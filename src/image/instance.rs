@@ -16,13 +16,13 @@ use rayon::prelude::*;
 use crate::error::{Error, IoContext, Result};
 use crate::format::control::Op;
 use crate::format::control::Taken;
-use crate::format::image::DeviceName;
+use crate::format::image::{BlockDeviceMapping, DeviceName};
 use crate::format::image::{GIB, MAX_JSON, MAX_VOLUME_GIB, MappingTarget, volume_gib_allowed};
 use crate::format::instance::{
     INSTANCE_FORMAT, Instance, InstanceDevice, InstanceEbs, InstanceVolume, RUNNING, TERMINATED,
     decode, encode,
 };
-use crate::id::{AccountId, ImageId, InstanceId};
+use crate::id::{AccountId, ImageId, InstanceId, SnapshotId};
 use crate::image::ops::read_launchable;
 use crate::lazy::control;
 use crate::lazy::disk::Disk;
@@ -82,6 +82,58 @@ pub fn launch(
     progress: &dyn Progress,
 ) -> Result<Instance> {
     let view = read_launchable(region, ami, &opts.caller, "launch")?;
+    let pool = pool::thread_pool_for(region.chunks(), opts.threads, pool::Work::Fetch)?;
+    let image = LaunchedImage {
+        id: ami,
+        region: region.name(),
+        mappings: &view.image.block_device_mappings,
+        architecture: &view.image.architecture,
+        root_device_name: &view.image.root_device_name,
+    };
+    let volume_size = |id: &SnapshotId| Ok(region.read_snapshot_meta(id)?.volume_size);
+    let fill = |path: &Path, e: &InstanceEbs| match &e.overlay {
+        Some(overlay) => Overlay::create(
+            &dir.join(overlay),
+            region.clone(),
+            &e.snapshot_id,
+            e.volume_size * GIB,
+            DEFAULT_CACHE,
+        )
+        .map(|_| ()),
+        None => {
+            let ropts = RestoreOptions {
+                size: Some(e.volume_size * GIB),
+                ..Default::default()
+            };
+            restore::restore_in(region, &e.snapshot_id, path, &ropts, &pool, progress).map(|_| ())
+        }
+    };
+    launch_with(&image, dir, opts, &pool, progress, &volume_size, &fill)
+}
+
+/// What a launch needs of an image, wherever it was read from.
+pub struct LaunchedImage<'a> {
+    pub id: &'a ImageId,
+    pub region: &'a str,
+    pub mappings: &'a [BlockDeviceMapping],
+    pub architecture: &'a str,
+    pub root_device_name: &'a DeviceName,
+}
+
+/// Launches `image` into `dir` as [`launch`] does, for any source of its
+/// volumes: `volume_size` gives a snapshot's size in bytes (for
+/// progress), `fill` makes the EBS volume at a path from its snapshot (on
+/// `pool`, reporting to `progress`).
+pub fn launch_with(
+    image: &LaunchedImage,
+    dir: &Path,
+    opts: &LaunchOptions,
+    pool: &rayon::ThreadPool,
+    progress: &dyn Progress,
+    volume_size: &(dyn Fn(&SnapshotId) -> Result<u64> + Sync),
+    fill: &(dyn Fn(&Path, &InstanceEbs) -> Result<()> + Sync),
+) -> Result<Instance> {
+    let ami = image.id;
     match fs::read_dir(dir) {
         Ok(mut entries) => {
             if entries.next().is_some() {
@@ -99,7 +151,7 @@ pub fn launch(
 
     let mut devices = Vec::new();
     let mut total = 0;
-    for m in &view.image.block_device_mappings {
+    for m in image.mappings {
         let volume_file = format!("{}.img", m.device_name.basename());
         let volume = match &m.target {
             MappingTarget::Ebs(e) => {
@@ -111,7 +163,7 @@ pub fn launch(
                         m.device_name, e.volume_size, MAX_VOLUME_GIB
                     )));
                 }
-                total += region.read_snapshot_meta(&e.snapshot_id)?.volume_size;
+                total += volume_size(&e.snapshot_id)?;
                 InstanceVolume::Ebs(InstanceEbs {
                     snapshot_id: e.snapshot_id.clone(),
                     volume_size: e.volume_size,
@@ -131,33 +183,12 @@ pub fn launch(
         });
     }
 
-    let pool = pool::thread_pool_for(region.chunks(), opts.threads, pool::Work::Fetch)?;
     progress.start("launch", total);
     let result: Result<()> = pool.install(|| {
         devices.par_iter().try_for_each(|d| {
             let path = dir.join(&d.volume_file);
             match &d.volume {
-                InstanceVolume::Ebs(InstanceEbs {
-                    overlay: Some(overlay),
-                    snapshot_id,
-                    volume_size,
-                    ..
-                }) => Overlay::create(
-                    &dir.join(overlay),
-                    region.clone(),
-                    snapshot_id,
-                    volume_size * GIB,
-                    DEFAULT_CACHE,
-                )
-                .map(|_| ()),
-                InstanceVolume::Ebs(e) => {
-                    let ropts = RestoreOptions {
-                        size: Some(e.volume_size * GIB),
-                        ..Default::default()
-                    };
-                    restore::restore_in(region, &e.snapshot_id, &path, &ropts, &pool, progress)
-                        .map(|_| ())
-                }
+                InstanceVolume::Ebs(e) => fill(&path, e),
                 InstanceVolume::VirtualName(_) => File::create_new(&path)
                     .and_then(|f| f.set_len(opts.ephemeral_size))
                     .ctx("create ephemeral volume", &path),
@@ -180,12 +211,12 @@ pub fn launch(
         version: None,
         instance_id: InstanceId::random(),
         image_id: ami.clone(),
-        region: region.name().to_string(),
+        region: image.region.to_string(),
         owner_id: opts.caller.clone(),
         launch_time: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
         state: RUNNING.into(),
-        architecture: view.image.architecture.clone(),
-        root_device_name: view.image.root_device_name.clone(),
+        architecture: image.architecture.to_string(),
+        root_device_name: image.root_device_name.clone(),
         block_device_mappings: devices,
     };
     inst.version = Some(inst.needed_version());

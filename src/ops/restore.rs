@@ -13,7 +13,8 @@ use rayon::prelude::*;
 
 use crate::error::{Error, IoContext, Result};
 use crate::format::manifest::{Block, Manifest};
-use crate::id::{AccountId, ChunkId, SnapshotId};
+use crate::id::Namer;
+use crate::id::{AccountId, SnapshotId};
 use crate::ops::access::readable;
 use crate::ops::verify::holds;
 use crate::progress::Progress;
@@ -23,7 +24,7 @@ use crate::store::chunk_store::ChunkStore;
 use crate::store::files::{sync_dir, temp_path_for};
 use crate::store::pool::{Work, thread_pool_for};
 use crate::sys::{self, LockMode};
-use crate::volume::blocks::{BlockPos, Cut, scan};
+use crate::volume::blocks::{BlockPos, Content, Cut, scan};
 use crate::volume::io::{self as volume, Volume, is_zero};
 use crate::volume::nbd::{NbdClient, is_nbd_uri};
 use crate::volume::qemu::{self, QemuExport};
@@ -100,8 +101,111 @@ pub fn restore_in(
     progress: &dyn Progress,
 ) -> Result<RestoreReport> {
     let _lock = region.lock(LockMode::Shared, "volume restore")?;
-    let m = region.read_snapshot(id)?;
-    let snap_size = m.meta.volume_size;
+    let manifest = region.read_snapshot(id)?;
+    let keyed = region.chunks_for(&manifest.meta)?;
+    let source = Stored {
+        store: &keyed,
+        manifest: &manifest,
+    };
+    refuse_store_paths(region, target)?;
+    restore_from(&source, target, opts, pool, progress)
+}
+
+/// Where a restore's blocks come from: a snapshot's manifest and chunks in
+/// a region, or a server's EBS direct API.
+pub trait BlockSource: Sync {
+    fn snapshot(&self) -> &SnapshotId;
+    fn volume_size(&self) -> u64;
+    fn block_size(&self) -> u32;
+    fn block_count(&self) -> usize;
+    /// Block `index` holds data; any other reads as zeros.
+    fn has_data(&self, index: usize) -> bool;
+    /// Reads the data block at `pos` into `buf`, verified.
+    fn fetch(&self, pos: BlockPos, buf: &mut Vec<u8>) -> Result<()>;
+    /// How a delta restore names the target's blocks for [`Self::holds`].
+    fn namer(&self) -> Namer;
+    /// The target's block `index`, read as `content`, is already this one.
+    fn holds(&self, index: usize, content: &Content<'_>) -> bool;
+}
+
+/// A snapshot of a region, read from its chunk store.
+struct Stored<'a> {
+    store: &'a dyn ChunkStore,
+    manifest: &'a Manifest,
+}
+
+impl BlockSource for Stored<'_> {
+    fn snapshot(&self) -> &SnapshotId {
+        &self.manifest.meta.id
+    }
+
+    fn volume_size(&self) -> u64 {
+        self.manifest.meta.volume_size
+    }
+
+    fn block_size(&self) -> u32 {
+        self.manifest.meta.block_size
+    }
+
+    fn block_count(&self) -> usize {
+        self.manifest.blocks.len()
+    }
+
+    fn has_data(&self, index: usize) -> bool {
+        matches!(self.manifest.blocks[index], Block::Data(_))
+    }
+
+    /// Fetches, decodes and verifies the chunk of the block at `pos`.
+    fn fetch(&self, pos: BlockPos, buf: &mut Vec<u8>) -> Result<()> {
+        let Block::Data(id) = &self.manifest.blocks[pos.index as usize] else {
+            unreachable!("only data blocks are fetched");
+        };
+        let problem = |e: Error| match e {
+            Error::MissingChunk { .. } => "is missing from the store".to_string(),
+            Error::CorruptChunk { reason, .. } => format!("is corrupt ({reason})"),
+            other => other.to_string(),
+        };
+        let bad = |problem: String| Error::BadChunkInSnapshot {
+            chunk: *id,
+            snapshot: self.manifest.meta.id.clone(),
+            offset: pos.offset,
+            problem,
+        };
+        match load_into(self.store, id, buf) {
+            Ok(_) if buf.len() == pos.len => Ok(()),
+            Ok(_) => Err(bad(format!(
+                "holds {} bytes for a {}-byte block",
+                buf.len(),
+                pos.len
+            ))),
+            Err(e @ (Error::MissingChunk { .. } | Error::CorruptChunk { .. })) => {
+                Err(bad(problem(e)))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn namer(&self) -> Namer {
+        self.store.namer()
+    }
+
+    fn holds(&self, index: usize, content: &Content<'_>) -> bool {
+        holds(&self.manifest.blocks[index], content)
+    }
+}
+
+/// Restores what `source` holds to `target` on `pool`, as
+/// [`restore_in`] does, for any source; the caller has checked the
+/// restore is allowed and that `target` is outside its store.
+pub fn restore_from(
+    source: &dyn BlockSource,
+    target: &Path,
+    opts: &RestoreOptions,
+    pool: &rayon::ThreadPool,
+    progress: &dyn Progress,
+) -> Result<RestoreReport> {
+    let id = source.snapshot();
+    let snap_size = source.volume_size();
     let size = opts.size.unwrap_or(snap_size);
     if size < snap_size {
         return Err(Error::InvalidArgument(format!(
@@ -109,10 +213,8 @@ pub fn restore_in(
         )));
     }
     volume::check_size(target, size)?;
-    let keyed = region.chunks_for(&m.meta)?;
     let job = Job {
-        store: &keyed,
-        manifest: &m,
+        source,
         pool,
         progress,
     };
@@ -128,7 +230,6 @@ pub fn restore_in(
     if let Some(uri) = target.to_str().filter(|s| is_nbd_uri(s)) {
         return restore_nbd(&job, uri, size, opts, report);
     }
-    refuse_store_paths(region, target)?;
     let wanted = opts.format.as_deref().filter(|f| *f != "raw");
     match (qemu::detect_format(target)?, wanted) {
         (Some(format), _) => {
@@ -277,55 +378,28 @@ pub fn restore_in(
 }
 
 struct Job<'a> {
-    store: &'a dyn ChunkStore,
-    manifest: &'a Manifest,
+    source: &'a dyn BlockSource,
     pool: &'a rayon::ThreadPool,
     progress: &'a dyn Progress,
 }
 
 impl Job<'_> {
     fn block_pos(&self, index: usize) -> BlockPos {
-        let bs = self.manifest.meta.block_size as u64;
+        let bs = self.source.block_size() as u64;
         let offset = index as u64 * bs;
         BlockPos {
             index: index as u64,
             offset,
-            len: (self.manifest.meta.volume_size - offset).min(bs) as usize,
-        }
-    }
-
-    /// Fetches, decodes and verifies the chunk of the block at `pos` into `buf`.
-    fn fetch(&self, id: &ChunkId, pos: BlockPos, buf: &mut Vec<u8>) -> Result<()> {
-        let problem = |e: Error| match e {
-            Error::MissingChunk { .. } => "is missing from the store".to_string(),
-            Error::CorruptChunk { reason, .. } => format!("is corrupt ({reason})"),
-            other => other.to_string(),
-        };
-        let bad = |problem: String| Error::BadChunkInSnapshot {
-            chunk: *id,
-            snapshot: self.manifest.meta.id.clone(),
-            offset: pos.offset,
-            problem,
-        };
-        match load_into(self.store, id, buf) {
-            Ok(_) if buf.len() == pos.len => Ok(()),
-            Ok(_) => Err(bad(format!(
-                "holds {} bytes for a {}-byte block",
-                buf.len(),
-                pos.len
-            ))),
-            Err(e @ (Error::MissingChunk { .. } | Error::CorruptChunk { .. })) => {
-                Err(bad(problem(e)))
-            }
-            Err(e) => Err(e),
+            len: (self.source.volume_size() - offset).min(bs) as usize,
         }
     }
 
     /// Writes every block into a target whose current content is ignored:
     /// data blocks always, zero and hole blocks only with `write_zeros`.
     fn full(&self, out: &Out, write_zeros: bool, report: &mut RestoreReport) -> Result<()> {
-        let work: Vec<usize> = (0..self.manifest.blocks.len())
-            .filter(|&i| write_zeros || matches!(self.manifest.blocks[i], Block::Data(_)))
+        let count = self.source.block_count();
+        let work: Vec<usize> = (0..count)
+            .filter(|&i| write_zeros || self.source.has_data(i))
             .collect();
         // Workers fetch and decode in parallel but take turns writing to a
         // file: concurrent buffered writes to one file contend on its inode
@@ -336,8 +410,8 @@ impl Job<'_> {
             work.par_iter()
                 .map_init(Vec::new, |buf, &i| {
                     let pos = self.block_pos(i);
-                    if let Block::Data(id) = &self.manifest.blocks[i] {
-                        self.fetch(id, pos, buf)?;
+                    if self.source.has_data(i) {
+                        self.source.fetch(pos, buf)?;
                         let _turn = out
                             .serial()
                             .then(|| writer.lock().unwrap_or_else(|p| p.into_inner()));
@@ -355,7 +429,7 @@ impl Job<'_> {
                 .try_reduce(|| 0, |a, b| Ok(a + b))
         })?;
         report.blocks_written = work.len() as u64;
-        report.blocks_skipped = (self.manifest.blocks.len() - work.len()) as u64;
+        report.blocks_skipped = (count - work.len()) as u64;
         report.bytes_written = bytes;
         Ok(())
     }
@@ -363,31 +437,30 @@ impl Job<'_> {
     /// Hashes each block of the target (read as `reader`) and rewrites
     /// only those that differ.
     fn delta(&self, reader: &Volume, out: &Out, report: &mut RestoreReport) -> Result<()> {
-        let snap_size = self.manifest.meta.volume_size;
+        let snap_size = self.source.volume_size();
         let mut written = 0u64;
         let mut bytes = 0u64;
         scan(
             reader,
             Cut {
                 len: snap_size,
-                block_size: self.manifest.meta.block_size,
-                namer: self.store.namer(),
+                block_size: self.source.block_size(),
+                namer: self.source.namer(),
                 map: true,
             },
             self.pool,
             self.progress,
             |pos, content| -> Result<u64> {
-                let want = &self.manifest.blocks[pos.index as usize];
-                if holds(want, &content) {
+                let index = pos.index as usize;
+                if self.source.holds(index, &content) {
                     return Ok(0);
                 }
-                match want {
-                    Block::Data(id) => {
-                        let mut buf = Vec::new();
-                        self.fetch(id, pos, &mut buf)?;
-                        out.data(&buf, pos.offset)?;
-                    }
-                    Block::Zero | Block::Hole => out.zeros(pos.offset, pos.len as u64)?,
+                if self.source.has_data(index) {
+                    let mut buf = Vec::new();
+                    self.source.fetch(pos, &mut buf)?;
+                    out.data(&buf, pos.offset)?;
+                } else {
+                    out.zeros(pos.offset, pos.len as u64)?;
                 }
                 Ok(pos.len as u64)
             },
@@ -400,7 +473,7 @@ impl Job<'_> {
             },
         )?;
         report.blocks_written = written;
-        report.blocks_skipped = self.manifest.blocks.len() as u64 - written;
+        report.blocks_skipped = self.source.block_count() as u64 - written;
         report.bytes_written = bytes;
         Ok(())
     }
@@ -487,7 +560,7 @@ fn restore_nbd(
         )));
     }
     let have = client.size();
-    let id = &job.manifest.meta.id;
+    let id = job.source.snapshot();
     if have < size {
         return Err(Error::TargetTooSmall {
             path: PathBuf::from(uri),

@@ -14,13 +14,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use aws_lc_rs::digest;
 use base64::Engine;
 use serde_json::{Value, json};
 
 use crate::error::{Error, Result};
 use crate::format::manifest::{self, Block, DEFAULT_BLOCK_SIZE, Manifest, Tag};
-use crate::id::{AccountId, ChunkId, SnapshotId};
+use crate::id::{AccountId, ChunkId, ImageId, SnapshotId};
+use crate::image::ops::read_launchable;
 use crate::ops::access::readable;
 use crate::ops::snapshot::{
     Outcome, Taken, changed_blocks, commit_as, merge_with_parent, store_block,
@@ -47,6 +47,10 @@ const MAX_RESULTS: usize = 10_000;
 /// Uploads one account may have in progress at once (EBS has a quota of
 /// concurrent snapshots too); each holds a region lock and its block list.
 pub const MAX_PENDING: usize = 100;
+/// The tag blocksnap's CLI gives a snapshot it uploads: the volume's path,
+/// kept as the snapshot's source so the next snapshot of that volume finds
+/// its parent.
+pub const SOURCE_TAG: &str = "blocksnap:source";
 /// How long a `ClientToken` keeps answering with its snapshot.
 const TOKEN_MEMORY: Duration = Duration::from_secs(24 * 3600);
 
@@ -60,6 +64,8 @@ struct Pending {
     description: String,
     tags: Vec<Tag>,
     started: SystemTime,
+    /// `Timeout`: how long the upload may go without a block written.
+    timeout: Duration,
     deadline: Instant,
     /// Block index -> what storing it did, and its SHA-256.
     blocks: BTreeMap<u64, (Outcome, [u8; 32])>,
@@ -235,6 +241,7 @@ pub fn start_snapshot(
         description,
         tags,
         started,
+        timeout: Duration::from_secs(timeout * 60),
         deadline: Instant::now() + Duration::from_secs(timeout * 60),
         blocks: BTreeMap::new(),
         done: false,
@@ -391,6 +398,8 @@ pub fn put_snapshot_block(
         )));
     }
     p.blocks.insert(index, (outcome, sha));
+    // As EBS: the Timeout runs from the last block written.
+    p.deadline = Instant::now() + p.timeout;
     drop(p);
     Ok(Reply::empty(201)
         .header("x-amz-Checksum", b64(&sha))
@@ -478,7 +487,11 @@ pub fn complete_snapshot(
             block_size: BLOCK,
             description: p.description.clone(),
             tags: p.tags.clone(),
-            source: "EBS direct API".into(),
+            source: p
+                .tags
+                .iter()
+                .find(|t| t.key == SOURCE_TAG)
+                .map_or_else(|| "EBS direct API".into(), |t| t.value.clone()),
             blocks,
             stats,
             kms_key_id: None,
@@ -494,9 +507,41 @@ pub fn complete_snapshot(
     Ok(Reply::json(202, json!({"Status": "completed"})))
 }
 
-/// A snapshot readable by `caller` through this API.
-fn readable_manifest(region: &Region, id: &SnapshotId, caller: &AccountId) -> Result<Manifest> {
-    readable(region, id, caller, "read the blocks of")?;
+/// The query parameter of blocksnap's CLI reading a snapshot to launch
+/// an image (`instance launch --endpoint`).
+pub const LAUNCH_PARAM: &str = "launchImageId";
+
+/// A snapshot readable by `caller` through this API: one they may
+/// restore, or, with `launchImageId=ami-…`, one backing an image they may
+/// launch (EC2 creates the volumes of a launch for anyone the image's
+/// launch permission names, whoever may restore its snapshots: the same
+/// bytes reach the same account either way).
+fn readable_manifest(
+    region: &Region,
+    id: &SnapshotId,
+    caller: &AccountId,
+    query: &Params,
+) -> Result<Manifest> {
+    match query.get(LAUNCH_PARAM) {
+        Some(ami) => {
+            let ami: ImageId = ami.parse()?;
+            let view = read_launchable(region, &ami, caller, "launch")?;
+            let maps = |e: &crate::format::image::EbsMapping| &e.snapshot_id == id;
+            if !view
+                .image
+                .block_device_mappings
+                .iter()
+                .any(|m| m.ebs().is_some_and(maps))
+            {
+                return Err(Error::Forbidden(format!(
+                    "{ami} maps no volume to {id}: a launch reads only its image's snapshots"
+                )));
+            }
+        }
+        None => {
+            readable(region, id, caller, "read the blocks of")?;
+        }
+    }
     let m = region.read_snapshot(id)?;
     if m.meta.block_size != BLOCK {
         return Err(Error::InvalidArgument(format!(
@@ -549,7 +594,7 @@ pub fn list_snapshot_blocks(
     id: &SnapshotId,
     query: &Params,
 ) -> Result<Reply> {
-    let m = readable_manifest(region, id, caller)?;
+    let m = readable_manifest(region, id, caller, query)?;
     let page = page(query)?;
     let mut out = Vec::new();
     let mut next = None;
@@ -586,9 +631,9 @@ pub fn list_changed_blocks(
     second: &SnapshotId,
     query: &Params,
 ) -> Result<Reply> {
-    let b = readable_manifest(region, second, caller)?;
+    let b = readable_manifest(region, second, caller, query)?;
     let a = match query.get("firstSnapshotId") {
-        Some(f) => Some(readable_manifest(region, &f.parse()?, caller)?),
+        Some(f) => Some(readable_manifest(region, &f.parse()?, caller, query)?),
         None => None,
     };
     let page = page(query)?;
@@ -635,7 +680,7 @@ pub fn get_snapshot_block(
     index: u64,
     query: &Params,
 ) -> Result<Reply> {
-    let m = readable_manifest(region, id, caller)?;
+    let m = readable_manifest(region, id, caller, query)?;
     let given = query
         .get("blockToken")
         .ok_or_else(|| Error::InvalidArgument("blockToken is required".into()))?;
@@ -661,7 +706,12 @@ pub fn get_snapshot_block(
 
 /// A block token: names the snapshot, the index and the chunk, so a token
 /// of one block never reads another.
-fn token(id: &SnapshotId, index: u64, chunk: &ChunkId) -> String {
+///
+/// A client holding a block can tell whether it is the same without
+/// reading it back: the CLI's incremental uploads and delta restores
+/// compare the token of what they hold (`id`, index, its BLAKE3 name)
+/// with the listed one.
+pub fn token(id: &SnapshotId, index: u64, chunk: &ChunkId) -> String {
     let mut bytes = Vec::with_capacity(64);
     bytes.extend_from_slice(id.as_str().as_bytes());
     bytes.extend_from_slice(&index.to_le_bytes());
@@ -670,10 +720,7 @@ fn token(id: &SnapshotId, index: u64, chunk: &ChunkId) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&d[..24])
 }
 
-fn sha256(data: &[u8]) -> [u8; 32] {
-    let d = digest::digest(&digest::SHA256, data);
-    d.as_ref().try_into().expect("SHA-256 is 32 bytes")
-}
+use super::client::sha256;
 
 fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)

@@ -20,6 +20,8 @@ use super::{Params, Reply};
 
 pub const VERSION: &str = "2016-11-15";
 const XMLNS: &str = "http://ec2.amazonaws.com/doc/2016-11-15/";
+/// The STS API version of `GetCallerIdentity`.
+const STS_VERSION: &str = "2011-06-15";
 
 /// `Prefix.1`, `Prefix.2`, … in order.
 fn list(p: &Params, prefix: &str) -> Vec<String> {
@@ -43,6 +45,9 @@ pub fn answer(
     open_region: &dyn Fn(&str) -> Result<std::sync::Arc<Region>>,
 ) -> std::result::Result<Reply, Reply> {
     let action = p.get("Action").map(String::as_str).unwrap_or_default();
+    if action == "GetCallerIdentity" {
+        return Ok(caller_identity(caller, p));
+    }
     if p.get("Version").map(String::as_str) != Some(VERSION) {
         return Err(error(
             400,
@@ -76,6 +81,30 @@ pub fn answer(
         Ok(inner) => Ok(response(action, &inner)),
         Err(e) => Err(from_error(&e, action)),
     }
+}
+
+/// STS `GetCallerIdentity`: the account of the request's access key.
+fn caller_identity(caller: &AccountId, p: &Params) -> Reply {
+    if p.get("Version").map(String::as_str) != Some(STS_VERSION) {
+        return error(
+            400,
+            "InvalidParameterValue",
+            &format!(
+                "GetCallerIdentity is of STS version {STS_VERSION}: send Version={STS_VERSION}"
+            ),
+        );
+    }
+    Reply::xml(
+        200,
+        format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<GetCallerIdentityResponse \
+             xmlns=\"https://sts.amazonaws.com/doc/{STS_VERSION}/\"><GetCallerIdentityResult>\
+             <Arn>arn:aws:iam::{caller}:root</Arn><UserId>{caller}</UserId>\
+             <Account>{caller}</Account></GetCallerIdentityResult><ResponseMetadata>\
+             <RequestId>{}</RequestId></ResponseMetadata></GetCallerIdentityResponse>",
+            crate::id::random_id("req")
+        ),
+    )
 }
 
 /// Wraps an action's elements in its `<ActionResponse>`.

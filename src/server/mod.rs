@@ -12,8 +12,10 @@
 //! flight finish (at most `drain`), and returns.
 
 pub mod accounts;
+pub mod client;
 mod ebs;
 mod ec2;
+pub mod remote;
 pub mod sigv4;
 
 use std::collections::HashMap;
@@ -631,7 +633,8 @@ pub fn examine_untrusted(data: &[u8]) -> bool {
 /// The name of the EC2 action in `p`, for the log: only actions this
 /// server knows are named (a client's string never reaches the log).
 fn ec2_action_name(p: &Params) -> &'static str {
-    const KNOWN: [&str; 10] = [
+    const KNOWN: [&str; 11] = [
+        "GetCallerIdentity",
         "RegisterImage",
         "CopyImage",
         "DescribeSnapshots",

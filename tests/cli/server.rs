@@ -1437,3 +1437,249 @@ fn no_region_can_take_the_names_the_store_keeps_beside_its_regions() {
     );
     assert_eq!(mode & 0o777, 0o700);
 }
+
+/// `blocksnap --endpoint` signing with `key`; its store is one that does
+/// not exist, so nothing it does can reach the server's store but through
+/// the server.
+fn remote(env: &Env, server: &Server, key: &Key, args: &[&str]) -> Output {
+    let mut all = vec!["--endpoint", server.url.as_str()];
+    all.extend_from_slice(args);
+    env.command(&all)
+        .env("BLOCKSNAP_STORE", env.path("no-store-here"))
+        .env("AWS_ACCESS_KEY_ID", &key.id)
+        .env("AWS_SECRET_ACCESS_KEY", &key.secret)
+        .env_remove("AWS_CA_BUNDLE")
+        .output()
+        .unwrap()
+}
+
+fn remote_ok(env: &Env, server: &Server, key: &Key, args: &[&str]) -> Value {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let out = remote(env, server, key, &all);
+    assert!(
+        out.status.success(),
+        "blocksnap --endpoint {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn remote_fails(env: &Env, server: &Server, key: &Key, args: &[&str], code: i32) -> String {
+    let out = remote(env, server, key, args);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
+    assert!(err.starts_with("blocksnap: error: "), "{err}");
+    assert!(!err.contains(&key.secret), "{err}");
+    err
+}
+
+#[test]
+fn the_cli_through_an_endpoint_snapshots_restores_and_launches() {
+    let env = Env::new();
+    env.ok(&["store", "stats"]);
+    let alice = create_account(&env, "alice");
+    let bob = create_account(&env, "bob");
+    let server = Server::start(&env);
+    let img = ext4_image(&env, "disk.img");
+
+    // A full snapshot sends only the blocks that are not zero.
+    let full = remote_ok(&env, &server, &alice, &["snapshot", "create", s(&img)]);
+    let first = full["SnapshotId"].as_str().unwrap().to_string();
+    assert_eq!(full["ParentSnapshotId"], Value::Null);
+    assert_eq!(full["Blocks"], 2048);
+    let sent = full["BlocksSent"].as_u64().unwrap();
+    assert!(sent > 0 && sent < 200, "{full}");
+
+    // A file written into the file system: the next snapshot finds its
+    // parent by the volume's path and sends only what changed.
+    let extra = env.path("extra.bin");
+    std::fs::write(&extra, crate::util::random_bytes(9, 2 * MIB as usize)).unwrap();
+    sh_ok(&format!(
+        "debugfs -w -R 'write {} extra.bin' '{}' >/dev/null 2>&1",
+        s(&extra),
+        s(&img)
+    ));
+    let inc = remote_ok(&env, &server, &alice, &["snapshot", "create", s(&img)]);
+    let second = inc["SnapshotId"].as_str().unwrap().to_string();
+    assert_eq!(inc["ParentSnapshotId"], first.as_str());
+    let sent = inc["BlocksSent"].as_u64().unwrap();
+    assert!((4..=40).contains(&sent), "{inc}");
+
+    // Restored through the server, as a new file and as a delta onto the
+    // first snapshot's volume; the server's own CLI sees the same bytes
+    // and the volume's path.
+    let out = env.path("restored.img");
+    remote_ok(
+        &env,
+        &server,
+        &alice,
+        &["volume", "restore", &first, s(&out)],
+    );
+    let delta = remote_ok(
+        &env,
+        &server,
+        &alice,
+        &["volume", "restore", &second, s(&out), "--delta"],
+    );
+    let written = delta["BlocksWritten"].as_u64().unwrap();
+    assert!((4..=40).contains(&written), "{delta}");
+    assert_same(&img, &out);
+    assert_fsck_clean(&out);
+    let local = env.path("local.img");
+    env.ok(&[
+        "--account",
+        &alice.account,
+        "volume",
+        "restore",
+        &second,
+        s(&local),
+    ]);
+    assert_same(&img, &local);
+    let listed = env.json(&[
+        "--account",
+        &alice.account,
+        "snapshot",
+        "list",
+        "--volume",
+        s(&img),
+    ]);
+    assert_eq!(listed["Snapshots"].as_array().unwrap().len(), 2, "{listed}");
+    // qemu-img reads the qcow2 the server's blocks were written into.
+    let qcow = env.path("restored.qcow2");
+    remote_ok(
+        &env,
+        &server,
+        &alice,
+        &["volume", "restore", &second, s(&qcow), "--format", "qcow2"],
+    );
+    sh_ok(&format!("qemu-img compare -q '{}' '{}'", s(&img), s(&qcow)));
+    let mine = remote_ok(
+        &env,
+        &server,
+        &alice,
+        &["snapshot", "list", "--volume", s(&img)],
+    );
+    assert_eq!(mine["Snapshots"].as_array().unwrap().len(), 2, "{mine}");
+
+    // Bob may not read alice's snapshot; --account is no way around it.
+    remote_fails(
+        &env,
+        &server,
+        &bob,
+        &["volume", "restore", &first, s(&env.path("b.img"))],
+        6,
+    );
+    remote_fails(&env, &server, &bob, &["snapshot", "describe", &first], 6);
+    remote_fails(&env, &server, &bob, &["snapshot", "delete", &first], 6);
+    remote_fails(
+        &env,
+        &server,
+        &bob,
+        &["--account", &alice.account, "snapshot", "list"],
+        2,
+    );
+    assert!(!env.path("b.img").exists());
+
+    // An image alice shares: bob launches it through the server, reading
+    // its snapshot by the launch permission alone.
+    let reg = env.json(&[
+        "--account",
+        &alice.account,
+        "image",
+        "register",
+        "--name",
+        "golden",
+        "--map",
+        &format!("/dev/xvda={second}"),
+        "--map",
+        "/dev/xvdb=ephemeral0",
+    ]);
+    let ami = reg["ImageId"].as_str().unwrap().to_string();
+    let dir = env.path("vm");
+    remote_fails(
+        &env,
+        &server,
+        &bob,
+        &["instance", "launch", &ami, s(&dir)],
+        6,
+    );
+    assert!(!dir.exists());
+    let perms = remote_ok(
+        &env,
+        &server,
+        &alice,
+        &["image", "permissions", &ami, "--add", &bob.account],
+    );
+    assert_eq!(
+        perms["LaunchPermissions"][0]["UserId"],
+        bob.account.as_str()
+    );
+    let images = remote_ok(&env, &server, &bob, &["image", "list"]);
+    assert_eq!(images["Images"][0]["ImageId"], ami.as_str(), "{images}");
+    let launched = remote_ok(
+        &env,
+        &server,
+        &bob,
+        &[
+            "instance",
+            "launch",
+            &ami,
+            s(&dir),
+            "--ephemeral-size",
+            "4M",
+        ],
+    );
+    let inst = &launched["Instances"][0];
+    assert_eq!(inst["OwnerId"], bob.account.as_str(), "{launched}");
+    assert_same(&img, &dir.join("xvda.img"));
+    assert_eq!(
+        std::fs::metadata(dir.join("xvdb.img")).unwrap().len(),
+        4 * MIB
+    );
+    remote_fails(&env, &server, &bob, &["snapshot", "describe", &second], 6);
+    remote_ok(&env, &server, &bob, &["instance", "terminate", s(&dir)]);
+    // Revoked, bob launches it no more.
+    remote_ok(
+        &env,
+        &server,
+        &alice,
+        &["image", "permissions", &ami, "--remove", &bob.account],
+    );
+    remote_fails(
+        &env,
+        &server,
+        &bob,
+        &["instance", "launch", &ami, s(&env.path("vm2"))],
+        6,
+    );
+
+    // What has no call on the server says where to run it; no key, a
+    // wrong key or no server are each a clear error.
+    let err = remote_fails(&env, &server, &alice, &["store", "gc"], 2);
+    assert!(err.contains("server's machine"), "{err}");
+    let no_key = env
+        .command(&["--endpoint", &server.url, "snapshot", "list"])
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .output()
+        .unwrap();
+    assert_eq!(no_key.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&no_key.stderr).contains("AWS_ACCESS_KEY_ID"));
+    let wrong = Key {
+        secret: "x".repeat(40),
+        ..alice.clone()
+    };
+    let err = remote_fails(&env, &server, &wrong, &["snapshot", "list"], 6);
+    assert!(err.contains("SignatureDoesNotMatch"), "{err}");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let gone = Server {
+        child: Command::new("true").spawn().unwrap(),
+        url: format!("http://{}", closed.local_addr().unwrap()),
+        log: env.path("none.log"),
+    };
+    drop(closed);
+    let err = remote_fails(&env, &gone, &alice, &["snapshot", "list"], 1);
+    assert!(err.contains("blocksnap serve"), "{err}");
+    assert!(!server.log().contains(&alice.secret));
+}
