@@ -433,9 +433,13 @@ pub fn terminate(pid: u32) {
     }
 }
 
-/// Makes `cmd`'s child receive SIGTERM when the thread that starts it
+/// Makes `cmd`'s child receive SIGKILL when the thread that starts it
 /// dies (`PR_SET_PDEATHSIG`): a helper such as a private `qemu-nbd` never
-/// outlives a blocksnap that was killed.
+/// outlives a blocksnap that was killed. SIGKILL, not SIGTERM: a SIGTERM
+/// that reaches `qemu-nbd` while it is still starting marks it to stop
+/// before its main loop runs, which then waits for a client forever (with
+/// `--persistent`), holding the image's lock. A normal end still stops it
+/// with SIGTERM ([`terminate`]), so it closes the image cleanly.
 pub fn die_with_parent(cmd: &mut std::process::Command) {
     use std::os::unix::process::CommandExt;
     let parent = std::process::id() as libc::pid_t;
@@ -443,7 +447,7 @@ pub fn die_with_parent(cmd: &mut std::process::Command) {
     // async-signal-safe.
     unsafe {
         cmd.pre_exec(move || {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
             // A parent killed between fork and prctl sends no signal:
             // the child sees it already gone and does not start.
             if libc::getppid() != parent {
