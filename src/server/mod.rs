@@ -505,10 +505,14 @@ fn dispatch(
             op,
         );
     };
-    if caller.service != route.service() {
+    // STS's one call shares EC2's `POST /` and form.
+    let service = match op {
+        "GetCallerIdentity" => "sts",
+        _ => route.service(),
+    };
+    if caller.service != service {
         let message = format!(
-            "{op} is an operation of service {}, and the request was signed for {}",
-            route.service(),
+            "{op} is an operation of service {service}, and the request was signed for {}",
             caller.service
         );
         let reply = match route {

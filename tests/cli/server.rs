@@ -683,6 +683,9 @@ fn aws_ec2_calls_describe_share_and_deregister_with_the_cli_rules() {
     assert_eq!(snaps[0]["State"], "completed");
     assert_eq!(snaps[0]["OwnerId"], alice.account.as_str());
     assert_eq!(snaps[0]["VolumeSize"], 1);
+    // STS says whose each key is.
+    let who = aws_ok(&cli, &server, &bob, &["sts", "get-caller-identity"]);
+    assert_eq!(who["Account"], bob.account.as_str(), "{who}");
     // Bob sees none of it, by listing or by id.
     let his = aws_ok(&cli, &server, &bob, &["ec2", "describe-snapshots"]);
     assert_eq!(his["Snapshots"], serde_json::json!([]), "{his}");
