@@ -270,10 +270,17 @@ impl Client {
             reason = format!("{reason}: {c}");
             cause = c.source();
         }
+        let hint = match reason.contains("certificate") {
+            true => {
+                "set AWS_CA_BUNDLE to the PEM file of the CA that signed the server's \
+                     certificate"
+            }
+            false => "is `blocksnap serve` running there?",
+        };
         Error::Remote {
             op: call.what,
             location: self.endpoint().to_string(),
-            reason: format!("{reason} (is `blocksnap serve` running there?)"),
+            reason: format!("{reason} ({hint})"),
             kind: ErrorKind::Other,
             source: None,
         }

@@ -1081,12 +1081,24 @@ fn https_with_a_certificate_serves_the_aws_cli_and_refuses_plain_http() {
     let env = Env::new();
     env.ok(&["store", "stats"]);
     let alice = create_account(&env, "alice");
-    let (cert, key) = (env.path("cert.pem"), env.path("key.pem"));
+    // A test CA, and the server's certificate signed by it (rustls, as
+    // browsers, will not take a CA certificate as a server's).
+    let (cert, key, ca) = (
+        env.path("cert.pem"),
+        env.path("key.pem"),
+        env.path("ca.pem"),
+    );
+    std::fs::write(env.path("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
     sh_ok(&format!(
-        "openssl req -x509 -newkey rsa:2048 -nodes -subj /CN=localhost -days 1 \
-         -addext subjectAltName=IP:127.0.0.1 -keyout '{}' -out '{}' 2>/dev/null",
-        s(&key),
-        s(&cert)
+        "cd '{d}' && openssl req -x509 -newkey rsa:2048 -nodes -subj /CN=test-ca -days 1 \
+         -keyout ca.key -out '{ca}' 2>/dev/null && openssl req -newkey rsa:2048 -nodes \
+         -subj /CN=localhost -keyout '{k}' -out leaf.csr 2>/dev/null && openssl x509 -req \
+         -in leaf.csr -CA '{ca}' -CAkey ca.key -CAcreateserial -days 1 -extfile san.ext \
+         -out '{c}' 2>/dev/null",
+        d = s(&env.path(".")),
+        ca = s(&ca),
+        k = s(&key),
+        c = s(&cert)
     ));
     // A key that is not a key: a clear refusal before listening.
     let err = env.fails(
@@ -1126,7 +1138,7 @@ fn https_with_a_certificate_serves_the_aws_cli_and_refuses_plain_http() {
         &alice,
         &[
             "--ca-bundle",
-            s(&cert),
+            s(&ca),
             "ec2",
             "describe-snapshots",
             "--owner-ids",
@@ -1134,7 +1146,43 @@ fn https_with_a_certificate_serves_the_aws_cli_and_refuses_plain_http() {
         ],
     );
     assert_eq!(v["Snapshots"], serde_json::json!([]));
-    // Without the CA the client refuses the server; plain HTTP gets no answer.
+    // blocksnap's own client trusts the CA of AWS_CA_BUNDLE, as the AWS
+    // CLI does, and uploads and restores over TLS.
+    let img = env.path("small.img");
+    std::fs::write(&img, crate::util::random_bytes(8, 3 * MIB as usize)).unwrap();
+    let with_ca = |args: &[&str]| {
+        let mut all = vec!["--endpoint", server.url.as_str(), "--json"];
+        all.extend_from_slice(args);
+        env.command(&all)
+            .env("AWS_ACCESS_KEY_ID", &alice.id)
+            .env("AWS_SECRET_ACCESS_KEY", &alice.secret)
+            .env("AWS_CA_BUNDLE", &ca)
+            .output()
+            .unwrap()
+    };
+    let made = with_ca(&["snapshot", "create", s(&img)]);
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let made: Value = serde_json::from_slice(&made.stdout).unwrap();
+    let back = env.path("back.img");
+    let restored = with_ca(&[
+        "volume",
+        "restore",
+        made["SnapshotId"].as_str().unwrap(),
+        s(&back),
+    ]);
+    assert!(
+        restored.status.success(),
+        "{}",
+        String::from_utf8_lossy(&restored.stderr)
+    );
+    assert_padded_same(&env, &img, &back);
+    // Without the CA the clients refuse the server; plain HTTP gets no answer.
+    let err = remote_fails(&env, &server, &alice, &["snapshot", "list"], 1);
+    assert!(err.contains("AWS_CA_BUNDLE"), "{err}");
     let out = aws(&cli, &server, &alice, &["ec2", "describe-snapshots"]);
     assert!(!out.status.success());
     let plain = server.url.replace("https://", "http://");
