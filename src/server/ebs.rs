@@ -11,13 +11,14 @@
 //! the id `StartSnapshot` gave out: before that no one sees the snapshot.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine;
 use serde_json::{Value, json};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::format::manifest::{self, Block, DEFAULT_BLOCK_SIZE, Manifest, Tag};
 use crate::id::{AccountId, ChunkId, ImageId, SnapshotId};
 use crate::image::ops::read_launchable;
@@ -29,6 +30,7 @@ use crate::region::backend::RegionLock;
 use crate::region::catalog::Region;
 use crate::store::chain::load_into;
 use crate::store::chunk_store::ChunkStore;
+use crate::store::files::{Durability, write_atomic};
 use crate::sys::LockMode;
 use crate::volume::io::is_zero;
 
@@ -51,6 +53,9 @@ pub const MAX_PENDING: usize = 100;
 /// kept as the snapshot's source so the next snapshot of that volume finds
 /// its parent.
 pub const SOURCE_TAG: &str = "blocksnap:source";
+/// The files of an upload's journal.
+const START_FILE: &str = "start.json";
+const BLOCKS_FILE: &str = "blocks";
 /// How long a `ClientToken` keeps answering with its snapshot.
 const TOKEN_MEMORY: Duration = Duration::from_secs(24 * 3600);
 
@@ -71,6 +76,8 @@ struct Pending {
     blocks: BTreeMap<u64, (Outcome, [u8; 32])>,
     /// Completed: its manifest is written, and no block is taken.
     done: bool,
+    /// Its journal's block file, appended to as blocks are kept.
+    journal: Option<std::fs::File>,
     /// Kept shared while the upload lasts: gc cannot delete its chunks.
     _lock: RegionLock,
 }
@@ -78,6 +85,9 @@ struct Pending {
 /// The snapshots being written, and the client tokens already answered.
 #[derive(Default)]
 pub struct Uploads {
+    /// Where each upload in progress is journaled (`<store>/server/uploads`),
+    /// so a restarted server carries on with it; `None`: memory only.
+    journal: Option<PathBuf>,
     pending: Mutex<HashMap<SnapshotId, Arc<Mutex<Pending>>>>,
     /// (account, client token) -> the snapshot that token started, and
     /// when; forgotten after [`TOKEN_MEMORY`].
@@ -85,6 +95,15 @@ pub struct Uploads {
 }
 
 impl Uploads {
+    /// Uploads journaled in `dir`: a server restarted after a crash carries
+    /// on with those it finds there ([`Uploads::recover`]).
+    pub fn journaled(dir: PathBuf) -> Uploads {
+        Uploads {
+            journal: Some(dir),
+            ..Default::default()
+        }
+    }
+
     /// Drops uploads past their deadline; their chunks are left to gc.
     pub fn expire(&self, now: Instant) -> usize {
         self.tokens
@@ -93,8 +112,190 @@ impl Uploads {
             .retain(|_, (_, at)| now.duration_since(*at) < TOKEN_MEMORY);
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         let before = pending.len();
-        pending.retain(|_, p| p.lock().map(|p| p.deadline > now).unwrap_or(false));
-        before - pending.len()
+        let mut gone = Vec::new();
+        pending.retain(|id, p| {
+            let keep = p.lock().map(|p| p.deadline > now).unwrap_or(false);
+            if !keep {
+                gone.push(id.clone());
+            }
+            keep
+        });
+        let after = pending.len();
+        drop(pending);
+        for id in gone {
+            self.forget(&id);
+        }
+        before - after
+    }
+
+    /// Removes upload `id`'s journal.
+    fn forget(&self, id: &SnapshotId) {
+        if let Some(dir) = &self.journal {
+            let _ = std::fs::remove_dir_all(dir.join(id.as_str()));
+        }
+    }
+
+    /// Takes up again the uploads a previous server left in the journal,
+    /// each in the region `open_region` gives by name, with its Timeout
+    /// running anew. An upload whose region, parent or kept blocks are
+    /// gone (gc ran while no server held them) is dropped: its client
+    /// starts again. Returns what it did, one line per upload.
+    pub fn recover(&self, open_region: &dyn Fn(&str) -> Result<Arc<Region>>) -> Vec<String> {
+        let Some(dir) = &self.journal else {
+            return Vec::new();
+        };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        let mut said = Vec::new();
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Ok(id) = name.parse::<SnapshotId>() else {
+                continue;
+            };
+            match self.recover_one(&id, &e.path(), open_region) {
+                Ok(blocks) => said.push(format!("upload {id} carries on ({blocks} blocks kept)")),
+                Err(why) => {
+                    let _ = std::fs::remove_dir_all(e.path());
+                    said.push(format!("upload {id} dropped: {why}"));
+                }
+            }
+        }
+        said
+    }
+
+    fn recover_one(
+        &self,
+        id: &SnapshotId,
+        dir: &Path,
+        open_region: &dyn Fn(&str) -> Result<Arc<Region>>,
+    ) -> Result<usize> {
+        let bad = |what: &str| Error::InvalidArgument(format!("its journal {what}"));
+        let start: Value = serde_json::from_slice(
+            &std::fs::read(dir.join(START_FILE)).map_err(|_| bad("has no start"))?,
+        )
+        .map_err(|_| bad("start is damaged"))?;
+        let text = |k: &str| start[k].as_str().map(str::to_string);
+        let region = open_region(&text("Region").ok_or_else(|| bad("names no region"))?)?;
+        let owner: AccountId = text("Owner")
+            .ok_or_else(|| bad("names no owner"))?
+            .parse()?;
+        let volume_size = start["VolumeSize"]
+            .as_u64()
+            .ok_or_else(|| bad("has no size"))?;
+        let timeout = Duration::from_secs(start["TimeoutSecs"].as_u64().unwrap_or(3600));
+        let started = SystemTime::UNIX_EPOCH
+            + Duration::from_secs_f64(start["Started"].as_f64().unwrap_or(0.0).max(0.0));
+        let lock = region.lock(LockMode::Shared, "EBS direct API snapshot upload")?;
+        if region.has_snapshot(id)? {
+            return Err(Error::Conflict("it was completed".into()));
+        }
+        let parent = match text("Parent") {
+            Some(p) => Some(region.read_snapshot(&p.parse()?)?),
+            None => None,
+        };
+        let parent_committed = match &parent {
+            Some(p) => region.snapshot_committed_at(&p.meta.id)?,
+            None => None,
+        };
+        let store = region.chunks_under(None)?;
+        let mut blocks = BTreeMap::new();
+        let lines = std::fs::read_to_string(dir.join(BLOCKS_FILE)).unwrap_or_default();
+        for line in lines.lines() {
+            // A line cut short by the crash was never acknowledged.
+            let Some((index, outcome, sha)) = decode_block(line) else {
+                continue;
+            };
+            if let Some(Block::Data(c)) = block_of(&outcome)
+                && !store.has(&c)?
+            {
+                return Err(Error::NotFound(format!(
+                    "block {index}'s chunk {} is no longer in the store",
+                    c.short()
+                )));
+            }
+            blocks.insert(index, (outcome, sha));
+        }
+        let journal = std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.join(BLOCKS_FILE))
+            .ok();
+        let count = blocks.len();
+        let p = Pending {
+            region,
+            owner: owner.clone(),
+            volume_size,
+            parent,
+            parent_committed,
+            description: text("Description").unwrap_or_default(),
+            tags: parse_tags(&start)?,
+            started,
+            timeout,
+            deadline: Instant::now() + timeout,
+            blocks,
+            done: false,
+            journal,
+            _lock: lock,
+        };
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone(), Arc::new(Mutex::new(p)));
+        if let Some(token) = text("ClientToken") {
+            let age = SystemTime::now()
+                .duration_since(started)
+                .unwrap_or_default();
+            if age < TOKEN_MEMORY {
+                self.tokens
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(
+                        (owner, token),
+                        (
+                            id.clone(),
+                            Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
+                        ),
+                    );
+            }
+        }
+        Ok(count)
+    }
+
+    /// Journals a new upload: its start, and an empty block file.
+    fn journal_start(
+        &self,
+        id: &SnapshotId,
+        p: &Pending,
+        client_token: Option<&str>,
+    ) -> Result<Option<std::fs::File>> {
+        let Some(dir) = &self.journal else {
+            return Ok(None);
+        };
+        let dir = dir.join(id.as_str());
+        std::fs::create_dir_all(&dir).ctx("create", &dir)?;
+        let start = json!({
+            "Region": p.region.name(),
+            "Owner": p.owner.to_string(),
+            "VolumeSize": p.volume_size,
+            "Parent": p.parent.as_ref().map(|m| m.meta.id.to_string()),
+            "Description": p.description,
+            "Tags": tags_json(&p.tags),
+            "ClientToken": client_token,
+            "TimeoutSecs": p.timeout.as_secs(),
+            "Started": epoch(p.started),
+        });
+        let blocks = dir.join(BLOCKS_FILE);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&blocks)
+            .ctx("create", &blocks)?;
+        write_atomic(
+            &dir.join(START_FILE),
+            start.to_string().as_bytes(),
+            Durability::Now,
+        )?;
+        Ok(Some(file))
     }
 
     /// The volume size and start of `caller`'s upload `id`, while it is
@@ -245,8 +446,11 @@ pub fn start_snapshot(
         deadline: Instant::now() + Duration::from_secs(timeout * 60),
         blocks: BTreeMap::new(),
         done: false,
+        journal: None,
         _lock: lock,
     };
+    let mut p = p;
+    p.journal = uploads.journal_start(&id, &p, client_token.as_deref())?;
     let body = started_json(&id, &p, "pending");
     uploads
         .pending
@@ -397,6 +601,12 @@ pub fn put_snapshot_block(
             "{id} was completed while block {index} was being written: the block is not in it"
         )));
     }
+    if let Some(f) = &mut p.journal {
+        use std::io::Write;
+        // One write of one line: a crash leaves it whole or cut short.
+        f.write_all(encode_block(index, &outcome, &sha).as_bytes())
+            .ctx("journal a block of", Path::new(id.as_str()))?;
+    }
     p.blocks.insert(index, (outcome, sha));
     // As EBS: the Timeout runs from the last block written.
     p.deadline = Instant::now() + p.timeout;
@@ -498,12 +708,14 @@ pub fn complete_snapshot(
         },
     )?;
     p.done = true;
+    p.journal = None;
     drop(p);
     uploads
         .pending
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(id);
+    uploads.forget(id);
     Ok(Reply::json(202, json!({"Status": "completed"})))
 }
 
@@ -726,6 +938,58 @@ fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
+/// An upload journal's line for block `index`:
+/// `INDEX SHA256(base64) KIND CHUNK RAW STORED`.
+fn encode_block(index: u64, outcome: &Outcome, sha: &[u8; 32]) -> String {
+    let chunk = |b: &Block| match b {
+        Block::Data(c) => c.to_hex(),
+        Block::Zero => "zero".into(),
+        Block::Hole => "hole".into(),
+    };
+    let (kind, block, raw, stored) = match outcome {
+        Outcome::Hole => ("hole", "-".to_string(), 0, 0),
+        Outcome::Zero => ("zero", "-".to_string(), 0, 0),
+        Outcome::Unchanged(b) => ("unchanged", chunk(b), 0, 0),
+        Outcome::Known(b, raw) => ("known", chunk(b), *raw, 0),
+        Outcome::New { block, raw, stored } => ("new", chunk(block), *raw, *stored),
+    };
+    format!("{index} {} {kind} {block} {raw} {stored}\n", b64(sha))
+}
+
+fn decode_block(line: &str) -> Option<(u64, Outcome, [u8; 32])> {
+    let f: Vec<&str> = line.split(' ').collect();
+    let [index, sha, kind, block, raw, stored] = f[..] else {
+        return None;
+    };
+    let sha: [u8; 32] = base64::engine::general_purpose::STANDARD
+        .decode(sha)
+        .ok()?
+        .try_into()
+        .ok()?;
+    let block = match block {
+        "zero" => Block::Zero,
+        "hole" | "-" => Block::Hole,
+        hex => Block::Data(hex.parse().ok()?),
+    };
+    let (raw, stored): (u64, u64) = (raw.parse().ok()?, stored.parse().ok()?);
+    let outcome = match kind {
+        "hole" => Outcome::Hole,
+        "zero" => Outcome::Zero,
+        "unchanged" => Outcome::Unchanged(block),
+        "known" => Outcome::Known(block, raw),
+        "new" => Outcome::New { block, raw, stored },
+        _ => return None,
+    };
+    Some((index.parse().ok()?, outcome, sha))
+}
+
+fn block_of(outcome: &Outcome) -> Option<Block> {
+    match outcome {
+        Outcome::Unchanged(b) | Outcome::Known(b, _) | Outcome::New { block: b, .. } => Some(*b),
+        Outcome::Hole | Outcome::Zero => None,
+    }
+}
+
 fn epoch(t: SystemTime) -> f64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
@@ -790,6 +1054,29 @@ mod tests {
         assert!(!region.has_snapshot(&id).unwrap());
         let report = crate::ops::gc::gc(&region, false).unwrap();
         assert_eq!(report.chunks_removed, 1, "{report:?}");
+    }
+
+    #[test]
+    fn journal_lines_give_back_what_was_kept() {
+        let c = ChunkId::of(b"x");
+        let sha = sha256(b"y");
+        for o in [
+            Outcome::Zero,
+            Outcome::Unchanged(Block::Data(c)),
+            Outcome::Known(Block::Data(c), 7),
+            Outcome::New {
+                block: Block::Data(c),
+                raw: 9,
+                stored: 4,
+            },
+        ] {
+            let line = encode_block(42, &o, &sha);
+            let (i, back, s) = decode_block(line.trim_end()).unwrap();
+            assert_eq!((i, s), (42, sha));
+            assert_eq!(format!("{back:?}"), format!("{o:?}"));
+            // Cut short by a crash: not taken.
+            assert!(decode_block(&line[..line.len() / 2]).is_none());
+        }
     }
 
     #[test]

@@ -166,8 +166,12 @@ pub fn serve(
         accounts: Accounts::of_store(store_root),
         keys: Mutex::new((None, Vec::new())),
         regions: Mutex::new(HashMap::new()),
-        uploads: Uploads::default(),
+        uploads: Uploads::journaled(store_root.join("server").join("uploads")),
     });
+    // Uploads a killed server left carry on, before anyone can ask.
+    for line in state.uploads.recover(&|name| state.region(name)) {
+        eprintln!("blocksnap: {line}");
+    }
     runtime.block_on(run(state, opts.clone(), ready, log))
 }
 

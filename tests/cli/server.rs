@@ -985,57 +985,74 @@ fn a_client_that_trickles_its_headers_is_cut_off_without_starving_others() {
 }
 
 #[test]
-fn a_server_killed_mid_upload_shows_no_partial_snapshot_and_the_retry_succeeds() {
+fn a_server_killed_mid_upload_shows_no_partial_snapshot_and_carries_on_when_restarted() {
     let Some(cli) = aws_cli() else { return };
     let env = Env::new();
     env.ok(&["store", "stats"]);
     let alice = create_account(&env, "alice");
     let mut server = Server::start(&env);
-    let started = aws_ok(
-        &cli,
-        &server,
-        &alice,
-        &[
-            "ebs",
-            "start-snapshot",
-            "--volume-size",
-            "1",
-            "--client-token",
-            "job-7",
-        ],
-    );
-    let pending = started["SnapshotId"].as_str().unwrap().to_string();
-    let data = env.path("blk");
-    std::fs::write(&data, crate::util::random_bytes(8, 512 << 10)).unwrap();
-    let sum = sh_ok(&format!(
-        "openssl dgst -sha256 -binary '{}' | base64",
-        s(&data)
-    ));
-    aws_ok(
-        &cli,
-        &server,
-        &alice,
-        &[
-            "ebs",
-            "put-snapshot-block",
-            "--snapshot-id",
-            &pending,
-            "--block-index",
-            "0",
-            "--block-data",
-            s(&data),
-            "--data-length",
-            "524288",
-            "--checksum",
-            sum.trim(),
-            "--checksum-algorithm",
-            "SHA256",
-        ],
-    );
+    let start = |server: &Server, token: &str| {
+        let v = aws_ok(
+            &cli,
+            server,
+            &alice,
+            &[
+                "ebs",
+                "start-snapshot",
+                "--volume-size",
+                "1",
+                "--client-token",
+                token,
+            ],
+        );
+        v["SnapshotId"].as_str().unwrap().to_string()
+    };
+    let put = |server: &Server, snap: &str, index: &str, data: &Path| {
+        let sum = sh_ok(&format!(
+            "openssl dgst -sha256 -binary '{}' | base64",
+            s(data)
+        ));
+        aws_ok(
+            &cli,
+            server,
+            &alice,
+            &[
+                "ebs",
+                "put-snapshot-block",
+                "--snapshot-id",
+                snap,
+                "--block-index",
+                index,
+                "--block-data",
+                s(data),
+                "--data-length",
+                "524288",
+                "--checksum",
+                sum.trim(),
+                "--checksum-algorithm",
+                "SHA256",
+            ],
+        );
+    };
+    let blocks: Vec<PathBuf> = (0..3)
+        .map(|i| {
+            let p = env.path(&format!("blk{i}"));
+            std::fs::write(&p, crate::util::random_bytes(8 + i, 512 << 10)).unwrap();
+            p
+        })
+        .collect();
+    let pending = start(&server, "job-7");
+    put(&server, &pending, "0", &blocks[0]);
     server.child.kill().unwrap();
     server.child.wait().unwrap();
-    let server = Server::start(&env);
-    // Nothing half-written is visible.
+    let mut server = Server::start(&env);
+    assert!(
+        server
+            .log()
+            .contains(&format!("upload {pending} carries on (1 blocks kept)"))
+    );
+    // Nothing half-written is visible as a snapshot; by its id it is
+    // still pending.
     let listed = aws_ok(
         &cli,
         &server,
@@ -1043,7 +1060,18 @@ fn a_server_killed_mid_upload_shows_no_partial_snapshot_and_the_retry_succeeds()
         &["ec2", "describe-snapshots", "--owner-ids", "self"],
     );
     assert_eq!(listed["Snapshots"], serde_json::json!([]), "{listed}");
-    aws_fails(
+    let by_id = aws_ok(
+        &cli,
+        &server,
+        &alice,
+        &["ec2", "describe-snapshots", "--snapshot-ids", &pending],
+    );
+    assert_eq!(by_id["Snapshots"][0]["State"], "pending", "{by_id}");
+    // The client's retry with the same token gets the same snapshot, and
+    // carries on where it was.
+    assert_eq!(start(&server, "job-7"), pending);
+    put(&server, &pending, "1", &blocks[1]);
+    aws_ok(
         &cli,
         &server,
         &alice,
@@ -1053,26 +1081,57 @@ fn a_server_killed_mid_upload_shows_no_partial_snapshot_and_the_retry_succeeds()
             "--snapshot-id",
             &pending,
             "--changed-blocks-count",
-            "1",
+            "2",
         ],
-        "ResourceNotFoundException",
     );
-    // The client's retry, same token, starts again and completes.
-    let img = env.path("one.img");
-    std::fs::copy(&data, &img).unwrap();
-    let id = upload(&cli, &server, &alice, &img, &[]);
+    let img = env.path("two.img");
+    sh_ok(&format!(
+        "cat '{}' '{}' > '{}'",
+        s(&blocks[0]),
+        s(&blocks[1]),
+        s(&img)
+    ));
     let out = env.path("out.img");
     env.ok(&[
         "--account",
         &alice.account,
         "volume",
         "restore",
-        &id,
+        &pending,
         s(&out),
     ]);
     assert_padded_same(&env, &img, &out);
-    env.ok(&["store", "verify"]);
+
+    // gc run while no server holds an upload reclaims its blocks: the
+    // restarted server drops it, and the same token starts anew.
+    let lost = start(&server, "job-8");
+    put(&server, &lost, "0", &blocks[2]);
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
     env.ok(&["store", "gc"]);
+    let server = Server::start(&env);
+    assert!(
+        server.log().contains(&format!("upload {lost} dropped")),
+        "{}",
+        server.log()
+    );
+    aws_fails(
+        &cli,
+        &server,
+        &alice,
+        &[
+            "ebs",
+            "complete-snapshot",
+            "--snapshot-id",
+            &lost,
+            "--changed-blocks-count",
+            "1",
+        ],
+        "ResourceNotFoundException",
+    );
+    let again = start(&server, "job-8");
+    assert_ne!(again, lost);
+    env.ok(&["store", "verify"]);
 }
 
 #[test]
