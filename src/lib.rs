@@ -142,5 +142,5 @@ pub use id::{AccountId, ChunkId, ImageId, InstanceId, SnapshotId};
 pub use region::catalog::Region;
 pub use sys::{
     LockMode, default_sigpipe, detach_command, ignore_sigpipe, limit_malloc_arenas,
-    read_secret_line,
+    read_secret_line, reuse_block_buffers,
 };

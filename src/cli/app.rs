@@ -165,6 +165,10 @@ pub fn run(cli: Cli) -> Result<u8> {
     ) {
         blocksnap::limit_malloc_arenas();
     }
+    // Servers and clients of `serve` move blocks through fresh buffers.
+    if matches!(&cli.command, Command::Serve { .. }) || cli.global.endpoint.is_some() {
+        blocksnap::reuse_block_buffers();
+    }
     let g = &cli.global;
     let account = g
         .account

@@ -540,6 +540,12 @@ fn tags_json(tags: &[Tag]) -> Value {
 /// A header's value, if present and text.
 pub type Headers<'a> = &'a dyn Fn(&str) -> Option<String>;
 
+/// A request's body, with its SHA-256 where the signature check computed it.
+pub struct Body<'a> {
+    pub data: &'a [u8],
+    pub sha256: Option<[u8; 32]>,
+}
+
 /// `PUT /snapshots/{id}/blocks/{index}`.
 pub fn put_snapshot_block(
     uploads: &Uploads,
@@ -547,8 +553,9 @@ pub fn put_snapshot_block(
     id: &SnapshotId,
     index: u64,
     header: Headers,
-    data: &[u8],
+    body: Body,
 ) -> Result<Reply> {
+    let data = body.data;
     let upload = uploads.get(id, caller)?;
     let (region, volume_size, parent_block, committed) = {
         let p = upload.lock().unwrap_or_else(|p| p.into_inner());
@@ -576,7 +583,7 @@ pub fn put_snapshot_block(
             data.len()
         )));
     }
-    let sha = sha256(data);
+    let sha = body.sha256.unwrap_or_else(|| sha256(data));
     check_checksum(header, &sha, "the block")?;
     let outcome = if is_zero(data) {
         Outcome::Zero
@@ -1018,7 +1025,8 @@ mod tests {
             "x-amz-checksum" => Some(sum.clone()),
             _ => None,
         };
-        put_snapshot_block(uploads, owner, id, index, &header, data)
+        let body = Body { data, sha256: None };
+        put_snapshot_block(uploads, owner, id, index, &header, body)
     }
 
     #[test]

@@ -566,7 +566,11 @@ fn answer(
     match route {
         Route::StartSnapshot => ebs::start_snapshot(uploads, region, who, body),
         Route::PutSnapshotBlock(id, i) => {
-            ebs::put_snapshot_block(uploads, who, &snap(&id)?, index(&i)?, &header, body)
+            let block = ebs::Body {
+                data: body,
+                sha256: caller.body_sha256,
+            };
+            ebs::put_snapshot_block(uploads, who, &snap(&id)?, index(&i)?, &header, block)
         }
         Route::CompleteSnapshot(id) => ebs::complete_snapshot(uploads, who, &snap(&id)?, &header),
         Route::ListSnapshotBlocks(id) => {

@@ -176,6 +176,8 @@ pub struct Caller {
     /// The credential scope's region: the blocksnap region acted on.
     pub region: String,
     pub service: String,
+    /// The body's SHA-256, where the check computed it.
+    pub body_sha256: Option<[u8; 32]>,
 }
 
 /// A request as the signature covers it.
@@ -218,7 +220,9 @@ pub fn verify(
     if skew > MAX_SKEW_SECS {
         return Err(AuthError::Expired { skew_secs: skew });
     }
-    let body_hash = hex(digest::digest(&digest::SHA256, req.body).as_ref());
+    // The body's SHA-256, computed once: an operation that checks it again
+    // (`PutSnapshotBlock`'s checksum) takes it from the caller.
+    let mut body_sha256 = None;
     let payload_hash = match header(req.headers, "x-amz-content-sha256") {
         Some(v) if v == UNSIGNED_PAYLOAD => {
             if !allow_unsigned {
@@ -226,9 +230,19 @@ pub fn verify(
             }
             v
         }
-        Some(v) if v.eq_ignore_ascii_case(&body_hash) => v,
-        Some(_) => return Err(AuthError::PayloadHashMismatch),
-        None => body_hash,
+        given => {
+            let d: [u8; 32] = digest::digest(&digest::SHA256, req.body)
+                .as_ref()
+                .try_into()
+                .expect("SHA-256 is 32 bytes");
+            body_sha256 = Some(d);
+            let body_hash = hex(&d);
+            match given {
+                Some(v) if v.eq_ignore_ascii_case(&body_hash) => v,
+                Some(_) => return Err(AuthError::PayloadHashMismatch),
+                None => body_hash,
+            }
+        }
     };
     let (account, secret) = secret_of(&auth.access_key_id)
         .ok_or_else(|| AuthError::UnknownKey(auth.access_key_id.clone()))?;
@@ -242,6 +256,7 @@ pub fn verify(
         access_key_id: auth.access_key_id,
         region: auth.region,
         service: auth.service,
+        body_sha256,
     })
 }
 
