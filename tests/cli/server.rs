@@ -1725,6 +1725,17 @@ fn the_cli_through_an_endpoint_snapshots_restores_and_launches() {
         perms["LaunchPermissions"][0]["UserId"],
         bob.account.as_str()
     );
+    // The launch permission reads the image's snapshots and no other
+    // (curl signs its own requests: `--aws-sigv4`).
+    let list_for_launch = |snap: &str| {
+        sh_ok(&format!(
+            "curl -s -o /dev/null -w '%{{http_code}}' --aws-sigv4 'aws:amz:local:ebs' \
+             --user '{}:{}' '{}/snapshots/{snap}/blocks?launchImageId={ami}'",
+            bob.id, bob.secret, server.url
+        ))
+    };
+    assert_eq!(list_for_launch(&second).trim(), "200");
+    assert_eq!(list_for_launch(&first).trim(), "403");
     let images = remote_ok(&env, &server, &bob, &["image", "list"]);
     assert_eq!(images["Images"][0]["ImageId"], ami.as_str(), "{images}");
     let launched = remote_ok(
