@@ -115,3 +115,21 @@ impl EncryptionArgs {
         }
     }
 }
+
+/// `--parent SNAP` / `--no-parent` of `snapshot create`.
+pub fn parent_choice(
+    parent: Option<&str>,
+    no_parent: bool,
+) -> Result<blocksnap::ops::snapshot::ParentChoice> {
+    use blocksnap::ops::snapshot::ParentChoice;
+    Ok(match (parent, no_parent) {
+        (Some(p), _) => ParentChoice::Explicit(parse_snapshot(p)?),
+        (None, true) => ParentChoice::None,
+        (None, false) => ParentChoice::Latest,
+    })
+}
+
+/// Repeated `--tag KEY=VALUE`.
+pub fn parse_tags(tags: &[String]) -> Result<Vec<Tag>> {
+    tags.iter().map(|t| parse_tag(t)).collect()
+}

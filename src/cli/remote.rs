@@ -8,47 +8,26 @@ use serde_json::{Value, json};
 
 use blocksnap::Error;
 use blocksnap::image::instance::LaunchOptions;
-use blocksnap::ops::restore::RestoreOptions;
 use blocksnap::server::client::Client;
-use blocksnap::server::remote::{self, Parent, UploadOptions};
+use blocksnap::server::remote::{self, UploadOptions};
 
 use crate::cli::image::ImageCmd;
 use crate::cli::instance::{self, InstanceCmd};
 use crate::cli::output::Out;
-use crate::cli::parse::{PermissionArgs, parse_image, parse_size, parse_snapshot, parse_tag};
+use crate::cli::parse::{
+    PermissionArgs, parent_choice, parse_image, parse_size, parse_snapshot, parse_tags,
+};
 use crate::cli::snapshot::SnapshotCmd;
 use crate::cli::volume::VolumeCmd;
 
 /// `volume restore` from the server.
 pub fn restore(client: &Client, out: &Out, cmd: VolumeCmd) -> Result<u8> {
-    let VolumeCmd::Restore {
-        snapshot,
-        target,
-        force,
-        delta,
-        size,
-        assume_zeroed,
-        format,
-        threads,
-    } = cmd
-    else {
+    let VolumeCmd::Restore(args) = cmd else {
         return not_served(Some("volume"), &cmd);
     };
-    let id = parse_snapshot(&snapshot)?;
-    let opts = RestoreOptions {
-        force,
-        delta,
-        size: size
-            .as_deref()
-            .map(|s| parse_size(s, "--size"))
-            .transpose()?,
-        assume_zeroed,
-        threads,
-        caller: None,
-        format,
-    };
+    let (id, opts) = args.parse(None)?;
     let bar = out.progress();
-    let report = remote::restore(client, &id, &target, &opts, &bar)?;
+    let report = remote::restore(client, &id, &args.target, &opts, &bar)?;
     bar.done();
     out.restore(&report);
     Ok(0)
@@ -141,18 +120,10 @@ pub fn snapshot(client: &Client, out: &Out, cmd: SnapshotCmd) -> Result<u8> {
             if dirty_bitmap.is_some() {
                 return refuse("--dirty-bitmap");
             }
-            let tags = tags
-                .iter()
-                .map(|t| parse_tag(t).map(|t| (t.key, t.value)))
-                .collect::<Result<Vec<_>>>()?;
             let opts = UploadOptions {
-                parent: match (parent, no_parent) {
-                    (Some(p), _) => Parent::Explicit(parse_snapshot(&p)?),
-                    (None, true) => Parent::None,
-                    (None, false) => Parent::Latest,
-                },
+                parent: parent_choice(parent.as_deref(), no_parent)?,
                 description,
-                tags,
+                tags: parse_tags(&tags)?,
                 threads,
             };
             let bar = out.progress();

@@ -19,8 +19,8 @@ use blocksnap::{AccountId, Region};
 
 use crate::cli::output::{Out, print_grants};
 use crate::cli::parse::{
-    EncryptionArgs, PermissionArgs, account_or_self, grantee_or_self, parse_size, parse_snapshot,
-    parse_tag, permission_change,
+    EncryptionArgs, PermissionArgs, account_or_self, grantee_or_self, parent_choice, parse_size,
+    parse_snapshot, parse_tags, permission_change,
 };
 use crate::cli::recycle_bin::restored_from_bin;
 
@@ -167,11 +167,7 @@ pub fn run(
             dirty_bitmap,
             encryption,
         } => {
-            let parent = match (parent, no_parent) {
-                (Some(p), _) => ParentChoice::Explicit(parse_snapshot(&p)?),
-                (None, true) => ParentChoice::None,
-                (None, false) => ParentChoice::Latest,
-            };
+            let parent = parent_choice(parent.as_deref(), no_parent)?;
             let block_size = block_size
                 .as_deref()
                 .map(|s| {
@@ -179,10 +175,7 @@ pub fn run(
                         .and_then(|n| Ok(manifest::validate_block_size(n)?))
                 })
                 .transpose()?;
-            let tags = tags
-                .iter()
-                .map(|t| parse_tag(t))
-                .collect::<Result<Vec<_>>>()?;
+            let tags = parse_tags(&tags)?;
             let lazy_device = instance::lazy_device_of(&volume)?;
             if lazy_device.is_some() || is_overlay(&volume) {
                 if encryption.encrypted || encryption.kms_key_id.is_some() {

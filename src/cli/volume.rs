@@ -96,32 +96,60 @@ pub enum VolumeCmd {
     /// or hole blocks. --delta and block-device targets are written in
     /// place: an interrupted restore leaves them partly written, and a
     /// rerun with --delta finishes the job.
-    Restore {
-        snapshot: String,
-        /// File, block device, NBD URI (nbd://…, nbd+unix://…) or qemu
-        /// image (qcow2…) to restore into
-        target: PathBuf,
-        /// Replace an existing file or overwrite a block device; with
-        /// --delta, accept a target whose size differs from the snapshot's
-        #[arg(long)]
-        force: bool,
-        /// Update an existing file or device in place, writing only blocks that differ
-        #[arg(long)]
-        delta: bool,
-        /// Size of the restored volume (e.g. 20G); at least the snapshot's size
-        #[arg(long, value_name = "BYTES")]
-        size: Option<String>,
-        /// The block device already reads as zeros: skip writing zero blocks
-        #[arg(long)]
-        assume_zeroed: bool,
-        /// Create the new target as an image in this qemu format (qcow2,
-        /// vmdk, vhdx…), written through qemu-nbd [default: raw]
-        #[arg(long, value_name = "FORMAT")]
-        format: Option<String>,
-        /// Worker threads [default: one per core]
-        #[arg(long, default_value_t = 0)]
-        threads: usize,
-    },
+    Restore(RestoreArgs),
+}
+
+/// What `volume restore` takes, wherever the snapshot is read from.
+#[derive(clap::Args, Debug)]
+pub struct RestoreArgs {
+    pub snapshot: String,
+    /// File, block device, NBD URI (nbd://…, nbd+unix://…) or qemu
+    /// image (qcow2…) to restore into
+    pub target: PathBuf,
+    /// Replace an existing file or overwrite a block device; with
+    /// --delta, accept a target whose size differs from the snapshot's
+    #[arg(long)]
+    force: bool,
+    /// Update an existing file or device in place, writing only blocks that differ
+    #[arg(long)]
+    delta: bool,
+    /// Size of the restored volume (e.g. 20G); at least the snapshot's size
+    #[arg(long, value_name = "BYTES")]
+    size: Option<String>,
+    /// The block device already reads as zeros: skip writing zero blocks
+    #[arg(long)]
+    assume_zeroed: bool,
+    /// Create the new target as an image in this qemu format (qcow2,
+    /// vmdk, vhdx…), written through qemu-nbd [default: raw]
+    #[arg(long, value_name = "FORMAT")]
+    format: Option<String>,
+    /// Worker threads [default: one per core]
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
+impl RestoreArgs {
+    /// The snapshot and how to restore it, as `caller` (`None`: the
+    /// server decides).
+    pub fn parse(
+        &self,
+        caller: Option<AccountId>,
+    ) -> Result<(blocksnap::SnapshotId, RestoreOptions)> {
+        let opts = RestoreOptions {
+            force: self.force,
+            delta: self.delta,
+            size: self
+                .size
+                .as_deref()
+                .map(|s| parse_size(s, "--size"))
+                .transpose()?,
+            assume_zeroed: self.assume_zeroed,
+            threads: self.threads,
+            caller,
+            format: self.format.clone(),
+        };
+        Ok((parse_snapshot(&self.snapshot)?, opts))
+    }
 }
 
 pub fn run(region: &Arc<Region>, out: &Out, caller: &AccountId, cmd: VolumeCmd) -> Result<u8> {
@@ -185,31 +213,11 @@ pub fn run(region: &Arc<Region>, out: &Out, caller: &AccountId, cmd: VolumeCmd) 
             fuse::unmount(&dir)?;
             Ok(0)
         }
-        VolumeCmd::Restore {
-            snapshot,
-            target,
-            force,
-            delta,
-            size,
-            assume_zeroed,
-            format,
-            threads,
-        } => {
-            let id = parse_snapshot(&snapshot)?;
-            let opts = RestoreOptions {
-                force,
-                delta,
-                size: size
-                    .as_deref()
-                    .map(|s| parse_size(s, "--size"))
-                    .transpose()?,
-                assume_zeroed,
-                threads,
-                caller: Some(caller.clone()),
-                format,
-            };
+        VolumeCmd::Restore(args) => {
+            let (id, opts) = args.parse(Some(caller.clone()))?;
+            let target = &args.target;
             let bar = out.progress();
-            let report = restore::restore(region, &id, &target, &opts, &bar)?;
+            let report = restore::restore(region, &id, target, &opts, &bar)?;
             bar.done();
             out.restore(&report);
             Ok(0)

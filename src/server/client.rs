@@ -359,8 +359,13 @@ impl Client {
                 sigv4::uri_encode(v, false)
             ));
         }
+        self.post_form("ec2", form, what)
+    }
+
+    /// POSTs a Query API form to `/` and parses the XML answer.
+    fn post_form(&self, service: &'static str, form: String, what: &'static str) -> Result<Xml> {
         let answer = self.send(&Call {
-            service: "ec2",
+            service,
             method: "POST",
             path: "/".into(),
             query: Vec::new(),
@@ -377,21 +382,11 @@ impl Client {
 
     /// The account the access key belongs to (STS `GetCallerIdentity`).
     pub fn account(&self) -> Result<AccountId> {
-        let form = "Action=GetCallerIdentity&Version=2011-06-15";
-        let answer = self.send(&Call {
-            service: "sts",
-            method: "POST",
-            path: "/".into(),
-            query: Vec::new(),
-            headers: vec![(
-                "content-type",
-                "application/x-www-form-urlencoded; charset=utf-8".into(),
-            )],
-            body: form.as_bytes().to_vec(),
-            body_sha256: None,
-            what: "ask who the access key is at",
-        })?;
-        let x = Xml::parse(&answer.body)?;
+        let x = self.post_form(
+            "sts",
+            "Action=GetCallerIdentity&Version=2011-06-15".into(),
+            "ask who the access key is at",
+        )?;
         Ok(x.find("Account")
             .map(|a| a.text.as_str())
             .unwrap_or_default()

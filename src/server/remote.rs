@@ -17,9 +17,11 @@ use serde_json::{Value, json};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::image::{BlockDeviceMapping, DeviceName, EbsMapping, MappingTarget};
 use crate::format::instance::Instance;
+use crate::format::manifest::Tag;
 use crate::id::{ImageId, Namer, SnapshotId, random_id};
 use crate::image::instance::{LaunchOptions, LaunchedImage, launch_with};
 use crate::ops::restore::{BlockSource, RestoreOptions, RestoreReport, restore_from};
+use crate::ops::snapshot::ParentChoice;
 use crate::progress::Progress;
 use crate::store::pool::thread_pool;
 use crate::volume::blocks::{BlockPos, Content, Cut, scan, steady};
@@ -45,20 +47,12 @@ fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
-/// Which snapshot an upload is incremental against.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Parent {
-    /// The newest of yours uploaded from the same volume path.
-    Latest,
-    None,
-    Explicit(SnapshotId),
-}
-
 #[derive(Debug, Clone)]
 pub struct UploadOptions {
-    pub parent: Parent,
+    /// `Latest`: the newest of yours uploaded from the same volume path.
+    pub parent: ParentChoice,
     pub description: String,
-    pub tags: Vec<(String, String)>,
+    pub tags: Vec<Tag>,
     /// Requests in flight; 0: [`DEFAULT_STREAMS`].
     pub threads: usize,
 }
@@ -247,9 +241,9 @@ pub fn upload(
     let size = volume.size();
     let gib = size.div_ceil(GIB).max(1);
     let parent = match &opts.parent {
-        Parent::None => None,
-        Parent::Explicit(id) => Some(id.clone()),
-        Parent::Latest => latest_of(client, &source)?,
+        ParentChoice::None => None,
+        ParentChoice::Explicit(id) => Some(id.clone()),
+        ParentChoice::Latest => latest_of(client, &source)?,
     };
     let parent = match &parent {
         Some(id) => Some(Remote::open(client, id, None)?),
@@ -258,7 +252,7 @@ pub fn upload(
     let mut tags: Vec<Value> = opts
         .tags
         .iter()
-        .map(|(k, v)| json!({"Key": k, "Value": v}))
+        .map(|t| json!({"Key": t.key, "Value": t.value}))
         .collect();
     tags.push(json!({"Key": SOURCE_TAG, "Value": source}));
     let mut start = json!({

@@ -144,6 +144,23 @@ fn aws_fails(cli: &Path, server: &Server, key: &Key, args: &[&str], code: &str) 
     err
 }
 
+/// `aws ebs start-snapshot` of 1 GiB with client token `token`.
+fn start_with_token(cli: &Path, server: &Server, key: &Key, token: &str) -> Value {
+    aws_ok(
+        cli,
+        server,
+        key,
+        &[
+            "ebs",
+            "start-snapshot",
+            "--volume-size",
+            "1",
+            "--client-token",
+            token,
+        ],
+    )
+}
+
 /// Uploads `image` with botocore; returns the snapshot id.
 fn upload(cli: &Path, server: &Server, key: &Key, image: &Path, extra: &[&str]) -> String {
     let python = cli.with_file_name("python3");
@@ -359,21 +376,7 @@ fn an_upload_is_checked_before_it_is_kept() {
     env.ok(&["store", "stats"]);
     let alice = create_account(&env, "alice");
     let server = Server::start(&env);
-    let start = |token: &str| {
-        aws_ok(
-            &cli,
-            &server,
-            &alice,
-            &[
-                "ebs",
-                "start-snapshot",
-                "--volume-size",
-                "1",
-                "--client-token",
-                token,
-            ],
-        )
-    };
+    let start = |token: &str| start_with_token(&cli, &server, &alice, token);
     let started = start("token-1");
     assert_eq!(started["Status"], "pending");
     assert_eq!(started["OwnerId"], alice.account.as_str());
@@ -992,19 +995,7 @@ fn a_server_killed_mid_upload_shows_no_partial_snapshot_and_carries_on_when_rest
     let alice = create_account(&env, "alice");
     let mut server = Server::start(&env);
     let start = |server: &Server, token: &str| {
-        let v = aws_ok(
-            &cli,
-            server,
-            &alice,
-            &[
-                "ebs",
-                "start-snapshot",
-                "--volume-size",
-                "1",
-                "--client-token",
-                token,
-            ],
-        );
+        let v = start_with_token(&cli, server, &alice, token);
         v["SnapshotId"].as_str().unwrap().to_string()
     };
     let put = |server: &Server, snap: &str, index: &str, data: &Path| {
