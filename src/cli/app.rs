@@ -59,8 +59,9 @@ pub struct Global {
     pub account: Option<String>,
     /// Send the command to a `blocksnap serve` at URL, signed with
     /// AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (AWS_CA_BUNDLE: a CA to
-    /// trust); the key decides the account
-    #[arg(long, global = true, env = "BLOCKSNAP_ENDPOINT", value_name = "URL")]
+    /// trust); the key decides the account. Given before the command:
+    /// `region add --endpoint` is an S3 endpoint
+    #[arg(long, env = "BLOCKSNAP_ENDPOINT", value_name = "URL")]
     pub endpoint: Option<String>,
     /// Print one JSON document in AWS CLI shapes
     #[arg(long, global = true)]
@@ -179,7 +180,10 @@ pub fn run(cli: Cli) -> Result<u8> {
     let settings = blocksnap::settings::Settings::from_vars(|n| std::env::var(n).ok())?;
     blocksnap::settings::install(settings);
     let mut out = Out::new(g.json, g.quiet);
-    if let Some(endpoint) = g.endpoint.as_deref().filter(|e| !e.is_empty()) {
+    // `region add --endpoint` names an S3 endpoint: region definitions are
+    // never sent to a server.
+    let served = !matches!(&cli.command, Command::Region(_));
+    if let Some(endpoint) = g.endpoint.as_deref().filter(|e| served && !e.is_empty()) {
         if g.account.is_some() {
             return Err(Error::InvalidArgument(format!(
                 "--account with --endpoint {endpoint}: the server takes the account from your \

@@ -8,6 +8,7 @@
 //! token of this server names the block's content (see [`token`]), so
 //! hashing the local block tells whether the server already holds it.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use base64::Engine;
@@ -70,13 +71,14 @@ pub struct Uploaded {
     pub bytes_sent: u64,
 }
 
-/// A snapshot on the server, as its block list: an index's token, or
-/// `None` where the block reads as zeros.
+/// A snapshot on the server, as its block list: the token of each data
+/// block (kept only for those, so a mostly empty volume costs what its
+/// data costs); any other block reads as zeros.
 pub struct Remote<'a> {
     client: &'a Client,
     id: SnapshotId,
     volume_size: u64,
-    tokens: Vec<Option<String>>,
+    tokens: HashMap<u64, String>,
     /// For a launch: the image whose launch permission allows the reads.
     image: Option<ImageId>,
 }
@@ -88,7 +90,7 @@ impl<'a> Remote<'a> {
         id: &SnapshotId,
         image: Option<&ImageId>,
     ) -> Result<Remote<'a>> {
-        let mut tokens: Vec<Option<String>> = Vec::new();
+        let mut tokens = HashMap::new();
         let mut next: Option<String> = None;
         let mut volume_size;
         loop {
@@ -113,21 +115,18 @@ impl<'a> Remote<'a> {
                 .json()?;
             let gib = page["VolumeSize"].as_u64().unwrap_or(0);
             volume_size = gib * GIB;
-            tokens.resize((volume_size / BLOCK as u64) as usize, None);
             for b in page["Blocks"].as_array().into_iter().flatten() {
                 let (Some(i), Some(t)) = (b["BlockIndex"].as_u64(), b["BlockToken"].as_str())
                 else {
                     continue;
                 };
-                match tokens.get_mut(i as usize) {
-                    Some(slot) => *slot = Some(t.to_string()),
-                    None => {
-                        return Err(Error::InvalidArgument(format!(
-                            "{} lists block {i} of {id}, past its {gib} GiB",
-                            client.endpoint()
-                        )));
-                    }
+                if i >= volume_size / BLOCK as u64 {
+                    return Err(Error::InvalidArgument(format!(
+                        "{} lists block {i} of {id}, past its {gib} GiB",
+                        client.endpoint()
+                    )));
                 }
+                tokens.insert(i, t.to_string());
             }
             match page["NextToken"].as_str() {
                 Some(n) => next = Some(n.to_string()),
@@ -145,7 +144,7 @@ impl<'a> Remote<'a> {
 
     /// The server holds `content` at `index` already.
     fn has(&self, index: usize, content: &Content<'_>) -> bool {
-        let listed = self.tokens.get(index).and_then(Option::as_deref);
+        let listed = self.tokens.get(&(index as u64)).map(String::as_str);
         match (content, listed) {
             (Content::Data { id, .. }, Some(t)) => token(&self.id, index as u64, id) == t,
             (Content::Data { .. }, None) => false,
@@ -168,22 +167,21 @@ impl BlockSource for Remote<'_> {
     }
 
     fn block_count(&self) -> usize {
-        self.tokens.len()
+        (self.volume_size / BLOCK as u64) as usize
     }
 
     fn has_data(&self, index: usize) -> bool {
-        self.tokens[index].is_some()
+        self.tokens.contains_key(&(index as u64))
     }
 
     /// `GetSnapshotBlock`, its length and SHA-256 checked.
     fn fetch(&self, pos: BlockPos, buf: &mut Vec<u8>) -> Result<()> {
-        let index = pos.index as usize;
-        let mut query = vec![(
-            "blockToken",
-            self.tokens[index]
-                .clone()
-                .expect("only data blocks are fetched"),
-        )];
+        let index = pos.index;
+        let token = self
+            .tokens
+            .get(&index)
+            .expect("only data blocks are fetched");
+        let mut query = vec![("blockToken", token.clone())];
         if let Some(ami) = &self.image {
             query.push((LAUNCH_PARAM, ami.to_string()));
         }
@@ -339,9 +337,13 @@ pub fn upload(
     // data there.
     let blocks = size.div_ceil(BLOCK as u64);
     if let Some(p) = &parent {
-        let tail: Vec<u64> = (blocks..p.tokens.len() as u64)
-            .filter(|&i| p.tokens[i as usize].is_some() && i < gib * GIB / BLOCK as u64)
+        let mut tail: Vec<u64> = p
+            .tokens
+            .keys()
+            .copied()
+            .filter(|&i| i >= blocks && i < gib * GIB / BLOCK as u64)
             .collect();
+        tail.sort_unstable();
         let shas = pool.install(|| {
             tail.par_iter()
                 .map(|&i| put(i, &[]).map(|s| (i, s)))
