@@ -120,6 +120,18 @@ pub fn snapshot(client: &Client, out: &Out, cmd: SnapshotCmd) -> Result<u8> {
             if dirty_bitmap.is_some() {
                 return refuse("--dirty-bitmap");
             }
+            // An overlay holds only what was written over its snapshot:
+            // read raw, the rest would be sent as zeros.
+            if blocksnap::image::instance::lazy_device_of(&volume)?.is_some()
+                || blocksnap::lazy::overlay::is_overlay(&volume)
+            {
+                return Err(Error::InvalidArgument(format!(
+                    "{} is a lazy volume, which holds only what was written over its snapshot: \
+                     snapshot it on the server's machine, without --endpoint",
+                    volume.display()
+                ))
+                .into());
+            }
             let opts = UploadOptions {
                 parent: parent_choice(parent.as_deref(), no_parent)?,
                 description,

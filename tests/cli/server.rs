@@ -1697,6 +1697,28 @@ fn the_cli_through_an_endpoint_snapshots_restores_and_launches() {
         "/dev/xvdb=ephemeral0",
     ]);
     let ami = reg["ImageId"].as_str().unwrap().to_string();
+    // A lazy volume holds only what was written over its snapshot: it is
+    // never uploaded raw.
+    let lazy = env.path("lazy-vm");
+    env.ok(&[
+        "--account",
+        &alice.account,
+        "instance",
+        "launch",
+        &ami,
+        s(&lazy),
+        "--lazy",
+    ]);
+    for f in ["xvda.img", "xvda.overlay"] {
+        let err = remote_fails(
+            &env,
+            &server,
+            &alice,
+            &["snapshot", "create", s(&lazy.join(f))],
+            2,
+        );
+        assert!(err.contains("lazy volume"), "{err}");
+    }
     let dir = env.path("vm");
     remote_fails(
         &env,
