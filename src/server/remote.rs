@@ -306,7 +306,9 @@ pub fn upload(
             len: size,
             block_size: BLOCK,
             namer: Namer::Plain,
-            map: true,
+            // As a local create: mapped only where most blocks are hashed
+            // and found unchanged.
+            map: parent.is_some(),
         },
         &pool,
         progress,

@@ -135,7 +135,11 @@ pub fn scan<T: Send>(
         }
         let start = first * block_size as u64;
         let end = (start + (count * bs) as u64).min(len);
-        let view = if in_place {
+        // A window of holes is not mapped: the mapping's read-ahead advice
+        // would fill the page cache with their zeros (an incremental of a
+        // 64 GiB volume holding 12 MiB took 19 s doing so, against 0.1 s
+        // for its full snapshot).
+        let view = if in_place && slots.iter().any(|(_, has_data, _)| *has_data) {
             volume.map(start, (end - start) as usize)
         } else {
             None
