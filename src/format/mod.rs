@@ -24,6 +24,8 @@
 //! | `policies/<policy>.state.json`           | `blocksnap-lifecycle-policy-state`      | 1       | [`lifecycle`]  |
 //! | `recycle-bin/rules/<rule>.json`          | `blocksnap-retention-rule`              | 1       | [`lifecycle`]  |
 //! | `recycle-bin/{snapshots,images}/<id>.json` | `blocksnap-recycle-bin-entry`         | 1       | [`lifecycle`]  |
+//! | `server/accounts.json` (the store's root) | JSON with `format`                     | 1       | `server::accounts` |
+//! | `server/uploads/<snap>/start.json`, `blocks` | `blocksnap-upload`; lines `INDEX SHA256 KIND CHUNK RAW STORED` | 1 | `server::ebs` |
 //!
 //! # The rule: never modify, only add
 //!

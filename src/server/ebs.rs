@@ -53,8 +53,12 @@ pub const MAX_PENDING: usize = 100;
 /// kept as the snapshot's source so the next snapshot of that volume finds
 /// its parent.
 pub const SOURCE_TAG: &str = "blocksnap:source";
-/// The files of an upload's journal.
+/// The files of an upload's journal, and the format of `start.json`
+/// (`blocks` lines are `INDEX SHA256 KIND CHUNK RAW STORED`, see
+/// [`encode_block`]).
 const START_FILE: &str = "start.json";
+const JOURNAL_FORMAT: &str = "blocksnap-upload";
+const JOURNAL_VERSION: u32 = 1;
 const BLOCKS_FILE: &str = "blocks";
 /// How long a `ClientToken` keeps answering with its snapshot.
 const TOKEN_MEMORY: Duration = Duration::from_secs(24 * 3600);
@@ -155,6 +159,10 @@ impl Uploads {
             };
             match self.recover_one(&id, &e.path(), open_region) {
                 Ok(blocks) => said.push(format!("upload {id} carries on ({blocks} blocks kept)")),
+                // Left as it is for the blocksnap that wrote it.
+                Err(e @ Error::UnsupportedVersion { .. }) => {
+                    said.push(format!("upload {id} left alone: {e}"))
+                }
                 Err(why) => {
                     let _ = std::fs::remove_dir_all(e.path());
                     said.push(format!("upload {id} dropped: {why}"));
@@ -175,6 +183,18 @@ impl Uploads {
             &std::fs::read(dir.join(START_FILE)).map_err(|_| bad("has no start"))?,
         )
         .map_err(|_| bad("start is damaged"))?;
+        if start["Format"].as_str() != Some(JOURNAL_FORMAT) {
+            return Err(bad("start is not an upload's"));
+        }
+        let version = start["Version"].as_u64().unwrap_or(0);
+        if version > JOURNAL_VERSION as u64 {
+            return Err(Error::UnsupportedVersion {
+                what: "upload journal",
+                location: dir.join(START_FILE).into(),
+                found: version as u32,
+                supported: JOURNAL_VERSION,
+            });
+        }
         let text = |k: &str| start[k].as_str().map(str::to_string);
         let region = open_region(&text("Region").ok_or_else(|| bad("names no region"))?)?;
         let owner: AccountId = text("Owner")
@@ -274,6 +294,8 @@ impl Uploads {
         let dir = dir.join(id.as_str());
         std::fs::create_dir_all(&dir).ctx("create", &dir)?;
         let start = json!({
+            "Format": JOURNAL_FORMAT,
+            "Version": JOURNAL_VERSION,
             "Region": p.region.name(),
             "Owner": p.owner.to_string(),
             "VolumeSize": p.volume_size,

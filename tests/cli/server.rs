@@ -1817,3 +1817,54 @@ fn the_cli_through_an_endpoint_snapshots_restores_and_launches() {
     assert!(err.contains("blocksnap serve"), "{err}");
     assert!(!server.log().contains(&alice.secret));
 }
+
+#[test]
+fn frozen_server_formats_still_read() {
+    // testdata/v6-server: the key file and the journal of an upload a
+    // killed server left, one block written (see its README).
+    const ACCOUNT: &str = "034113131889";
+    const KEY: &str = "AKIASV6QXD5ZTXLWSFSC:HR4TdPprlCVus34bmCfLSTxMvvjsGxsWM2WV+Qz0";
+    const SNAP: &str = "snap-a1c0c703eff1c23af";
+    let env = Env::new();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/v6-server/store");
+    sh_ok(&format!(
+        "mkdir -p '{0}' && cp -r '{1}/.' '{0}/' && chmod 700 '{0}/server' && \
+         chmod 600 '{0}/server/accounts.json'",
+        env.store().display(),
+        fixture.display()
+    ));
+    let listed = env.json(&["account", "list"]);
+    assert!(listed.to_string().contains(ACCOUNT), "{listed}");
+    // A journal of a newer blocksnap is left for it, not dropped.
+    let newer = env.store().join("server/uploads/snap-0123456789abcdef0");
+    std::fs::create_dir_all(&newer).unwrap();
+    std::fs::write(
+        newer.join("start.json"),
+        r#"{"Format": "blocksnap-upload", "Version": 99}"#,
+    )
+    .unwrap();
+    let server = Server::start(&env);
+    assert!(server.log().contains("left alone"), "{}", server.log());
+    assert!(newer.join("start.json").exists());
+    assert!(
+        server
+            .log()
+            .contains(&format!("upload {SNAP} carries on (1 blocks kept)")),
+        "{}",
+        server.log()
+    );
+    let completed = sh_ok(&format!(
+        "curl -s -o /dev/null -w '%{{http_code}}' --aws-sigv4 'aws:amz:local:ebs' --user '{KEY}' \
+         -X POST -H 'x-amz-changedblockscount: 1' '{}/snapshots/completion/{SNAP}'",
+        server.url
+    ));
+    assert_eq!(completed.trim(), "202");
+    let out = env.path("out.img");
+    env.ok(&["--account", ACCOUNT, "volume", "restore", SNAP, s(&out)]);
+    let want = env.path("want.img");
+    let block: Vec<u8> = (0..512 << 10).map(|i| (i % 251) as u8 + 1).collect();
+    let f = std::fs::File::create(&want).unwrap();
+    f.set_len(1 << 30).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &block, 3 * (512 << 10)).unwrap();
+    assert_same(&want, &out);
+}
