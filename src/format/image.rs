@@ -18,6 +18,7 @@ pub const IMAGE_FORMAT: &str = "blocksnap-image";
 pub const LAUNCH_FORMAT: &str = "blocksnap-launch-permissions";
 pub const STATE_FORMAT: &str = "blocksnap-image-state";
 pub const SNAPSHOT_PERMISSIONS_FORMAT: &str = "blocksnap-create-volume-permissions";
+pub const TAGS_FORMAT: &str = "blocksnap-tags";
 /// The most bytes any of these files may hold.
 pub const MAX_JSON: u64 = 1 << 20;
 /// One GiB, the unit of EBS volume sizes.
@@ -245,6 +246,43 @@ pub fn encode_permissions(p: &LaunchPermissions) -> Vec<u8> {
 /// Encodes an image state file.
 pub fn encode_state(s: &StateRecord) -> Vec<u8> {
     envelope::encode(STATE_FORMAT, s)
+}
+
+/// The tags of a snapshot or image as `CreateTags` left them
+/// (`snapshot-tags/<snap>.json`, `images/<ami>.tags.json`): they replace
+/// the tags it was made with.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct TagRecord {
+    pub tags: Vec<crate::format::manifest::Tag>,
+}
+
+impl TagRecord {
+    /// `old` with `new` added: a key already there takes the new value
+    /// (`CreateTags`).
+    pub fn merged(
+        old: &[crate::format::manifest::Tag],
+        new: &[crate::format::manifest::Tag],
+    ) -> Self {
+        let mut tags = old.to_vec();
+        for t in new {
+            match tags.iter_mut().find(|o| o.key == t.key) {
+                Some(o) => o.value = t.value.clone(),
+                None => tags.push(t.clone()),
+            }
+        }
+        TagRecord { tags }
+    }
+}
+
+/// Decodes a tags file.
+pub fn decode_tags(bytes: &[u8], at: &Location) -> Result<TagRecord> {
+    envelope::decode(bytes, TAGS_FORMAT, "tags", at)
+}
+
+/// Encodes a tags file.
+pub fn encode_tags(t: &TagRecord) -> Vec<u8> {
+    envelope::encode(TAGS_FORMAT, t)
 }
 
 /// Encodes a snapshot permissions file.

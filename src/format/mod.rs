@@ -13,6 +13,7 @@
 //! | `images/<ami>.launch.json`               | `blocksnap-launch-permissions`          | 1       | [`image`]      |
 //! | `images/<ami>.state.json`                | `blocksnap-image-state`                 | 1       | [`image`]      |
 //! | `snapshot-permissions/<snap>.json`       | `blocksnap-create-volume-permissions`   | 1       | [`image`]      |
+//! | `snapshot-tags/<snap>.json`, `images/<ami>.tags.json` | `blocksnap-tags`          | 1       | [`image`]      |
 //! | `store.json` (a region's root)           | `blocksnap-region`                      | 1; 2 two-digit fan-out | [`region`] |
 //! | `regions.json` (the store's root)        | `blocksnap-regions`                     | 1       | [`regions`]    |
 //! | `instance.json` (an instance directory)  | `blocksnap-instance` (absent: 1)        | 1, 2    | [`instance`]   |

@@ -6,17 +6,17 @@ use std::time::SystemTime;
 
 use crate::error::{Error, Result};
 use crate::format::image::{
-    BlockDeviceMapping, DeviceName, Image, ImageState, LaunchPermissions, StateRecord,
+    BlockDeviceMapping, DeviceName, Image, ImageState, LaunchPermissions, StateRecord, TagRecord,
 };
 use crate::format::lifecycle::{BinEntry, ResourceType};
-use crate::format::manifest::Tag;
+use crate::format::manifest::{Tag, validate_labels};
 use crate::id::{AccountId, ImageId, SnapshotId};
 use crate::image::rules::{check_labels, check_name_free, host_architecture, validate_mappings};
 use crate::ops::access::{Deleted, check_no_lazy_volume, remove_or_bin};
 use crate::ops::recycle::{entry_for, keeping_rule, require_bin_owner};
 use crate::region::catalog::Region;
 use crate::region::images::{
-    self, ImageView, read, users_of, write_new, write_permissions, write_state,
+    self, ImageView, read, users_of, write_new, write_permissions, write_state, write_tags,
 };
 use crate::region::permissions::{Grantee, Grants, PermissionChange};
 use crate::region::recycle::{remove_entry, write_entry};
@@ -34,6 +34,23 @@ pub fn read_launchable(
     view.require_launch(caller, action)?;
     view.require_available()?;
     Ok(view)
+}
+
+/// Adds tags to image `id`, replacing the values of keys it has; owner
+/// only (CreateTags). Returns its tags now.
+pub fn create_tags(
+    region: &Region,
+    id: &ImageId,
+    caller: &AccountId,
+    tags: &[Tag],
+) -> Result<Vec<Tag>> {
+    let _catalog = region.catalog_lock("create tags")?;
+    let view = read(region, id)?;
+    view.require_owner(caller, "tag")?;
+    let record = TagRecord::merged(&view.image.tags, tags);
+    validate_labels(&view.image.description, &record.tags)?;
+    write_tags(region, id, &record.tags)?;
+    Ok(record.tags)
 }
 
 /// What `register` needs beyond the mappings.

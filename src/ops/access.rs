@@ -14,12 +14,12 @@ use std::time::SystemTime;
 
 use crate::error::{Error, Location, Result};
 use crate::format::dirty_map::{DirtyHeader, HEADER_LEN, MapKind};
-use crate::format::image::CreateVolumePermissions;
+use crate::format::image::{CreateVolumePermissions, TagRecord, encode_tags};
 use crate::format::lifecycle::{BinEntry, ResourceType};
-use crate::format::manifest::SnapshotMeta;
+use crate::format::manifest::{SnapshotMeta, Tag, validate_labels};
 use crate::id::{AccountId, SnapshotId};
 use crate::ops::recycle::{bin_snapshot, keeping_rule};
-use crate::region::catalog::Region;
+use crate::region::catalog::{Region, tags_key};
 use crate::region::images::check_snapshot_unused;
 use crate::region::permissions::{self, Grantee, Grants, PermissionChange};
 use crate::store::pool::map_io;
@@ -61,6 +61,31 @@ fn check_owned(
     action: &'static str,
 ) -> Result<()> {
     require_owner(&region.read_snapshot_meta(id)?, caller, action)
+}
+
+/// Adds tags to snapshot `id`, replacing the values of keys it has;
+/// owner only (CreateTags). Returns its tags now. An encrypted snapshot's
+/// tags are sealed in its manifest with it, and do not change.
+pub fn create_tags(
+    region: &Region,
+    id: &SnapshotId,
+    caller: &AccountId,
+    tags: &[Tag],
+) -> Result<Vec<Tag>> {
+    let _catalog = region.catalog_lock("create tags")?;
+    let meta = region.read_snapshot_meta(id)?;
+    require_owner(&meta, caller, "tag")?;
+    if meta.kms_key_id.is_some() {
+        return Err(Error::InvalidArgument(format!(
+            "{id} is encrypted: its tags are sealed in it under its key and cannot change"
+        )));
+    }
+    let record = TagRecord::merged(&meta.tags, tags);
+    validate_labels(&meta.description, &record.tags)?;
+    region
+        .backend()
+        .replace(&tags_key(id), &encode_tags(&record))?;
+    Ok(record.tags)
 }
 
 /// The create-volume permissions of snapshot `id`; owner only

@@ -9,6 +9,7 @@ use std::path::Path;
 use std::time::SystemTime;
 
 use crate::error::{Error, IoContext, Location, Result};
+use crate::format::image::{MAX_JSON, decode_tags};
 use crate::format::lease::{self, Lease, MAX_LEASE};
 use crate::format::manifest::{self, Manifest, SnapshotMeta};
 use crate::format::region::{
@@ -24,6 +25,11 @@ use crate::store::chunk_store::ChunkStore;
 use crate::store::pool::map_io;
 use crate::store::sealed::Keyed;
 use crate::sys::LockMode;
+
+/// Where the tags `CreateTags` gave a snapshot live, beside its manifest.
+pub fn tags_key(id: &SnapshotId) -> String {
+    format!("snapshot-tags/{id}.json")
+}
 
 /// Where a snapshot's create-volume permissions live, beside its manifest.
 pub fn permissions_key(id: &SnapshotId) -> String {
@@ -245,9 +251,24 @@ impl Region {
     pub fn read_snapshot(&self, id: &SnapshotId) -> Result<Manifest> {
         let (bytes, path) = self.manifest_bytes(id)?;
         let keys = self.keys();
-        let m = Manifest::decode_with(&bytes, &path, &|k| keys.data_key(k))?;
+        let mut m = Manifest::decode_with(&bytes, &path, &|k| keys.data_key(k))?;
         self.check_name(&m.meta, id, &path)?;
+        self.current_tags(&mut m.meta)?;
         Ok(m)
+    }
+
+    /// Replaces `meta`'s tags with those `CreateTags` gave it, if any (an
+    /// encrypted snapshot's tags are sealed in its manifest and never
+    /// changed).
+    fn current_tags(&self, meta: &mut SnapshotMeta) -> Result<()> {
+        if meta.sealed || meta.kms_key_id.is_some() {
+            return Ok(());
+        }
+        let key = tags_key(&meta.id);
+        if let Some(b) = self.backend.read(&key, "tags", MAX_JSON)? {
+            meta.tags = decode_tags(&b, &self.backend.locate(&key))?.tags;
+        }
+        Ok(())
     }
 
     /// The distinct chunk names snapshot `id` holds, read without a key.
@@ -306,8 +327,9 @@ impl Region {
             Some(k) => self.keys().data_key_at_hand(&k)?,
             None => None,
         };
-        let meta = Manifest::decode_meta(&head, &path, file_len, key.as_deref())?;
+        let mut meta = Manifest::decode_meta(&head, &path, file_len, key.as_deref())?;
         self.check_name(&meta, id, &path)?;
+        self.current_tags(&mut meta)?;
         Ok(meta)
     }
 
@@ -377,6 +399,7 @@ impl Region {
     pub fn purge_binned_snapshot(&self, id: &SnapshotId) -> Result<()> {
         self.backend.remove(&binned_snapshot_key(id))?;
         self.backend.remove(&permissions_key(id))?;
+        self.backend.remove(&tags_key(id))?;
         Ok(())
     }
 
@@ -384,6 +407,7 @@ impl Region {
     pub fn delete_snapshot(&self, id: &SnapshotId) -> Result<()> {
         if self.backend.remove(&Self::snapshot_key(id))? {
             self.backend.remove(&permissions_key(id))?;
+            self.backend.remove(&tags_key(id))?;
             Ok(())
         } else {
             Err(self.not_found(id))

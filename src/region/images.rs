@@ -13,10 +13,12 @@ use std::time::SystemTime;
 
 use crate::error::{Error, Result};
 use crate::format::image::{
-    Image, ImageState, LaunchPermissions, MAX_JSON, StateRecord, decode_image, decode_permissions,
-    decode_state, encode_image, encode_permissions, encode_state,
+    Image, ImageState, LaunchPermissions, MAX_JSON, StateRecord, TagRecord, decode_image,
+    decode_permissions, decode_state, decode_tags, encode_image, encode_permissions, encode_state,
+    encode_tags,
 };
 use crate::format::lifecycle::{BinEntry, ResourceType};
+use crate::format::manifest::Tag;
 use crate::id::{AccountId, ImageId, SnapshotId};
 use crate::region::catalog::Region;
 use crate::region::permissions::Grants;
@@ -33,6 +35,11 @@ pub fn launch_key(id: &ImageId) -> String {
 
 pub fn state_key(id: &ImageId) -> String {
     format!("images/{id}.state.json")
+}
+
+/// Where the tags `CreateTags` gave an image live.
+pub fn tags_key(id: &ImageId) -> String {
+    format!("images/{id}.tags.json")
 }
 
 /// An image with its mutable attributes, as `describe` shows it.
@@ -104,7 +111,7 @@ pub fn read(region: &Region, id: &ImageId) -> Result<ImageView> {
             id: id.clone(),
             region: region.name().to_string(),
         })?;
-    let image = decode_image(&bytes, &path)?;
+    let mut image = decode_image(&bytes, &path)?;
     if &image.image_id != id {
         return Err(Error::CorruptFile {
             what: "image manifest",
@@ -120,6 +127,9 @@ pub fn read(region: &Region, id: &ImageId) -> Result<ImageView> {
         Some(b) => decode_permissions(&b, &store.locate(&launch_key(id)))?,
         None => LaunchPermissions::default(),
     };
+    if let Some(b) = store.read(&tags_key(id), "tags", MAX_JSON)? {
+        image.tags = decode_tags(&b, &store.locate(&tags_key(id)))?.tags;
+    }
     Ok(ImageView {
         image,
         state,
@@ -177,6 +187,16 @@ pub fn write_state(region: &Region, id: &ImageId, state: &StateRecord) -> Result
     region
         .backend()
         .replace(&state_key(id), &encode_state(state))
+}
+
+/// Replaces the tags of image `id` (`CreateTags`).
+pub fn write_tags(region: &Region, id: &ImageId, tags: &[Tag]) -> Result<()> {
+    let record = TagRecord {
+        tags: tags.to_vec(),
+    };
+    region
+        .backend()
+        .replace(&tags_key(id), &encode_tags(&record))
 }
 
 pub fn write_permissions(region: &Region, id: &ImageId, p: &LaunchPermissions) -> Result<()> {

@@ -5,7 +5,7 @@
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::image::{LaunchPermission, MappingTarget};
-use crate::format::manifest::SnapshotMeta;
+use crate::format::manifest::{SnapshotMeta, Tag};
 use crate::id::{AccountId, ImageId, SnapshotId};
 use crate::image::ops as images;
 use crate::ops::access;
@@ -66,6 +66,7 @@ pub fn answer(
         "DeregisterImage" => deregister_image(region, caller, p),
         "RegisterImage" => register_image(region, caller, p),
         "CopyImage" => copy_image(region, caller, p, open_region),
+        "CreateTags" => create_tags(region, caller, p),
         "" => {
             return Err(error(400, "MissingAction", "the request names no Action"));
         }
@@ -81,6 +82,46 @@ pub fn answer(
         Ok(inner) => Ok(response(action, &inner)),
         Err(e) => Err(from_error(&e, action)),
     }
+}
+
+/// `CreateTags`: `ResourceId.N` (snapshots and images of the caller's),
+/// `Tag.N.Key` and `Tag.N.Value`; each resource in turn.
+fn create_tags(region: &Region, caller: &AccountId, p: &Params) -> Result<String> {
+    let resources = list(p, "ResourceId");
+    if resources.is_empty() {
+        return Err(Error::InvalidArgument(
+            "MissingParameter: ResourceId.1 is required".into(),
+        ));
+    }
+    let tags: Vec<Tag> = (1..)
+        .map_while(|i| {
+            let key = p.get(&format!("Tag.{i}.Key"))?;
+            Some(Tag {
+                key: key.clone(),
+                value: p
+                    .get(&format!("Tag.{i}.Value"))
+                    .cloned()
+                    .unwrap_or_default(),
+            })
+        })
+        .collect();
+    if tags.is_empty() {
+        return Err(Error::InvalidArgument(
+            "MissingParameter: Tag.1.Key is required".into(),
+        ));
+    }
+    for r in &resources {
+        if r.starts_with("ami-") {
+            images::create_tags(region, &r.parse()?, caller, &tags)?;
+        } else if r.starts_with("snap-") {
+            access::create_tags(region, &r.parse()?, caller, &tags)?;
+        } else {
+            return Err(Error::InvalidArgument(format!(
+                "{r} is neither a snapshot nor an image, the only resources this server tags"
+            )));
+        }
+    }
+    Ok("<return>true</return>".into())
 }
 
 /// STS `GetCallerIdentity`: the account of the request's access key.

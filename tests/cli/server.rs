@@ -1820,8 +1820,9 @@ fn the_cli_through_an_endpoint_snapshots_restores_and_launches() {
 
 #[test]
 fn frozen_server_formats_still_read() {
-    // testdata/v6-server: the key file and the journal of an upload a
-    // killed server left, one block written (see its README).
+    // testdata/v6-server: the key file, the journal of an upload a killed
+    // server left, one block written, and the tags CreateTags gave the
+    // snapshot it becomes (see its README).
     const ACCOUNT: &str = "034113131889";
     const KEY: &str = "AKIASV6QXD5ZTXLWSFSC:HR4TdPprlCVus34bmCfLSTxMvvjsGxsWM2WV+Qz0";
     const SNAP: &str = "snap-a1c0c703eff1c23af";
@@ -1861,10 +1862,143 @@ fn frozen_server_formats_still_read() {
     assert_eq!(completed.trim(), "202");
     let out = env.path("out.img");
     env.ok(&["--account", ACCOUNT, "volume", "restore", SNAP, s(&out)]);
+    // The tags `CreateTags` left (`blocksnap-tags` 1) replace its own.
+    let described = env.json(&["--account", ACCOUNT, "snapshot", "describe", SNAP]);
+    let tags = described["Snapshots"][0]["Tags"].to_string();
+    assert!(
+        tags.contains("\"frozen\"") && tags.contains("\"fixture\""),
+        "{tags}"
+    );
     let want = env.path("want.img");
     let block: Vec<u8> = (0..512 << 10).map(|i| (i % 251) as u8 + 1).collect();
     let f = std::fs::File::create(&want).unwrap();
     f.set_len(1 << 30).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&f, &block, 3 * (512 << 10)).unwrap();
     assert_same(&want, &out);
+}
+
+#[test]
+fn create_tags_changes_the_tags_every_reader_sees() {
+    let Some(cli) = aws_cli() else { return };
+    let env = Env::new();
+    env.ok(&["store", "stats"]);
+    let alice = create_account(&env, "alice");
+    let bob = create_account(&env, "bob");
+    let server = Server::start(&env);
+    let img = env.path("small.img");
+    std::fs::write(&img, crate::util::random_bytes(4, MIB as usize)).unwrap();
+    let snap = upload(&cli, &server, &alice, &img, &[]);
+    let reg = env.json(&[
+        "--account",
+        &alice.account,
+        "image",
+        "register",
+        "--name",
+        "tagged",
+        "--map",
+        &format!("/dev/xvda={snap}"),
+        "--tag",
+        "env=test",
+    ]);
+    let ami = reg["ImageId"].as_str().unwrap().to_string();
+    let tag = |key: &Key, resources: &[&str], tags: &[&str]| {
+        let mut args = vec!["ec2", "create-tags", "--resources"];
+        args.extend_from_slice(resources);
+        args.push("--tags");
+        args.extend_from_slice(tags);
+        aws(&cli, &server, key, &args)
+    };
+    let done = tag(
+        &alice,
+        &[&snap, &ami],
+        &["Key=team,Value=db", "Key=env,Value=prod"],
+    );
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    // A key given again takes the new value.
+    assert!(
+        tag(&alice, &[&snap], &["Key=team,Value=web"])
+            .status
+            .success()
+    );
+    let tags_of = |v: &Value| {
+        let mut t: Vec<(String, String)> = v["Tags"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|t| {
+                let text = |k: &str| t[k].as_str().unwrap().to_string();
+                (text("Key"), text("Value"))
+            })
+            .filter(|(k, _)| k != "blocksnap:source")
+            .collect();
+        t.sort();
+        t
+    };
+    let pair = |k: &str, v: &str| (k.to_string(), v.to_string());
+    let described = aws_ok(
+        &cli,
+        &server,
+        &alice,
+        &["ec2", "describe-snapshots", "--snapshot-ids", &snap],
+    );
+    assert_eq!(
+        tags_of(&described["Snapshots"][0]),
+        [pair("env", "prod"), pair("team", "web")]
+    );
+    // The CLI on the server's store sees the same tags.
+    let local = env.json(&["--account", &alice.account, "snapshot", "describe", &snap]);
+    let local = &local["Snapshots"][0];
+    assert_eq!(
+        tags_of(local),
+        [pair("env", "prod"), pair("team", "web")],
+        "{local}"
+    );
+    let image = aws_ok(
+        &cli,
+        &server,
+        &alice,
+        &["ec2", "describe-images", "--image-ids", &ami],
+    );
+    assert_eq!(
+        tags_of(&image["Images"][0]),
+        [pair("env", "prod"), pair("team", "db")]
+    );
+    env.ok(&["store", "verify"]);
+    // Another account tags nothing of alice's; bad tags are refused.
+    let refused = tag(&bob, &[&snap], &["Key=team,Value=mine"]);
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("UnauthorizedOperation"));
+    let long = format!("Key={},Value=x", "k".repeat(129));
+    let refused = tag(&alice, &[&snap], &[&long]);
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("InvalidParameterValue"));
+    let refused = tag(&alice, &["vol-0123456789abcdef0"], &["Key=a,Value=b"]);
+    assert!(!refused.status.success());
+    // An encrypted snapshot's tags are sealed with it.
+    env.set_passphrase(Some("tags test passphrase"));
+    let sealed = env.json(&[
+        "--account",
+        &alice.account,
+        "snapshot",
+        "create",
+        s(&img),
+        "--encrypted",
+        "--no-parent",
+    ]);
+    let sealed = sealed["SnapshotId"].as_str().unwrap();
+    let refused = tag(&alice, &[sealed], &["Key=a,Value=b"]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("sealed"), "{err}");
+    // Deleted with its snapshot.
+    let record = env.store().join(format!("local/snapshot-tags/{snap}.json"));
+    assert!(record.exists());
+    env.ok(&["--account", &alice.account, "image", "deregister", &ami]);
+    env.ok(&["--account", &alice.account, "snapshot", "delete", &snap]);
+    assert!(
+        !env.store()
+            .join(format!("local/snapshot-tags/{snap}.json"))
+            .exists()
+    );
 }
