@@ -175,7 +175,7 @@ fn volume_sizes(specs: &[String]) -> Result<HashMap<DeviceName, u64>> {
     Ok(sizes)
 }
 
-fn create_options(
+pub fn create_options(
     args: &ImageArgs,
     name: String,
     owner: AccountId,

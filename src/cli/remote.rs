@@ -8,10 +8,11 @@ use serde_json::{Value, json};
 
 use blocksnap::Error;
 use blocksnap::image::instance::LaunchOptions;
+use blocksnap::ops::restore::BlockSource;
 use blocksnap::server::client::Client;
 use blocksnap::server::remote::{self, UploadOptions};
 
-use crate::cli::image::ImageCmd;
+use crate::cli::image::{ImageCmd, create_options};
 use crate::cli::instance::{self, InstanceCmd};
 use crate::cli::output::Out;
 use crate::cli::parse::{
@@ -80,9 +81,10 @@ pub fn not_served(noun: Option<&str>, command: &impl std::fmt::Debug) -> Result<
         .join(" ");
     Err(Error::InvalidArgument(format!(
         "`{name}` is not sent to a server: with --endpoint, `snapshot create|list|describe|\
-         delete|permissions|describe-permissions`, `volume restore`, `image list|describe|\
-         permissions|describe-permissions` and `instance launch|describe|terminate` are; run the \
-         rest on the server's machine, without --endpoint"
+         delete|blocks|changed-blocks|permissions|describe-permissions`, `volume restore`, \
+         `image register|list|describe|deregister|permissions|describe-permissions` and \
+         `instance launch|describe|terminate` are; run the rest on the server's machine, \
+         without --endpoint"
     ))
     .into())
 }
@@ -207,6 +209,40 @@ pub fn snapshot(client: &Client, out: &Out, cmd: SnapshotCmd) -> Result<u8> {
             let id = parse_snapshot(&snapshot)?;
             permissions(client, out, "Snapshot", id.as_str(), None)
         }
+        SnapshotCmd::Blocks { snapshot } => {
+            let id = parse_snapshot(&snapshot)?;
+            let snap = remote::Remote::open(client, &id, None)?;
+            let blocks = snap.blocks();
+            if out.json {
+                let listed: Vec<Value> = blocks
+                    .iter()
+                    .map(|(i, t)| json!({"BlockIndex": i, "BlockToken": t}))
+                    .collect();
+                out.print(json!({
+                    "SnapshotId": id.as_str(),
+                    "VolumeSize": BlockSource::volume_size(&snap) >> 30,
+                    "BlockSize": 512 << 10,
+                    "Blocks": listed,
+                }));
+            } else {
+                for (i, t) in &blocks {
+                    println!("{i:>10}  {t}");
+                }
+            }
+            Ok(0)
+        }
+        SnapshotCmd::ChangedBlocks { first, second } => {
+            let (a, b) = (parse_snapshot(&first)?, parse_snapshot(&second)?);
+            let changed = remote::changed_blocks(client, &a, &b)?;
+            if out.json {
+                out.print(json!({ "ChangedBlocks": changed }));
+            } else {
+                for c in &changed {
+                    println!("{:>10}", c["BlockIndex"]);
+                }
+            }
+            Ok(0)
+        }
         SnapshotCmd::Permissions { snapshot, change } => {
             let id = parse_snapshot(&snapshot)?;
             permissions(client, out, "Snapshot", id.as_str(), Some(&change))
@@ -240,6 +276,80 @@ pub fn image(client: &Client, out: &Out, cmd: ImageCmd) -> Result<u8> {
             let id = parse_image(&image)?;
             let params = [("ImageId.1".to_string(), id.to_string())];
             print_images(out, &remote::describe_images(client, &params)?);
+            Ok(0)
+        }
+        ImageCmd::Register { name, maps, common } => {
+            use blocksnap::image::create::{MapSource, MapSpec};
+            let specs = maps
+                .iter()
+                .map(|m| MapSpec::parse(m))
+                .collect::<blocksnap::Result<Vec<_>>>()?;
+            let opts = create_options(&common, name, "000000000000".parse()?, 0)?;
+            let mut params = vec![
+                ("Name".to_string(), opts.name.clone()),
+                ("Description".to_string(), opts.description.clone()),
+            ];
+            if let Some(a) = &opts.architecture {
+                params.push(("Architecture".into(), a.clone()));
+            }
+            if let Some(r) = &opts.root_device {
+                params.push(("RootDeviceName".into(), r.to_string()));
+            }
+            for (i, m) in specs.iter().enumerate() {
+                let key = |k: &str| format!("BlockDeviceMapping.{}.{k}", i + 1);
+                params.push((key("DeviceName"), m.device.to_string()));
+                match &m.source {
+                    MapSource::Snapshot(snap) => {
+                        params.push((key("Ebs.SnapshotId"), snap.to_string()));
+                        if let Some(gib) = opts.volume_sizes.get(&m.device) {
+                            params.push((key("Ebs.VolumeSize"), gib.to_string()));
+                        }
+                        let keep = opts.keep_on_termination.contains(&m.device);
+                        params.push((key("Ebs.DeleteOnTermination"), (!keep).to_string()));
+                    }
+                    MapSource::NoDevice => params.push((key("NoDevice"), String::new())),
+                    MapSource::Ephemeral(v) => params.push((key("VirtualName"), v.clone())),
+                    MapSource::Volume(path) => {
+                        return Err(Error::InvalidImage(format!(
+                            "{}={}: register maps snapshots (snap-…), none or ephemeralN; with \
+                             --endpoint, take the snapshot first with `snapshot create`",
+                            m.device,
+                            path.display()
+                        ))
+                        .into());
+                    }
+                }
+            }
+            let x = client.ec2("RegisterImage", &params, "register an image at")?;
+            let id = x.text_of("imageId").to_string();
+            if !opts.tags.is_empty() {
+                let mut tags = vec![("ResourceId.1".to_string(), id.clone())];
+                for (i, t) in opts.tags.iter().enumerate() {
+                    tags.push((format!("Tag.{}.Key", i + 1), t.key.clone()));
+                    tags.push((format!("Tag.{}.Value", i + 1), t.value.clone()));
+                }
+                client.ec2("CreateTags", &tags, "tag an image at")?;
+            }
+            match out.json {
+                true => out.print(json!({ "ImageId": id })),
+                false => println!("{id} registered as {:?}", opts.name),
+            }
+            Ok(0)
+        }
+        ImageCmd::Deregister {
+            image,
+            delete_associated_snapshots,
+        } => {
+            let id = parse_image(&image)?;
+            let mut params = vec![("ImageId".to_string(), id.to_string())];
+            if delete_associated_snapshots {
+                params.push(("DeleteAssociatedSnapshots".into(), "true".into()));
+            }
+            client.ec2("DeregisterImage", &params, "deregister an image at")?;
+            match out.json {
+                true => out.print(json!({ "ImageId": id.as_str(), "State": "deregistered" })),
+                false => println!("{id} deregistered"),
+            }
             Ok(0)
         }
         ImageCmd::DescribePermissions { image } => {

@@ -247,19 +247,21 @@ impl Region {
         Ok((bytes, self.backend.locate(key)))
     }
 
-    /// Reads and checks a whole snapshot manifest.
+    /// Reads and checks a whole snapshot manifest. Its tags are those it
+    /// was made with; [`Region::read_snapshot_meta`] gives the current ones.
     pub fn read_snapshot(&self, id: &SnapshotId) -> Result<Manifest> {
         let (bytes, path) = self.manifest_bytes(id)?;
         let keys = self.keys();
-        let mut m = Manifest::decode_with(&bytes, &path, &|k| keys.data_key(k))?;
+        let m = Manifest::decode_with(&bytes, &path, &|k| keys.data_key(k))?;
         self.check_name(&m.meta, id, &path)?;
-        self.current_tags(&mut m.meta)?;
         Ok(m)
     }
 
     /// Replaces `meta`'s tags with those `CreateTags` gave it, if any (an
     /// encrypted snapshot's tags are sealed in its manifest and never
-    /// changed).
+    /// changed). Applied to every meta read ([`Region::read_snapshot_meta`],
+    /// which listings, permissions, policies and the recycle bin go
+    /// through), not to whole manifests read for their blocks.
     fn current_tags(&self, meta: &mut SnapshotMeta) -> Result<()> {
         if meta.sealed || meta.kms_key_id.is_some() {
             return Ok(());

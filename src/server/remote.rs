@@ -142,6 +142,13 @@ impl<'a> Remote<'a> {
         })
     }
 
+    /// The data blocks, in order: index and token.
+    pub fn blocks(&self) -> Vec<(u64, &str)> {
+        let mut b: Vec<(u64, &str)> = self.tokens.iter().map(|(i, t)| (*i, t.as_str())).collect();
+        b.sort_unstable();
+        b
+    }
+
     /// The server holds `content` at `index` already.
     fn has(&self, index: usize, content: &Content<'_>) -> bool {
         let listed = self.tokens.get(&(index as u64)).map(String::as_str);
@@ -533,6 +540,48 @@ fn mapping_of(item: &Xml) -> Result<BlockDeviceMapping> {
         device_name,
         target,
     })
+}
+
+/// The blocks that differ between `first` and `second`
+/// (`ListChangedBlocks`, every page), as the server lists them.
+pub fn changed_blocks(
+    client: &Client,
+    first: &SnapshotId,
+    second: &SnapshotId,
+) -> Result<Vec<Value>> {
+    let mut all = Vec::new();
+    let mut next: Option<String> = None;
+    loop {
+        let mut query = vec![
+            ("firstSnapshotId", first.to_string()),
+            ("maxResults", "10000".to_string()),
+        ];
+        if let Some(n) = &next {
+            query.push(("pageToken", n.clone()));
+        }
+        let page = client
+            .send(&Call {
+                service: "ebs",
+                method: "GET",
+                path: format!("/snapshots/{second}/changedblocks"),
+                query,
+                headers: Vec::new(),
+                body: Vec::new(),
+                body_sha256: None,
+                what: "list changed blocks at",
+            })?
+            .json()?;
+        all.extend(
+            page["ChangedBlocks"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default(),
+        );
+        match page["NextToken"].as_str() {
+            Some(n) => next = Some(n.to_string()),
+            None => return Ok(all),
+        }
+    }
 }
 
 /// The snapshots `DescribeSnapshots` shows, in the AWS CLI's JSON shape.

@@ -685,9 +685,10 @@ fn an_incremental_asks_nothing_about_unchanged_blocks() {
     // Per changed block: a HEAD (is the new chunk stored?), a GET of the
     // parent's chunk (the delta's base) and a PUT. Beyond that: store.json
     // and the parent manifest, encryption.json (is encryption on by
-    // default?), the manifest and the lock objects.
+    // default?), the parent's tag record (`CreateTags`; absent here), the
+    // manifest and the lock objects.
     assert!(head <= 2 + 2, "{head} HEAD for 2 changed of 64 blocks");
-    assert!(get <= 2 + 2 + 2 + 1, "{get} GET");
+    assert!(get <= 2 + 2 + 2 + 1 + 1, "{get} GET");
     assert!(put <= 2 + 1 + 1, "{put} PUT");
     assert!(lists <= 3, "{lists} listings");
     let restored = env.path("r.img");

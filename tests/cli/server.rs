@@ -1684,19 +1684,47 @@ fn the_cli_through_an_endpoint_snapshots_restores_and_launches() {
 
     // An image alice shares: bob launches it through the server, reading
     // its snapshot by the launch permission alone.
-    let reg = env.json(&[
-        "--account",
-        &alice.account,
-        "image",
-        "register",
-        "--name",
-        "golden",
-        "--map",
-        &format!("/dev/xvda={second}"),
-        "--map",
-        "/dev/xvdb=ephemeral0",
-    ]);
+    // The block lists through the server: the second snapshot differs
+    // from the first in exactly the blocks its upload sent.
+    let listed = remote_ok(&env, &server, &alice, &["snapshot", "blocks", &first]);
+    assert_eq!(
+        listed["Blocks"].as_array().unwrap().len() as u64,
+        full["BlocksSent"].as_u64().unwrap()
+    );
+    let changed = remote_ok(
+        &env,
+        &server,
+        &alice,
+        &["snapshot", "changed-blocks", &first, &second],
+    );
+    assert_eq!(
+        changed["ChangedBlocks"].as_array().unwrap().len() as u64,
+        inc["BlocksSent"].as_u64().unwrap(),
+        "{changed}"
+    );
+    let reg = remote_ok(
+        &env,
+        &server,
+        &alice,
+        &[
+            "image",
+            "register",
+            "--name",
+            "golden",
+            "--map",
+            &format!("/dev/xvda={second}"),
+            "--map",
+            "/dev/xvdb=ephemeral0",
+            "--tag",
+            "role=golden",
+        ],
+    );
     let ami = reg["ImageId"].as_str().unwrap().to_string();
+    let described = env.json(&["--account", &alice.account, "image", "describe", &ami]);
+    assert_eq!(
+        described["Images"][0]["Tags"][0]["Value"], "golden",
+        "{described}"
+    );
     // A lazy volume holds only what was written over its snapshot: it is
     // never uploaded raw.
     let lazy = env.path("lazy-vm");
@@ -1787,6 +1815,8 @@ fn the_cli_through_an_endpoint_snapshots_restores_and_launches() {
         &["instance", "launch", &ami, s(&env.path("vm2"))],
         6,
     );
+    remote_fails(&env, &server, &bob, &["image", "deregister", &ami], 6);
+    remote_ok(&env, &server, &alice, &["image", "deregister", &ami]);
 
     // What has no call on the server says where to run it; no key, a
     // wrong key or no server are each a clear error.
