@@ -82,7 +82,7 @@ pub fn not_served(noun: Option<&str>, command: &impl std::fmt::Debug) -> Result<
     Err(Error::InvalidArgument(format!(
         "`{name}` is not sent to a server: with --endpoint, `snapshot create|list|describe|\
          delete|blocks|changed-blocks|permissions|describe-permissions`, `volume restore`, \
-         `image register|list|describe|deregister|permissions|describe-permissions` and \
+         `image register|list|describe|copy|deregister|permissions|describe-permissions` and \
          `instance launch|describe|terminate` are; run the rest on the server's machine, \
          without --endpoint"
     ))
@@ -333,6 +333,48 @@ pub fn image(client: &Client, out: &Out, cmd: ImageCmd) -> Result<u8> {
             match out.json {
                 true => out.print(json!({ "ImageId": id })),
                 false => println!("{id} registered as {:?}", opts.name),
+            }
+            Ok(0)
+        }
+        ImageCmd::Copy {
+            image,
+            to_region,
+            name,
+            description,
+            copy_tags,
+            create_region,
+            threads: _,
+            encryption,
+        } => {
+            if create_region || encryption.encrypted || encryption.kms_key_id.is_some() {
+                return Err(Error::InvalidArgument(
+                    "--create-region, --encrypted and --kms-key-id with --endpoint: regions and \
+                     keys are the server's; copy on the server's machine, without --endpoint"
+                        .into(),
+                )
+                .into());
+            }
+            let id = parse_image(&image)?;
+            let mut params = vec![
+                ("SourceRegion".to_string(), client.region().to_string()),
+                ("SourceImageId".to_string(), id.to_string()),
+            ];
+            if let Some(n) = name {
+                params.push(("Name".into(), n));
+            }
+            if let Some(d) = description {
+                params.push(("Description".into(), d));
+            }
+            if copy_tags {
+                params.push(("CopyImageTags".into(), "true".into()));
+            }
+            // CopyImage is sent to the region copied into, as EC2's is.
+            let to = client.in_region(&to_region);
+            let x = to.ec2("CopyImage", &params, "copy an image at")?;
+            let copy = x.text_of("imageId").to_string();
+            match out.json {
+                true => out.print(json!({ "ImageId": copy, "Region": to_region })),
+                false => println!("{id} copied to {to_region} as {copy}"),
             }
             Ok(0)
         }

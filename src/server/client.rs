@@ -150,6 +150,23 @@ impl Client {
         })
     }
 
+    /// The same server and key, acting in `region`.
+    pub fn in_region(&self, region: &str) -> Client {
+        Client {
+            base: self.base.clone(),
+            host: self.host.clone(),
+            region: region.to_string(),
+            key_id: self.key_id.clone(),
+            secret: self.secret.clone(),
+            http: self.http.clone(),
+        }
+    }
+
+    /// The region requests are signed for.
+    pub fn region(&self) -> &str {
+        &self.region
+    }
+
     /// The server's URL, for messages.
     pub fn endpoint(&self) -> &str {
         self.base.as_str().trim_end_matches('/')

@@ -1522,6 +1522,36 @@ fn copy_image_through_ec2_follows_the_cli_rules_across_regions() {
         ],
         "UnauthorizedOperation",
     );
+    // blocksnap's own client copies too, sending CopyImage to the region
+    // copied into.
+    let copied = remote_ok(
+        &env,
+        &server,
+        &alice,
+        &[
+            "image",
+            "copy",
+            &ami,
+            "--to-region",
+            "eu-west-1",
+            "--copy-tags",
+        ],
+    );
+    let mine = copied["ImageId"].as_str().unwrap();
+    let there = env.json(&[
+        "--region",
+        "eu-west-1",
+        "--account",
+        &alice.account,
+        "image",
+        "describe",
+        mine,
+    ]);
+    assert_eq!(
+        there["Images"][0]["OwnerId"],
+        alice.account.as_str(),
+        "{there}"
+    );
 }
 
 #[test]
