@@ -358,6 +358,26 @@ impl Client {
         }
     }
 
+    /// GETs `path` with `query` from `service`.
+    pub fn get(
+        &self,
+        service: &'static str,
+        path: &str,
+        query: Vec<(&str, String)>,
+        what: &'static str,
+    ) -> Result<Answer> {
+        self.send(&Call {
+            service,
+            method: "GET",
+            path: path.to_string(),
+            query,
+            headers: Vec::new(),
+            body: Vec::new(),
+            body_sha256: None,
+            what,
+        })
+    }
+
     /// Calls EC2 `action` with `params` and returns its response element.
     pub fn ec2(
         &self,

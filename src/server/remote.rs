@@ -91,48 +91,36 @@ impl<'a> Remote<'a> {
         image: Option<&ImageId>,
     ) -> Result<Remote<'a>> {
         let mut tokens = HashMap::new();
-        let mut next: Option<String> = None;
-        let mut volume_size;
-        loop {
-            let mut query = vec![("maxResults", "10000".to_string())];
-            if let Some(n) = &next {
-                query.push(("pageToken", n.clone()));
-            }
-            if let Some(ami) = image {
-                query.push((LAUNCH_PARAM, ami.to_string()));
-            }
-            let page = client
-                .send(&Call {
-                    service: "ebs",
-                    method: "GET",
-                    path: format!("/snapshots/{id}/blocks"),
-                    query,
-                    headers: Vec::new(),
-                    body: Vec::new(),
-                    body_sha256: None,
-                    what: "list the blocks of a snapshot at",
-                })?
-                .json()?;
-            let gib = page["VolumeSize"].as_u64().unwrap_or(0);
-            volume_size = gib * GIB;
-            for b in page["Blocks"].as_array().into_iter().flatten() {
-                let (Some(i), Some(t)) = (b["BlockIndex"].as_u64(), b["BlockToken"].as_str())
-                else {
-                    continue;
-                };
-                if i >= volume_size / BLOCK as u64 {
-                    return Err(Error::InvalidArgument(format!(
-                        "{} lists block {i} of {id}, past its {gib} GiB",
-                        client.endpoint()
-                    )));
+        let mut volume_size = 0;
+        let query: Vec<(&str, String)> = image
+            .map(|ami| (LAUNCH_PARAM, ami.to_string()))
+            .into_iter()
+            .collect();
+        let path = format!("/snapshots/{id}/blocks");
+        each_page(
+            client,
+            &path,
+            &query,
+            "list the blocks of a snapshot at",
+            |page| {
+                let gib = page["VolumeSize"].as_u64().unwrap_or(0);
+                volume_size = gib * GIB;
+                for b in page["Blocks"].as_array().into_iter().flatten() {
+                    let (Some(i), Some(t)) = (b["BlockIndex"].as_u64(), b["BlockToken"].as_str())
+                    else {
+                        continue;
+                    };
+                    if i >= volume_size / BLOCK as u64 {
+                        return Err(Error::InvalidArgument(format!(
+                            "{} lists block {i} of {id}, past its {gib} GiB",
+                            client.endpoint()
+                        )));
+                    }
+                    tokens.insert(i, t.to_string());
                 }
-                tokens.insert(i, t.to_string());
-            }
-            match page["NextToken"].as_str() {
-                Some(n) => next = Some(n.to_string()),
-                None => break,
-            }
-        }
+                Ok(())
+            },
+        )?;
         Ok(Remote {
             client,
             id: id.clone(),
@@ -192,16 +180,8 @@ impl BlockSource for Remote<'_> {
         if let Some(ami) = &self.image {
             query.push((LAUNCH_PARAM, ami.to_string()));
         }
-        let answer = self.client.send(&Call {
-            service: "ebs",
-            method: "GET",
-            path: format!("/snapshots/{}/blocks/{index}", self.id),
-            query,
-            headers: Vec::new(),
-            body: Vec::new(),
-            body_sha256: None,
-            what: "read a block from",
-        })?;
+        let path = format!("/snapshots/{}/blocks/{index}", self.id);
+        let answer = self.client.get("ebs", &path, query, "read a block from")?;
         let sum = answer.header("x-amz-checksum").map(str::to_string);
         if answer.body.len() != pos.len || sum.as_deref() != Some(&b64(&sha256(&answer.body))) {
             return Err(Error::Remote {
@@ -228,6 +208,31 @@ impl BlockSource for Remote<'_> {
 
     fn holds(&self, index: usize, content: &Content<'_>) -> bool {
         self.has(index, content)
+    }
+}
+
+/// Every page of a paged EBS list call (`maxResults`, `NextToken`): GETs
+/// `path` with `query` and hands each page to `page`.
+fn each_page(
+    client: &Client,
+    path: &str,
+    query: &[(&str, String)],
+    what: &'static str,
+    mut page: impl FnMut(&Value) -> Result<()>,
+) -> Result<()> {
+    let mut next: Option<String> = None;
+    loop {
+        let mut q = query.to_vec();
+        q.push(("maxResults", "10000".to_string()));
+        if let Some(n) = &next {
+            q.push(("pageToken", n.clone()));
+        }
+        let answer = client.get("ebs", path, q, what)?.json()?;
+        page(&answer)?;
+        match answer["NextToken"].as_str() {
+            Some(n) => next = Some(n.to_string()),
+            None => return Ok(()),
+        }
     }
 }
 
@@ -550,38 +555,18 @@ pub fn changed_blocks(
     second: &SnapshotId,
 ) -> Result<Vec<Value>> {
     let mut all = Vec::new();
-    let mut next: Option<String> = None;
-    loop {
-        let mut query = vec![
-            ("firstSnapshotId", first.to_string()),
-            ("maxResults", "10000".to_string()),
-        ];
-        if let Some(n) = &next {
-            query.push(("pageToken", n.clone()));
-        }
-        let page = client
-            .send(&Call {
-                service: "ebs",
-                method: "GET",
-                path: format!("/snapshots/{second}/changedblocks"),
-                query,
-                headers: Vec::new(),
-                body: Vec::new(),
-                body_sha256: None,
-                what: "list changed blocks at",
-            })?
-            .json()?;
+    let path = format!("/snapshots/{second}/changedblocks");
+    let query = [("firstSnapshotId", first.to_string())];
+    each_page(client, &path, &query, "list changed blocks at", |page| {
         all.extend(
             page["ChangedBlocks"]
                 .as_array()
                 .cloned()
                 .unwrap_or_default(),
         );
-        match page["NextToken"].as_str() {
-            Some(n) => next = Some(n.to_string()),
-            None => return Ok(all),
-        }
-    }
+        Ok(())
+    })?;
+    Ok(all)
 }
 
 /// The snapshots `DescribeSnapshots` shows, in the AWS CLI's JSON shape.
