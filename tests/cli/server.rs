@@ -179,6 +179,36 @@ fn upload(cli: &Path, server: &Server, key: &Key, image: &Path, extra: &[&str]) 
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
+/// A 1 MiB random image `small.img` uploaded by `key` with botocore and
+/// registered as image `name` (with `extra` arguments); its snapshot and
+/// image ids.
+fn uploaded_image(
+    env: &Env,
+    cli: &Path,
+    server: &Server,
+    key: &Key,
+    name: &str,
+    extra: &[&str],
+) -> (String, String) {
+    let img = env.path("small.img");
+    std::fs::write(&img, crate::util::random_bytes(11, MIB as usize)).unwrap();
+    let snap = upload(cli, server, key, &img, &[]);
+    let map = format!("/dev/xvda={snap}");
+    let mut args = vec![
+        "--account",
+        &key.account,
+        "image",
+        "register",
+        "--name",
+        name,
+        "--map",
+        &map,
+    ];
+    args.extend_from_slice(extra);
+    let reg = env.json(&args);
+    (snap, reg["ImageId"].as_str().unwrap().to_string())
+}
+
 /// Asserts that `restored`, a 1 GiB volume, is `img` followed by zeros.
 fn assert_padded_same(env: &Env, img: &Path, restored: &Path) {
     let want = env.path("want.img");
@@ -1370,27 +1400,11 @@ fn answers_have_the_shapes_moto_gives_but_for_the_differences_kept() {
     env.ok(&["store", "stats"]);
     let alice = create_account(&env, "alice");
     let server = Server::start(&env);
-    let img = env.path("small.img");
-    std::fs::write(&img, crate::util::random_bytes(11, MIB as usize)).unwrap();
-    let snap = upload(&cli, &server, &alice, &img, &[]);
-    let reg = env.json(&[
-        "--account",
-        &alice.account,
-        "image",
-        "register",
-        "--name",
-        "cmp",
-        "--map",
-        &format!("/dev/xvda={snap}"),
-    ]);
+    let (_, ami) = uploaded_image(&env, &cli, &server, &alice, "cmp", &[]);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cli/clients/compare_moto.py");
     let out = client(&cli.with_file_name("python3"), &alice)
         .arg(script)
-        .args([
-            &server.url,
-            reg["ImageId"].as_str().unwrap(),
-            "222222222222",
-        ])
+        .args([&server.url, ami.as_str(), "222222222222"])
         .output()
         .unwrap();
     assert!(
@@ -1945,22 +1959,15 @@ fn create_tags_changes_the_tags_every_reader_sees() {
     let alice = create_account(&env, "alice");
     let bob = create_account(&env, "bob");
     let server = Server::start(&env);
-    let img = env.path("small.img");
-    std::fs::write(&img, crate::util::random_bytes(4, MIB as usize)).unwrap();
-    let snap = upload(&cli, &server, &alice, &img, &[]);
-    let reg = env.json(&[
-        "--account",
-        &alice.account,
-        "image",
-        "register",
-        "--name",
+    let (snap, ami) = uploaded_image(
+        &env,
+        &cli,
+        &server,
+        &alice,
         "tagged",
-        "--map",
-        &format!("/dev/xvda={snap}"),
-        "--tag",
-        "env=test",
-    ]);
-    let ami = reg["ImageId"].as_str().unwrap().to_string();
+        &["--tag", "env=test"],
+    );
+    let img = env.path("small.img");
     let tag = |key: &Key, resources: &[&str], tags: &[&str]| {
         let mut args = vec!["ec2", "create-tags", "--resources"];
         args.extend_from_slice(resources);
