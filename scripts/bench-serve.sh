@@ -18,47 +18,47 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/blocksnap-bench-serve.XXXXXX")
 trap 'kill $server 2>/dev/null || true; rm -rf "$work"' EXIT
 secs() { local t0=$(date +%s.%N); "$@" >/dev/null; echo "$(date +%s.%N) - $t0" | bc; }
 
+# Nothing is deleted until the end: on an ext4 without a journal (as the
+# scratch disks here), creating files within a minute of deleting as many
+# costs a scan of the deleted inodes per file, which would charge one run
+# for the cleanup of the one before it.
 size=$(stat -c %s "$img")
 local_s=$(BLOCKSNAP_STORE=$work/local secs "$bin" -q snapshot create "$img")
 sync
-local_snap=$(BLOCKSNAP_STORE=$work/local "$bin" --json snapshot list | "$python" -c 'import json,sys; print(json.load(sys.stdin)["Snapshots"][0]["SnapshotId"])' 2>/dev/null ||
-    BLOCKSNAP_STORE=$work/local "$bin" snapshot list | awk '/^snap-/ {print $1; exit}')
+local_snap=$(BLOCKSNAP_STORE=$work/local "$bin" --json snapshot list | "$python" -c 'import json,sys; print(json.load(sys.stdin)["Snapshots"][0]["SnapshotId"])')
 local_restore_s=$(BLOCKSNAP_STORE=$work/local secs "$bin" -q volume restore "$local_snap" "$work/local-restored.img")
-rm -f "$work/local-restored.img"
-rm -rf "$work/local"
 sync
-export BLOCKSNAP_STORE=$work/served
-key=$("$bin" --json account create --name bench)
-export AWS_ACCESS_KEY_ID=$(echo "$key" | "$python" -c 'import json,sys; print(json.load(sys.stdin)["AccessKey"]["AccessKeyId"])')
-export AWS_SECRET_ACCESS_KEY=$(echo "$key" | "$python" -c 'import json,sys; print(json.load(sys.stdin)["AccessKey"]["SecretAccessKey"])')
 export AWS_DEFAULT_REGION=local AWS_EC2_METADATA_DISABLED=true
-"$bin" serve --listen 127.0.0.1:0 > "$work/serve.out" 2>"$work/serve.log" &
-server=$!
-while ! grep -q listening "$work/serve.out" 2>/dev/null; do sleep 0.1; done
-url=$(sed -n 's/listening on //p' "$work/serve.out")
+# serve STORE LOG: a server of a fresh store with one account, its key in
+# the environment and its address in $url.
+serve() {
+    local key
+    key=$(BLOCKSNAP_STORE=$1 "$bin" --json account create --name bench)
+    AWS_ACCESS_KEY_ID=$(echo "$key" | "$python" -c 'import json,sys; print(json.load(sys.stdin)["AccessKey"]["AccessKeyId"])')
+    AWS_SECRET_ACCESS_KEY=$(echo "$key" | "$python" -c 'import json,sys; print(json.load(sys.stdin)["AccessKey"]["SecretAccessKey"])')
+    export AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY
+    [ -z "${server:-}" ] || { kill "$server"; wait "$server" 2>/dev/null || true; }
+    BLOCKSNAP_STORE=$1 "$bin" serve --listen 127.0.0.1:0 > "$work/serve.out" 2>"$2" &
+    server=$!
+    while ! grep -q listening "$work/serve.out" 2>/dev/null; do sleep 0.1; done
+    url=$(sed -n 's/listening on //p' "$work/serve.out")
+    rm -f "$work/serve.out"
+}
+serve "$work/served-coldsnap" "$work/coldsnap.log"
 t0=$(date +%s.%N)
-snap=$("$coldsnap" --region local --endpoint "$url" upload --no-progress "$img")
+/usr/bin/time -f '%U %S' -o "$work/coldsnap.cpu" \
+    "$coldsnap" --region local --endpoint "$url" upload --no-progress "$img" >/dev/null
 coldsnap_s=$(echo "$(date +%s.%N) - $t0" | bc)
-# The CLI through the server: a fresh store for the upload, then a restore.
-kill $server; wait $server 2>/dev/null || true
-"$bin" serve --listen 127.0.0.1:0 > "$work/serve2.out" 2>"$work/serve2.log" &
-server=$!
-while ! grep -q listening "$work/serve2.out" 2>/dev/null; do sleep 0.1; done
-url2=$(sed -n 's/listening on //p' "$work/serve2.out")
-rm -rf "$work/served/local"
+# CPU seconds of each side: the server's since it started, coldsnap's own.
+server_cpu=$(awk -v hz="$(getconf CLK_TCK)" '{printf "%.1f", ($14 + $15) / hz}' "/proc/$server/stat")
+coldsnap_cpu=$(awk '{printf "%.1f", $1 + $2}' "$work/coldsnap.cpu")
 sync
-cli_s=$(secs "$bin" -q --endpoint "$url2" snapshot create --no-parent "$img")
-cli_snap=$("$bin" --endpoint "$url2" --json snapshot list | "$python" -c 'import json,sys; print(json.load(sys.stdin)["Snapshots"][-1]["SnapshotId"])')
+# The CLI through a server of another fresh store: an upload, then a restore.
+serve "$work/served-cli" "$work/serve.log"
+cli_s=$(secs "$bin" -q --endpoint "$url" snapshot create --no-parent "$img")
+snap=$("$bin" --endpoint "$url" --json snapshot list | "$python" -c 'import json,sys; print(json.load(sys.stdin)["Snapshots"][-1]["SnapshotId"])')
 sync
-cli_restore_s=$(secs "$bin" -q --endpoint "$url2" volume restore "$cli_snap" "$work/cli-restored.img")
-rm -f "$work/cli-restored.img"
-kill $server; wait $server 2>/dev/null || true
-"$bin" serve --listen 127.0.0.1:0 > "$work/serve.out" 2>>"$work/serve.log" &
-server=$!
-sleep 0.5
-while ! grep -q listening "$work/serve.out" 2>/dev/null; do sleep 0.1; done
-url=$(sed -n 's/listening on //p' "$work/serve.out")
-snap=$cli_snap
+cli_restore_s=$(secs "$bin" -q --endpoint "$url" volume restore "$snap" "$work/cli-restored.img")
 latency=$("$python" - "$url" "$snap" <<'PY'
 import sys, time, statistics
 try:
@@ -82,13 +82,14 @@ printf 'image: %s (%d MiB)\n' "$img" "$mib"
 printf 'snapshot create (local):     %6.2f s  %7.1f MiB/s\n' "$local_s" "$(echo "$mib / $local_s" | bc -l)"
 printf 'coldsnap upload via serve:   %6.2f s  %7.1f MiB/s  (%.2f x local)\n' "$coldsnap_s" \
     "$(echo "$mib / $coldsnap_s" | bc -l)" "$(echo "$local_s / $coldsnap_s" | bc -l)"
+printf '  CPU seconds: coldsnap %s, server %s (the two share the cores)\n' "$coldsnap_cpu" "$server_cpu"
 printf 'CLI --endpoint upload:       %6.2f s  %7.1f MiB/s  (%.2f x local)\n' "$cli_s" \
     "$(echo "$mib / $cli_s" | bc -l)" "$(echo "$local_s / $cli_s" | bc -l)"
 printf 'volume restore (local):      %6.2f s  %7.1f MiB/s\n' "$local_restore_s" "$(echo "$mib / $local_restore_s" | bc -l)"
 printf 'CLI --endpoint restore:      %6.2f s  %7.1f MiB/s  (%.2f x local)\n' "$cli_restore_s" \
     "$(echo "$mib / $cli_restore_s" | bc -l)" "$(echo "$local_restore_s / $cli_restore_s" | bc -l)"
 read -r med p90 n <<<"$latency"
-server=$(grep 'op=GetSnapshotBlock status=200' "$work/serve.log" | sed 's/.*ms=//' | sort -n |
+server_ms=$(grep 'op=GetSnapshotBlock status=200' "$work/serve.log" | sed 's/.*ms=//' | sort -n |
     awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
 printf 'GetSnapshotBlock (botocore, %s blocks): median %s ms, p90 %s ms round trip; %s ms in the server (its log)\n' \
-    "$n" "$med" "$p90" "$server"
+    "$n" "$med" "$p90" "$server_ms"
