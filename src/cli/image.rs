@@ -21,8 +21,8 @@ use blocksnap::{AccountId, Error, ImageId, Region};
 use crate::cli::output::bin_entry_json;
 use crate::cli::output::{Out, human, print_grants};
 use crate::cli::parse::{
-    EncryptionArgs, PermissionArgs, account_or_self, grantee_or_self, parse_image, parse_tag,
-    permission_change,
+    EncryptionArgs, PermissionArgs, TagArgs, account_or_self, grantee_or_self, parse_image,
+    parse_tag, permission_change, tag_change,
 };
 use crate::cli::recycle_bin::restored_from_bin;
 
@@ -78,6 +78,12 @@ pub enum ImageCmd {
     },
     /// Show one image [DescribeImages --image-ids]
     Describe { image: String },
+    /// Add, change or remove an image's tags; owner only [CreateTags, DeleteTags]
+    Tag {
+        image: String,
+        #[command(flatten)]
+        change: TagArgs,
+    },
     /// Show who may launch an image; owner only [DescribeImageAttribute launchPermission]
     DescribePermissions { image: String },
     /// Change who may launch an image; owner only [ModifyImageAttribute launchPermission]
@@ -327,6 +333,12 @@ pub fn run(
             } else {
                 print_image(&v);
             }
+            Ok(0)
+        }
+        ImageCmd::Tag { image: id, change } => {
+            let id = parse_image(&id)?;
+            let tags = image_ops::change_tags(region, &id, &caller, &tag_change(&change)?)?;
+            out.tags(id.as_str(), &tags);
             Ok(0)
         }
         ImageCmd::DescribePermissions { image: id } => {

@@ -8,7 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 
 use blocksnap::format::image::LaunchPermission;
-use blocksnap::format::manifest::{Block, Manifest, SnapshotMeta};
+use blocksnap::format::manifest::{Block, Manifest, SnapshotMeta, Tag};
 use blocksnap::format::regions::RegionDef;
 use blocksnap::id::hex;
 use blocksnap::ops::access::Deleted;
@@ -230,6 +230,23 @@ impl Out {
                 )
             }),
         );
+    }
+
+    /// A snapshot's or image's tags, after a tag command.
+    pub fn tags(&self, resource: &str, tags: &[Tag]) {
+        if self.json {
+            return self.print(json!({ "ResourceId": resource, "Tags": tags }));
+        }
+        match tags {
+            [] => println!("{resource} has no tags"),
+            _ => {
+                let shown: Vec<String> = tags
+                    .iter()
+                    .map(|t| format!("{}={}", t.key, t.value))
+                    .collect();
+                println!("{resource} tags: {}", shown.join(", "));
+            }
+        }
     }
 
     pub fn snapshot_describe(&self, m: &SnapshotMeta) {
@@ -825,11 +842,7 @@ fn snapshot_json(m: &SnapshotMeta) -> Value {
     } else {
         let s = &m.stats;
         doc["Description"] = json!(m.description);
-        doc["Tags"] = m
-            .tags
-            .iter()
-            .map(|t| json!({ "Key": t.key, "Value": t.value }))
-            .collect();
+        doc["Tags"] = json!(m.tags);
         doc["SourcePath"] = json!(m.source);
         doc["RootDigest"] = json!(hex(&m.root_digest));
         doc["Stats"] = json!({

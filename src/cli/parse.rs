@@ -4,6 +4,7 @@
 use anyhow::Result;
 use clap::Args;
 
+use blocksnap::format::image::TagChange;
 use blocksnap::format::manifest::Tag;
 use blocksnap::region::permissions::PermissionChange;
 use blocksnap::{Error, ImageId, SnapshotId};
@@ -132,4 +133,50 @@ pub fn parent_choice(
 /// Repeated `--tag KEY=VALUE`.
 pub fn parse_tags(tags: &[String]) -> Result<Vec<Tag>> {
     tags.iter().map(|t| parse_tag(t)).collect()
+}
+
+/// `--tag`, `--untag` and `--untag-all` of a tag command.
+#[derive(Args, Debug)]
+pub struct TagArgs {
+    /// Add a tag, or give its key a new value (repeatable)
+    #[arg(long = "tag", value_name = "KEY=VALUE")]
+    pub tag: Vec<String>,
+    /// Remove tag KEY, or only where its value is VALUE (repeatable)
+    #[arg(long, value_name = "KEY[=VALUE]")]
+    pub untag: Vec<String>,
+    /// Remove every tag (blocksnap's own stay)
+    #[arg(long, conflicts_with = "untag")]
+    pub untag_all: bool,
+}
+
+/// The change a tag command asks for.
+pub fn tag_change(args: &TagArgs) -> Result<TagChange> {
+    if args.tag.is_empty() && args.untag.is_empty() && !args.untag_all {
+        return Err(Error::InvalidArgument(
+            "say what to change: --tag KEY=VALUE, --untag KEY or --untag-all".into(),
+        )
+        .into());
+    }
+    let add = parse_tags(&args.tag)?;
+    let remove: Vec<(String, Option<String>)> = args
+        .untag
+        .iter()
+        .map(|u| match u.split_once('=') {
+            Some((key, value)) => (key.to_string(), Some(value.to_string())),
+            None => (u.clone(), None),
+        })
+        .collect();
+    if let Some((key, _)) = remove.iter().find(|(k, _)| add.iter().any(|t| t.key == *k)) {
+        return Err(Error::InvalidArgument(format!(
+            "tag {key:?} is both given (--tag) and removed (--untag): say which"
+        ))
+        .into());
+    }
+    let change = TagChange {
+        add,
+        remove,
+        remove_all: args.untag_all,
+    };
+    change.check()?;
+    Ok(change)
 }

@@ -129,7 +129,7 @@ fn policy_json(p: &Policy, state: &PolicyState, now: SystemTime) -> Result<Value
                 "Name": p.name,
                 "CreateRule": {"Schedule": p.schedule},
                 "RetainRule": retain_json(&p.retain),
-                "TagsToAdd": p.tags.iter().map(|t| json!({"Key": t.key, "Value": t.value})).collect::<Vec<_>>(),
+                "TagsToAdd": p.tags,
                 "ImageNamePrefix": p.image_name_prefix,
                 "CrossRegionCopyRules": p.copy.iter().map(|c| json!({"TargetRegion": c.target_region, "RetainRule": {"Count": c.retain_count}})).collect::<Vec<_>>(),
             }],

@@ -7,6 +7,7 @@ use anyhow::Result;
 use serde_json::{Value, json};
 
 use blocksnap::Error;
+use blocksnap::format::image::TagChange;
 use blocksnap::image::instance::LaunchOptions;
 use blocksnap::ops::restore::BlockSource;
 use blocksnap::server::client::Client;
@@ -16,7 +17,7 @@ use crate::cli::image::{ImageCmd, create_options};
 use crate::cli::instance::{self, InstanceCmd};
 use crate::cli::output::Out;
 use crate::cli::parse::{
-    PermissionArgs, parent_choice, parse_image, parse_size, parse_snapshot, parse_tags,
+    PermissionArgs, parent_choice, parse_image, parse_size, parse_snapshot, parse_tags, tag_change,
 };
 use crate::cli::snapshot::SnapshotCmd;
 use crate::cli::volume::VolumeCmd;
@@ -247,6 +248,12 @@ pub fn snapshot(client: &Client, out: &Out, cmd: SnapshotCmd) -> Result<u8> {
             let id = parse_snapshot(&snapshot)?;
             permissions(client, out, "Snapshot", id.as_str(), Some(&change))
         }
+        SnapshotCmd::Tag { snapshot, change } => {
+            let id = parse_snapshot(&snapshot)?;
+            let tags = remote::change_tags(client, id.as_str(), &tag_change(&change)?)?;
+            out.tags(id.as_str(), &tags);
+            Ok(0)
+        }
         other => not_served(Some("snapshot"), &other),
     }
 }
@@ -323,12 +330,11 @@ pub fn image(client: &Client, out: &Out, cmd: ImageCmd) -> Result<u8> {
             let x = client.ec2("RegisterImage", &params, "register an image at")?;
             let id = x.text_of("imageId").to_string();
             if !opts.tags.is_empty() {
-                let mut tags = vec![("ResourceId.1".to_string(), id.clone())];
-                for (i, t) in opts.tags.iter().enumerate() {
-                    tags.push((format!("Tag.{}.Key", i + 1), t.key.clone()));
-                    tags.push((format!("Tag.{}.Value", i + 1), t.value.clone()));
-                }
-                client.ec2("CreateTags", &tags, "tag an image at")?;
+                let add = TagChange {
+                    add: opts.tags,
+                    ..TagChange::default()
+                };
+                remote::change_tags(client, &id, &add)?;
             }
             match out.json {
                 true => out.print(json!({ "ImageId": id })),
@@ -392,6 +398,12 @@ pub fn image(client: &Client, out: &Out, cmd: ImageCmd) -> Result<u8> {
                 true => out.print(json!({ "ImageId": id.as_str(), "State": "deregistered" })),
                 false => println!("{id} deregistered"),
             }
+            Ok(0)
+        }
+        ImageCmd::Tag { image, change } => {
+            let id = parse_image(&image)?;
+            let tags = remote::change_tags(client, id.as_str(), &tag_change(&change)?)?;
+            out.tags(id.as_str(), &tags);
             Ok(0)
         }
         ImageCmd::DescribePermissions { image } => {

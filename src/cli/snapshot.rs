@@ -19,8 +19,8 @@ use blocksnap::{AccountId, Region};
 
 use crate::cli::output::{Out, print_grants};
 use crate::cli::parse::{
-    EncryptionArgs, PermissionArgs, account_or_self, grantee_or_self, parent_choice, parse_size,
-    parse_snapshot, parse_tags, permission_change,
+    EncryptionArgs, PermissionArgs, TagArgs, account_or_self, grantee_or_self, parent_choice,
+    parse_size, parse_snapshot, parse_tags, permission_change, tag_change,
 };
 use crate::cli::recycle_bin::restored_from_bin;
 
@@ -89,6 +89,12 @@ pub enum SnapshotCmd {
     },
     /// Show one snapshot [DescribeSnapshots --snapshot-ids]
     Describe { snapshot: String },
+    /// Add, change or remove a snapshot's tags; owner only [CreateTags, DeleteTags]
+    Tag {
+        snapshot: String,
+        #[command(flatten)]
+        change: TagArgs,
+    },
     /// List every block with its state and digest [ListSnapshotBlocks]
     Blocks { snapshot: String },
     /// Blocks whose content differs between two snapshots, from the manifests alone [ListChangedBlocks]
@@ -279,6 +285,12 @@ pub fn run(
             if meta.sealed {
                 explain_sealed(&format!("{} shows no description or source", meta.id));
             }
+            Ok(0)
+        }
+        SnapshotCmd::Tag { snapshot, change } => {
+            let id = parse_snapshot(&snapshot)?;
+            let tags = access::change_tags(region, &id, caller, &tag_change(&change)?)?;
+            out.tags(id.as_str(), &tags);
             Ok(0)
         }
         SnapshotCmd::Blocks { snapshot } => {

@@ -257,15 +257,42 @@ pub struct TagRecord {
     pub tags: Vec<crate::format::manifest::Tag>,
 }
 
-impl TagRecord {
-    /// `old` with `new` added: a key already there takes the new value
-    /// (`CreateTags`).
-    pub fn merged(
-        old: &[crate::format::manifest::Tag],
-        new: &[crate::format::manifest::Tag],
-    ) -> Self {
+/// What `CreateTags` and `DeleteTags` do to a resource's tags: first the
+/// removals, then the additions.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TagChange {
+    /// Added; a key already there takes the new value (`CreateTags`).
+    pub add: Vec<Tag>,
+    /// Removed by key; with a value, only where the tag has that value
+    /// (`DeleteTags`).
+    pub remove: Vec<(String, Option<String>)>,
+    /// Every tag removed (`DeleteTags` naming no tag).
+    pub remove_all: bool,
+}
+
+impl TagChange {
+    /// Refuses a change to the tags blocksnap writes itself.
+    pub fn check(&self) -> Result<()> {
+        let added = self.add.iter().map(|t| t.key.as_str());
+        let removed = self.remove.iter().map(|(key, _)| key.as_str());
+        added
+            .chain(removed)
+            .try_for_each(crate::format::manifest::check_user_tag_key)
+    }
+
+    /// `old` changed by this. Removing every tag keeps blocksnap's own.
+    pub fn apply(&self, old: &[Tag]) -> TagRecord {
+        use crate::format::manifest::RESERVED_TAG_PREFIX;
         let mut tags = old.to_vec();
-        for t in new {
+        tags.retain(|t| {
+            let named = self
+                .remove
+                .iter()
+                .any(|(key, value)| *key == t.key && value.as_ref().is_none_or(|v| *v == t.value));
+            let all = self.remove_all && !t.key.starts_with(RESERVED_TAG_PREFIX);
+            !(named || all)
+        });
+        for t in &self.add {
             match tags.iter_mut().find(|o| o.key == t.key) {
                 Some(o) => o.value = t.value.clone(),
                 None => tags.push(t.clone()),
@@ -293,6 +320,53 @@ pub fn encode_snapshot_permissions(p: &CreateVolumePermissions) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tag_change_removes_then_adds_and_keeps_blocksnaps_own_tags() {
+        let tag = |k: &str, v: &str| Tag {
+            key: k.into(),
+            value: v.into(),
+        };
+        let old = [
+            tag("env", "test"),
+            tag("team", "db"),
+            tag("blocksnap:source", "/d"),
+        ];
+        let change = TagChange {
+            add: vec![tag("env", "prod"), tag("tier", "gold")],
+            remove: vec![("team".into(), Some("web".into())), ("env".into(), None)],
+            remove_all: false,
+        };
+        // team stays (another value), env goes and comes back with the new one.
+        let keys = change.apply(&old).tags;
+        assert_eq!(
+            keys,
+            [
+                tag("team", "db"),
+                tag("blocksnap:source", "/d"),
+                tag("env", "prod"),
+                tag("tier", "gold")
+            ]
+        );
+        let all = TagChange {
+            remove_all: true,
+            ..TagChange::default()
+        };
+        assert_eq!(all.apply(&old).tags, [tag("blocksnap:source", "/d")]);
+        for bad in [
+            TagChange {
+                add: vec![tag("blocksnap:x", "1")],
+                ..TagChange::default()
+            },
+            TagChange {
+                remove: vec![("blocksnap:source".into(), None)],
+                ..TagChange::default()
+            },
+        ] {
+            assert!(bad.check().is_err(), "{bad:?}");
+        }
+        assert!(change.check().is_ok());
+    }
     use std::path::Path;
 
     #[test]

@@ -125,6 +125,20 @@ const MAX_TAG_KEY: usize = 128;
 const MAX_TAG_VALUE: usize = 256;
 const MAX_TAGS: usize = 50;
 
+/// Tag keys with this prefix are blocksnap's own, as `aws:` is AWS's.
+pub const RESERVED_TAG_PREFIX: &str = "blocksnap:";
+
+/// Refuses a tag key blocksnap reserves for itself.
+pub fn check_user_tag_key(key: &str) -> Result<()> {
+    if key.starts_with(RESERVED_TAG_PREFIX) {
+        return Err(Error::InvalidArgument(format!(
+            "tag key {key:?} is reserved: keys starting with {RESERVED_TAG_PREFIX:?} are the tags \
+             blocksnap itself writes (as aws: is AWS's)"
+        )));
+    }
+    Ok(())
+}
+
 /// Checks description and tags against EC2's limits.
 pub fn validate_labels(description: &str, tags: &[Tag]) -> Result<()> {
     let bad = |m: String| Err(Error::InvalidArgument(m));

@@ -6,7 +6,7 @@ use std::time::SystemTime;
 
 use crate::error::{Error, Result};
 use crate::format::image::{
-    BlockDeviceMapping, DeviceName, Image, ImageState, LaunchPermissions, StateRecord, TagRecord,
+    BlockDeviceMapping, DeviceName, Image, ImageState, LaunchPermissions, StateRecord, TagChange,
 };
 use crate::format::lifecycle::{BinEntry, ResourceType};
 use crate::format::manifest::{Tag, validate_labels};
@@ -36,18 +36,19 @@ pub fn read_launchable(
     Ok(view)
 }
 
-/// Adds tags to image `id`, replacing the values of keys it has; owner
-/// only (CreateTags). Returns its tags now.
-pub fn create_tags(
+/// Changes the tags of image `id`; owner only (CreateTags, DeleteTags).
+/// Returns its tags now.
+pub fn change_tags(
     region: &Region,
     id: &ImageId,
     caller: &AccountId,
-    tags: &[Tag],
+    change: &TagChange,
 ) -> Result<Vec<Tag>> {
-    let _catalog = region.catalog_lock("create tags")?;
+    change.check()?;
+    let _catalog = region.catalog_lock("change tags")?;
     let view = read(region, id)?;
     view.require_owner(caller, "tag")?;
-    let record = TagRecord::merged(&view.image.tags, tags);
+    let record = change.apply(&view.image.tags);
     validate_labels(&view.image.description, &record.tags)?;
     write_tags(region, id, &record.tags)?;
     Ok(record.tags)

@@ -58,8 +58,8 @@ pub const TARGET_TAG: &str = "blocksnap:lifecycle-target";
 pub const SLOT_TAG: &str = "blocksnap:lifecycle-slot";
 /// The longest `--retain-age`: a hundred years.
 const MAX_RETAIN_AGE: u64 = 36_500 * 86_400;
-/// Tag keys with this prefix are blocksnap's own, as `aws:` is AWS's.
-pub const RESERVED_TAG_PREFIX: &str = "blocksnap:";
+pub use crate::format::manifest::RESERVED_TAG_PREFIX;
+use crate::format::manifest::check_user_tag_key;
 
 fn policy_key(id: &PolicyId) -> String {
     format!("policies/{id}.json")
@@ -84,14 +84,7 @@ pub struct PolicySpec {
 
 /// Refuses tag keys blocksnap reserves for itself.
 pub fn check_user_tags(tags: &[Tag]) -> Result<()> {
-    if let Some(t) = tags.iter().find(|t| t.key.starts_with(RESERVED_TAG_PREFIX)) {
-        return Err(Error::InvalidArgument(format!(
-            "tag key {:?} is reserved: keys starting with {RESERVED_TAG_PREFIX:?} are the tags \
-             blocksnap itself writes (as aws: is AWS's)",
-            t.key
-        )));
-    }
-    Ok(())
+    tags.iter().try_for_each(|t| check_user_tag_key(&t.key))
 }
 
 fn stamp(slot: &str) -> String {

@@ -14,7 +14,7 @@ use std::time::SystemTime;
 
 use crate::error::{Error, Location, Result};
 use crate::format::dirty_map::{DirtyHeader, HEADER_LEN, MapKind};
-use crate::format::image::{CreateVolumePermissions, TagRecord, encode_tags};
+use crate::format::image::{CreateVolumePermissions, TagChange, encode_tags};
 use crate::format::lifecycle::{BinEntry, ResourceType};
 use crate::format::manifest::{SnapshotMeta, Tag, validate_labels};
 use crate::id::{AccountId, SnapshotId};
@@ -63,16 +63,17 @@ fn check_owned(
     require_owner(&region.read_snapshot_meta(id)?, caller, action)
 }
 
-/// Adds tags to snapshot `id`, replacing the values of keys it has;
-/// owner only (CreateTags). Returns its tags now. An encrypted snapshot's
-/// tags are sealed in its manifest with it, and do not change.
-pub fn create_tags(
+/// Changes the tags of snapshot `id`; owner only (CreateTags,
+/// DeleteTags). Returns its tags now. An encrypted snapshot's tags are
+/// sealed in its manifest with it, and do not change.
+pub fn change_tags(
     region: &Region,
     id: &SnapshotId,
     caller: &AccountId,
-    tags: &[Tag],
+    change: &TagChange,
 ) -> Result<Vec<Tag>> {
-    let _catalog = region.catalog_lock("create tags")?;
+    change.check()?;
+    let _catalog = region.catalog_lock("change tags")?;
     let meta = region.read_snapshot_meta(id)?;
     require_owner(&meta, caller, "tag")?;
     if meta.kms_key_id.is_some() {
@@ -80,7 +81,7 @@ pub fn create_tags(
             "{id} is encrypted: its tags are sealed in it under its key and cannot change"
         )));
     }
-    let record = TagRecord::merged(&meta.tags, tags);
+    let record = change.apply(&meta.tags);
     validate_labels(&meta.description, &record.tags)?;
     region
         .backend()

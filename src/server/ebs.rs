@@ -301,7 +301,7 @@ impl Uploads {
             "VolumeSize": p.volume_size,
             "Parent": p.parent.as_ref().map(|m| m.meta.id.to_string()),
             "Description": p.description,
-            "Tags": tags_json(&p.tags),
+            "Tags": json!(p.tags),
             "ClientToken": client_token,
             "TimeoutSecs": p.timeout.as_secs(),
             "Started": epoch(p.started),
@@ -512,7 +512,7 @@ fn answer_again(
             "BlockSize": meta.block_size,
             "Description": meta.description,
             "ParentSnapshotId": meta.parent.map(|p| p.to_string()),
-            "Tags": tags_json(&meta.tags),
+            "Tags": json!(meta.tags),
         }),
     ))
 }
@@ -527,7 +527,7 @@ fn started_json(id: &SnapshotId, p: &Pending, status: &str) -> Value {
         "BlockSize": BLOCK,
         "Description": p.description,
         "ParentSnapshotId": p.parent.as_ref().map(|m| m.meta.id.to_string()),
-        "Tags": tags_json(&p.tags),
+        "Tags": json!(p.tags),
     })
 }
 
@@ -549,14 +549,6 @@ fn parse_tags(v: &Value) -> Result<Vec<Tag>> {
             })
         })
         .collect()
-}
-
-fn tags_json(tags: &[Tag]) -> Value {
-    Value::Array(
-        tags.iter()
-            .map(|t| json!({"Key": t.key, "Value": t.value}))
-            .collect(),
-    )
 }
 
 /// A header's value, if present and text.

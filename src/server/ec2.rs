@@ -4,7 +4,7 @@
 //! the caller, so permissions are the same rules.
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::format::image::{LaunchPermission, MappingTarget};
+use crate::format::image::{LaunchPermission, MappingTarget, TagChange};
 use crate::format::manifest::{SnapshotMeta, Tag};
 use crate::id::{AccountId, ImageId, SnapshotId};
 use crate::image::ops as images;
@@ -66,7 +66,8 @@ pub fn answer(
         "DeregisterImage" => deregister_image(region, caller, p),
         "RegisterImage" => register_image(region, caller, p),
         "CopyImage" => copy_image(region, caller, p, open_region),
-        "CreateTags" => create_tags(region, caller, p),
+        "CreateTags" => change_tags(region, caller, p, false),
+        "DeleteTags" => change_tags(region, caller, p, true),
         "" => {
             return Err(error(400, "MissingAction", "the request names no Action"));
         }
@@ -84,37 +85,50 @@ pub fn answer(
     }
 }
 
-/// `CreateTags`: `ResourceId.N` (snapshots and images of the caller's),
-/// `Tag.N.Key` and `Tag.N.Value`; each resource in turn.
-fn create_tags(region: &Region, caller: &AccountId, p: &Params) -> Result<String> {
+/// `CreateTags` and `DeleteTags`: `ResourceId.N` (snapshots and images
+/// of the caller's), `Tag.N.Key` and `Tag.N.Value`; each resource in turn.
+/// As EC2's `DeleteTags`: a tag named without a value goes whatever its
+/// value, and naming no tag deletes them all.
+fn change_tags(region: &Region, caller: &AccountId, p: &Params, delete: bool) -> Result<String> {
     let resources = list(p, "ResourceId");
     if resources.is_empty() {
         return Err(Error::InvalidArgument(
             "MissingParameter: ResourceId.1 is required".into(),
         ));
     }
-    let tags: Vec<Tag> = (1..)
+    let named: Vec<(String, Option<String>)> = (1..)
         .map_while(|i| {
             let key = p.get(&format!("Tag.{i}.Key"))?;
-            Some(Tag {
-                key: key.clone(),
-                value: p
-                    .get(&format!("Tag.{i}.Value"))
-                    .cloned()
-                    .unwrap_or_default(),
-            })
+            Some((key.clone(), p.get(&format!("Tag.{i}.Value")).cloned()))
         })
         .collect();
-    if tags.is_empty() {
+    let change = if delete {
+        TagChange {
+            remove_all: named.is_empty(),
+            remove: named,
+            ..TagChange::default()
+        }
+    } else if named.is_empty() {
         return Err(Error::InvalidArgument(
             "MissingParameter: Tag.1.Key is required".into(),
         ));
-    }
+    } else {
+        TagChange {
+            add: named
+                .into_iter()
+                .map(|(key, value)| Tag {
+                    key,
+                    value: value.unwrap_or_default(),
+                })
+                .collect(),
+            ..TagChange::default()
+        }
+    };
     for r in &resources {
         if r.starts_with("ami-") {
-            images::create_tags(region, &r.parse()?, caller, &tags)?;
+            images::change_tags(region, &r.parse()?, caller, &change)?;
         } else if r.starts_with("snap-") {
-            access::create_tags(region, &r.parse()?, caller, &tags)?;
+            access::change_tags(region, &r.parse()?, caller, &change)?;
         } else {
             return Err(Error::InvalidArgument(format!(
                 "{r} is neither a snapshot nor an image, the only resources this server tags"

@@ -645,9 +645,10 @@ pub fn examine_untrusted(data: &[u8]) -> bool {
 /// The name of the EC2 action in `p`, for the log: only actions this
 /// server knows are named (a client's string never reaches the log).
 fn ec2_action_name(p: &Params) -> &'static str {
-    const KNOWN: [&str; 12] = [
+    const KNOWN: [&str; 13] = [
         "GetCallerIdentity",
         "CreateTags",
+        "DeleteTags",
         "RegisterImage",
         "CopyImage",
         "DescribeSnapshots",

@@ -16,7 +16,7 @@ use rayon::prelude::*;
 use serde_json::{Value, json};
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::format::image::{BlockDeviceMapping, DeviceName, EbsMapping, MappingTarget};
+use crate::format::image::{BlockDeviceMapping, DeviceName, EbsMapping, MappingTarget, TagChange};
 use crate::format::instance::Instance;
 use crate::format::manifest::Tag;
 use crate::id::{ImageId, Namer, SnapshotId, random_id};
@@ -259,12 +259,11 @@ pub fn upload(
         Some(id) => Some(Remote::open(client, id, None)?),
         None => None,
     };
-    let mut tags: Vec<Value> = opts
-        .tags
-        .iter()
-        .map(|t| json!({"Key": t.key, "Value": t.value}))
-        .collect();
-    tags.push(json!({"Key": SOURCE_TAG, "Value": source}));
+    let mut tags = opts.tags.clone();
+    tags.push(Tag {
+        key: SOURCE_TAG.to_string(),
+        value: source.clone(),
+    });
     let mut start = json!({
         "VolumeSize": gib,
         "Description": opts.description,
@@ -588,7 +587,7 @@ pub fn describe_snapshots(client: &Client, params: &[(String, String)]) -> Resul
             });
             let tags = tags_of(i);
             if !tags.is_empty() {
-                v["Tags"] = Value::Array(tags);
+                v["Tags"] = json!(tags);
             }
             v
         })
@@ -633,15 +632,53 @@ pub fn describe_images(client: &Client, params: &[(String, String)]) -> Result<V
             });
             let tags = tags_of(i);
             if !tags.is_empty() {
-                v["Tags"] = Value::Array(tags);
+                v["Tags"] = json!(tags);
             }
             Ok(v)
         })
         .collect()
 }
 
-fn tags_of(item: &Xml) -> Vec<Value> {
+fn tags_of(item: &Xml) -> Vec<Tag> {
     item.items("tagSet")
-        .map(|t| json!({"Key": t.text_of("key"), "Value": t.text_of("value")}))
+        .map(|t| Tag {
+            key: t.text_of("key").to_string(),
+            value: t.text_of("value").to_string(),
+        })
         .collect()
+}
+
+/// Changes the tags of a snapshot or an image of the caller's:
+/// `DeleteTags`, then `CreateTags`, as EC2 has no one call for both.
+/// Returns its tags now.
+pub fn change_tags(client: &Client, resource: &str, change: &TagChange) -> Result<Vec<Tag>> {
+    let on = [("ResourceId.1".to_string(), resource.to_string())];
+    if change.remove_all || !change.remove.is_empty() {
+        let mut p = on.to_vec();
+        for (i, (key, value)) in change.remove.iter().enumerate() {
+            p.push((format!("Tag.{}.Key", i + 1), key.clone()));
+            if let Some(v) = value {
+                p.push((format!("Tag.{}.Value", i + 1), v.clone()));
+            }
+        }
+        client.ec2("DeleteTags", &p, "remove tags at")?;
+    }
+    if !change.add.is_empty() {
+        let mut p = on.to_vec();
+        for (i, t) in change.add.iter().enumerate() {
+            p.push((format!("Tag.{}.Key", i + 1), t.key.clone()));
+            p.push((format!("Tag.{}.Value", i + 1), t.value.clone()));
+        }
+        client.ec2("CreateTags", &p, "tag at")?;
+    }
+    let (action, param, set) = match resource.starts_with("ami-") {
+        true => ("DescribeImages", "ImageId.1", "imagesSet"),
+        false => ("DescribeSnapshots", "SnapshotId.1", "snapshotSet"),
+    };
+    let x = client.ec2(
+        action,
+        &[(param.to_string(), resource.to_string())],
+        "describe at",
+    )?;
+    Ok(x.items(set).next().map(tags_of).unwrap_or_default())
 }

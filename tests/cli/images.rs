@@ -581,6 +581,109 @@ fn mapping_and_name_rules_each_have_a_clear_error() {
 }
 
 on_each_backend!(
+    tags_change_after_creation_and_every_reader_sees_them,
+    tags_change_after_creation_and_every_reader_sees_them_case
+);
+fn tags_change_after_creation_and_every_reader_sees_them_case(env: &Env) {
+    let img = env.path("t.img");
+    fs::write(&img, text_bytes(7, 2 * MIB as usize)).unwrap();
+    let snap = id(&env.snapshot(&img, &["--tag", "env=test", "--tag", "team=db"]));
+    let map = format!("/dev/xvda={snap}");
+    let image = ami(&env.json(&[
+        "image", "register", "--name", "tagged", "--map", &map, "--tag", "env=test",
+    ]));
+    let tags_of = |v: &Value| -> Vec<String> {
+        let mut t: Vec<String> = v["Tags"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|t| {
+                format!(
+                    "{}={}",
+                    t["Key"].as_str().unwrap(),
+                    t["Value"].as_str().unwrap()
+                )
+            })
+            .collect();
+        t.sort();
+        t
+    };
+    // A new value, a new key and a removal in one command.
+    let now = env.json(&[
+        "snapshot",
+        "tag",
+        &snap,
+        "--tag",
+        "env=prod",
+        "--tag",
+        "owner=ops",
+        "--untag",
+        "team",
+    ]);
+    assert_eq!(now["ResourceId"], snap.as_str());
+    assert_eq!(tags_of(&now), ["env=prod", "owner=ops"]);
+    // Every reader sees them: describe, list, a restore's view of the meta.
+    let described = env.json(&["snapshot", "describe", &snap]);
+    assert_eq!(
+        tags_of(&described["Snapshots"][0]),
+        ["env=prod", "owner=ops"]
+    );
+    let listed = env.json(&["snapshot", "list"]);
+    assert_eq!(tags_of(&listed["Snapshots"][0]), ["env=prod", "owner=ops"]);
+    // A value given with --untag must match.
+    let kept = env.json(&["snapshot", "tag", &snap, "--untag", "env=test"]);
+    assert_eq!(tags_of(&kept), ["env=prod", "owner=ops"]);
+    let text = env.ok(&["snapshot", "tag", &snap, "--untag-all"]);
+    assert!(text.contains("has no tags"), "{text}");
+    assert_eq!(
+        tags_of(&env.json(&["snapshot", "describe", &snap])["Snapshots"][0]),
+        Vec::<String>::new()
+    );
+    // Images too; the manifest of the snapshot is not rewritten, so it
+    // still restores and verifies.
+    let now = env.json(&["image", "tag", &image, "--tag", "tier=gold"]);
+    assert_eq!(tags_of(&now), ["env=test", "tier=gold"]);
+    let described = env.json(&["image", "describe", &image]);
+    assert_eq!(tags_of(&described["Images"][0]), ["env=test", "tier=gold"]);
+    env.ok(&["store", "verify"]);
+    let out = env.path("t-restored.img");
+    env.ok(&["volume", "restore", &snap, s(&out)]);
+    sh_ok(&format!("cmp '{}' '{}'", img.display(), out.display()));
+    // Refusals: another account, blocksnap's own keys, nothing to do,
+    // one key both given and removed, an unknown snapshot.
+    for args in [
+        vec!["--account", OTHER, "snapshot", "tag", &snap, "--tag", "a=b"],
+        vec!["--account", OTHER, "image", "tag", &image, "--untag-all"],
+    ] {
+        let err = env.fails(&args, 6);
+        assert!(err.contains("only its owner"), "{err}");
+    }
+    for args in [
+        vec!["snapshot", "tag", &snap, "--tag", "blocksnap:source=x"],
+        vec![
+            "image",
+            "tag",
+            &image,
+            "--untag",
+            "blocksnap:lifecycle-slot",
+        ],
+        vec!["snapshot", "tag", &snap],
+        vec!["snapshot", "tag", &snap, "--tag", "a=1", "--untag", "a"],
+        vec!["snapshot", "tag", &snap, "--tag", "novalue"],
+    ] {
+        env.fails(&args, 2);
+    }
+    env.fails(
+        &["snapshot", "tag", "snap-00000000000000000", "--tag", "a=b"],
+        3,
+    );
+    assert_eq!(
+        tags_of(&env.json(&["image", "describe", &image])["Images"][0]),
+        ["env=test", "tier=gold"]
+    );
+}
+
+on_each_backend!(
     deregister_deprecate_and_snapshot_deletion_rules,
     deregister_deprecate_and_snapshot_deletion_rules_case
 );

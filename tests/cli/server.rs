@@ -2035,6 +2035,79 @@ fn create_tags_changes_the_tags_every_reader_sees() {
         [pair("env", "prod"), pair("team", "db")]
     );
     env.ok(&["store", "verify"]);
+    // DeleteTags: a value given must match; a key alone goes whatever its
+    // value; no tag named takes every tag; blocksnap's own keys are refused.
+    let untag = |resource: &str, tags: &[&str]| {
+        let mut args = vec!["ec2", "delete-tags", "--resources", resource];
+        if !tags.is_empty() {
+            args.push("--tags");
+            args.extend_from_slice(tags);
+        }
+        aws_ok(&cli, &server, &alice, &args);
+    };
+    let snap_tags = || {
+        let d = aws_ok(
+            &cli,
+            &server,
+            &alice,
+            &["ec2", "describe-snapshots", "--snapshot-ids", &snap],
+        );
+        d["Snapshots"][0].clone()
+    };
+    untag(&snap, &["Key=team,Value=db"]);
+    assert_eq!(
+        tags_of(&snap_tags()),
+        [pair("env", "prod"), pair("team", "web")]
+    );
+    untag(&snap, &["Key=team"]);
+    assert_eq!(tags_of(&snap_tags()), [pair("env", "prod")]);
+    untag(&snap, &[]);
+    assert_eq!(tags_of(&snap_tags()), []);
+    aws_fails(
+        &cli,
+        &server,
+        &alice,
+        &[
+            "ec2",
+            "delete-tags",
+            "--resources",
+            &snap,
+            "--tags",
+            "Key=blocksnap:source",
+        ],
+        "InvalidParameterValue",
+    );
+    aws_fails(
+        &cli,
+        &server,
+        &bob,
+        &["ec2", "delete-tags", "--resources", &ami],
+        "UnauthorizedOperation",
+    );
+    // blocksnap's own `tag` commands through the server send the same calls.
+    let now = remote_ok(
+        &env,
+        &server,
+        &alice,
+        &["image", "tag", &ami, "--tag", "tier=gold", "--untag", "env"],
+    );
+    assert_eq!(now["ResourceId"], ami.as_str());
+    assert_eq!(tags_of(&now), [pair("team", "db"), pair("tier", "gold")]);
+    let now = remote_ok(
+        &env,
+        &server,
+        &alice,
+        &["snapshot", "tag", &snap, "--tag", "a=b"],
+    );
+    assert_eq!(tags_of(&now), [pair("a", "b")]);
+    remote_fails(
+        &env,
+        &server,
+        &bob,
+        &["image", "tag", &ami, "--untag-all"],
+        6,
+    );
+    env.ok(&["store", "verify"]);
     // Another account tags nothing of alice's; bad tags are refused.
     let refused = tag(&bob, &[&snap], &["Key=team,Value=mine"]);
     assert!(String::from_utf8_lossy(&refused.stderr).contains("UnauthorizedOperation"));
