@@ -273,6 +273,11 @@ pub struct TagChange {
 impl TagChange {
     /// Refuses a change to the tags blocksnap writes itself.
     pub fn check(&self) -> Result<()> {
+        if self.remove.iter().any(|(key, _)| key.is_empty()) {
+            return Err(Error::InvalidArgument(
+                "a tag to remove names no key: give KEY or KEY=VALUE".into(),
+            ));
+        }
         let added = self.add.iter().map(|t| t.key.as_str());
         let removed = self.remove.iter().map(|(key, _)| key.as_str());
         added
@@ -360,6 +365,10 @@ mod tests {
             },
             TagChange {
                 remove: vec![("blocksnap:source".into(), None)],
+                ..TagChange::default()
+            },
+            TagChange {
+                remove: vec![(String::new(), Some("v".into()))],
                 ..TagChange::default()
             },
         ] {

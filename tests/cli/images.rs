@@ -670,6 +670,7 @@ fn tags_change_after_creation_and_every_reader_sees_them_case(env: &Env) {
         vec!["snapshot", "tag", &snap],
         vec!["snapshot", "tag", &snap, "--tag", "a=1", "--untag", "a"],
         vec!["snapshot", "tag", &snap, "--tag", "novalue"],
+        vec!["snapshot", "tag", &snap, "--untag", "=v"],
     ] {
         env.fails(&args, 2);
     }
