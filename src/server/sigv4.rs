@@ -4,8 +4,9 @@
 //!
 //! The canonical request is AWS's: method, the path URI-encoded once more
 //! (every service but S3 signs the encoded path), the query parameters
-//! decoded, encoded by AWS's rules and sorted, the signed headers
-//! lowercased with their values trimmed and inner runs of spaces folded,
+//! decoded, encoded by AWS's rules and sorted, the signed headers (in the
+//! order the request lists them) lowercased with their values trimmed and
+//! inner runs of spaces folded,
 //! and the payload's SHA-256 (or `UNSIGNED-PAYLOAD` where the operation
 //! allows it, as `PutSnapshotBlock` does).
 
@@ -143,16 +144,23 @@ pub fn parse_authorization(value: &str) -> Result<Authorization, AuthError> {
             "Credential is not ACCESS_KEY/YYYYMMDD/REGION/SERVICE/aws4_request",
         ));
     }
+    // The canonical request lists the headers in the order given: the
+    // signature covers that order. AWS's clients sort by name; curl 7.88
+    // sorts `name:value` lines, which puts `x-amz-checksum-algorithm`
+    // before `x-amz-checksum`, and its requests verify all the same.
     let signed_headers: Vec<String> = signed.split(';').map(str::to_string).collect();
+    let mut names: Vec<&String> = signed_headers.iter().collect();
+    names.sort();
+    names.dedup();
     if signed_headers.iter().any(|h| {
         h.is_empty()
             || h.bytes()
                 .any(|b| b.is_ascii_uppercase() || b.is_ascii_whitespace())
-    }) || !signed_headers.is_sorted()
+    }) || names.len() != signed_headers.len()
         || !signed_headers.iter().any(|h| h == "host")
     {
         return Err(bad(
-            "SignedHeaders must be lowercase, sorted, separated by ';' and include host",
+            "SignedHeaders must be lowercase, each once, separated by ';' and include host",
         ));
     }
     if signature.len() != 64 || !signature.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -636,7 +644,8 @@ mod tests {
             "AWS4-HMAC-SHA256 Credential=a/b/c/d/aws4_request",
             "AWS4-HMAC-SHA256 Credential=AK/20260101/r/s/aws4_request, SignedHeaders=host, Signature=zz",
             "AWS4-HMAC-SHA256 Credential=AK/2026/r/s/aws4_request, SignedHeaders=host, Signature=00",
-            "AWS4-HMAC-SHA256 Credential=AK/20260101/r/s/aws4_request, SignedHeaders=x-amz-date;host, Signature=0000000000000000000000000000000000000000000000000000000000000000",
+            "AWS4-HMAC-SHA256 Credential=AK/20260101/r/s/aws4_request, SignedHeaders=host;x-amz-date;host, Signature=0000000000000000000000000000000000000000000000000000000000000000",
+            "AWS4-HMAC-SHA256 Credential=AK/20260101/r/s/aws4_request, SignedHeaders=x-amz-date;Host, Signature=0000000000000000000000000000000000000000000000000000000000000000",
             "AWS4-HMAC-SHA256 Credential=AK/20260101/r/s/aws4_request, Credential=AK/20260101/r/s/aws4_request, SignedHeaders=host, Signature=0000000000000000000000000000000000000000000000000000000000000000",
         ] {
             assert!(

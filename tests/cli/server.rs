@@ -9,6 +9,9 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use blocksnap::server::client::sha256;
 use serde_json::Value;
 
 use crate::util::{Env, MIB, assert_fsck_clean, assert_same, s, sh_ok, skip};
@@ -1928,12 +1931,20 @@ fn frozen_server_formats_still_read() {
         "{}",
         server.log()
     );
+    // Completed by curl, with the LINEAR checksum over the one block's
+    // SHA-256. curl 7.88 signs `x-amz-checksum-algorithm` (and the
+    // aggregation method) before `x-amz-checksum`: the server takes the
+    // order the request lists.
+    let block: Vec<u8> = (0..512 << 10).map(|i| (i % 251) as u8 + 1).collect();
+    let linear = BASE64.encode(sha256(&sha256(&block)));
     let completed = sh_ok(&format!(
         "curl -s -o /dev/null -w '%{{http_code}}' --aws-sigv4 'aws:amz:local:ebs' --user '{KEY}' \
-         -X POST -H 'x-amz-changedblockscount: 1' '{}/snapshots/completion/{SNAP}'",
+         -X POST -H 'x-amz-changedblockscount: 1' -H 'x-amz-checksum: {linear}' \
+         -H 'x-amz-checksum-algorithm: SHA256' -H 'x-amz-checksum-aggregation-method: LINEAR' \
+         '{}/snapshots/completion/{SNAP}'",
         server.url
     ));
-    assert_eq!(completed.trim(), "202");
+    assert_eq!(completed.trim(), "202", "{}", server.log());
     let out = env.path("out.img");
     env.ok(&["--account", ACCOUNT, "volume", "restore", SNAP, s(&out)]);
     // The tags `CreateTags` left (`blocksnap-tags` 1) replace its own.
@@ -1944,7 +1955,6 @@ fn frozen_server_formats_still_read() {
         "{tags}"
     );
     let want = env.path("want.img");
-    let block: Vec<u8> = (0..512 << 10).map(|i| (i % 251) as u8 + 1).collect();
     let f = std::fs::File::create(&want).unwrap();
     f.set_len(1 << 30).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&f, &block, 3 * (512 << 10)).unwrap();
