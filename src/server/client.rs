@@ -10,6 +10,7 @@
 use std::time::{Duration, SystemTime};
 
 use aws_lc_rs::digest;
+use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use serde_json::Value;
 use zeroize::Zeroizing;
@@ -37,7 +38,7 @@ pub struct Client {
 /// An answer with a 2xx status.
 pub struct Answer {
     pub headers: HeaderMap,
-    pub body: Vec<u8>,
+    pub body: Bytes,
 }
 
 impl Answer {
@@ -60,7 +61,8 @@ pub struct Call<'a> {
     pub path: String,
     pub query: Vec<(&'a str, String)>,
     pub headers: Vec<(&'static str, String)>,
-    pub body: Vec<u8>,
+    /// Shared, so that a retry sends it again without a copy.
+    pub body: Bytes,
     /// The body's SHA-256, where the caller has it already.
     pub body_sha256: Option<[u8; 32]>,
     /// What the request does, for errors: "start a snapshot at".
@@ -210,10 +212,7 @@ impl Client {
                     let headers = r.headers().clone();
                     match r.bytes() {
                         Ok(body) if (200..300).contains(&status) => {
-                            return Ok(Answer {
-                                headers,
-                                body: body.to_vec(),
-                            });
+                            return Ok(Answer { headers, body });
                         }
                         Ok(body) => {
                             let e = self.refusal(call, status, &headers, &body);
@@ -372,7 +371,7 @@ impl Client {
             path: path.to_string(),
             query,
             headers: Vec::new(),
-            body: Vec::new(),
+            body: Bytes::new(),
             body_sha256: None,
             what,
         })
@@ -410,7 +409,7 @@ impl Client {
                 "content-type",
                 "application/x-www-form-urlencoded; charset=utf-8".into(),
             )],
-            body: form.into_bytes(),
+            body: form.into(),
             body_sha256: None,
             what,
         })?;

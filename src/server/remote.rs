@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use base64::Engine;
+use bytes::Bytes;
 use rayon::prelude::*;
 use serde_json::{Value, json};
 
@@ -280,7 +281,7 @@ pub fn upload(
             path: "/snapshots".into(),
             query: Vec::new(),
             headers: vec![("content-type", "application/json".into())],
-            body: start.to_string().into_bytes(),
+            body: start.to_string().into(),
             body_sha256: None,
             what: "start a snapshot at",
         })?
@@ -302,7 +303,7 @@ pub fn upload(
                 ("x-amz-checksum", b64(&sha)),
                 ("x-amz-checksum-algorithm", "SHA256".into()),
             ],
-            body,
+            body: body.into(),
             body_sha256: Some(sha),
             what: "write a block to",
         })?;
@@ -381,7 +382,7 @@ pub fn upload(
             ("x-amz-checksum-algorithm", "SHA256".into()),
             ("x-amz-checksum-aggregation-method", "LINEAR".into()),
         ],
-        body: Vec::new(),
+        body: Bytes::new(),
         body_sha256: None,
         what: "complete a snapshot at",
     })?;
