@@ -55,7 +55,9 @@ coldsnap_cpu=$(awk '{printf "%.1f", $1 + $2}' "$work/coldsnap.cpu")
 sync
 # The CLI through a server of another fresh store: an upload, then a restore.
 serve "$work/served-cli" "$work/serve.log"
-cli_s=$(secs "$bin" -q --endpoint "$url" snapshot create --no-parent "$img")
+cli_s=$(secs /usr/bin/time -f '%U %S' -o "$work/cli.cpu" "$bin" -q --endpoint "$url" snapshot create --no-parent "$img")
+cli_server_cpu=$(awk -v hz="$(getconf CLK_TCK)" '{printf "%.1f", ($14 + $15) / hz}' "/proc/$server/stat")
+cli_cpu=$(awk '{printf "%.1f", $1 + $2}' "$work/cli.cpu")
 snap=$("$bin" --endpoint "$url" --json snapshot list | "$python" -c 'import json,sys; print(json.load(sys.stdin)["Snapshots"][-1]["SnapshotId"])')
 sync
 cli_restore_s=$(secs "$bin" -q --endpoint "$url" volume restore "$snap" "$work/cli-restored.img")
@@ -85,6 +87,7 @@ printf 'coldsnap upload via serve:   %6.2f s  %7.1f MiB/s  (%.2f x local)\n' "$c
 printf '  CPU seconds: coldsnap %s, server %s (the two share the cores)\n' "$coldsnap_cpu" "$server_cpu"
 printf 'CLI --endpoint upload:       %6.2f s  %7.1f MiB/s  (%.2f x local)\n' "$cli_s" \
     "$(echo "$mib / $cli_s" | bc -l)" "$(echo "$local_s / $cli_s" | bc -l)"
+printf '  CPU seconds: client %s, server %s\n' "$cli_cpu" "$cli_server_cpu"
 printf 'volume restore (local):      %6.2f s  %7.1f MiB/s\n' "$local_restore_s" "$(echo "$mib / $local_restore_s" | bc -l)"
 printf 'CLI --endpoint restore:      %6.2f s  %7.1f MiB/s  (%.2f x local)\n' "$cli_restore_s" \
     "$(echo "$mib / $cli_restore_s" | bc -l)" "$(echo "$local_restore_s / $cli_restore_s" | bc -l)"
