@@ -151,9 +151,15 @@ pub fn request(path: &Path, op: Op) -> Result<Option<Vec<Taken>>> {
     })
     .expect("request serializes");
     line.push(b'\n');
-    (&conn)
-        .write_all(&line)
-        .ctx("send a request to the server of", path)?;
+    if let Err(e) = (&conn).write_all(&line) {
+        // A server told to stop before is going: it was still accepting
+        // connections, and closed this one as it went.
+        use std::io::ErrorKind::{BrokenPipe, ConnectionReset};
+        if stop && matches!(e.kind(), BrokenPipe | ConnectionReset) {
+            return Ok(Some(Vec::new()));
+        }
+        return Err(e).ctx("send a request to the server of", path);
+    }
     let _ = conn.set_read_timeout(Some(Duration::from_secs(3600)));
     let mut reply = String::new();
     let read = BufReader::new(&conn)
