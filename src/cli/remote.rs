@@ -17,10 +17,18 @@ use crate::cli::image::{ImageCmd, create_options};
 use crate::cli::instance::{self, InstanceCmd};
 use crate::cli::output::Out;
 use crate::cli::parse::{
-    PermissionArgs, parent_choice, parse_image, parse_size, parse_snapshot, parse_tags, tag_change,
+    PermissionArgs, TagArgs, parent_choice, parse_image, parse_size, parse_snapshot, parse_tags,
+    tag_change,
 };
 use crate::cli::snapshot::SnapshotCmd;
 use crate::cli::volume::VolumeCmd;
+
+/// `snapshot tag` and `image tag`: the change, then the tags it left.
+fn tag(client: &Client, out: &Out, resource: &str, change: &TagArgs) -> Result<u8> {
+    remote::change_tags(client, resource, &tag_change(change)?)?;
+    out.tags(resource, &remote::tags_of_resource(client, resource)?);
+    Ok(0)
+}
 
 /// `volume restore` from the server.
 pub fn restore(client: &Client, out: &Out, cmd: VolumeCmd) -> Result<u8> {
@@ -250,9 +258,7 @@ pub fn snapshot(client: &Client, out: &Out, cmd: SnapshotCmd) -> Result<u8> {
         }
         SnapshotCmd::Tag { snapshot, change } => {
             let id = parse_snapshot(&snapshot)?;
-            let tags = remote::change_tags(client, id.as_str(), &tag_change(&change)?)?;
-            out.tags(id.as_str(), &tags);
-            Ok(0)
+            tag(client, out, id.as_str(), &change)
         }
         other => not_served(Some("snapshot"), &other),
     }
@@ -402,9 +408,7 @@ pub fn image(client: &Client, out: &Out, cmd: ImageCmd) -> Result<u8> {
         }
         ImageCmd::Tag { image, change } => {
             let id = parse_image(&image)?;
-            let tags = remote::change_tags(client, id.as_str(), &tag_change(&change)?)?;
-            out.tags(id.as_str(), &tags);
-            Ok(0)
+            tag(client, out, id.as_str(), &change)
         }
         ImageCmd::DescribePermissions { image } => {
             let id = parse_image(&image)?;

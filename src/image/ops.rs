@@ -9,14 +9,14 @@ use crate::format::image::{
     BlockDeviceMapping, DeviceName, Image, ImageState, LaunchPermissions, StateRecord, TagChange,
 };
 use crate::format::lifecycle::{BinEntry, ResourceType};
-use crate::format::manifest::{Tag, validate_labels};
+use crate::format::manifest::Tag;
 use crate::id::{AccountId, ImageId, SnapshotId};
 use crate::image::rules::{check_labels, check_name_free, host_architecture, validate_mappings};
 use crate::ops::access::{Deleted, check_no_lazy_volume, remove_or_bin};
 use crate::ops::recycle::{entry_for, keeping_rule, require_bin_owner};
 use crate::region::catalog::Region;
 use crate::region::images::{
-    self, ImageView, read, users_of, write_new, write_permissions, write_state, write_tags,
+    self, ImageView, read, tags_key, users_of, write_new, write_permissions, write_state,
 };
 use crate::region::permissions::{Grantee, Grants, PermissionChange};
 use crate::region::recycle::{remove_entry, write_entry};
@@ -48,10 +48,8 @@ pub fn change_tags(
     let _catalog = region.catalog_lock("change tags")?;
     let view = read(region, id)?;
     view.require_owner(caller, "tag")?;
-    let record = change.apply(&view.image.tags);
-    validate_labels(&view.image.description, &record.tags)?;
-    write_tags(region, id, &record.tags)?;
-    Ok(record.tags)
+    let image = &view.image;
+    region.change_tag_record(&tags_key(id), &image.tags, &image.description, change)
 }
 
 /// What `register` needs beyond the mappings.

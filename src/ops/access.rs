@@ -14,9 +14,9 @@ use std::time::SystemTime;
 
 use crate::error::{Error, Location, Result};
 use crate::format::dirty_map::{DirtyHeader, HEADER_LEN, MapKind};
-use crate::format::image::{CreateVolumePermissions, TagChange, encode_tags};
+use crate::format::image::{CreateVolumePermissions, TagChange};
 use crate::format::lifecycle::{BinEntry, ResourceType};
-use crate::format::manifest::{SnapshotMeta, Tag, validate_labels};
+use crate::format::manifest::{SnapshotMeta, Tag};
 use crate::id::{AccountId, SnapshotId};
 use crate::ops::recycle::{bin_snapshot, keeping_rule};
 use crate::region::catalog::{Region, tags_key};
@@ -81,12 +81,7 @@ pub fn change_tags(
             "{id} is encrypted: its tags are sealed in it under its key and cannot change"
         )));
     }
-    let record = change.apply(&meta.tags);
-    validate_labels(&meta.description, &record.tags)?;
-    region
-        .backend()
-        .replace(&tags_key(id), &encode_tags(&record))?;
-    Ok(record.tags)
+    region.change_tag_record(&tags_key(id), &meta.tags, &meta.description, change)
 }
 
 /// The create-volume permissions of snapshot `id`; owner only

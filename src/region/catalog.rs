@@ -9,9 +9,9 @@ use std::path::Path;
 use std::time::SystemTime;
 
 use crate::error::{Error, IoContext, Location, Result};
-use crate::format::image::{MAX_JSON, decode_tags};
+use crate::format::image::{MAX_JSON, TagChange, decode_tags, encode_tags};
 use crate::format::lease::{self, Lease, MAX_LEASE};
-use crate::format::manifest::{self, Manifest, SnapshotMeta};
+use crate::format::manifest::{self, Manifest, SnapshotMeta, Tag, validate_labels};
 use crate::format::region::{
     MAX_STORE_JSON, RegionInfo, STORE_FORMAT, STORE_VERSION, decode_region_info, encode_region_info,
 };
@@ -266,11 +266,35 @@ impl Region {
         if meta.sealed || meta.kms_key_id.is_some() {
             return Ok(());
         }
-        let key = tags_key(&meta.id);
-        if let Some(b) = self.backend.read(&key, "tags", MAX_JSON)? {
-            meta.tags = decode_tags(&b, &self.backend.locate(&key))?.tags;
+        if let Some(tags) = self.tag_record(&tags_key(&meta.id))? {
+            meta.tags = tags;
         }
         Ok(())
+    }
+
+    /// The tags of the tag record (`blocksnap-tags`) at `key`, a
+    /// snapshot's or an image's, if it has one.
+    pub fn tag_record(&self, key: &str) -> Result<Option<Vec<Tag>>> {
+        match self.backend.read(key, "tags", MAX_JSON)? {
+            Some(b) => Ok(Some(decode_tags(&b, &self.backend.locate(key))?.tags)),
+            None => Ok(None),
+        }
+    }
+
+    /// Writes as the tag record at `key` the tags `tags` become by
+    /// `change`, within EC2's limits (which count `description` with
+    /// them). Returns the tags now.
+    pub fn change_tag_record(
+        &self,
+        key: &str,
+        tags: &[Tag],
+        description: &str,
+        change: &TagChange,
+    ) -> Result<Vec<Tag>> {
+        let record = change.apply(tags);
+        validate_labels(description, &record.tags)?;
+        self.backend.replace(key, &encode_tags(&record))?;
+        Ok(record.tags)
     }
 
     /// The distinct chunk names snapshot `id` holds, read without a key.

@@ -13,12 +13,10 @@ use std::time::SystemTime;
 
 use crate::error::{Error, Result};
 use crate::format::image::{
-    Image, ImageState, LaunchPermissions, MAX_JSON, StateRecord, TagRecord, decode_image,
-    decode_permissions, decode_state, decode_tags, encode_image, encode_permissions, encode_state,
-    encode_tags,
+    Image, ImageState, LaunchPermissions, MAX_JSON, StateRecord, decode_image, decode_permissions,
+    decode_state, encode_image, encode_permissions, encode_state,
 };
 use crate::format::lifecycle::{BinEntry, ResourceType};
-use crate::format::manifest::Tag;
 use crate::id::{AccountId, ImageId, SnapshotId};
 use crate::region::catalog::Region;
 use crate::region::permissions::Grants;
@@ -127,8 +125,8 @@ pub fn read(region: &Region, id: &ImageId) -> Result<ImageView> {
         Some(b) => decode_permissions(&b, &store.locate(&launch_key(id)))?,
         None => LaunchPermissions::default(),
     };
-    if let Some(b) = store.read(&tags_key(id), "tags", MAX_JSON)? {
-        image.tags = decode_tags(&b, &store.locate(&tags_key(id)))?.tags;
+    if let Some(tags) = region.tag_record(&tags_key(id))? {
+        image.tags = tags;
     }
     Ok(ImageView {
         image,
@@ -187,16 +185,6 @@ pub fn write_state(region: &Region, id: &ImageId, state: &StateRecord) -> Result
     region
         .backend()
         .replace(&state_key(id), &encode_state(state))
-}
-
-/// Replaces the tags of image `id` (`CreateTags`).
-pub fn write_tags(region: &Region, id: &ImageId, tags: &[Tag]) -> Result<()> {
-    let record = TagRecord {
-        tags: tags.to_vec(),
-    };
-    region
-        .backend()
-        .replace(&tags_key(id), &encode_tags(&record))
 }
 
 pub fn write_permissions(region: &Region, id: &ImageId, p: &LaunchPermissions) -> Result<()> {

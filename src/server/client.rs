@@ -9,7 +9,6 @@
 
 use std::time::{Duration, SystemTime};
 
-use aws_lc_rs::digest;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use serde_json::Value;
@@ -18,6 +17,7 @@ use zeroize::Zeroizing;
 use crate::error::{Error, ErrorKind, Result};
 use crate::id::{AccountId, hex};
 
+pub use super::sigv4::sha256;
 use super::sigv4::{self, Request};
 
 /// The EC2 API version the server speaks.
@@ -428,11 +428,6 @@ impl Client {
             .unwrap_or_default()
             .parse()?)
     }
-}
-
-pub fn sha256(data: &[u8]) -> [u8; 32] {
-    let d = digest::digest(&digest::SHA256, data);
-    d.as_ref().try_into().expect("SHA-256 is 32 bytes")
 }
 
 /// An XML element: its name (without namespace prefix), its text and its

@@ -651,8 +651,7 @@ fn tags_of(item: &Xml) -> Vec<Tag> {
 
 /// Changes the tags of a snapshot or an image of the caller's:
 /// `DeleteTags`, then `CreateTags`, as EC2 has no one call for both.
-/// Returns its tags now.
-pub fn change_tags(client: &Client, resource: &str, change: &TagChange) -> Result<Vec<Tag>> {
+pub fn change_tags(client: &Client, resource: &str, change: &TagChange) -> Result<()> {
     let on = [("ResourceId.1".to_string(), resource.to_string())];
     if change.remove_all || !change.remove.is_empty() {
         let mut p = on.to_vec();
@@ -672,6 +671,12 @@ pub fn change_tags(client: &Client, resource: &str, change: &TagChange) -> Resul
         }
         client.ec2("CreateTags", &p, "tag at")?;
     }
+    Ok(())
+}
+
+/// The tags of a snapshot or an image (`DescribeSnapshots`,
+/// `DescribeImages`).
+pub fn tags_of_resource(client: &Client, resource: &str) -> Result<Vec<Tag>> {
     let (action, param, set) = match resource.starts_with("ami-") {
         true => ("DescribeImages", "ImageId.1", "imagesSet"),
         false => ("DescribeSnapshots", "SnapshotId.1", "snapshotSet"),

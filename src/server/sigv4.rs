@@ -149,15 +149,12 @@ pub fn parse_authorization(value: &str) -> Result<Authorization, AuthError> {
     // sorts `name:value` lines, which puts `x-amz-checksum-algorithm`
     // before `x-amz-checksum`, and its requests verify all the same.
     let signed_headers: Vec<String> = signed.split(';').map(str::to_string).collect();
-    let mut names: Vec<&String> = signed_headers.iter().collect();
-    names.sort();
-    names.dedup();
-    if signed_headers.iter().any(|h| {
+    if signed_headers.iter().enumerate().any(|(i, h)| {
         h.is_empty()
             || h.bytes()
                 .any(|b| b.is_ascii_uppercase() || b.is_ascii_whitespace())
-    }) || names.len() != signed_headers.len()
-        || !signed_headers.iter().any(|h| h == "host")
+            || signed_headers[..i].contains(h)
+    }) || !signed_headers.iter().any(|h| h == "host")
     {
         return Err(bad(
             "SignedHeaders must be lowercase, each once, separated by ';' and include host",
@@ -239,10 +236,7 @@ pub fn verify(
             v
         }
         given => {
-            let d: [u8; 32] = digest::digest(&digest::SHA256, req.body)
-                .as_ref()
-                .try_into()
-                .expect("SHA-256 is 32 bytes");
+            let d = sha256(req.body);
             body_sha256 = Some(d);
             let body_hash = hex(&d);
             match given {
@@ -307,7 +301,7 @@ fn signature(secret: &str, auth: &Authorization, amz_date: &str, canonical: &str
     let string_to_sign = format!(
         "{ALGORITHM}\n{amz_date}\n{}\n{}",
         auth.scope(),
-        hex(digest::digest(&digest::SHA256, canonical.as_bytes()).as_ref())
+        hex(&sha256(canonical.as_bytes()))
     );
     let mut key = format!("AWS4{secret}").into_bytes();
     for part in [
@@ -319,6 +313,12 @@ fn signature(secret: &str, auth: &Authorization, amz_date: &str, canonical: &str
         key = mac(&key, part.as_bytes());
     }
     hex(&mac(&key, string_to_sign.as_bytes()))
+}
+
+/// The SHA-256 of `data`.
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    let d = digest::digest(&digest::SHA256, data);
+    d.as_ref().try_into().expect("SHA-256 is 32 bytes")
 }
 
 fn mac(key: &[u8], data: &[u8]) -> Vec<u8> {
@@ -502,7 +502,7 @@ mod tests {
             "us-east-1",
             "service",
             &["host", "x-amz-date"],
-            &hex(digest::digest(&digest::SHA256, b"").as_ref()),
+            &hex(&sha256(b"")),
         )
         .unwrap();
         assert!(signed.ends_with(
@@ -567,7 +567,7 @@ mod tests {
         let date = "20261128T120000Z";
         let now = parse_amz_date(date).unwrap();
         let body = b"block bytes";
-        let hash = hex(digest::digest(&digest::SHA256, body).as_ref());
+        let hash = hex(&sha256(body));
         let (h, path) = signed_request(body, &hash, "a=1&b=x%20y", date);
         assert!(check(&h, path, "b=x%20y&a=1", body, now, false).is_ok());
         // Another body than the one signed.

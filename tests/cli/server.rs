@@ -2016,16 +2016,16 @@ fn create_tags_changes_the_tags_every_reader_sees() {
         t
     };
     let pair = |k: &str, v: &str| (k.to_string(), v.to_string());
-    let described = aws_ok(
-        &cli,
-        &server,
-        &alice,
-        &["ec2", "describe-snapshots", "--snapshot-ids", &snap],
-    );
-    assert_eq!(
-        tags_of(&described["Snapshots"][0]),
-        [pair("env", "prod"), pair("team", "web")]
-    );
+    let snap_tags = || {
+        let d = aws_ok(
+            &cli,
+            &server,
+            &alice,
+            &["ec2", "describe-snapshots", "--snapshot-ids", &snap],
+        );
+        tags_of(&d["Snapshots"][0])
+    };
+    assert_eq!(snap_tags(), [pair("env", "prod"), pair("team", "web")]);
     // The CLI on the server's store sees the same tags.
     let local = env.json(&["--account", &alice.account, "snapshot", "describe", &snap]);
     let local = &local["Snapshots"][0];
@@ -2055,24 +2055,12 @@ fn create_tags_changes_the_tags_every_reader_sees() {
         }
         aws_ok(&cli, &server, &alice, &args);
     };
-    let snap_tags = || {
-        let d = aws_ok(
-            &cli,
-            &server,
-            &alice,
-            &["ec2", "describe-snapshots", "--snapshot-ids", &snap],
-        );
-        d["Snapshots"][0].clone()
-    };
     untag(&snap, &["Key=team,Value=db"]);
-    assert_eq!(
-        tags_of(&snap_tags()),
-        [pair("env", "prod"), pair("team", "web")]
-    );
+    assert_eq!(snap_tags(), [pair("env", "prod"), pair("team", "web")]);
     untag(&snap, &["Key=team"]);
-    assert_eq!(tags_of(&snap_tags()), [pair("env", "prod")]);
+    assert_eq!(snap_tags(), [pair("env", "prod")]);
     untag(&snap, &[]);
-    assert_eq!(tags_of(&snap_tags()), []);
+    assert_eq!(snap_tags(), []);
     aws_fails(
         &cli,
         &server,
