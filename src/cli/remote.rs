@@ -89,9 +89,9 @@ pub fn not_served(noun: Option<&str>, command: &impl std::fmt::Debug) -> Result<
         .collect::<Vec<_>>()
         .join(" ");
     Err(Error::InvalidArgument(format!(
-        "`{name}` is not sent to a server: with --endpoint, `snapshot create|list|describe|\
+        "`{name}` is not sent to a server: with --endpoint, `snapshot create|list|describe|tag|\
          delete|blocks|changed-blocks|permissions|describe-permissions`, `volume restore`, \
-         `image register|list|describe|copy|deregister|permissions|describe-permissions` and \
+         `image register|list|describe|tag|copy|deregister|permissions|describe-permissions` and \
          `instance launch|describe|terminate` are; run the rest on the server's machine, \
          without --endpoint"
     ))
