@@ -119,13 +119,26 @@ fn a_restore_never_replaces_a_file_that_appeared_meanwhile() {
     let mut raced = 0;
     for round in 0..6 {
         let target = env.path(&format!("t{round}.img"));
-        let child = env
+        let mut child = env
             .command(&["volume", "restore", &snap, s(&target), "--threads", "1"])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(60));
+        // Once the restore's temporary file is there, it is writing: the
+        // target appears now, before the restore can put its own in place.
+        let temp = format!(".t{round}.img.tmp-");
+        let writing = |e: &fs::DirEntry| e.file_name().to_string_lossy().starts_with(&temp);
+        let started = std::time::Instant::now();
+        while started.elapsed() < Duration::from_secs(20)
+            && child.try_wait().unwrap().is_none()
+            && !fs::read_dir(env.path(""))
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .any(|e| writing(&e))
+        {
+            std::thread::sleep(Duration::from_micros(200));
+        }
         let mine = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
