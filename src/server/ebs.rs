@@ -963,7 +963,13 @@ pub fn token(id: &SnapshotId, index: u64, chunk: &ChunkId) -> String {
     bytes.extend_from_slice(&index.to_le_bytes());
     bytes.extend_from_slice(chunk.to_hex().as_bytes());
     let d = sha256(&bytes);
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&d[..24])
+    // URL-safe, so it goes in a query as it is; the leading letter keeps
+    // it from starting with `-`, which command lines (the AWS CLI's
+    // `--block-token -…`) would take for an option.
+    format!(
+        "B{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&d[..24])
+    )
 }
 
 use super::client::sha256;
@@ -1037,6 +1043,23 @@ fn expiry() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn block_tokens_are_url_safe_and_never_look_like_an_option() {
+        let id = SnapshotId::random();
+        let chunk = ChunkId(*blake3::hash(b"a block").as_bytes());
+        // A leading character is one of 64 for each token: thousands of
+        // them would find a `-` if one could start a token.
+        for index in 0..5000 {
+            let t = token(&id, index, &chunk);
+            assert!(!t.starts_with('-'), "{t}");
+            assert!(
+                t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
+                "{t}"
+            );
+        }
+    }
 
     fn put(
         uploads: &Uploads,
