@@ -332,10 +332,27 @@ async fn handle(
 ) -> std::result::Result<Response<Full<Bytes>>, Infallible> {
     let started = Instant::now();
     let (parts, body) = req.into_parts();
-    let collected =
-        tokio::time::timeout(body_timeout, Limited::new(body, MAX_BODY).collect()).await;
+    let too_large = || {
+        Reply::error(
+            413,
+            "RequestEntityTooLarge",
+            &format!("a request body is at most {MAX_BODY} bytes"),
+        )
+    };
+    // A body declared too large is refused before any of it is read: the
+    // connection is not held for a body that could never be taken.
+    let declared = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let collected = match declared {
+        Some(n) if n > MAX_BODY as u64 => None,
+        _ => Some(tokio::time::timeout(body_timeout, Limited::new(body, MAX_BODY).collect()).await),
+    };
     let (reply, account, operation) = match collected {
-        Err(_) => (
+        None => (too_large(), None, "-"),
+        Some(Err(_)) => (
             Reply::error(
                 408,
                 "RequestTimeout",
@@ -344,21 +361,13 @@ async fn handle(
             None,
             "-",
         ),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => (
-            Reply::error(
-                413,
-                "RequestEntityTooLarge",
-                &format!("a request body is at most {MAX_BODY} bytes"),
-            ),
-            None,
-            "-",
-        ),
-        Ok(Err(_)) => (
+        Some(Ok(Err(e))) if e.is::<http_body_util::LengthLimitError>() => (too_large(), None, "-"),
+        Some(Ok(Err(_))) => (
             Reply::error(400, "IncompleteBody", "the request body was cut short"),
             None,
             "-",
         ),
-        Ok(Ok(body)) => {
+        Some(Ok(Ok(body))) => {
             let body = body.to_bytes();
             let s = state.clone();
             match tokio::task::spawn_blocking(move || dispatch(&s, &parts, &body)).await {

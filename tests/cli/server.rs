@@ -1020,6 +1020,70 @@ fn a_client_that_trickles_its_headers_is_cut_off_without_starving_others() {
     );
 }
 
+/// Sends `head` and `body` on a fresh connection to `server` and returns
+/// the answer's status line (within `wait`, or the empty string).
+fn raw_request(server: &Server, head: &str, body: &[u8], wait: std::time::Duration) -> String {
+    let host = server.url.trim_start_matches("http://");
+    let mut c = std::net::TcpStream::connect(host).unwrap();
+    c.set_read_timeout(Some(wait)).unwrap();
+    // The server may answer and close before all of the body is taken.
+    let _ = c.write_all(head.as_bytes()).and_then(|_| c.write_all(body));
+    let mut answer = Vec::new();
+    let _ = c.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    answer.lines().next().unwrap_or_default().to_string()
+}
+
+#[test]
+fn a_body_too_large_is_refused_at_once_and_the_server_goes_on() {
+    let env = Env::new();
+    env.ok(&["store", "stats"]);
+    let alice = create_account(&env, "alice");
+    let server = Server::start(&env);
+    let path = "/snapshots/snap-0123456789abcdef0/blocks/0";
+    // Declared far too large: refused from the headers, long before the
+    // 60 s a body may take.
+    let started = std::time::Instant::now();
+    let status = raw_request(
+        &server,
+        &format!("PUT {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 99999999999\r\n\r\n"),
+        b"abc",
+        std::time::Duration::from_secs(30),
+    );
+    assert!(status.starts_with("HTTP/1.1 413"), "{status:?}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "answered only after {:?}",
+        started.elapsed()
+    );
+    // Sent without a length, in chunks, past the limit: refused once the
+    // limit is crossed.
+    let chunk = vec![7u8; 64 << 10];
+    let mut body = Vec::new();
+    for _ in 0..12 {
+        body.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        body.extend_from_slice(&chunk);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(b"0\r\n\r\n");
+    let status = raw_request(
+        &server,
+        &format!("PUT {path} HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"),
+        &body,
+        std::time::Duration::from_secs(30),
+    );
+    assert!(status.starts_with("HTTP/1.1 413"), "{status:?}");
+    // Each is in the log; others are served.
+    assert_eq!(
+        server.log().matches("status=413").count(),
+        2,
+        "{}",
+        server.log()
+    );
+    let v = remote_ok(&env, &server, &alice, &["snapshot", "list"]);
+    assert_eq!(v["Snapshots"], serde_json::json!([]));
+}
+
 #[test]
 fn a_server_killed_mid_upload_shows_no_partial_snapshot_and_carries_on_when_restarted() {
     let Some(cli) = aws_cli() else { return };
