@@ -161,6 +161,7 @@ pub fn serve(
         .enable_all()
         .build()
         .ctx("start the server's runtime", store_root)?;
+    let _serving = serving_lock(store_root)?;
     let state = Arc::new(State {
         root: store_root.to_path_buf(),
         accounts: Accounts::of_store(store_root),
@@ -173,6 +174,36 @@ pub fn serve(
         eprintln!("blocksnap: {line}");
     }
     runtime.block_on(run(state, opts.clone(), ready, log))
+}
+
+/// One server to a store, for as long as it runs: a second would take up
+/// the uploads the first is writing as its own (both appending to their
+/// journals, each completing or expiring them), so it is refused.
+fn serving_lock(root: &Path) -> Result<std::fs::File> {
+    use std::io::{Read, Seek, Write};
+    let dir = root.join("server");
+    std::fs::create_dir_all(&dir).ctx("create", &dir)?;
+    let path = dir.join("serve.lock");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .ctx("open lock file", &path)?;
+    if !crate::sys::try_lock(&file, crate::sys::LockMode::Exclusive).ctx("lock", &path)? {
+        let mut holder = String::new();
+        let _ = file.read_to_string(&mut holder);
+        return Err(Error::Conflict(format!(
+            "store {} is served already ({}): stop that server first, or serve another store",
+            root.display(),
+            holder.trim()
+        )));
+    }
+    let _ = file.set_len(0);
+    let _ = file.rewind();
+    let _ = file.write_all(crate::region::backend::holder_note("blocksnap serve").as_bytes());
+    Ok(file)
 }
 
 async fn run(

@@ -1020,6 +1020,29 @@ fn a_client_that_trickles_its_headers_is_cut_off_without_starving_others() {
     );
 }
 
+#[test]
+fn a_store_is_served_by_one_server_at_a_time() {
+    let env = Env::new();
+    env.ok(&["store", "stats"]);
+    let alice = create_account(&env, "alice");
+    let first = Server::start(&env);
+    let pid = first.child.id();
+    // A second server would take up the first's uploads as its own.
+    let out = env.run(&["serve", "--listen", "127.0.0.1:0"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("served already") && err.contains(&format!("pid {pid}")),
+        "{err}"
+    );
+    // The first goes on; once it is stopped, another may serve.
+    remote_ok(&env, &first, &alice, &["snapshot", "list"]);
+    drop(first);
+    let second = Server::start(&env);
+    let v = remote_ok(&env, &second, &alice, &["snapshot", "list"]);
+    assert_eq!(v["Snapshots"], serde_json::json!([]));
+}
+
 /// Sends `head` and `body` on a fresh connection to `server` and returns
 /// the answer's status line (within `wait`, or the empty string).
 fn raw_request(server: &Server, head: &str, body: &[u8], wait: std::time::Duration) -> String {
