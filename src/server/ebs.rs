@@ -96,6 +96,10 @@ pub struct Uploads {
     /// (account, client token) -> the snapshot that token started, and
     /// when; forgotten after [`TOKEN_MEMORY`].
     tokens: Mutex<HashMap<(AccountId, String), (SnapshotId, Instant)>>,
+    /// Held through each `StartSnapshot`: a client's retries of one start,
+    /// racing one another, find the first's snapshot, and an account's
+    /// count of uploads in progress holds.
+    starting: Mutex<()>,
 }
 
 impl Uploads {
@@ -388,6 +392,7 @@ pub fn start_snapshot(
     let description = str_field("Description")?.unwrap_or_default();
     let tags = parse_tags(&v)?;
     let client_token = str_field("ClientToken")?;
+    let _one_at_a_time = uploads.starting.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(token) = &client_token {
         if token.len() > 64 {
             return Err(Error::InvalidArgument(
@@ -1167,6 +1172,36 @@ mod tests {
             // Cut short by a crash: not taken.
             assert!(decode_block(&line[..line.len() / 2]).is_none());
         }
+    }
+
+    #[test]
+    fn one_client_token_sent_at_once_from_many_threads_starts_one_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let region = Arc::new(Region::open_or_create(dir.path(), "local").unwrap());
+        let owner: AccountId = "111111111111".parse().unwrap();
+        let uploads = Uploads::journaled(dir.path().join("uploads"));
+        // A client's retries of one StartSnapshot, racing one another.
+        for round in 0..5 {
+            let body = format!(r#"{{"VolumeSize": 1, "ClientToken": "retry-{round}"}}"#);
+            let ids: Vec<String> = std::thread::scope(|s| {
+                let workers: Vec<_> = (0..8)
+                    .map(|_| {
+                        s.spawn(|| {
+                            let r =
+                                start_snapshot(&uploads, region.clone(), &owner, body.as_bytes())
+                                    .unwrap();
+                            assert_eq!(r.status, 201);
+                            let v: Value = serde_json::from_slice(&r.body).unwrap();
+                            v["SnapshotId"].as_str().unwrap().to_string()
+                        })
+                    })
+                    .collect();
+                workers.into_iter().map(|w| w.join().unwrap()).collect()
+            });
+            assert!(ids.iter().all(|i| i == &ids[0]), "round {round}: {ids:?}");
+        }
+        let pending = uploads.pending.lock().unwrap().len();
+        assert_eq!(pending, 5, "one upload for each token");
     }
 
     #[test]
