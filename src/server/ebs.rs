@@ -681,11 +681,24 @@ fn check_checksum(header: Headers, sha: &[u8; 32], what: &str) -> Result<()> {
 /// `POST /snapshots/completion/{id}`.
 pub fn complete_snapshot(
     uploads: &Uploads,
+    region: &Region,
     caller: &AccountId,
     id: &SnapshotId,
     header: Headers,
 ) -> Result<Reply> {
-    let upload = uploads.get(id, caller)?;
+    let upload = match uploads.get(id, caller) {
+        Ok(u) => u,
+        // A retry of a completion whose answer was lost: the snapshot is
+        // the caller's and complete, and saying so is the answer it missed.
+        Err(e) => {
+            return match region.read_snapshot_meta(id) {
+                Ok(meta) if &meta.owner == caller => {
+                    Ok(Reply::json(202, json!({"Status": "completed"})))
+                }
+                _ => Err(e),
+            };
+        }
+    };
     let mut p = upload.lock().unwrap_or_else(|p| p.into_inner());
     if p.done {
         return Ok(Reply::json(202, json!({"Status": "completed"})));
@@ -1202,6 +1215,37 @@ mod tests {
         }
         let pending = uploads.pending.lock().unwrap().len();
         assert_eq!(pending, 5, "one upload for each token");
+    }
+
+    #[test]
+    fn a_completion_sent_again_is_answered_as_the_first_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let region = Arc::new(Region::open_or_create(dir.path(), "local").unwrap());
+        let owner: AccountId = "111111111111".parse().unwrap();
+        let other: AccountId = "222222222222".parse().unwrap();
+        let uploads = Uploads::default();
+        let started =
+            start_snapshot(&uploads, region.clone(), &owner, br#"{"VolumeSize": 1}"#).unwrap();
+        let v: Value = serde_json::from_slice(&started.body).unwrap();
+        let id: SnapshotId = v["SnapshotId"].as_str().unwrap().parse().unwrap();
+        let data: Vec<u8> = (0..BLOCK).map(|i| (i % 249) as u8 + 1).collect();
+        put(&uploads, &owner, &id, 3, &data).unwrap();
+        let header = |name: &str| (name == "x-amz-changedblockscount").then(|| "1".to_string());
+        let complete = |who: &AccountId| complete_snapshot(&uploads, &region, who, &id, &header);
+        assert_eq!(complete(&owner).unwrap().status, 202);
+        // The client did not hear the answer and sends it again.
+        let again = complete(&owner).unwrap();
+        assert_eq!(again.status, 202);
+        let v: Value = serde_json::from_slice(&again.body).unwrap();
+        assert_eq!(v["Status"], "completed");
+        assert_eq!(region.read_snapshot(&id).unwrap().blocks.len(), 2048);
+        // Nobody else completes it, nor learns it exists.
+        assert!(matches!(complete(&other), Err(Error::NotFound(_))));
+        let never = SnapshotId::random();
+        assert!(matches!(
+            complete_snapshot(&uploads, &region, &owner, &never, &header),
+            Err(Error::NotFound(_))
+        ));
     }
 
     #[test]

@@ -612,7 +612,9 @@ fn answer(
             };
             ebs::put_snapshot_block(uploads, who, &snap(&id)?, index(&i)?, &header, block)
         }
-        Route::CompleteSnapshot(id) => ebs::complete_snapshot(uploads, who, &snap(&id)?, &header),
+        Route::CompleteSnapshot(id) => {
+            ebs::complete_snapshot(uploads, &region, who, &snap(&id)?, &header)
+        }
         Route::ListSnapshotBlocks(id) => {
             ebs::list_snapshot_blocks(&region, who, &snap(&id)?, &query)
         }
