@@ -234,7 +234,7 @@ fn find_account<'a>(accounts: &'a mut [Account], id: &AccountId) -> Result<&'a m
 }
 
 /// Creates `dir` (0700) or checks that only its owner may enter it.
-fn private_dir(dir: &Path) -> Result<()> {
+pub(crate) fn private_dir(dir: &Path) -> Result<()> {
     if let Some(root) = dir.parent() {
         fs::create_dir_all(root).ctx("create store directory", root)?;
     }

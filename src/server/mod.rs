@@ -181,8 +181,10 @@ pub fn serve(
 /// journals, each completing or expiring them), so it is refused.
 fn serving_lock(root: &Path) -> Result<std::fs::File> {
     use std::io::{Read, Seek, Write};
+    // The directory of the key file: made private, as `account create`
+    // makes it.
     let dir = root.join("server");
-    std::fs::create_dir_all(&dir).ctx("create", &dir)?;
+    accounts::private_dir(&dir)?;
     let path = dir.join("serve.lock");
     let mut file = std::fs::OpenOptions::new()
         .read(true)

@@ -1024,8 +1024,9 @@ fn a_client_that_trickles_its_headers_is_cut_off_without_starving_others() {
 fn a_store_is_served_by_one_server_at_a_time() {
     let env = Env::new();
     env.ok(&["store", "stats"]);
-    let alice = create_account(&env, "alice");
+    // Served before it has an account: accounts are made while it runs.
     let first = Server::start(&env);
+    let alice = create_account(&env, "alice");
     let pid = first.child.id();
     // A second server would take up the first's uploads as its own.
     let out = env.run(&["serve", "--listen", "127.0.0.1:0"]);
