@@ -247,42 +247,53 @@ pub(crate) fn flock_file(
     purpose: &str,
     shared_holders: Option<&str>,
 ) -> Result<RegionLock> {
-    let path = path.to_path_buf();
+    let started = Instant::now();
+    loop {
+        match try_flock_file(path, mode, purpose)? {
+            Ok(file) => return Ok(RegionLock::new(Box::new(file), None)),
+            Err(holder) if started.elapsed() >= lock_wait() => {
+                let holder = match (mode, shared_holders, holder.as_str()) {
+                    (LockMode::Exclusive, Some(others), _) => others.to_string(),
+                    (_, _, "") => "an exclusive holder, such as store gc".to_string(),
+                    (_, _, h) => h.to_string(),
+                };
+                return Err(Error::Locked {
+                    location: path.into(),
+                    holder,
+                });
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// One try at an `flock(2)` on `path` (created if needed): the locked
+/// file, or the note its exclusive holder left there (empty if none). An
+/// exclusive holder writes its note: who it is, for those it keeps out.
+pub(crate) fn try_flock_file(
+    path: &Path,
+    mode: LockMode,
+    purpose: &str,
+) -> Result<std::result::Result<File, String>> {
     let mut file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .open(&path)
-        .ctx("open lock file", &path)?;
-    let started = Instant::now();
-    loop {
-        if sys::try_lock(&file, mode).ctx("lock", &path)? {
-            break;
-        }
-        if started.elapsed() >= lock_wait() {
-            let mut holder = String::new();
-            let _ = file.read_to_string(&mut holder);
-            let holder = match (mode, shared_holders, holder.trim()) {
-                (LockMode::Exclusive, Some(others), _) => others.to_string(),
-                (_, _, "") => "an exclusive holder, such as store gc".to_string(),
-                (_, _, h) => h.to_string(),
-            };
-            return Err(Error::Locked {
-                location: path.into(),
-                holder,
-            });
-        }
-        std::thread::sleep(Duration::from_millis(20));
+        .open(path)
+        .ctx("open lock file", path)?;
+    if !sys::try_lock(&file, mode).ctx("lock", path)? {
+        let mut holder = String::new();
+        let _ = file.read_to_string(&mut holder);
+        return Ok(Err(holder.trim().to_string()));
     }
     if mode == LockMode::Exclusive {
-        // Tells a waiting command who holds it.
         let note = holder_note(purpose);
         let _ = file.set_len(0);
         let _ = file.rewind();
         let _ = file.write_all(note.as_bytes());
     }
-    Ok(RegionLock::new(Box::new(file), None))
+    Ok(Ok(file))
 }
 
 /// "gc by pid 12 on host since 2026-…": who holds a lock, for the waiting.

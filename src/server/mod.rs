@@ -180,32 +180,22 @@ pub fn serve(
 /// the uploads the first is writing as its own (both appending to their
 /// journals, each completing or expiring them), so it is refused.
 fn serving_lock(root: &Path) -> Result<std::fs::File> {
-    use std::io::{Read, Seek, Write};
     // The directory of the key file: made private, as `account create`
     // makes it.
     let dir = root.join("server");
     accounts::private_dir(&dir)?;
     let path = dir.join("serve.lock");
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .ctx("open lock file", &path)?;
-    if !crate::sys::try_lock(&file, crate::sys::LockMode::Exclusive).ctx("lock", &path)? {
-        let mut holder = String::new();
-        let _ = file.read_to_string(&mut holder);
-        return Err(Error::Conflict(format!(
-            "store {} is served already ({}): stop that server first, or serve another store",
-            root.display(),
-            holder.trim()
-        )));
-    }
-    let _ = file.set_len(0);
-    let _ = file.rewind();
-    let _ = file.write_all(crate::region::backend::holder_note("blocksnap serve").as_bytes());
-    Ok(file)
+    crate::region::backend::try_flock_file(
+        &path,
+        crate::sys::LockMode::Exclusive,
+        "blocksnap serve",
+    )?
+    .map_err(|holder| {
+        Error::Conflict(format!(
+            "store {} is served already ({holder}): stop that server first, or serve another store",
+            root.display()
+        ))
+    })
 }
 
 async fn run(
