@@ -3,6 +3,10 @@
 //! Each action is the CLI's library call with the authenticated account as
 //! the caller, so permissions are the same rules.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::image::{LaunchPermission, MappingTarget, TagChange};
 use crate::format::manifest::{SnapshotMeta, Tag};
@@ -16,6 +20,7 @@ use crate::region::permissions::{
 };
 
 use super::ebs::Uploads;
+use super::query;
 use super::{Params, Reply};
 
 pub const VERSION: &str = "2016-11-15";
@@ -42,6 +47,7 @@ pub fn answer(
     uploads: &Uploads,
     caller: &AccountId,
     p: &Params,
+    copies: &CopyTokens,
     open_region: &dyn Fn(&str) -> Result<std::sync::Arc<Region>>,
 ) -> std::result::Result<Reply, Reply> {
     let action = p.get("Action").map(String::as_str).unwrap_or_default();
@@ -55,6 +61,21 @@ pub fn answer(
             &format!("this server speaks EC2 API version {VERSION}: send Version={VERSION}"),
         ));
     }
+    let known = known_parameters(action);
+    if let Some(k) = known.and_then(|known| query::unknown(p, known)) {
+        return Err(error(
+            400,
+            "UnknownParameter",
+            &format!(
+                "the parameter {k} is not one this server reads for {action}, and it would \
+                 not be left undone: {} are",
+                known.unwrap_or_default().join(", ")
+            ),
+        ));
+    }
+    if p.get("DryRun").is_some_and(|v| v == "true") {
+        return Err(dry_run(region, uploads, caller, p, action));
+    }
     let body = match action {
         "DescribeSnapshots" => describe_snapshots(region, uploads, caller, p),
         "DeleteSnapshot" => delete_snapshot(region, caller, p),
@@ -65,7 +86,7 @@ pub fn answer(
         "ModifyImageAttribute" => modify_image_attribute(region, caller, p),
         "DeregisterImage" => deregister_image(region, caller, p),
         "RegisterImage" => register_image(region, caller, p),
-        "CopyImage" => copy_image(region, caller, p, open_region),
+        "CopyImage" => copy_image(region, caller, p, copies, open_region),
         "CreateTags" => change_tags(region, caller, p, false),
         "DeleteTags" => change_tags(region, caller, p, true),
         "" => {
@@ -82,6 +103,144 @@ pub fn answer(
     match body {
         Ok(inner) => Ok(response(action, &inner)),
         Err(e) => Err(from_error(&e, action)),
+    }
+}
+
+/// `CopyImage`'s client tokens: (account, region, token) -> the copy that
+/// token made or is making, and when it was asked. A retry (botocore
+/// sends one token for all tries of a call) waits for the copy in flight
+/// and gets its image, rather than making another; forgotten after a day.
+#[derive(Default)]
+pub struct CopyTokens(Mutex<HashMap<(AccountId, String, String), CopySlot>>);
+
+type CopySlot = (Arc<Mutex<Option<ImageId>>>, Instant);
+
+impl CopyTokens {
+    /// The slot of `token`, made if new.
+    fn slot(&self, caller: &AccountId, region: &str, token: &str) -> Arc<Mutex<Option<ImageId>>> {
+        let now = Instant::now();
+        let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        all.retain(|_, (_, at)| now.duration_since(*at) < Duration::from_secs(24 * 3600));
+        all.entry((caller.clone(), region.to_string(), token.to_string()))
+            .or_insert_with(|| (Arc::default(), now))
+            .0
+            .clone()
+    }
+}
+
+/// The parameters `action` reads, numbers as `N` (`None`: not an action
+/// here). Any other is refused, where EC2 would act on it: a filter, a
+/// tag specification or a client token left undone would make the answer
+/// a lie.
+fn known_parameters(action: &str) -> Option<&'static [&'static str]> {
+    Some(match action {
+        "DescribeSnapshots" => &[
+            "SnapshotId.N",
+            "Owner.N",
+            "RestorableBy.N",
+            "Filter.N.Name",
+            "Filter.N.Value.N",
+            "MaxResults",
+            "NextToken",
+        ],
+        "DeleteSnapshot" => &["SnapshotId"],
+        "DescribeSnapshotAttribute" => &["SnapshotId", "Attribute"],
+        "ModifySnapshotAttribute" => &[
+            "SnapshotId",
+            "Attribute",
+            "OperationType",
+            "UserId.N",
+            "UserGroup.N",
+            "CreateVolumePermission.Add.N.UserId",
+            "CreateVolumePermission.Add.N.Group",
+            "CreateVolumePermission.Remove.N.UserId",
+            "CreateVolumePermission.Remove.N.Group",
+        ],
+        "DescribeImages" => &[
+            "ImageId.N",
+            "Owner.N",
+            "ExecutableBy.N",
+            "IncludeDeprecated",
+            "Filter.N.Name",
+            "Filter.N.Value.N",
+            "MaxResults",
+            "NextToken",
+        ],
+        "DescribeImageAttribute" => &["ImageId", "Attribute"],
+        "ModifyImageAttribute" => &[
+            "ImageId",
+            "Attribute",
+            "OperationType",
+            "UserId.N",
+            "UserGroup.N",
+            "LaunchPermission.Add.N.UserId",
+            "LaunchPermission.Add.N.Group",
+            "LaunchPermission.Remove.N.UserId",
+            "LaunchPermission.Remove.N.Group",
+        ],
+        "DeregisterImage" => &["ImageId", "DeleteAssociatedSnapshots"],
+        "RegisterImage" => &[
+            "Name",
+            "Description",
+            "Architecture",
+            "RootDeviceName",
+            "BlockDeviceMapping.N.DeviceName",
+            "BlockDeviceMapping.N.Ebs.SnapshotId",
+            "BlockDeviceMapping.N.Ebs.VolumeSize",
+            "BlockDeviceMapping.N.Ebs.DeleteOnTermination",
+            // Volumes here have no type: every one is `standard`.
+            "BlockDeviceMapping.N.Ebs.VolumeType",
+            "BlockDeviceMapping.N.NoDevice",
+            "BlockDeviceMapping.N.VirtualName",
+        ],
+        "CopyImage" => &[
+            "SourceImageId",
+            "SourceRegion",
+            "Name",
+            "Description",
+            "CopyImageTags",
+            "Encrypted",
+            "KmsKeyId",
+            "ClientToken",
+        ],
+        "CreateTags" | "DeleteTags" => &["ResourceId.N", "Tag.N.Key", "Tag.N.Value"],
+        _ => return None,
+    })
+}
+
+/// `DryRun=true`: a `Describe…` is answered as EC2 does (`DryRunOperation`
+/// when it would have succeeded, else its error), having read and changed
+/// nothing; a change is refused, and nothing is done.
+fn dry_run(
+    region: &Region,
+    uploads: &Uploads,
+    caller: &AccountId,
+    p: &Params,
+    action: &str,
+) -> Reply {
+    let tried = match action {
+        "DescribeSnapshots" => describe_snapshots(region, uploads, caller, p),
+        "DescribeSnapshotAttribute" => describe_snapshot_attribute(region, caller, p),
+        "DescribeImages" => describe_images(region, caller, p),
+        "DescribeImageAttribute" => describe_image_attribute(region, caller, p),
+        _ => {
+            return error(
+                400,
+                "UnsupportedOperation",
+                &format!(
+                    "DryRun of {action} is not supported by this server: nothing was done; \
+                     send it without DryRun to make the change"
+                ),
+            );
+        }
+    };
+    match tried {
+        Ok(_) => error(
+            412,
+            "DryRunOperation",
+            "Request would have succeeded, but DryRun flag is set.",
+        ),
+        Err(e) => from_error(&e, action),
     }
 }
 
@@ -219,24 +378,43 @@ fn describe_snapshots(
     caller: &AccountId,
     p: &Params,
 ) -> Result<String> {
+    let filters = query::Filters::of(
+        p,
+        &[
+            "snapshot-id",
+            "owner-id",
+            "status",
+            "description",
+            "volume-size",
+            "tag-key",
+        ],
+    )?;
     let ids = list(p, "SnapshotId");
-    let mut items = String::new();
+    // Each snapshot as filters see it, and its item.
+    let mut found: Vec<(Vec<(String, String)>, String)> = Vec::new();
     if !ids.is_empty() {
         for id in ids {
             let id: SnapshotId = id.parse()?;
             if let Some((size, started)) = uploads.pending_of(&id, caller) {
-                items.push_str(&format!(
+                let attrs = vec![
+                    ("snapshot-id".into(), id.to_string()),
+                    ("owner-id".into(), caller.to_string()),
+                    ("status".into(), "pending".into()),
+                    ("volume-size".into(), (size >> 30).to_string()),
+                ];
+                let item = format!(
                     "<item><snapshotId>{id}</snapshotId><volumeId>vol-ffffffff</volumeId>\
                      <status>pending</status><startTime>{}</startTime><progress>0%</progress>\
                      <ownerId>{caller}</ownerId><volumeSize>{}</volumeSize><encrypted>false\
                      </encrypted><storageTier>standard</storageTier></item>",
                     iso(started),
                     size >> 30
-                ));
+                );
+                found.push((attrs, item));
                 continue;
             }
             let meta = access::readable(region, &id, caller, "describe")?;
-            items.push_str(&snapshot_item(&meta));
+            found.push((snapshot_attrs(&meta), snapshot_item(&meta)));
         }
     } else {
         let filter = access::ListFilter {
@@ -251,10 +429,49 @@ fn describe_snapshots(
         };
         let (views, _damaged) = access::list(region, caller, &filter)?;
         for v in views {
-            items.push_str(&snapshot_item(&v.meta));
+            found.push((snapshot_attrs(&v.meta), snapshot_item(&v.meta)));
         }
     }
-    Ok(format!("<snapshotSet>{items}</snapshotSet>"))
+    paged("snapshotSet", p, &filters, found)
+}
+
+/// The items that pass `filters`, the page of them `p` asks for, in
+/// `<set>`, and the next page's token.
+fn paged(
+    set: &str,
+    p: &Params,
+    filters: &query::Filters,
+    found: Vec<(Vec<(String, String)>, String)>,
+) -> Result<String> {
+    let passed: Vec<String> = found
+        .into_iter()
+        .filter(|(attrs, _)| filters.pass(attrs))
+        .map(|(_, item)| item)
+        .collect();
+    let (items, next) = query::page(p, passed)?;
+    let mut out = format!("<{set}>{}</{set}>", items.concat());
+    if let Some(t) = next {
+        out.push_str(&format!("<nextToken>{t}</nextToken>"));
+    }
+    Ok(out)
+}
+
+/// What filters see of a snapshot: what its item shows.
+fn snapshot_attrs(m: &SnapshotMeta) -> Vec<(String, String)> {
+    let mut attrs = vec![
+        ("snapshot-id".into(), m.id.to_string()),
+        ("owner-id".into(), m.owner.to_string()),
+        ("status".into(), "completed".into()),
+        (
+            "volume-size".into(),
+            m.volume_size.div_ceil(1 << 30).to_string(),
+        ),
+    ];
+    if !m.sealed {
+        attrs.push(("description".into(), m.description.clone()));
+    }
+    attrs.extend(query::tag_attrs(m.tags.iter().map(|t| (&t.key, &t.value))));
+    attrs
 }
 
 fn snapshot_item(m: &SnapshotMeta) -> String {
@@ -403,14 +620,30 @@ fn modify_snapshot_attribute(region: &Region, caller: &AccountId, p: &Params) ->
 }
 
 fn describe_images(region: &Region, caller: &AccountId, p: &Params) -> Result<String> {
+    let filters = query::Filters::of(
+        p,
+        &[
+            "image-id",
+            "owner-id",
+            "name",
+            "description",
+            "state",
+            "is-public",
+            "architecture",
+            "root-device-name",
+            "block-device-mapping.snapshot-id",
+            "block-device-mapping.device-name",
+            "tag-key",
+        ],
+    )?;
     let ids = list(p, "ImageId");
-    let mut items = String::new();
+    let mut found = Vec::new();
     if !ids.is_empty() {
         for id in ids {
             let id: ImageId = id.parse()?;
             let view = crate::region::images::read(region, &id)?;
             view.require_launch(caller, "describe")?;
-            items.push_str(&image_item(&view));
+            found.push((image_attrs(&view), image_item(&view)));
         }
     } else {
         let filter = images::ListFilter {
@@ -425,10 +658,39 @@ fn describe_images(region: &Region, caller: &AccountId, p: &Params) -> Result<St
         };
         let (views, _damaged) = images::list(region, caller, &filter)?;
         for v in views {
-            items.push_str(&image_item(&v));
+            found.push((image_attrs(&v), image_item(&v)));
         }
     }
-    Ok(format!("<imagesSet>{items}</imagesSet>"))
+    paged("imagesSet", p, &filters, found)
+}
+
+/// What filters see of an image: what its item shows.
+fn image_attrs(v: &ImageView) -> Vec<(String, String)> {
+    let i = &v.image;
+    let mut attrs: Vec<(String, String)> = vec![
+        ("image-id".into(), i.image_id.to_string()),
+        ("owner-id".into(), i.owner_id.to_string()),
+        ("name".into(), i.name.clone()),
+        ("description".into(), i.description.clone()),
+        ("state".into(), v.state.state.as_str().to_string()),
+        ("is-public".into(), v.permissions.is_public().to_string()),
+        ("architecture".into(), i.architecture.clone()),
+        ("root-device-name".into(), i.root_device_name.to_string()),
+    ];
+    for m in &i.block_device_mappings {
+        attrs.push((
+            "block-device-mapping.device-name".into(),
+            m.device_name.to_string(),
+        ));
+        if let MappingTarget::Ebs(e) = &m.target {
+            attrs.push((
+                "block-device-mapping.snapshot-id".into(),
+                e.snapshot_id.to_string(),
+            ));
+        }
+    }
+    attrs.extend(query::tag_attrs(i.tags.iter().map(|t| (&t.key, &t.value))));
+    attrs
 }
 
 fn image_item(v: &ImageView) -> String {
@@ -556,6 +818,7 @@ fn copy_image(
     region: &Region,
     caller: &AccountId,
     p: &Params,
+    copies: &CopyTokens,
     open_region: &dyn Fn(&str) -> Result<std::sync::Arc<Region>>,
 ) -> Result<String> {
     use crate::image::copy::{CopyOptions, copy_image};
@@ -576,7 +839,26 @@ fn copy_image(
         threads: 0,
         encryption: Default::default(),
     };
+    let slot = match p.get("ClientToken") {
+        Some(t) if t.len() > 64 => {
+            return Err(Error::InvalidArgument(
+                "ClientToken is at most 64 characters".into(),
+            ));
+        }
+        Some(t) => Some(copies.slot(caller, region.name(), t)),
+        None => None,
+    };
+    // Held through the copy: a retry waits here for the first try's image.
+    let mut made = slot
+        .as_ref()
+        .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()));
+    if let Some(Some(image)) = made.as_deref() {
+        return Ok(format!("<imageId>{image}</imageId>"));
+    }
     let report = copy_image(&source, &id, region, &opts, &crate::progress::NoProgress)?;
+    if let Some(made) = made.as_deref_mut() {
+        *made = Some(report.image.image_id.clone());
+    }
     Ok(format!("<imageId>{}</imageId>", report.image.image_id))
 }
 

@@ -15,6 +15,7 @@ pub mod accounts;
 pub mod client;
 mod ebs;
 mod ec2;
+mod query;
 pub mod remote;
 pub mod sigv4;
 
@@ -108,6 +109,7 @@ struct State {
     keys: Mutex<(Option<FileVersion>, Vec<Account>)>,
     regions: Mutex<HashMap<String, Arc<Region>>>,
     uploads: Uploads,
+    copies: ec2::CopyTokens,
 }
 
 impl State {
@@ -168,6 +170,7 @@ pub fn serve(
         keys: Mutex::new((None, Vec::new())),
         regions: Mutex::new(HashMap::new()),
         uploads: Uploads::journaled(store_root.join("server").join("uploads")),
+        copies: ec2::CopyTokens::default(),
     });
     // Uploads a killed server left carry on, before anyone can ask.
     for line in state.uploads.recover(&|name| state.region(name)) {
@@ -559,9 +562,14 @@ fn dispatch(
     }
     if let Some(p) = ec2_params {
         let reply = match state.region(&caller.region) {
-            Ok(region) => ec2::answer(&region, &state.uploads, &caller.account, &p, &|name| {
-                state.region(name)
-            })
+            Ok(region) => ec2::answer(
+                &region,
+                &state.uploads,
+                &caller.account,
+                &p,
+                &state.copies,
+                &|name| state.region(name),
+            )
             .unwrap_or_else(|e| e),
             Err(e) => ec2::error(400, "InvalidParameterValue", &e.to_string()),
         };

@@ -95,6 +95,17 @@ struct Key {
     secret: String,
 }
 
+/// A fresh store with the account alice, served; `None` (the test skips,
+/// saying why) without the AWS CLI.
+fn alice_served() -> Option<(PathBuf, Env, Key, Server)> {
+    let cli = aws_cli()?;
+    let env = Env::new();
+    env.ok(&["store", "stats"]);
+    let alice = create_account(&env, "alice");
+    let server = Server::start(&env);
+    Some((cli, env, alice, server))
+}
+
 fn create_account(env: &Env, name: &str) -> Key {
     let v = env.json(&["account", "create", "--name", name]);
     Key {
@@ -242,11 +253,9 @@ fn ext4_image(env: &Env, name: &str) -> PathBuf {
 
 #[test]
 fn aws_clients_write_and_read_snapshots_that_restore_exactly() {
-    let Some(cli) = aws_cli() else { return };
-    let env = Env::new();
-    env.ok(&["store", "stats"]);
-    let alice = create_account(&env, "alice");
-    let server = Server::start(&env);
+    let Some((cli, env, alice, server)) = alice_served() else {
+        return;
+    };
     let v1 = ext4_image(&env, "v1.img");
     let snap1 = upload(&cli, &server, &alice, &v1, &[]);
 
@@ -404,11 +413,9 @@ fn aws_clients_write_and_read_snapshots_that_restore_exactly() {
 
 #[test]
 fn an_upload_is_checked_before_it_is_kept() {
-    let Some(cli) = aws_cli() else { return };
-    let env = Env::new();
-    env.ok(&["store", "stats"]);
-    let alice = create_account(&env, "alice");
-    let server = Server::start(&env);
+    let Some((cli, env, alice, server)) = alice_served() else {
+        return;
+    };
     let start = |token: &str| start_with_token(&cli, &server, &alice, token);
     let started = start("token-1");
     assert_eq!(started["Status"], "pending");
@@ -495,11 +502,9 @@ fn an_upload_is_checked_before_it_is_kept() {
 
 #[test]
 fn requests_without_a_good_signature_are_refused() {
-    let Some(cli) = aws_cli() else { return };
-    let env = Env::new();
-    env.ok(&["store", "stats"]);
-    let alice = create_account(&env, "alice");
-    let server = Server::start(&env);
+    let Some((cli, env, alice, server)) = alice_served() else {
+        return;
+    };
     let list = [
         "ebs",
         "list-snapshot-blocks",
@@ -927,11 +932,9 @@ fn aws_ec2_calls_describe_share_and_deregister_with_the_cli_rules() {
 
 #[test]
 fn sixteen_clients_upload_at_once_and_every_snapshot_restores_exactly() {
-    let Some(cli) = aws_cli() else { return };
-    let env = Env::new();
-    env.ok(&["store", "stats"]);
-    let alice = create_account(&env, "alice");
-    let server = Server::start(&env);
+    let Some((cli, env, alice, server)) = alice_served() else {
+        return;
+    };
     let python = cli.with_file_name("python3");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cli/clients/ebs_upload.py");
     let images: Vec<PathBuf> = (0..16)
@@ -1018,6 +1021,212 @@ fn a_client_that_trickles_its_headers_is_cut_off_without_starving_others() {
         held < std::time::Duration::from_secs(15),
         "a client sending a byte every 200 ms was still connected after {held:?}"
     );
+}
+
+#[test]
+fn ec2_describes_filter_and_page_and_nothing_asked_is_left_undone() {
+    let Some((cli, env, alice, server)) = alice_served() else {
+        return;
+    };
+    let vol = env.path("vol.img");
+    std::fs::write(&vol, crate::util::random_bytes(4, MIB as usize)).unwrap();
+    // Seven snapshots: tagged env=test, env=dev1, env=dev2, and four prod.
+    let mut snaps = Vec::new();
+    for env_tag in ["test", "dev1", "dev2", "prod", "prod", "prod", "prod"] {
+        let tag = format!("env={env_tag}");
+        let v = env.json(&[
+            "--account",
+            &alice.account,
+            "snapshot",
+            "create",
+            s(&vol),
+            "--no-parent",
+            "--tag",
+            &tag,
+        ]);
+        snaps.push(v["SnapshotId"].as_str().unwrap().to_string());
+    }
+    let ids = |v: &Value, set: &str, key: &str| -> Vec<String> {
+        let mut ids: Vec<String> = v[set]
+            .as_array()
+            .unwrap_or_else(|| panic!("{v}"))
+            .iter()
+            .map(|x| x[key].as_str().unwrap().to_string())
+            .collect();
+        ids.sort();
+        ids
+    };
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    // describe-snapshots of one's own, with `args`.
+    let describe = |args: &[&str]| {
+        let mut all = vec!["ec2", "describe-snapshots", "--owner-ids", "self"];
+        all.extend_from_slice(args);
+        aws(&cli, &server, &alice, &all)
+    };
+    let described = |args: &[&str]| {
+        let out = describe(args);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        ids(
+            &serde_json::from_slice(&out.stdout).unwrap(),
+            "Snapshots",
+            "SnapshotId",
+        )
+    };
+    // Filters narrow, values of one filter are alternatives, wildcards
+    // match, filters together must all hold.
+    assert_eq!(
+        described(&["--filters", "Name=tag:env,Values=test"]),
+        vec![snaps[0].clone()]
+    );
+    assert_eq!(
+        described(&["--filters", "Name=tag:env,Values=test,dev*"]),
+        sorted(snaps[..3].to_vec())
+    );
+    assert_eq!(
+        described(&["--filters", "Name=tag:env,Values=dev?"]),
+        sorted(snaps[1..3].to_vec())
+    );
+    let one = format!("Name=snapshot-id,Values={}", snaps[4]);
+    assert_eq!(
+        described(&["--filters", "Name=tag:env,Values=prod", &one]),
+        vec![snaps[4].clone()]
+    );
+    assert_eq!(
+        described(&["--filters", "Name=tag-key,Values=env"]).len(),
+        7
+    );
+    assert!(described(&["--filters", "Name=tag:env,Values=staging"]).is_empty());
+    // A filter this server does not know is refused, not ignored.
+    aws_fails(
+        &cli,
+        &server,
+        &alice,
+        &[
+            "ec2",
+            "describe-snapshots",
+            "--filters",
+            "Name=volume-id,Values=vol-1",
+        ],
+        "InvalidParameterValue",
+    );
+    // Pages of five: the AWS CLI follows NextToken to all seven, and one
+    // page stops at five with a token.
+    assert_eq!(described(&["--page-size", "5"]), sorted(snaps.clone()));
+    let first: Value =
+        serde_json::from_slice(&describe(&["--max-results", "5", "--no-paginate"]).stdout).unwrap();
+    assert_eq!(first["Snapshots"].as_array().unwrap().len(), 5, "{first}");
+    assert!(first["NextToken"].is_string(), "{first}");
+
+    // A dry run reads and changes nothing: a describe says it would have
+    // worked; a delete is refused, and the snapshot is still there.
+    let dry = describe(&["--dry-run"]);
+    let err = String::from_utf8_lossy(&dry.stderr);
+    assert!(err.contains("DryRunOperation"), "{err}");
+    aws_fails(
+        &cli,
+        &server,
+        &alice,
+        &[
+            "ec2",
+            "delete-snapshot",
+            "--snapshot-id",
+            &snaps[0],
+            "--dry-run",
+        ],
+        "UnsupportedOperation",
+    );
+    assert_eq!(
+        described(&["--snapshot-ids", &snaps[0]]),
+        vec![snaps[0].clone()]
+    );
+
+    // Images: by name with a wildcard, by a snapshot they map.
+    let map = |i: usize| format!("/dev/xvda={}", snaps[i]);
+    let mut amis = Vec::new();
+    for (i, name) in [(0, "web-1"), (1, "web-2"), (2, "db-1")] {
+        let v = env.json(&[
+            "--account",
+            &alice.account,
+            "image",
+            "register",
+            "--name",
+            name,
+            "--map",
+            &map(i),
+        ]);
+        amis.push(v["ImageId"].as_str().unwrap().to_string());
+    }
+    let images = |filter: &str| {
+        ids(
+            &aws_ok(
+                &cli,
+                &server,
+                &alice,
+                &[
+                    "ec2",
+                    "describe-images",
+                    "--owners",
+                    "self",
+                    "--filters",
+                    filter,
+                ],
+            ),
+            "Images",
+            "ImageId",
+        )
+    };
+    assert_eq!(images("Name=name,Values=web-*"), sorted(amis[..2].to_vec()));
+    let by_snap = format!("Name=block-device-mapping.snapshot-id,Values={}", snaps[2]);
+    assert_eq!(images(&by_snap), vec![amis[2].clone()]);
+    // Asked to tag the image it registers: refused, where leaving the
+    // tags undone would say it was done; nothing is registered.
+    aws_fails(
+        &cli,
+        &server,
+        &alice,
+        &[
+            "ec2",
+            "register-image",
+            "--name",
+            "tagged",
+            "--block-device-mappings",
+            &format!("DeviceName=/dev/xvda,Ebs={{SnapshotId={}}}", snaps[3]),
+            "--tag-specifications",
+            "ResourceType=image,Tags=[{Key=team,Value=a}]",
+        ],
+        "UnknownParameter",
+    );
+    assert!(images("Name=name,Values=tagged").is_empty());
+    // A copy retried with its client token is the same copy.
+    let copy = |token: &str, name: &str| {
+        aws_ok(
+            &cli,
+            &server,
+            &alice,
+            &[
+                "ec2",
+                "copy-image",
+                "--source-region",
+                "local",
+                "--source-image-id",
+                &amis[0],
+                "--name",
+                name,
+                "--client-token",
+                token,
+            ],
+        )["ImageId"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let once = copy("copy-web-1", "web-copy");
+    assert_eq!(copy("copy-web-1", "web-copy"), once);
+    assert_ne!(copy("copy-web-2", "web-copy-2"), once);
+    assert_eq!(images("Name=name,Values=web-copy*").len(), 2);
 }
 
 #[test]
@@ -1486,11 +1695,9 @@ const KEPT_FROM_MOTO: [(&str, &str); 11] = [
 
 #[test]
 fn answers_have_the_shapes_moto_gives_but_for_the_differences_kept() {
-    let Some(cli) = aws_cli() else { return };
-    let env = Env::new();
-    env.ok(&["store", "stats"]);
-    let alice = create_account(&env, "alice");
-    let server = Server::start(&env);
+    let Some((cli, env, alice, server)) = alice_served() else {
+        return;
+    };
     let (_, ami) = uploaded_image(&env, &cli, &server, &alice, "cmp", &[]);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cli/clients/compare_moto.py");
     let out = client(&cli.with_file_name("python3"), &alice)
