@@ -660,8 +660,24 @@ pub fn examine_untrusted(data: &[u8]) -> bool {
     if let Ok(m) = method.parse::<Method>() {
         let _ = Route::of(&m, path).map(|r| (r.name(), r.service()));
     }
-    let _ = ec2_action_name(&parse_params(query));
-    let _ = ec2_action_name(&parse_params(&String::from_utf8_lossy(body)));
+    for params in [
+        parse_params(query),
+        parse_params(&String::from_utf8_lossy(body)),
+    ] {
+        let _ = ec2_action_name(&params);
+        // What EC2's Describe… make of them: unknown parameters, filters
+        // matched against values taken from the request itself, a page.
+        let _ = query::unknown(&params, &["Filter.N.Name", "Filter.N.Value.N"]);
+        if let Ok(filters) = query::Filters::of(&params, &["name"]) {
+            let attrs: Vec<(String, String)> = params
+                .iter()
+                .map(|(k, v)| (format!("tag:{k}"), v.clone()))
+                .chain(params.values().map(|v| ("name".to_string(), v.clone())))
+                .collect();
+            let _ = filters.pass(&attrs);
+        }
+        let _ = query::page(&params, params.keys().collect());
+    }
     if let Some(v) = headers.get("authorization").and_then(|v| v.to_str().ok()) {
         let _ = sigv4::parse_authorization(v);
     }
