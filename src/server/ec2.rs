@@ -73,6 +73,16 @@ pub fn answer(
             ),
         ));
     }
+    if let Some((list, missing)) = query::gap(p) {
+        return Err(error(
+            400,
+            "InvalidParameterValue",
+            &format!(
+                "{list}.{missing} is missing: a list is numbered 1, 2, 3… without a gap, \
+                 and what follows one would be left undone"
+            ),
+        ));
+    }
     if p.get("DryRun").is_some_and(|v| v == "true") {
         return Err(dry_run(region, uploads, caller, p, action));
     }

@@ -668,6 +668,7 @@ pub fn examine_untrusted(data: &[u8]) -> bool {
         // What EC2's Describe… make of them: unknown parameters, filters
         // matched against values taken from the request itself, a page.
         let _ = query::unknown(&params, &["Filter.N.Name", "Filter.N.Value.N"]);
+        let _ = query::gap(&params);
         if let Ok(filters) = query::Filters::of(&params, &["name"]) {
             let attrs: Vec<(String, String)> = params
                 .iter()

@@ -33,6 +33,30 @@ pub fn unknown<'a>(p: &'a Params, known: &[&str]) -> Option<&'a str> {
     })
 }
 
+/// The first numbered list of `p` with a number missing (`Tag.1.Key` and
+/// `Tag.3.Key` without `Tag.2.…`), as `(list, missing number)`: each
+/// action reads its lists from 1 on and stops at the first gap, so what
+/// follows one would be left undone.
+pub fn gap(p: &Params) -> Option<(String, u64)> {
+    let mut lists: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for k in p.keys() {
+        let parts: Vec<&str> = k.split('.').collect();
+        for (j, part) in parts.iter().enumerate().skip(1) {
+            if let Ok(n) = part.parse::<u64>() {
+                lists.entry(parts[..j].join(".")).or_default().push(n);
+            }
+        }
+    }
+    lists.into_iter().find_map(|(list, mut numbers)| {
+        numbers.sort_unstable();
+        numbers.dedup();
+        (1..)
+            .zip(&numbers)
+            .find(|(want, n)| *want != **n)
+            .map(|(want, _)| (list, want))
+    })
+}
+
 /// A request's filters: each a name and the values it accepts.
 #[derive(Debug, Default)]
 pub struct Filters(Vec<(String, Vec<String>)>);
@@ -257,6 +281,25 @@ mod tests {
         assert_eq!(unknown(&p, &["SnapshotId"]), None);
         let p = params(&[("SnapshotId.1", "snap-1"), ("Filter.1.Name", "x")]);
         assert_eq!(unknown(&p, &["SnapshotId.N"]), Some("Filter.1.Name"));
+    }
+
+    #[test]
+    fn a_numbered_list_with_a_gap_is_found() {
+        let whole = params(&[
+            ("ResourceId.1", "snap-1"),
+            ("ResourceId.2", "snap-2"),
+            ("Tag.1.Key", "a"),
+            ("Tag.1.Value", "b"),
+            ("Filter.1.Value.1", "x"),
+            ("Filter.1.Value.2", "y"),
+        ]);
+        assert_eq!(gap(&whole), None);
+        let gapped = params(&[("Tag.1.Key", "a"), ("Tag.3.Key", "c")]);
+        assert_eq!(gap(&gapped), Some(("Tag".into(), 2)));
+        let from_two = params(&[("SnapshotId.2", "snap-2")]);
+        assert_eq!(gap(&from_two), Some(("SnapshotId".into(), 1)));
+        let inner = params(&[("Filter.1.Value.1", "x"), ("Filter.1.Value.5", "y")]);
+        assert_eq!(gap(&inner), Some(("Filter.1.Value".into(), 2)));
     }
 
     #[test]
