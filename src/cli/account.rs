@@ -113,6 +113,10 @@ fn print_key(out: &Out, id: &AccountId, key: &AccessKey, account: Option<&Accoun
 
 /// `serve`: runs until SIGTERM or SIGINT.
 pub fn serve_store(root: &Path, opts: ServeOptions, quiet: bool) -> Result<u8> {
+    // A server outlives whoever reads its output: a log line or its
+    // address written to a closed pipe or a full disk is lost, and the
+    // server goes on.
+    blocksnap::ignore_sigpipe();
     let tls = opts.tls.is_some();
     let log: Arc<dyn Fn(&blocksnap::server::RequestLog) + Send + Sync> = Arc::new(move |line| {
         if !quiet {
@@ -128,8 +132,8 @@ pub fn serve_store(root: &Path, opts: ServeOptions, quiet: bool) -> Result<u8> {
         &opts,
         &|addr| {
             let scheme = if tls { "https" } else { "http" };
-            println!("listening on {scheme}://{addr}");
-            let _ = std::io::stdout().flush();
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "listening on {scheme}://{addr}").and_then(|_| out.flush());
         },
         log,
     )?;

@@ -1253,6 +1253,52 @@ fn a_store_is_served_by_one_server_at_a_time() {
     assert_eq!(v["Snapshots"], serde_json::json!([]));
 }
 
+#[test]
+fn a_server_goes_on_when_its_output_cannot_be_written() {
+    let env = Env::new();
+    env.ok(&["store", "stats"]);
+    let alice = create_account(&env, "alice");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    // Its address goes to a full disk, its log to a pipe nobody reads.
+    let mut child = env
+        .command(&["serve", "--listen", &listen])
+        .stdout(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/full")
+                .unwrap(),
+        )
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stderr.take());
+    let started = std::time::Instant::now();
+    while std::net::TcpStream::connect(&listen).is_err() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "serve ended: {:?}",
+            child.wait()
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(20));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let server = Server {
+        child,
+        url: format!("http://{listen}"),
+        log: env.path("no-log"),
+    };
+    // Each request writes a log line into the closed pipe.
+    for _ in 0..3 {
+        let v = remote_ok(&env, &server, &alice, &["snapshot", "list"]);
+        assert_eq!(v["Snapshots"], serde_json::json!([]));
+    }
+}
+
 /// Sends `head` and `body` on a fresh connection to `server` and returns
 /// the answer's status line (within `wait`, or the empty string).
 fn raw_request(server: &Server, head: &str, body: &[u8], wait: std::time::Duration) -> String {
