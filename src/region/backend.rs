@@ -247,45 +247,47 @@ pub(crate) fn flock_file(
     purpose: &str,
     shared_holders: Option<&str>,
 ) -> Result<RegionLock> {
+    let mut file = open_lock_file(path)?;
     let started = Instant::now();
-    loop {
-        match try_flock_file(path, mode, purpose)? {
-            Ok(file) => return Ok(RegionLock::new(Box::new(file), None)),
-            Err(holder) if started.elapsed() >= lock_wait() => {
-                let holder = match (mode, shared_holders, holder.as_str()) {
-                    (LockMode::Exclusive, Some(others), _) => others.to_string(),
-                    (_, _, "") => "an exclusive holder, such as store gc".to_string(),
-                    (_, _, h) => h.to_string(),
-                };
-                return Err(Error::Locked {
-                    location: path.into(),
-                    holder,
-                });
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+    while !try_flock(&mut file, path, mode, purpose)? {
+        if started.elapsed() >= lock_wait() {
+            let holder = match (mode, shared_holders, holder_of(&mut file).as_str()) {
+                (LockMode::Exclusive, Some(others), _) => others.to_string(),
+                (_, _, "") => "an exclusive holder, such as store gc".to_string(),
+                (_, _, h) => h.to_string(),
+            };
+            return Err(Error::Locked {
+                location: path.into(),
+                holder,
+            });
         }
+        std::thread::sleep(Duration::from_millis(20));
     }
+    Ok(RegionLock::new(Box::new(file), None))
 }
 
-/// One try at an `flock(2)` on `path` (created if needed): the locked
-/// file, or the note its exclusive holder left there (empty if none). An
-/// exclusive holder writes its note: who it is, for those it keeps out.
-pub(crate) fn try_flock_file(
-    path: &Path,
-    mode: LockMode,
-    purpose: &str,
-) -> Result<std::result::Result<File, String>> {
-    let mut file = OpenOptions::new()
+/// Opens lock file `path`, made if new.
+pub(crate) fn open_lock_file(path: &Path) -> Result<File> {
+    OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .open(path)
-        .ctx("open lock file", path)?;
-    if !sys::try_lock(&file, mode).ctx("lock", path)? {
-        let mut holder = String::new();
-        let _ = file.read_to_string(&mut holder);
-        return Ok(Err(holder.trim().to_string()));
+        .ctx("open lock file", path)
+}
+
+/// One try at an `flock(2)` on lock `file` (at `path`): whether it was
+/// taken. An exclusive holder writes its note into the file: who it is,
+/// for those it keeps out ([`holder_of`]).
+pub(crate) fn try_flock(
+    file: &mut File,
+    path: &Path,
+    mode: LockMode,
+    purpose: &str,
+) -> Result<bool> {
+    if !sys::try_lock(file, mode).ctx("lock", path)? {
+        return Ok(false);
     }
     if mode == LockMode::Exclusive {
         let note = holder_note(purpose);
@@ -293,7 +295,15 @@ pub(crate) fn try_flock_file(
         let _ = file.rewind();
         let _ = file.write_all(note.as_bytes());
     }
-    Ok(Ok(file))
+    Ok(true)
+}
+
+/// The note an exclusive holder of lock `file` left (empty if none).
+pub(crate) fn holder_of(file: &mut File) -> String {
+    let mut holder = String::new();
+    let _ = file.rewind();
+    let _ = file.read_to_string(&mut holder);
+    holder.trim().to_string()
 }
 
 /// "gc by pid 12 on host since 2026-…": who holds a lock, for the waiting.

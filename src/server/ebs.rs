@@ -61,7 +61,7 @@ const JOURNAL_FORMAT: &str = "blocksnap-upload";
 const JOURNAL_VERSION: u32 = 1;
 const BLOCKS_FILE: &str = "blocks";
 /// How long a `ClientToken` keeps answering with its snapshot.
-const TOKEN_MEMORY: Duration = Duration::from_secs(24 * 3600);
+pub(super) const TOKEN_MEMORY: Duration = Duration::from_secs(24 * 3600);
 
 /// A snapshot being written.
 struct Pending {
@@ -394,11 +394,7 @@ pub fn start_snapshot(
     let client_token = str_field("ClientToken")?;
     let _one_at_a_time = uploads.starting.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(token) = &client_token {
-        if token.len() > 64 {
-            return Err(Error::InvalidArgument(
-                "ClientToken is at most 64 characters".into(),
-            ));
-        }
+        check_client_token(token)?;
         let known = uploads
             .tokens
             .lock()
@@ -492,6 +488,16 @@ pub fn start_snapshot(
             .insert((caller.clone(), token), (id, Instant::now()));
     }
     Ok(Reply::json(201, body))
+}
+
+/// A `ClientToken` as AWS bounds it: at most 64 characters.
+pub(super) fn check_client_token(token: &str) -> Result<&str> {
+    if token.len() > 64 {
+        return Err(Error::InvalidArgument(
+            "ClientToken is at most 64 characters".into(),
+        ));
+    }
+    Ok(token)
 }
 
 /// `StartSnapshot` again with a token already used: the same snapshot.

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::image::{LaunchPermission, MappingTarget, TagChange};
@@ -19,7 +19,7 @@ use crate::region::permissions::{
     Grantee, Grants, PermissionChange, account_or_self, grantee_or_self,
 };
 
-use super::ebs::Uploads;
+use super::ebs::{TOKEN_MEMORY, Uploads, check_client_token};
 use super::query;
 use super::{Params, Reply};
 
@@ -61,15 +61,16 @@ pub fn answer(
             &format!("this server speaks EC2 API version {VERSION}: send Version={VERSION}"),
         ));
     }
-    let known = known_parameters(action);
-    if let Some(k) = known.and_then(|known| query::unknown(p, known)) {
+    if let Some(known) = known_parameters(action)
+        && let Some(k) = query::unknown(p, known)
+    {
         return Err(error(
             400,
             "UnknownParameter",
             &format!(
                 "the parameter {k} is not one this server reads for {action}, and it would \
                  not be left undone: {} are",
-                known.unwrap_or_default().join(", ")
+                known.join(", ")
             ),
         ));
     }
@@ -83,8 +84,18 @@ pub fn answer(
             ),
         ));
     }
-    if p.get("DryRun").is_some_and(|v| v == "true") {
-        return Err(dry_run(region, uploads, caller, p, action));
+    // A dry run of a Describe… is the call, its answer dropped; of a
+    // change, nothing at all.
+    let dry_run = p.get("DryRun").is_some_and(|v| v == "true");
+    if dry_run && !action.starts_with("Describe") {
+        return Err(error(
+            400,
+            "UnsupportedOperation",
+            &format!(
+                "DryRun of {action} is not supported by this server: nothing was done; \
+                 send it without DryRun to make the change"
+            ),
+        ));
     }
     let body = match action {
         "DescribeSnapshots" => describe_snapshots(region, uploads, caller, p),
@@ -111,6 +122,11 @@ pub fn answer(
         }
     };
     match body {
+        Ok(_) if dry_run => Err(error(
+            412,
+            "DryRunOperation",
+            "Request would have succeeded, but DryRun flag is set.",
+        )),
         Ok(inner) => Ok(response(action, &inner)),
         Err(e) => Err(from_error(&e, action)),
     }
@@ -130,7 +146,7 @@ impl CopyTokens {
     fn slot(&self, caller: &AccountId, region: &str, token: &str) -> Arc<Mutex<Option<ImageId>>> {
         let now = Instant::now();
         let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        all.retain(|_, (_, at)| now.duration_since(*at) < Duration::from_secs(24 * 3600));
+        all.retain(|_, (_, at)| now.duration_since(*at) < TOKEN_MEMORY);
         all.entry((caller.clone(), region.to_string(), token.to_string()))
             .or_insert_with(|| (Arc::default(), now))
             .0
@@ -216,42 +232,6 @@ fn known_parameters(action: &str) -> Option<&'static [&'static str]> {
         "CreateTags" | "DeleteTags" => &["ResourceId.N", "Tag.N.Key", "Tag.N.Value"],
         _ => return None,
     })
-}
-
-/// `DryRun=true`: a `Describe…` is answered as EC2 does (`DryRunOperation`
-/// when it would have succeeded, else its error), having read and changed
-/// nothing; a change is refused, and nothing is done.
-fn dry_run(
-    region: &Region,
-    uploads: &Uploads,
-    caller: &AccountId,
-    p: &Params,
-    action: &str,
-) -> Reply {
-    let tried = match action {
-        "DescribeSnapshots" => describe_snapshots(region, uploads, caller, p),
-        "DescribeSnapshotAttribute" => describe_snapshot_attribute(region, caller, p),
-        "DescribeImages" => describe_images(region, caller, p),
-        "DescribeImageAttribute" => describe_image_attribute(region, caller, p),
-        _ => {
-            return error(
-                400,
-                "UnsupportedOperation",
-                &format!(
-                    "DryRun of {action} is not supported by this server: nothing was done; \
-                     send it without DryRun to make the change"
-                ),
-            );
-        }
-    };
-    match tried {
-        Ok(_) => error(
-            412,
-            "DryRunOperation",
-            "Request would have succeeded, but DryRun flag is set.",
-        ),
-        Err(e) => from_error(&e, action),
-    }
 }
 
 /// `CreateTags` and `DeleteTags`: `ResourceId.N` (snapshots and images
@@ -400,31 +380,37 @@ fn describe_snapshots(
         ],
     )?;
     let ids = list(p, "SnapshotId");
-    // Each snapshot as filters see it, and its item.
-    let mut found: Vec<(Vec<(String, String)>, String)> = Vec::new();
+    // The item of each snapshot the filters pass.
+    let mut found = Vec::new();
     if !ids.is_empty() {
         for id in ids {
             let id: SnapshotId = id.parse()?;
             if let Some((size, started)) = uploads.pending_of(&id, caller) {
-                let attrs = vec![
-                    ("snapshot-id".into(), id.to_string()),
-                    ("owner-id".into(), caller.to_string()),
-                    ("status".into(), "pending".into()),
-                    ("volume-size".into(), (size >> 30).to_string()),
-                ];
-                let item = format!(
+                let attrs = || {
+                    vec![
+                        ("snapshot-id".into(), id.to_string()),
+                        ("owner-id".into(), caller.to_string()),
+                        ("status".into(), "pending".into()),
+                        ("volume-size".into(), (size >> 30).to_string()),
+                    ]
+                };
+                if !filters.pass(attrs) {
+                    continue;
+                }
+                found.push(format!(
                     "<item><snapshotId>{id}</snapshotId><volumeId>vol-ffffffff</volumeId>\
                      <status>pending</status><startTime>{}</startTime><progress>0%</progress>\
                      <ownerId>{caller}</ownerId><volumeSize>{}</volumeSize><encrypted>false\
                      </encrypted><storageTier>standard</storageTier></item>",
                     iso(started),
                     size >> 30
-                );
-                found.push((attrs, item));
+                ));
                 continue;
             }
             let meta = access::readable(region, &id, caller, "describe")?;
-            found.push((snapshot_attrs(&meta), snapshot_item(&meta)));
+            if filters.pass(|| snapshot_attrs(&meta)) {
+                found.push(snapshot_item(&meta));
+            }
         }
     } else {
         let filter = access::ListFilter {
@@ -439,26 +425,18 @@ fn describe_snapshots(
         };
         let (views, _damaged) = access::list(region, caller, &filter)?;
         for v in views {
-            found.push((snapshot_attrs(&v.meta), snapshot_item(&v.meta)));
+            if filters.pass(|| snapshot_attrs(&v.meta)) {
+                found.push(snapshot_item(&v.meta));
+            }
         }
     }
-    paged("snapshotSet", p, &filters, found)
+    paged("snapshotSet", p, found)
 }
 
-/// The items that pass `filters`, the page of them `p` asks for, in
-/// `<set>`, and the next page's token.
-fn paged(
-    set: &str,
-    p: &Params,
-    filters: &query::Filters,
-    found: Vec<(Vec<(String, String)>, String)>,
-) -> Result<String> {
-    let passed: Vec<String> = found
-        .into_iter()
-        .filter(|(attrs, _)| filters.pass(attrs))
-        .map(|(_, item)| item)
-        .collect();
-    let (items, next) = query::page(p, passed)?;
+/// The page of `found` items that `p` asks for, in `<set>`, and the next
+/// page's token.
+fn paged(set: &str, p: &Params, found: Vec<String>) -> Result<String> {
+    let (items, next) = query::page(p, found)?;
     let mut out = format!("<{set}>{}</{set}>", items.concat());
     if let Some(t) = next {
         out.push_str(&format!("<nextToken>{t}</nextToken>"));
@@ -653,7 +631,9 @@ fn describe_images(region: &Region, caller: &AccountId, p: &Params) -> Result<St
             let id: ImageId = id.parse()?;
             let view = crate::region::images::read(region, &id)?;
             view.require_launch(caller, "describe")?;
-            found.push((image_attrs(&view), image_item(&view)));
+            if filters.pass(|| image_attrs(&view)) {
+                found.push(image_item(&view));
+            }
         }
     } else {
         let filter = images::ListFilter {
@@ -668,10 +648,12 @@ fn describe_images(region: &Region, caller: &AccountId, p: &Params) -> Result<St
         };
         let (views, _damaged) = images::list(region, caller, &filter)?;
         for v in views {
-            found.push((image_attrs(&v), image_item(&v)));
+            if filters.pass(|| image_attrs(&v)) {
+                found.push(image_item(&v));
+            }
         }
     }
-    paged("imagesSet", p, &filters, found)
+    paged("imagesSet", p, found)
 }
 
 /// What filters see of an image: what its item shows.
@@ -850,12 +832,7 @@ fn copy_image(
         encryption: Default::default(),
     };
     let slot = match p.get("ClientToken") {
-        Some(t) if t.len() > 64 => {
-            return Err(Error::InvalidArgument(
-                "ClientToken is at most 64 characters".into(),
-            ));
-        }
-        Some(t) => Some(copies.slot(caller, region.name(), t)),
+        Some(t) => Some(copies.slot(caller, region.name(), check_client_token(t)?)),
         None => None,
     };
     // Held through the copy: a retry waits here for the first try's image.

@@ -183,22 +183,26 @@ pub fn serve(
 /// the uploads the first is writing as its own (both appending to their
 /// journals, each completing or expiring them), so it is refused.
 fn serving_lock(root: &Path) -> Result<std::fs::File> {
+    use crate::region::backend::{holder_of, open_lock_file, try_flock};
     // The directory of the key file: made private, as `account create`
     // makes it.
     let dir = root.join("server");
     accounts::private_dir(&dir)?;
     let path = dir.join("serve.lock");
-    crate::region::backend::try_flock_file(
+    let mut file = open_lock_file(&path)?;
+    if !try_flock(
+        &mut file,
         &path,
         crate::sys::LockMode::Exclusive,
         "blocksnap serve",
-    )?
-    .map_err(|holder| {
-        Error::Conflict(format!(
-            "store {} is served already ({holder}): stop that server first, or serve another store",
-            root.display()
-        ))
-    })
+    )? {
+        return Err(Error::Conflict(format!(
+            "store {} is served already ({}): stop that server first, or serve another store",
+            root.display(),
+            holder_of(&mut file)
+        )));
+    }
+    Ok(file)
 }
 
 async fn run(
@@ -675,7 +679,7 @@ pub fn examine_untrusted(data: &[u8]) -> bool {
                 .map(|(k, v)| (format!("tag:{k}"), v.clone()))
                 .chain(params.values().map(|v| ("name".to_string(), v.clone())))
                 .collect();
-            let _ = filters.pass(&attrs);
+            let _ = filters.pass(|| attrs);
         }
         let _ = query::page(&params, params.keys().collect());
     }
