@@ -42,7 +42,13 @@ pub fn gap(p: &Params) -> Option<(String, u64)> {
     for k in p.keys() {
         let parts: Vec<&str> = k.split('.').collect();
         for (j, part) in parts.iter().enumerate().skip(1) {
-            if let Ok(n) = part.parse::<u64>() {
+            if !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()) {
+                // `Tag.01` or a number past u64 is never read as a list's
+                // place: counted as past every place, it is a gap.
+                let n = match part.parse::<u64>() {
+                    Ok(n) if !part.starts_with('0') => n,
+                    _ => u64::MAX,
+                };
                 lists.entry(parts[..j].join(".")).or_default().push(n);
             }
         }
@@ -209,7 +215,7 @@ pub fn page<T>(p: &Params, items: Vec<T>) -> Result<(Vec<T>, Option<String>)> {
         })?;
     let total = items.len();
     let this: Vec<T> = items.into_iter().skip(start).take(max).collect();
-    let next = (start + max < total).then(|| format!("page-{}", start + max));
+    let next = (start.saturating_add(max) < total).then(|| format!("page-{}", start + max));
     Ok((this, next))
 }
 
@@ -304,6 +310,14 @@ mod tests {
         assert_eq!(gap(&from_two), Some(("SnapshotId".into(), 1)));
         let inner = params(&[("Filter.1.Value.1", "x"), ("Filter.1.Value.5", "y")]);
         assert_eq!(gap(&inner), Some(("Filter.1.Value".into(), 2)));
+        // Numbers no action reads as a place are gaps too.
+        let zero_led = params(&[("Tag.1.Key", "a"), ("Tag.02.Key", "b")]);
+        assert_eq!(gap(&zero_led), Some(("Tag".into(), 2)));
+        let huge = params(&[
+            ("ResourceId.1", "a"),
+            ("ResourceId.99999999999999999999", "b"),
+        ]);
+        assert_eq!(gap(&huge), Some(("ResourceId".into(), 2)));
     }
 
     #[test]
@@ -327,6 +341,14 @@ mod tests {
         assert_eq!(seen, items);
         assert!(page(&params(&[("MaxResults", "4")]), items.clone()).is_err());
         assert!(page(&params(&[("NextToken", "forged")]), items.clone()).is_err());
+        // A token far past the end: an empty page, and no next.
+        let far = format!("page-{}", usize::MAX);
+        let (none, next) = page(
+            &params(&[("MaxResults", "5"), ("NextToken", &far)]),
+            items.clone(),
+        )
+        .unwrap();
+        assert_eq!((none.len(), next), (0, None));
         let (all, next) = page(&params(&[]), items.clone()).unwrap();
         assert_eq!((all.len(), next), (12, None));
     }
